@@ -1,0 +1,1 @@
+"""The wire formats and settings of govflow: msgspec Structs and their codecs."""

@@ -1,0 +1,103 @@
+"""Encoders and decoders of the wire formats, each built once.
+
+Only ``decode_*`` turns a ``msgspec`` error into ``InvalidEntryError``: the one typed
+error every caller handles, with a reason a person can read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import yaml
+
+from schemas.commands import Command
+from schemas.errors import InvalidEntryError
+from schemas.events import Event
+from schemas.workflows import Workflow
+
+MAX_ENTRY_BYTES = 256 * 1024
+
+ENCODER = msgspec.json.Encoder()
+EVENT_DECODER = msgspec.json.Decoder(Event)
+COMMAND_DECODER = msgspec.json.Decoder(Command)
+WORKFLOW_DECODER = msgspec.json.Decoder(Workflow)
+
+
+def encode(value: Any) -> bytes:
+    """Encode a wire Struct (or plain data) as JSON."""
+    return ENCODER.encode(value)
+
+
+def decode_event(raw: bytes | str) -> Event:
+    """Decode one event from JSON.
+
+    Raises:
+        InvalidEntryError: not JSON, too large, a missing or mistyped field, an unknown type.
+    """
+    return _decode(EVENT_DECODER, raw, "event")
+
+
+def decode_command(raw: bytes | str) -> Command:
+    """Decode one workflow-execution command from JSON.
+
+    Raises:
+        InvalidEntryError: the command is malformed.
+    """
+    return _decode(COMMAND_DECODER, raw, "command")
+
+
+def convert_event(raw: dict[str, Any]) -> Event:
+    """Validate already-parsed data as an event (the HTTP API, the CLI, the library).
+
+    Raises:
+        InvalidEntryError: a missing or mistyped field, an unknown type.
+    """
+    try:
+        return msgspec.convert(raw, Event)
+    except msgspec.ValidationError as e:
+        raise InvalidEntryError(f"invalid event: {e}") from e
+
+
+def decode_workflow(text: str | bytes, source: str = "definition") -> Workflow:
+    """Parse a workflow definition from YAML (JSON is YAML too) and validate it.
+
+    Raises:
+        InvalidEntryError: the file is not YAML, or not a valid definition.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise InvalidEntryError(f"{source}: not valid YAML{where}") from e
+    try:
+        return msgspec.convert(data, Workflow)
+    except msgspec.ValidationError as e:
+        raise InvalidEntryError(f"{source}: {e}") from e
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes | str, what: str) -> Any:
+    size = len(raw)
+    if size > MAX_ENTRY_BYTES:
+        raise InvalidEntryError(f"{what} is {size} bytes, over the {MAX_ENTRY_BYTES} byte limit")
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as e:
+        raise InvalidEntryError(f"invalid {what}: {e}") from e
+    except msgspec.DecodeError as e:
+        raise InvalidEntryError(f"{what} is not valid JSON: {e}") from e
+
+
+def json_schemas() -> dict[str, Any]:
+    """The JSON Schema of events, commands and workflow definitions."""
+    (event, command, workflow), components = msgspec.json.schema_components(
+        [Event, Command, Workflow], ref_template="#/$defs/{name}"
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$defs": components,
+        "event": event,
+        "command": command,
+        "workflow": workflow,
+    }

@@ -1,0 +1,35 @@
+"""The errors govflow raises on purpose.
+
+Factored out of the other modules so that everything can import it without import loops.
+Any exception that is not a ``PermanentError`` means "try again later".
+"""
+
+from __future__ import annotations
+
+
+class GovflowError(Exception):
+    """Base of every error govflow raises on purpose."""
+
+
+class ConfigError(GovflowError):
+    """A setting or an argument is wrong; the CLI prints it and exits 2."""
+
+
+class InvalidEntryError(GovflowError):
+    """A stream entry, file or request body is not what the wire format says."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PermanentError(GovflowError):
+    """A failure that another attempt cannot fix (a webhook 4xx, a chain too deep)."""
+
+
+class UnavailableError(GovflowError):
+    """Redis or Postgres cannot be reached; the work in hand waits for it."""
+
+
+class GroupMissingError(GovflowError):
+    """The consumer group vanished (FLUSHALL, a restarted Redis without AOF)."""

@@ -1,0 +1,68 @@
+"""The names of govflow's Redis keys, and which partition an entity belongs to.
+
+With one partition (the default) the keys are SPEC's: ``{prefix}:events``,
+``{prefix}:commands``, ``{prefix}:retry`` and ``{prefix}:dead``. With ``N`` partitions
+each key gets a Redis Cluster hash tag, ``{prefix}:events:{p3}``: a partition's streams,
+retry set, dead-letter stream and lease share one slot, so every Lua script and
+multi-key command stays inside it, while partitions spread across shards.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Literal
+
+import msgspec
+
+Role = Literal["events", "commands"]
+GROUP_OF: dict[Role, str] = {"events": "triggers", "commands": "actions"}
+
+
+class Keys(msgspec.Struct, frozen=True):
+    """Key names for one deployment prefix."""
+
+    prefix: str = "govflow"
+    partitions: int = 1
+
+    def _key(self, name: str, partition: int) -> str:
+        if self.partitions == 1:
+            return f"{self.prefix}:{name}"
+        return f"{self.prefix}:{name}:{{p{partition}}}"
+
+    def stream(self, role: Role, partition: int = 0) -> str:
+        """The stream of events or commands of a partition."""
+        return self._key(role, partition)
+
+    def events(self, partition: int = 0) -> str:
+        """The stream policy services publish to."""
+        return self._key("events", partition)
+
+    def commands(self, partition: int = 0) -> str:
+        """The stream of workflow-execution commands."""
+        return self._key("commands", partition)
+
+    def retry(self, partition: int = 0) -> str:
+        """The sorted set of entries waiting for their retry, scored by due time (ms)."""
+        return self._key("retry", partition)
+
+    def dead(self, partition: int = 0) -> str:
+        """The dead-letter stream."""
+        return self._key("dead", partition)
+
+    def lease(self, partition: int = 0) -> str:
+        """The key whose holder owns a partition."""
+        return self._key("lease", partition)
+
+    def partition_of(self, entity_id: str) -> int:
+        """The partition of an entity: a stable hash, the same in every language (CRC-32)."""
+        return zlib.crc32(entity_id.encode()) % self.partitions
+
+    def all_partitions(self) -> range:
+        """Every partition number."""
+        return range(self.partitions)
+
+    def partition_of_key(self, key: str) -> int:
+        """The partition a key name belongs to."""
+        if self.partitions == 1:
+            return 0
+        return int(key.rsplit("{p", 1)[1].rstrip("}"))

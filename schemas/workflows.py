@@ -1,0 +1,65 @@
+"""Workflow definitions: which events start a workflow, and the actions it runs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+Trigger = Literal["create", "update", "status_change", "delete"]
+Entity = Literal["policy", "assessment", "evidence"]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_.\-]{0,127}$")]
+
+TRIGGER_OF_CHANGE: dict[str, Trigger] = {
+    "created": "create",
+    "updated": "update",
+    "status_changed": "status_change",
+    "deleted": "delete",
+}
+
+
+class Condition(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One ``when`` clause: ``field`` with ``equals`` / ``in``, or ``changed``."""
+
+    field: str | None = None
+    equals: Any = msgspec.UNSET
+    in_: list[Any] | None = msgspec.field(default=None, name="in")
+    changed: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.changed is not None:
+            if self.field is not None:
+                raise ValueError("a condition is either `changed` or `field`, not both")
+        elif self.field is None:
+            raise ValueError("a condition needs `field` (with `equals` or `in`) or `changed`")
+        elif (self.equals is msgspec.UNSET) == (self.in_ is None):
+            raise ValueError(f"condition on `{self.field}` needs exactly one of `equals`, `in`")
+
+
+class Workflow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A workflow definition as written in a YAML or JSON file."""
+
+    name: Name
+    entity: Entity
+    trigger: Trigger
+    when: list[Condition] = []
+    actions: Annotated[list[dict[str, dict[str, Any]]], msgspec.Meta(min_length=1)]
+    enabled: bool = True
+    ordering: Literal["entity", "none"] = "none"
+
+    def __post_init__(self) -> None:
+        for step, action in enumerate(self.actions, start=1):
+            if len(action) != 1:
+                raise ValueError(f"action {step} must name exactly one action type")
+
+    def steps(self) -> list[tuple[str, dict[str, Any]]]:
+        """The actions as (type, parameters), in the order they run."""
+        return [next(iter(action.items())) for action in self.actions]
+
+
+class StoredWorkflow(msgspec.Struct, frozen=True, kw_only=True):
+    """A definition version as kept in the ``workflows`` table."""
+
+    name: str
+    version: int
+    definition: Workflow
