@@ -6,7 +6,7 @@ error every caller handles, with a reason a person can read.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import yaml
@@ -15,6 +15,8 @@ from schemas.commands import Command
 from schemas.errors import InvalidEntryError
 from schemas.events import Event
 from schemas.workflows import Workflow
+
+T = TypeVar("T")
 
 MAX_ENTRY_BYTES = 256 * 1024
 
@@ -77,7 +79,7 @@ def decode_workflow(text: str | bytes, source: str = "definition") -> Workflow:
         raise InvalidEntryError(f"{source}: {e}") from e
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes | str, what: str) -> Any:
+def _decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, what: str) -> T:
     size = len(raw)
     if size > MAX_ENTRY_BYTES:
         raise InvalidEntryError(f"{what} is {size} bytes, over the {MAX_ENTRY_BYTES} byte limit")

@@ -90,6 +90,6 @@ def new_event(
         "depth": depth,
         "causation_id": causation_id,
     }
-    from schemas.codec import convert_event  # noqa: PLC0415 - codec imports this module
+    from schemas.codec import convert_event
 
     return convert_event(raw)

@@ -1,0 +1,123 @@
+"""Retention and housekeeping: trim only what every group acknowledged; retire dead consumers.
+
+Trimming follows the portable rule that works on every Redis version: the safe boundary
+of a stream is, over all its groups, the lowest of each group's oldest pending id and the
+first id after its last-delivered id. ``XTRIM MINID`` below that boundary can never remove
+an entry some group has not acknowledged. A stream with no group yet is never trimmed:
+its entries are waiting for the workers that will create it. (Redis 8.2's ``XTRIM ...
+ACKED`` says the same in one command; the servers tested here predate it.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import structlog
+from redis.asyncio import Redis
+
+from consumers.loop import UNAVAILABLE
+from consumers.streams import Streams
+from schemas.keys import Keys
+
+log = structlog.get_logger(__name__)
+
+EVERY_S = 5.0
+
+
+def parse_id(entry_id: str | bytes) -> tuple[int, int]:
+    """A stream id as (milliseconds, sequence), for comparing."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_id(entry_id: tuple[int, int]) -> tuple[int, int]:
+    """The smallest id after ``entry_id``."""
+    return entry_id[0], entry_id[1] + 1
+
+
+async def safe_trim_id(redis: Redis, stream: str, retention: int) -> tuple[int, int] | None:
+    """The id below which every entry is acknowledged by every group and beyond retention.
+
+    None when nothing may be trimmed (no group, or no stream).
+    """
+    groups: list[dict[str, Any]] = await redis.xinfo_groups(stream)
+    if not groups:
+        return None
+    candidates = []
+    for group in groups:
+        candidates.append(next_id(parse_id(group["last-delivered-id"])))
+        if group["pending"]:
+            summary = await redis.xpending(stream, group["name"])
+            candidates.append(parse_id(summary["min"]))
+    if retention:
+        newest: Any = await redis.xrevrange(stream, count=retention)
+        if len(newest) < retention:
+            return None
+        candidates.append(parse_id(newest[-1][0]))
+    return min(candidates)
+
+
+class Janitor:
+    """Trim the streams of every partition safely and retire consumers long gone."""
+
+    def __init__(
+        self,
+        streams: Streams,
+        keys: Keys,
+        *,
+        retention: int,
+        consumer_gc_s: float,
+        every_s: float = EVERY_S,
+    ) -> None:
+        self._streams = streams
+        self._redis = streams.redis
+        self._keys = keys
+        self._retention = retention
+        self._consumer_gc_ms = int(consumer_gc_s * 1000)
+        self._every_s = every_s
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Stop after the current pass."""
+        self._stopping = True
+
+    async def run(self) -> None:
+        """Sweep every ``every_s`` until stopped."""
+        while not self._stopping:
+            try:
+                await self.sweep()
+            except UNAVAILABLE as e:
+                log.warning("janitor.sweep_failed", error=str(e))
+            with anyio.move_on_after(self._every_s):
+                while not self._stopping:
+                    await anyio.sleep(0.2)
+
+    async def sweep(self) -> None:
+        """One pass: trim each stream, then retire idle consumers with nothing pending."""
+        for p in self._keys.all_partitions():
+            for stream in (self._keys.events(p), self._keys.commands(p)):
+                if not await self._redis.exists(stream):
+                    continue
+                await self.trim(stream)
+                await self._retire_idle(stream)
+
+    async def trim(self, stream: str) -> int:
+        """Trim ``stream`` below its safe boundary; return how many entries went."""
+        boundary = await safe_trim_id(self._redis, stream, self._retention)
+        if boundary is None:
+            return 0
+        removed: int = await self._redis.xtrim(
+            stream, minid=f"{boundary[0]}-{boundary[1]}", approximate=False
+        )
+        if removed:
+            log.info("stream.trimmed", stream=stream, removed=removed)
+        return removed
+
+    async def _retire_idle(self, stream: str) -> None:
+        for group in await self._redis.xinfo_groups(stream):
+            name = group["name"].decode()
+            for consumer in await self._streams.consumers(stream, name):
+                if consumer["pending"] == 0 and consumer["idle"] > self._consumer_gc_ms:
+                    await self._streams.retire(stream, name, consumer["name"])

@@ -1,0 +1,44 @@
+"""govflow's Prometheus metrics, updated by the workers and served at ``/metrics``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from prometheus_client import Counter, Histogram
+
+ENTRIES = Counter(
+    "govflow_entries_total",
+    "Stream entries finished, by how they ended (ack, retry, dead) and why.",
+    ["stream", "group", "outcome", "cause"],
+)
+HANDLER_SECONDS = Histogram(
+    "govflow_handler_seconds",
+    "Time to handle one batch of entries, from delivery to the last commit.",
+    ["group"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BATCH_SIZE = Histogram(
+    "govflow_batch_entries",
+    "Entries per batch handed to a handler.",
+    ["group"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+)
+END_TO_END_SECONDS = Histogram(
+    "govflow_end_to_end_seconds",
+    "From an event's occurred_at to its execution's completion.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+CLAIMED = Counter(
+    "govflow_claimed_total",
+    "Entries taken over from consumers that stopped (XAUTOCLAIM).",
+    ["stream", "group"],
+)
+RETRIES_MOVED = Counter("govflow_retries_moved_total", "Retries put back on their stream when due.")
+
+
+def observe_completed(finished: Sequence[tuple[str, datetime | None]], now: datetime) -> None:
+    """Record the end-to-end latency of executions that just completed."""
+    for _, occurred_at in finished:
+        if occurred_at is not None:
+            END_TO_END_SECONDS.observe(max(0.0, (now - occurred_at).total_seconds()))

@@ -1,0 +1,63 @@
+"""How a handler says what became of each entry, and the retry policy that decides it."""
+
+from __future__ import annotations
+
+import random
+from typing import Literal, TypedDict, Unpack
+
+import msgspec
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """The end of one delivery: acknowledged, retried later, or dead-lettered.
+
+    ``cause`` is a short, bounded label for metrics (``invalid_entry``,
+    ``permanent_error``, ``attempts_exhausted``, ``error``); ``reason`` is the sentence
+    an operator reads.
+    """
+
+    kind: Literal["ack", "retry", "dead"]
+    reason: str = ""
+    cause: str = ""
+    event_id: str | None = None
+    event_type: str | None = None
+    execution_id: str | None = None
+
+
+ACK = Outcome(kind="ack")
+
+
+class EntryIds(TypedDict, total=False):
+    """What an outcome's log line and dead letter name the entry by."""
+
+    event_id: str | None
+    event_type: str | None
+    execution_id: str | None
+
+
+def dead(reason: str, cause: str, **ids: Unpack[EntryIds]) -> Outcome:
+    """Dead-letter the entry with ``reason``."""
+    return Outcome(kind="dead", reason=reason, cause=cause, **ids)
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    """Exponential backoff with jitter, up to ``max_attempts`` deliveries."""
+
+    max_attempts: int = 5
+    backoff_base: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds before the retry that follows failed ``attempt`` (2, 4, 8, ... ±20%)."""
+        return float(self.backoff_base * 2 ** (attempt - 1) * random.uniform(0.8, 1.2))
+
+    def exhausted(self, attempt: int) -> bool:
+        """Whether a failure of ``attempt`` is the last one allowed."""
+        return attempt >= self.max_attempts
+
+    def after_failure(self, attempt: int, error: str, **ids: Unpack[EntryIds]) -> Outcome:
+        """Retry a failed delivery, or dead-letter it once attempts are exhausted."""
+        if self.exhausted(attempt):
+            return dead(
+                f"{error} (attempt {attempt} of {self.max_attempts})", "attempts_exhausted", **ids
+            )
+        return Outcome(kind="retry", reason=error, cause="error", **ids)

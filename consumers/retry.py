@@ -1,0 +1,53 @@
+"""The retry mover: puts each scheduled retry back on its stream when it is due."""
+
+from __future__ import annotations
+
+import anyio
+import structlog
+
+from consumers import metrics
+from consumers.backoff import Backoff
+from consumers.loop import UNAVAILABLE
+from consumers.streams import Streams
+from schemas.keys import Keys
+
+log = structlog.get_logger(__name__)
+
+POLL_S = 0.25
+
+
+class RetryMover:
+    """Move due retries of every partition back; safe to run in many processes at once.
+
+    Moving is one Lua script per partition (ZRANGEBYSCORE, XADD, ZREM), so a retry is
+    never moved twice nor lost between the set and the stream.
+    """
+
+    def __init__(self, streams: Streams, keys: Keys, poll_s: float = POLL_S) -> None:
+        self._streams = streams
+        self._keys = keys
+        self._poll_s = poll_s
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Stop after the current pass."""
+        self._stopping = True
+
+    async def run(self) -> None:
+        """Move due retries until stopped."""
+        backoff = Backoff()
+        while not self._stopping:
+            try:
+                for p in self._keys.all_partitions():
+                    moved = await self._streams.move_due(
+                        self._keys.retry(p), self._keys.events(p), self._keys.commands(p)
+                    )
+                    if moved:
+                        metrics.RETRIES_MOVED.inc(moved)
+                        log.info("retry.moved", partition=p, count=moved)
+            except UNAVAILABLE as e:
+                log.warning("retry.move_failed", error=str(e))
+                await anyio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            await anyio.sleep(self._poll_s)

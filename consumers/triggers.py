@@ -1,0 +1,102 @@
+"""The trigger matcher (group ``triggers``): events in, executions and commands out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from consumers.definitions import Definitions
+from consumers.matching import matches
+from consumers.outcomes import Outcome, dead
+from consumers.streams import Entry
+from db import executions
+from schemas.codec import decode_event, encode
+from schemas.commands import RunWorkflow, execution_id
+from schemas.errors import InvalidEntryError
+from schemas.events import Event
+from schemas.keys import Keys, Role
+
+EVENT_FIELD = b"event"
+COMMAND_FIELD = b"command"
+
+
+def decode_entry(entry: Entry) -> Event:
+    """The event an entry carries.
+
+    Raises:
+        InvalidEntryError: no ``event`` field, or not an event.
+    """
+    raw = entry.field(EVENT_FIELD)
+    if raw is None:
+        raise InvalidEntryError("entry has no `event` field")
+    return decode_event(raw)
+
+
+class TriggerMatcher:
+    """Record one execution per (event, matching workflow) and emit its command.
+
+    The execution row commits before its command is emitted. A crash in between leaves
+    the row ``queued``; the redelivered event finds it so and emits the command again.
+    """
+
+    role: Role = "events"
+
+    def __init__(
+        self, redis: Redis, pool: AsyncConnectionPool[Any], keys: Keys, definitions: Definitions
+    ) -> None:
+        self._redis = redis
+        self._pool = pool
+        self._keys = keys
+        self._definitions = definitions
+
+    async def handle(self, batch: Sequence[Entry]) -> list[Outcome]:
+        """Match a batch of events; every entry is acknowledged unless it is poison."""
+        outcomes: list[Outcome] = []
+        events: list[Event] = []
+        for entry in batch:
+            try:
+                event = decode_entry(entry)
+            except InvalidEntryError as e:
+                outcomes.append(dead(e.reason, "invalid_entry"))
+                continue
+            events.append(event)
+            outcomes.append(Outcome(kind="ack", event_id=event.id, event_type=event.type))
+        commands = await self._match(events)
+        if commands:
+            async with self._pool.connection() as conn, conn.transaction():
+                queued = set(
+                    await executions.insert_queued(conn, [row for row, _ in commands.values()])
+                )
+            pipe = self._redis.pipeline(transaction=False)
+            for exec_id, (_, command) in commands.items():
+                if exec_id in queued:
+                    stream = self._keys.commands(self._keys.partition_of(command.event.entity_id))
+                    pipe.xadd(stream, {COMMAND_FIELD: encode(command)})
+            await pipe.execute()
+        return outcomes
+
+    async def _match(
+        self, events: list[Event]
+    ) -> dict[str, tuple[executions.NewExecution, RunWorkflow]]:
+        workflows = await self._definitions.enabled()
+        found: dict[str, tuple[executions.NewExecution, RunWorkflow]] = {}
+        for event in events:
+            for wf in workflows:
+                if not matches(wf.definition, event):
+                    continue
+                exec_id = execution_id(event.id, wf.name)
+                row = executions.NewExecution(
+                    exec_id, wf.name, wf.version, event.id, event.entity,
+                    event.entity_id, event.tenant, event.occurred_at,
+                )  # fmt: skip
+                command = RunWorkflow(
+                    execution_id=exec_id,
+                    workflow_name=wf.name,
+                    workflow_version=wf.version,
+                    event=event,
+                )
+                found[exec_id] = (row, command)
+        return found

@@ -1,0 +1,125 @@
+"""Queries on ``dead_letters``: what was dead-lettered, why, and what was replayed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from psycopg import AsyncConnection
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
+
+
+class NewDeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A dead letter about to be recorded."""
+
+    stream: str
+    message_id: str
+    payload: dict[str, str]
+    error: str
+    attempts: int
+    event_id: str | None = None
+    event_type: str | None = None
+    execution_id: str | None = None
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A row of ``dead_letters``."""
+
+    id: int
+    stream: str
+    message_id: str
+    payload: dict[str, Any]
+    error: str
+    attempts: int
+    event_id: str | None
+    event_type: str | None
+    execution_id: str | None
+    created_at: datetime
+    replayed_at: datetime | None
+    replayed_by: str | None
+    replay_reason: str | None
+    replay_count: int
+    purged_at: datetime | None
+    purged_by: str | None
+
+
+_COLUMNS = (
+    "id, stream, message_id, payload, error, attempts, event_id, event_type,"
+    " execution_id::text, created_at, replayed_at, replayed_by, replay_reason, replay_count,"
+    " purged_at, purged_by"
+)
+
+
+async def record(conn: AsyncConnection[Any], letters: Sequence[NewDeadLetter]) -> None:
+    """Insert dead letters; a letter already recorded for the same entry is kept as it was."""
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO dead_letters (stream, message_id, payload, error, attempts, event_id,"
+            " event_type, execution_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (stream, message_id) DO NOTHING",
+            [
+                (
+                    d.stream,
+                    d.message_id,
+                    Jsonb(d.payload),
+                    d.error,
+                    d.attempts,
+                    d.event_id,
+                    d.event_type,
+                    d.execution_id,
+                )
+                for d in letters
+            ],
+        )
+
+
+async def list_open(
+    conn: AsyncConnection[Any],
+    *,
+    include_done: bool = False,
+    reason: str | None = None,
+    event_type: str | None = None,
+    older_than_s: float | None = None,
+    limit: int = 1000,
+) -> list[DeadLetter]:
+    """Dead letters, newest first; by default only those neither replayed nor purged."""
+    where = ["true"] if include_done else ["replayed_at IS NULL", "purged_at IS NULL"]
+    params: list[Any] = []
+    if reason:
+        where.append("error ILIKE %s")
+        params.append(f"%{reason}%")
+    if event_type:
+        where.append("event_type = %s")
+        params.append(event_type)
+    if older_than_s is not None:
+        where.append("created_at < now() - make_interval(secs => %s)")
+        params.append(older_than_s)
+    params.append(limit)
+    query = (
+        f"SELECT {_COLUMNS} FROM dead_letters WHERE {' AND '.join(where)}"
+        " ORDER BY id DESC LIMIT %s"
+    )
+    async with conn.cursor(row_factory=class_row(DeadLetter)) as cur:
+        await cur.execute(query.encode(), params)
+        return await cur.fetchall()
+
+
+async def get(conn: AsyncConnection[Any], dead_letter_id: int) -> DeadLetter | None:
+    """One dead letter by id."""
+    async with conn.cursor(row_factory=class_row(DeadLetter)) as cur:
+        await cur.execute(
+            f"SELECT {_COLUMNS} FROM dead_letters WHERE id = %s".encode(), (dead_letter_id,)
+        )
+        return await cur.fetchone()
+
+
+async def count_open(conn: AsyncConnection[Any]) -> int:
+    """How many dead letters wait for an operator."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL AND purged_at IS NULL"
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0

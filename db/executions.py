@@ -1,0 +1,219 @@
+"""Queries on ``workflow_executions`` and ``execution_steps``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+from psycopg import AsyncConnection
+from psycopg.rows import class_row
+
+Status = Literal["queued", "running", "retrying", "completed", "dead_lettered"]
+TERMINAL: frozenset[str] = frozenset({"completed", "dead_lettered"})
+
+
+class NewExecution(msgspec.Struct, frozen=True):
+    """An execution the trigger matcher is about to record."""
+
+    id: str
+    workflow_name: str
+    workflow_version: int
+    event_id: str
+    entity_type: str
+    entity_id: str
+    tenant: str
+    occurred_at: datetime
+
+
+class Step(msgspec.Struct, frozen=True, kw_only=True):
+    """A row of ``execution_steps``."""
+
+    step: int
+    action: str
+    status: str
+    attempts: int
+    error: str | None
+    updated_at: datetime
+
+
+class Execution(msgspec.Struct, frozen=True, kw_only=True):
+    """A row of ``workflow_executions``, with its steps when asked for."""
+
+    id: str
+    workflow_name: str
+    workflow_version: int
+    event_id: str
+    entity_type: str
+    entity_id: str
+    tenant: str
+    status: str
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    total_steps: int = 0
+    steps: list[Step] = []
+
+
+async def insert_queued(conn: AsyncConnection[Any], rows: Sequence[NewExecution]) -> list[str]:
+    """Record executions (a known one is left alone); return the ids still ``queued``.
+
+    A redelivered event finds its executions already there: those still queued may have
+    lost their command to a crash, so the caller emits their commands again.
+    """
+    if not rows:
+        return []
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO workflow_executions (id, workflow_name, workflow_version, event_id,"
+            " entity_type, entity_id, tenant, event_occurred_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (event_id, workflow_name) DO NOTHING",
+            [msgspec.structs.astuple(r) for r in rows],
+        )
+        await cur.execute(
+            "SELECT id::text FROM workflow_executions WHERE id = ANY(%s::uuid[]) AND status = 'queued'",
+            ([r.id for r in rows],),
+        )
+        return [row[0] for row in await cur.fetchall()]
+
+
+class State(msgspec.Struct, frozen=True):
+    """Where an execution stands: its status, last error and completed steps."""
+
+    status: str
+    last_error: str | None
+    done: frozenset[int]
+
+
+async def states(conn: AsyncConnection[Any], ids: Sequence[str]) -> dict[str, State]:
+    """The state of each execution that exists."""
+    cur = await conn.execute(
+        "SELECT e.id::text, e.status, e.last_error,"
+        " coalesce(array_agg(s.step) FILTER (WHERE s.status = 'completed'), '{}')"
+        " FROM workflow_executions e LEFT JOIN execution_steps s ON s.execution_id = e.id"
+        " WHERE e.id = ANY(%s::uuid[]) GROUP BY e.id",
+        (list(ids),),
+    )
+    return {row[0]: State(row[1], row[2], frozenset(row[3])) for row in await cur.fetchall()}
+
+
+async def mark_running(conn: AsyncConnection[Any], ids: Sequence[str]) -> None:
+    """Count a delivery of each execution and show it running."""
+    await conn.execute(
+        "UPDATE workflow_executions SET status = 'running', attempts = attempts + 1,"
+        " updated_at = now() WHERE id = ANY(%s::uuid[])",
+        (list(ids),),
+    )
+
+
+async def complete_steps(conn: AsyncConnection[Any], steps: Sequence[tuple[str, int, str]]) -> None:
+    """Mark (execution, step, action) completed; runs in the transaction of their effects."""
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO execution_steps (execution_id, step, action, status, attempts)"
+            " VALUES (%s, %s, %s, 'completed', 1)"
+            " ON CONFLICT (execution_id, step) DO UPDATE SET status = 'completed',"
+            " attempts = execution_steps.attempts + 1, error = NULL, updated_at = now()",
+            steps,
+        )
+
+
+async def fail_step(
+    conn: AsyncConnection[Any], execution_id: str, step: int, action: str, error: str
+) -> None:
+    """Record a failed try of a step."""
+    await conn.execute(
+        "INSERT INTO execution_steps (execution_id, step, action, status, attempts, error)"
+        " VALUES (%s, %s, %s, 'failed', 1, %s)"
+        " ON CONFLICT (execution_id, step) DO UPDATE SET status = 'failed',"
+        " attempts = execution_steps.attempts + 1, error = excluded.error, updated_at = now()",
+        (execution_id, step, action, error),
+    )
+
+
+async def finish(
+    conn: AsyncConnection[Any], ids: Sequence[str]
+) -> list[tuple[str, datetime | None]]:
+    """Mark executions completed; return (id, event time) of each for latency metrics."""
+    cur = await conn.execute(
+        "UPDATE workflow_executions SET status = 'completed', last_error = NULL,"
+        " updated_at = now(), finished_at = now() WHERE id = ANY(%s::uuid[])"
+        " RETURNING id::text, event_occurred_at",
+        (list(ids),),
+    )
+    return [(row[0], row[1]) for row in await cur.fetchall()]
+
+
+async def set_failed(
+    conn: AsyncConnection[Any], execution_id: str, status: Status, error: str
+) -> None:
+    """Record a failed delivery: ``retrying`` or ``dead_lettered``, with the error."""
+    finished = "now()" if status in TERMINAL else "NULL"
+    await conn.execute(
+        f"UPDATE workflow_executions SET status = %s, last_error = %s, updated_at = now(),"
+        f" finished_at = {finished} WHERE id = %s".encode(),
+        (status, error, execution_id),
+    )
+
+
+_SELECT = (
+    "SELECT e.id::text, e.workflow_name, e.workflow_version, e.event_id, e.entity_type,"
+    " e.entity_id, e.tenant, e.status, e.attempts, e.last_error, e.created_at, e.updated_at,"
+    " e.finished_at, jsonb_array_length(w.definition -> 'actions') AS total_steps"
+    " FROM workflow_executions e JOIN workflows w"
+    " ON w.name = e.workflow_name AND w.version = e.workflow_version"
+)
+
+
+async def list_executions(
+    conn: AsyncConnection[Any],
+    *,
+    status: str | None = None,
+    entity_id: str | None = None,
+    workflow: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[Execution]:
+    """Executions, newest first, filtered."""
+    where, params = ["true"], []
+    for column, value in (
+        ("e.status", status),
+        ("e.entity_id", entity_id),
+        ("e.workflow_name", workflow),
+    ):
+        if value is not None:
+            where.append(f"{column} = %s")
+            params.append(value)
+    query = (
+        f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY e.created_at DESC, e.id LIMIT %s OFFSET %s"
+    )
+    async with conn.cursor(row_factory=class_row(Execution)) as cur:
+        await cur.execute(query.encode(), [*params, limit, offset])
+        return await cur.fetchall()
+
+
+async def get_execution(conn: AsyncConnection[Any], execution_id: str) -> Execution | None:
+    """One execution with its steps."""
+    async with conn.cursor(row_factory=class_row(Execution)) as cur:
+        await cur.execute(f"{_SELECT} WHERE e.id::text = %s".encode(), (execution_id,))
+        execution = await cur.fetchone()
+    if execution is None:
+        return None
+    async with conn.cursor(row_factory=class_row(Step)) as cur:
+        await cur.execute(
+            "SELECT step, action, status, attempts, error, updated_at FROM execution_steps"
+            " WHERE execution_id = %s ORDER BY step",
+            (execution.id,),
+        )
+        steps = await cur.fetchall()
+    return msgspec.structs.replace(execution, steps=steps)
+
+
+async def count_by_status(conn: AsyncConnection[Any]) -> dict[str, int]:
+    """How many executions are in each status."""
+    cur = await conn.execute("SELECT status, count(*) FROM workflow_executions GROUP BY status")
+    return {row[0]: int(row[1]) for row in await cur.fetchall()}
