@@ -1,0 +1,64 @@
+# govflow: `make run` to see it work, `make test` to check it. Everything goes through uv.
+.DEFAULT_GOAL := all
+SHELL := /bin/bash
+
+# Where `pip install --user` and the uv installer put uv.
+export PATH := $(HOME)/.local/bin:$(HOME)/.cargo/bin:$(PATH)
+# With a lock file, never re-resolve: install and run exactly what is locked.
+ifneq ($(wildcard uv.lock),)
+export UV_FROZEN := 1
+endif
+
+packages = producers consumers schemas db ops tests benchmarks
+# Only the folders that hold Python files yet (mypy refuses an empty one).
+sources = $(foreach d,$(packages),$(if $(wildcard $(d)/*.py),$(d)))
+examples = $(wildcard deploy/examples/*.yaml deploy/examples/*.yml deploy/examples/*.json)
+
+.PHONY: all uv install run test lint format bench clean
+
+uv:
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --user --quiet uv \
+		|| python3 -m pip install --user --quiet --break-system-packages uv \
+		|| curl -LsSf https://astral.sh/uv/install.sh | sh
+
+install: uv
+	uv sync
+
+run: install
+	uv run govflow migrate
+ifneq ($(examples),)
+	uv run govflow workflows apply $(examples)
+endif
+	@echo
+	@echo "govflow is starting. With no GOVFLOW_REDIS_URL / GOVFLOW_DATABASE_URL set, the embedded"
+	@echo "Redis and Postgres keep their data in $${GOVFLOW_DATA_DIR:-.govflow}/. In another terminal:"
+	@echo "  uv run govflow publish policy.created --entity-id P1 --data '{\"status\":\"draft\"}'"
+	@echo "  uv run govflow lag --watch          # streams, groups, pending, dead letters"
+	@echo "  uv run govflow executions list      # what ran, step by step"
+	@echo "  uv run govflow serve                # dashboard, HTTP API and /metrics"
+	@echo "Ctrl-C finishes the work in hand and stops."
+	@echo
+	uv run govflow run --role all
+
+test: install
+	uv run pytest
+
+lint: install
+	uv run ruff check $(sources)
+	uv run ruff format --check $(sources)
+	uv run mypy $(sources)
+
+format: install
+	uv run ruff check --fix $(sources)
+	uv run ruff format $(sources)
+
+# Placeholder until the benchmarks land.
+bench: install
+	uv run python -m benchmarks
+
+all: lint test
+
+# Caches and build output only: the embedded servers' data ($${GOVFLOW_DATA_DIR:-.govflow}) stays.
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis dist build *.egg-info
+	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
