@@ -33,3 +33,7 @@ class UnavailableError(GovflowError):
 
 class GroupMissingError(GovflowError):
     """The consumer group vanished (FLUSHALL, a restarted Redis without AOF)."""
+
+
+class PublishError(UnavailableError):
+    """An event could not be written to Redis within the publisher's retries."""

@@ -1,0 +1,259 @@
+"""Publish events straight to the stream, from async code or from a plain thread.
+
+Each event becomes one entry ``XADD {prefix}:events * event <json>`` on the partition of
+its entity. A lost connection or a timeout is retried a few times with exponential
+backoff and jitter; then the call raises ``PublishError``. Retrying an ``XADD`` whose reply
+was lost can append the event twice: harmless, because the pipeline runs each event id
+once. The publisher never trims the stream: trimming below what every group has
+acknowledged is the workers' job.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import msgspec
+import redis
+import redis.asyncio
+import structlog
+from redis import exceptions as redis_errors
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
+
+from schemas.codec import encode
+from schemas.errors import PublishError
+from schemas.events import Event
+from schemas.keys import Keys
+
+log = structlog.get_logger(__name__)
+
+# Failures another attempt can fix: a dropped or refused connection, a timeout, a server
+# still loading its data after a restart (a ConnectionError), a replica promoted late.
+RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError)
+# ConnectionError subclasses that no retry fixes: wrong credentials or ACL.
+NOT_RETRYABLE = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
+
+# Connection settings of the clients ``from_url`` makes: fail fast, and leave retrying
+# to the publisher's own policy rather than compounding it with redis-py's.
+_CLIENT_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": 2.0,
+    "socket_timeout": 5.0,
+    "retry": Retry(NoBackoff(), 0),
+}
+
+
+class PublishRetry(msgspec.Struct, frozen=True, kw_only=True):
+    """How often, and how patiently, a publish is retried.
+
+    The defaults make 4 attempts over about 2 seconds: 0.25 s, 0.5 s, 1 s between them.
+    """
+
+    attempts: int = 4
+    initial_delay: float = 0.25
+    factor: float = 2.0
+    max_delay: float = 2.0
+    jitter: float = 0.1  # each delay varies by up to this fraction either way
+
+    def delays(self) -> Iterator[float]:
+        """Yield the pause before each retry: ``attempts - 1`` of them."""
+        delay = self.initial_delay
+        for _ in range(self.attempts - 1):
+            yield min(delay, self.max_delay) * random.uniform(1 - self.jitter, 1 + self.jitter)
+            delay *= self.factor
+
+
+DEFAULT_RETRY = PublishRetry()
+
+
+class Publisher:
+    """Publish events with an async Redis client.
+
+    Args:
+        client: the connection; a client made by ``from_url`` is closed by ``aclose()``.
+        keys: the deployment's key names and partition count.
+        retry: the retry policy on connection errors and timeouts.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        keys: Keys,
+        *,
+        retry: PublishRetry = DEFAULT_RETRY,
+        owns_client: bool = False,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._retry = retry
+        self._owns_client = owns_client
+
+    @classmethod
+    def from_url(cls, url: str, keys: Keys, *, retry: PublishRetry = DEFAULT_RETRY) -> Publisher:
+        """Make a publisher with its own client; close it with ``aclose()``."""
+        client = redis.asyncio.Redis.from_url(url, **_CLIENT_OPTIONS)
+        return cls(client, keys, retry=retry, owns_client=True)
+
+    async def publish(self, event: Event) -> str:
+        """Append one event to its partition's stream and return the event id.
+
+        Raises:
+            PublishError: Redis could not be reached within the retries, or refused the write.
+        """
+        (event_id,) = await self.publish_many([event])
+        return event_id
+
+    async def publish_many(self, events: Iterable[Event]) -> list[str]:
+        """Append events in one pipeline (not a transaction); return their ids in order.
+
+        Raises:
+            PublishError: Redis could not be reached within the retries, or refused the write.
+        """
+        batch = list(events)
+        entries = _entries(self._keys, batch)
+        delays = self._retry.delays()
+        for attempt in range(1, self._retry.attempts + 1):
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for stream, fields in entries:
+                        pipe.xadd(stream, fields)
+                    await pipe.execute()
+            except redis_errors.RedisError as e:
+                delay = _next_delay(e, delays)
+                if delay is None:
+                    raise _failure(self._client, attempt, e) from e
+                log.info("publish.retrying", attempt=attempt, delay=delay, error=repr(e))
+                await anyio.sleep(delay)
+            else:
+                break
+        return [event.id for event in batch]
+
+    async def aclose(self) -> None:
+        """Close the client if this publisher made it."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class SyncPublisher:
+    """Publish events with a blocking Redis client (Flask, Django, scripts).
+
+    Args:
+        client: the connection; a client made by ``from_url`` is closed by ``close()``.
+        keys: the deployment's key names and partition count.
+        retry: the retry policy on connection errors and timeouts.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        retry: PublishRetry = DEFAULT_RETRY,
+        owns_client: bool = False,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._retry = retry
+        self._owns_client = owns_client
+
+    @classmethod
+    def from_url(
+        cls, url: str, keys: Keys, *, retry: PublishRetry = DEFAULT_RETRY
+    ) -> SyncPublisher:
+        """Make a publisher with its own client; close it with ``close()``."""
+        client = redis.Redis.from_url(url, **_CLIENT_OPTIONS)
+        return cls(client, keys, retry=retry, owns_client=True)
+
+    def publish(self, event: Event) -> str:
+        """Append one event to its partition's stream and return the event id.
+
+        Raises:
+            PublishError: Redis could not be reached within the retries, or refused the write.
+        """
+        (event_id,) = self.publish_many([event])
+        return event_id
+
+    def publish_many(self, events: Iterable[Event]) -> list[str]:
+        """Append events in one pipeline (not a transaction); return their ids in order.
+
+        Raises:
+            PublishError: Redis could not be reached within the retries, or refused the write.
+        """
+        batch = list(events)
+        entries = _entries(self._keys, batch)
+        delays = self._retry.delays()
+        for attempt in range(1, self._retry.attempts + 1):
+            try:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for stream, fields in entries:
+                        pipe.xadd(stream, fields)
+                    pipe.execute()
+            except redis_errors.RedisError as e:
+                delay = _next_delay(e, delays)
+                if delay is None:
+                    raise _failure(self._client, attempt, e) from e
+                log.info("publish.retrying", attempt=attempt, delay=delay, error=repr(e))
+                time.sleep(delay)
+            else:
+                break
+        return [event.id for event in batch]
+
+    def close(self) -> None:
+        """Close the client if this publisher made it."""
+        if self._owns_client:
+            self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _entries(keys: Keys, events: list[Event]) -> list[tuple[str, dict[FieldT, EncodableT]]]:
+    """The (stream, fields) of each event: SPEC's wire format, one ``event`` field."""
+    return [
+        (keys.events(keys.partition_of(event.entity_id)), {"event": encode(event)})
+        for event in events
+    ]
+
+
+def _next_delay(error: redis_errors.RedisError, delays: Iterator[float]) -> float | None:
+    """The pause before the next attempt, or ``None`` when this error is final."""
+    if isinstance(error, NOT_RETRYABLE) or not isinstance(error, RETRYABLE):
+        return None
+    return next(delays, None)
+
+
+def _failure(
+    client: redis.Redis | redis.asyncio.Redis, attempts: int, error: Exception
+) -> PublishError:
+    """A ``PublishError`` naming the server, never its password."""
+    kwargs = client.connection_pool.connection_kwargs
+    where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+    reason = str(error) or type(error).__name__
+    if password := kwargs.get("password"):
+        reason = reason.replace(str(password), "***")
+    tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+    return PublishError(f"could not publish to Redis at {where} after {tries}: {reason}")
