@@ -57,6 +57,18 @@ class Failure(msgspec.Struct, frozen=True):
     error: str
 
 
+def decode_entry(entry: Entry) -> RunWorkflow:
+    """The command an entry carries.
+
+    Raises:
+        InvalidEntryError: no ``command`` field, or not a command.
+    """
+    raw = entry.field(COMMAND_FIELD)
+    if raw is None:
+        raise InvalidEntryError("entry has no `command` field")
+    return decode_command(raw)
+
+
 class ActionRunner:
     """The handler of the ``actions`` group."""
 
@@ -82,10 +94,7 @@ class ActionRunner:
         work: list[Work] = []
         for index, entry in enumerate(batch):
             try:
-                raw = entry.field(COMMAND_FIELD)
-                if raw is None:
-                    raise InvalidEntryError("entry has no `command` field")
-                work.append(Work(index, entry, decode_command(raw)))
+                work.append(Work(index, entry, decode_entry(entry)))
             except InvalidEntryError as e:
                 outcomes[index] = dead(e.reason, "invalid_entry")
         if not work:

@@ -7,15 +7,58 @@ from datetime import timedelta
 from typing import Annotated
 
 import msgspec
-from psycopg.types.json import Jsonb
 
 from consumers import webhook
 from consumers.registry import ActionType, StepContext
+from db.batch import Batched
 from schemas.codec import encode
 from schemas.errors import PermanentError
 from schemas.events import Change, Event
 
 Text = Annotated[str, msgspec.Meta(min_length=1)]
+
+_IDEMPOTENT = " ON CONFLICT (execution_id, step) DO NOTHING"
+APPROVALS = Batched(
+    "INSERT INTO approvals (execution_id, step, entity_id, approvers, due_at)"
+    " SELECT execution_id, step, entity_id, approvers, due_at FROM {rows}" + _IDEMPOTENT,
+    ("execution_id uuid", "step int", "entity_id text", "approvers jsonb", "due_at timestamptz"),
+)
+TASKS = Batched(
+    "INSERT INTO tasks (execution_id, step, entity_id, title, assignee)"
+    " SELECT execution_id, step, entity_id, title, assignee FROM {rows}" + _IDEMPOTENT,
+    ("execution_id uuid", "step int", "entity_id text", "title text", "assignee text"),
+)
+ASSIGNMENTS = Batched(
+    "INSERT INTO assignments (execution_id, step, entity_id, assignee)"
+    " SELECT execution_id, step, entity_id, assignee FROM {rows}" + _IDEMPOTENT,
+    ("execution_id uuid", "step int", "entity_id text", "assignee text"),
+)
+NOTIFICATIONS = Batched(
+    "INSERT INTO notifications (execution_id, step, webhook, message, idempotency_key, response_status)"
+    " SELECT execution_id, step, webhook, message, idempotency_key, response_status FROM {rows}"
+    + _IDEMPOTENT,
+    (
+        "execution_id uuid",
+        "step int",
+        "webhook text",
+        "message text",
+        "idempotency_key text",
+        "response_status int",
+    ),
+)
+# Queued before STATUS_CHANGES, so the guard sees only the changes an earlier try committed.
+CHAINED_EVENTS = Batched(
+    "INSERT INTO outbox (event) SELECT r.event FROM {rows} WHERE NOT EXISTS (SELECT 1 FROM"
+    " status_changes s WHERE s.execution_id = r.execution_id AND s.step = r.step)",
+    ("event jsonb", "execution_id uuid", "step int"),
+)
+STATUS_CHANGES = Batched(
+    "INSERT INTO status_changes (execution_id, step, entity_type, entity_id, from_status, to_status,"
+    " event_id) SELECT execution_id, step, entity_type, entity_id, from_status, to_status, event_id"
+    " FROM {rows}" + _IDEMPOTENT,
+    ("execution_id uuid", "step int", "entity_type text", "entity_id text", "from_status text",
+     "to_status text", "event_id text"),
+)  # fmt: skip
 
 
 class CreateApproval(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -28,9 +71,8 @@ class CreateApproval(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 async def create_approval(ctx: StepContext, p: CreateApproval) -> None:
     due = ctx.now + timedelta(days=p.due_in_days) if p.due_in_days is not None else None
     ctx.effects.add(
-        "INSERT INTO approvals (execution_id, step, entity_id, approvers, due_at)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (execution_id, step) DO NOTHING",
-        (ctx.command.execution_id, ctx.step, ctx.event.entity_id, Jsonb(p.approvers), due),
+        APPROVALS,
+        (ctx.command.execution_id, ctx.step, ctx.event.entity_id, p.approvers, due),
     )
 
 
@@ -44,8 +86,7 @@ class CreateTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 async def create_task(ctx: StepContext, p: CreateTask) -> None:
     assignee = ctx.render(p.assignee) if p.assignee else None
     ctx.effects.add(
-        "INSERT INTO tasks (execution_id, step, entity_id, title, assignee)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (execution_id, step) DO NOTHING",
+        TASKS,
         (ctx.command.execution_id, ctx.step, ctx.event.entity_id, ctx.render(p.title), assignee),
     )
 
@@ -58,8 +99,7 @@ class Assign(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 async def assign(ctx: StepContext, p: Assign) -> None:
     ctx.effects.add(
-        "INSERT INTO assignments (execution_id, step, entity_id, assignee)"
-        " VALUES (%s, %s, %s, %s) ON CONFLICT (execution_id, step) DO NOTHING",
+        ASSIGNMENTS,
         (ctx.command.execution_id, ctx.step, ctx.event.entity_id, ctx.render(p.assignee)),
     )
 
@@ -94,9 +134,7 @@ async def notify(ctx: StepContext, p: Notify) -> None:
         allowed=ctx.settings.allowed_hosts(),
     )
     ctx.effects.add(
-        "INSERT INTO notifications (execution_id, step, webhook, message, idempotency_key,"
-        " response_status) VALUES (%s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (execution_id, step) DO NOTHING",
+        NOTIFICATIONS,
         (
             ctx.command.execution_id,
             ctx.step,
@@ -140,17 +178,13 @@ async def change_status(ctx: StepContext, p: ChangeStatus) -> None:
         causation_id=event.id,
     )
     # The chained event leaves through the outbox, committed with the step: published
-    # once the transaction commits, never lost to a crash in between. (Queued before the
-    # status change, so the guard sees only changes committed by an earlier try.)
+    # once the transaction commits, never lost to a crash in between.
     ctx.effects.add(
-        "INSERT INTO outbox (event) SELECT %s WHERE NOT EXISTS"
-        " (SELECT 1 FROM status_changes WHERE execution_id = %s AND step = %s)",
-        (Jsonb(chained, dumps=encode), ctx.command.execution_id, ctx.step),
+        CHAINED_EVENTS,
+        (chained, ctx.command.execution_id, ctx.step),
     )
     ctx.effects.add(
-        "INSERT INTO status_changes (execution_id, step, entity_type, entity_id, from_status,"
-        " to_status, event_id) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (execution_id, step) DO NOTHING",
+        STATUS_CHANGES,
         (ctx.command.execution_id, ctx.step, event.entity, event.entity_id, before, to, chained.id),
     )
 

@@ -78,10 +78,12 @@ class Janitor:
         self._consumer_gc_ms = int(consumer_gc_s * 1000)
         self._every_s = every_s
         self._stopping = False
+        self._stopped = anyio.Event()
 
     def stop(self) -> None:
         """Stop after the current pass."""
         self._stopping = True
+        self._stopped.set()
 
     async def run(self) -> None:
         """Sweep every ``every_s`` until stopped."""
@@ -91,8 +93,7 @@ class Janitor:
             except UNAVAILABLE as e:
                 log.warning("janitor.sweep_failed", error=str(e))
             with anyio.move_on_after(self._every_s):
-                while not self._stopping:
-                    await anyio.sleep(0.2)
+                await self._stopped.wait()
 
     async def sweep(self) -> None:
         """One pass: trim each stream, then retire idle consumers with nothing pending."""

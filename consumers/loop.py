@@ -42,6 +42,7 @@ UNAVAILABLE = (
     UnavailableError,
     OSError,
 )
+_LOG_EVENT = {"ack": "entry.acknowledged", "retry": "entry.retried", "dead": "entry.dead_lettered"}
 BLOCK_MS = 1000  # below the client's socket timeout, so a stop is seen within a second
 
 
@@ -179,8 +180,8 @@ class GroupConsumer:
             dead_letters.NewDeadLetter(
                 stream=entry.stream,
                 message_id=entry.id,
-                payload=entry.payload(),
-                error=outcome.reason,
+                payload={_storable(k): _storable(v) for k, v in entry.payload().items()},
+                error=_storable(outcome.reason),
                 attempts=entry.attempt,
                 event_id=outcome.event_id,
                 event_type=outcome.event_type,
@@ -215,10 +216,7 @@ class GroupConsumer:
                 self.stream, self.group, outcome.kind, outcome.cause or "ok"
             ).inc()
             log.info(
-                "entry."
-                + {"ack": "acknowledged", "retry": "retried", "dead": "dead_lettered"}[
-                    outcome.kind
-                ],
+                _LOG_EVENT[outcome.kind],
                 stream=self.stream,
                 entry_id=entry.id,
                 event_id=outcome.event_id,
@@ -250,12 +248,18 @@ class GroupConsumer:
         while True:
             try:
                 await call()
-                return True
             except UNAVAILABLE as e:
                 log.warning("server.unavailable", stream=self.stream, error=str(e))
                 if self._stopping:
                     return False
                 await anyio.sleep(backoff.next_delay())
+            else:
+                return True
+
+
+def _storable(text: str) -> str:
+    """``text`` without NUL, which Postgres text and jsonb refuse and a poison entry may hold."""
+    return text.replace("\x00", "\ufffd")
 
 
 def _dead_fields(entry: Entry, outcome: Outcome) -> dict[str, str]:

@@ -20,6 +20,7 @@ import httpx
 import msgspec
 from psycopg import AsyncConnection
 
+from db.batch import Batched
 from schemas.commands import RunWorkflow
 from schemas.errors import InvalidEntryError
 from schemas.events import Event
@@ -31,24 +32,28 @@ ENTRY_POINT_GROUP = "govflow.actions"
 
 
 class Effects:
-    """Effect rows gathered over a batch, written with one ``executemany`` per statement.
+    """Effect rows gathered over a batch, written in the batch's transaction.
 
-    Every statement must be idempotent on (execution_id, step): a redelivered command that
-    replays a step writes nothing new.
+    A ``Batched`` statement runs once over all its rows; a plain SQL string runs
+    with ``executemany``. Every statement must be idempotent on (execution_id, step): a
+    redelivered command that replays a step writes nothing new.
     """
 
     def __init__(self) -> None:
-        self.rows: dict[str, list[tuple[Any, ...]]] = {}
+        self.rows: dict[Batched | str, list[tuple[Any, ...]]] = {}
 
-    def add(self, statement: str, row: tuple[Any, ...]) -> None:
+    def add(self, statement: Batched | str, row: tuple[Any, ...]) -> None:
         """Queue one row for ``statement``."""
         self.rows.setdefault(statement, []).append(row)
 
     async def flush(self, conn: AsyncConnection[Any]) -> None:
-        """Write every queued row in the caller's transaction."""
+        """Write every queued row, statement by statement in the order first queued."""
         async with conn.cursor() as cur:
             for statement, rows in self.rows.items():
-                await cur.executemany(statement.encode(), rows)
+                if isinstance(statement, Batched):
+                    await cur.execute(statement.statement().encode(), (statement.parameter(rows),))
+                else:
+                    await cur.executemany(statement.encode(), rows)
         self.rows.clear()
 
 

@@ -99,8 +99,7 @@ async def list_open(
         params.append(older_than_s)
     params.append(limit)
     query = (
-        f"SELECT {_COLUMNS} FROM dead_letters WHERE {' AND '.join(where)}"
-        " ORDER BY id DESC LIMIT %s"
+        f"SELECT {_COLUMNS} FROM dead_letters WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT %s"
     )
     async with conn.cursor(row_factory=class_row(DeadLetter)) as cur:
         await cur.execute(query.encode(), params)

@@ -10,6 +10,8 @@ import msgspec
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
 
+from db.batch import Batched, id_array
+
 Status = Literal["queued", "running", "retrying", "completed", "dead_lettered"]
 TERMINAL: frozenset[str] = frozenset({"completed", "dead_lettered"})
 
@@ -58,6 +60,18 @@ class Execution(msgspec.Struct, frozen=True, kw_only=True):
     steps: list[Step] = []
 
 
+_NEW_EXECUTIONS = Batched(
+    "WITH new AS (INSERT INTO workflow_executions (id, workflow_name, workflow_version, event_id,"
+    " entity_type, entity_id, tenant, event_occurred_at) SELECT id, workflow_name, workflow_version,"
+    " event_id, entity_type, entity_id, tenant, occurred_at FROM {rows}"
+    " ON CONFLICT (event_id, workflow_name) DO NOTHING RETURNING id)"
+    " SELECT id::text FROM new UNION"
+    " SELECT id::text FROM workflow_executions WHERE id = ANY(%s::uuid[]) AND status = 'queued'",
+    ("id uuid", "workflow_name text", "workflow_version int", "event_id text", "entity_type text",
+     "entity_id text", "tenant text", "occurred_at timestamptz"),
+)  # fmt: skip
+
+
 async def insert_queued(conn: AsyncConnection[Any], rows: Sequence[NewExecution]) -> list[str]:
     """Record executions (a known one is left alone); return the ids still ``queued``.
 
@@ -66,19 +80,14 @@ async def insert_queued(conn: AsyncConnection[Any], rows: Sequence[NewExecution]
     """
     if not rows:
         return []
-    async with conn.cursor() as cur:
-        await cur.executemany(
-            "INSERT INTO workflow_executions (id, workflow_name, workflow_version, event_id,"
-            " entity_type, entity_id, tenant, event_occurred_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (event_id, workflow_name) DO NOTHING",
-            [msgspec.structs.astuple(r) for r in rows],
-        )
-        await cur.execute(
-            "SELECT id::text FROM workflow_executions WHERE id = ANY(%s::uuid[]) AND status = 'queued'",
-            ([r.id for r in rows],),
-        )
-        return [row[0] for row in await cur.fetchall()]
+    cur = await conn.execute(
+        _NEW_EXECUTIONS.statement().encode(),
+        (
+            _NEW_EXECUTIONS.parameter([msgspec.structs.astuple(r) for r in rows]),
+            id_array(r.id for r in rows),
+        ),
+    )
+    return [row[0] for row in await cur.fetchall()]
 
 
 class State(msgspec.Struct, frozen=True):
@@ -96,7 +105,7 @@ async def states(conn: AsyncConnection[Any], ids: Sequence[str]) -> dict[str, St
         " coalesce(array_agg(s.step) FILTER (WHERE s.status = 'completed'), '{}')"
         " FROM workflow_executions e LEFT JOIN execution_steps s ON s.execution_id = e.id"
         " WHERE e.id = ANY(%s::uuid[]) GROUP BY e.id",
-        (list(ids),),
+        (id_array(ids),),
     )
     return {row[0]: State(row[1], row[2], frozenset(row[3])) for row in await cur.fetchall()}
 
@@ -106,19 +115,24 @@ async def mark_running(conn: AsyncConnection[Any], ids: Sequence[str]) -> None:
     await conn.execute(
         "UPDATE workflow_executions SET status = 'running', attempts = attempts + 1,"
         " updated_at = now() WHERE id = ANY(%s::uuid[])",
-        (list(ids),),
+        (id_array(ids),),
     )
+
+
+_COMPLETED_STEPS = Batched(
+    "INSERT INTO execution_steps (execution_id, step, action, status, attempts)"
+    " SELECT execution_id, step, action, 'completed', 1 FROM {rows}"
+    " ON CONFLICT (execution_id, step) DO UPDATE SET status = 'completed',"
+    " attempts = execution_steps.attempts + 1, error = NULL, updated_at = now()",
+    ("execution_id uuid", "step int", "action text"),
+)
 
 
 async def complete_steps(conn: AsyncConnection[Any], steps: Sequence[tuple[str, int, str]]) -> None:
     """Mark (execution, step, action) completed; runs in the transaction of their effects."""
-    async with conn.cursor() as cur:
-        await cur.executemany(
-            "INSERT INTO execution_steps (execution_id, step, action, status, attempts)"
-            " VALUES (%s, %s, %s, 'completed', 1)"
-            " ON CONFLICT (execution_id, step) DO UPDATE SET status = 'completed',"
-            " attempts = execution_steps.attempts + 1, error = NULL, updated_at = now()",
-            steps,
+    if steps:
+        await conn.execute(
+            _COMPLETED_STEPS.statement().encode(), (_COMPLETED_STEPS.parameter(steps),)
         )
 
 
@@ -143,7 +157,7 @@ async def finish(
         "UPDATE workflow_executions SET status = 'completed', last_error = NULL,"
         " updated_at = now(), finished_at = now() WHERE id = ANY(%s::uuid[])"
         " RETURNING id::text, event_occurred_at",
-        (list(ids),),
+        (id_array(ids),),
     )
     return [(row[0], row[1]) for row in await cur.fetchall()]
 

@@ -21,7 +21,7 @@ _MIGRATION_LOCK = 0x60F10_0001
 def migration_files() -> list[tuple[str, str]]:
     """The (name, SQL) of every migration, in the order they apply."""
     folder = resources.files("db") / "migrations"
-    files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
 
 

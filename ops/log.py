@@ -93,7 +93,10 @@ def configure_logging(json: bool | None = None, level: str = "info") -> None:
     ]
     if json:
         tail: list[Processor] = [
-            structlog.processors.dict_tracebacks,
+            # Frames' local variables would carry payloads and secrets into the logs.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
             structlog.processors.JSONRenderer(serializer=_dumps),
         ]
         foreign: Processor = structlog.processors.JSONRenderer(serializer=_dumps_str)

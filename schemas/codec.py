@@ -89,6 +89,9 @@ def _decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, what: str) -> T:
         raise InvalidEntryError(f"invalid {what}: {e}") from e
     except msgspec.DecodeError as e:
         raise InvalidEntryError(f"{what} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        # msgspec raises this one, not a DecodeError, for bad bytes inside a JSON string.
+        raise InvalidEntryError(f"{what} is not valid UTF-8: {e}") from e
 
 
 def json_schemas() -> dict[str, Any]:

@@ -24,7 +24,9 @@ EventType = Literal[
     "evidence.status_changed",
     "evidence.deleted",
 ]
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+# The columns these go to are Postgres text, which cannot hold NUL: refuse it at the edge,
+# or one such event fails the trigger matcher's whole batch again and again.
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[^\x00]*$")]
 
 
 class Change(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
