@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from consumers import metrics
 from consumers.definitions import Definitions
+from consumers.loop import UNAVAILABLE
 from consumers.outcomes import EntryIds, Outcome, RetryPolicy, dead
 from consumers.registry import Effects, StepContext, registry
 from consumers.streams import REPLAY_FIELD, Entry
@@ -28,14 +29,11 @@ from consumers.triggers import COMMAND_FIELD
 from db import executions
 from schemas.codec import decode_command
 from schemas.commands import RunWorkflow
-from schemas.errors import InvalidEntryError, PermanentError, UnavailableError
+from schemas.errors import InvalidEntryError, PermanentError
 from schemas.keys import Role
 from schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-# Postgres or Redis unreachable: the batch is held and tried again, never failed.
-UNAVAILABLE = (psycopg.OperationalError, UnavailableError)
 
 
 class Work(msgspec.Struct):

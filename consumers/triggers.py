@@ -5,19 +5,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
+import structlog
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from consumers.definitions import Definitions
+from consumers.loop import UNAVAILABLE
 from consumers.matching import matches
 from consumers.outcomes import Outcome, dead
 from consumers.streams import Entry
 from db import executions
+from db.executions import NewExecution
 from schemas.codec import decode_event, encode
 from schemas.commands import RunWorkflow, execution_id
 from schemas.errors import InvalidEntryError
 from schemas.events import Event
 from schemas.keys import Keys, Role
+
+log = structlog.get_logger(__name__)
 
 EVENT_FIELD = b"event"
 COMMAND_FIELD = b"command"
@@ -55,40 +61,62 @@ class TriggerMatcher:
     async def handle(self, batch: Sequence[Entry]) -> list[Outcome]:
         """Match a batch of events; every entry is acknowledged unless it is poison."""
         outcomes: list[Outcome] = []
-        events: list[Event] = []
-        for entry in batch:
+        events: dict[int, Event] = {}
+        for index, entry in enumerate(batch):
             try:
                 event = decode_entry(entry)
             except InvalidEntryError as e:
                 outcomes.append(dead(e.reason, "invalid_entry"))
                 continue
-            events.append(event)
+            events[index] = event
             outcomes.append(Outcome(kind="ack", event_id=event.id, event_type=event.type))
-        commands = await self._match(events)
-        if commands:
-            async with self._pool.connection() as conn, conn.transaction():
-                queued = set(
-                    await executions.insert_queued(conn, [row for row, _ in commands.values()])
-                )
-            pipe = self._redis.pipeline(transaction=False)
-            for exec_id, (_, command) in commands.items():
-                if exec_id in queued:
-                    stream = self._keys.commands(self._keys.partition_of(command.event.entity_id))
-                    pipe.xadd(stream, {COMMAND_FIELD: encode(command)})
-            await pipe.execute()
+        found = await self._match(events)
+        try:
+            await self._record_and_emit(found)
+        except UNAVAILABLE:
+            raise
+        except psycopg.Error:
+            # One event's row was refused and took the batch's transaction with it: record
+            # each event alone, so that only the bad one is dead-lettered.
+            log.warning("batch.split", size=len(events), exc_info=True)
+            for index in events:
+                try:
+                    await self._record_and_emit({k: v for k, v in found.items() if v[0] == index})
+                except UNAVAILABLE:
+                    raise
+                except psycopg.Error as e:
+                    outcomes[index] = dead(f"Postgres refused the event: {e}", "invalid_entry")
         return outcomes
 
+    async def _record_and_emit(
+        self, found: dict[str, tuple[int, NewExecution, RunWorkflow]]
+    ) -> None:
+        """Commit the executions, then emit the commands of those still queued."""
+        if not found:
+            return
+        async with self._pool.connection() as conn, conn.transaction():
+            queued = set(
+                await executions.insert_queued(conn, [row for _, row, _ in found.values()])
+            )
+        pipe = self._redis.pipeline(transaction=False)
+        for exec_id, (_, _, command) in found.items():
+            if exec_id in queued:
+                stream = self._keys.commands(self._keys.partition_of(command.event.entity_id))
+                pipe.xadd(stream, {COMMAND_FIELD: encode(command)})
+        await pipe.execute()
+
     async def _match(
-        self, events: list[Event]
-    ) -> dict[str, tuple[executions.NewExecution, RunWorkflow]]:
+        self, events: dict[int, Event]
+    ) -> dict[str, tuple[int, NewExecution, RunWorkflow]]:
+        """Each (event, matching workflow) by execution id, with the event's batch index."""
         workflows = await self._definitions.enabled()
-        found: dict[str, tuple[executions.NewExecution, RunWorkflow]] = {}
-        for event in events:
+        found: dict[str, tuple[int, NewExecution, RunWorkflow]] = {}
+        for index, event in events.items():
             for wf in workflows:
                 if not matches(wf.definition, event):
                     continue
                 exec_id = execution_id(event.id, wf.name)
-                row = executions.NewExecution(
+                row = NewExecution(
                     exec_id, wf.name, wf.version, event.id, event.entity,
                     event.entity_id, event.tenant, event.occurred_at,
                 )  # fmt: skip
@@ -98,5 +126,5 @@ class TriggerMatcher:
                     workflow_version=wf.version,
                     event=event,
                 )
-                found[exec_id] = (row, command)
+                found[exec_id] = (index, row, command)
         return found
