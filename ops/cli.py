@@ -249,8 +249,11 @@ def run(
         ),
     ] = None,
     concurrency: Annotated[
-        int, typer.Option(min=1, help="Commands handled at once by this process.")
-    ] = 8,
+        int,
+        typer.Option(
+            min=1, help="Consumers per group and partition; each handles a batch at a time."
+        ),
+    ] = 2,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics on this port.")
     ] = None,
