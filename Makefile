@@ -18,8 +18,7 @@ examples = $(wildcard deploy/examples/*.yaml deploy/examples/*.yml deploy/exampl
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --user --quiet uv \
-		|| python3 -m pip install --user --quiet --break-system-packages uv \
-		|| curl -LsSf https://astral.sh/uv/install.sh | sh
+		|| python3 -m pip install --user --quiet --break-system-packages uv
 
 install: uv
 	uv sync
