@@ -51,9 +51,11 @@ format: install
 	uv run ruff check --fix $(sources)
 	uv run ruff format $(sources)
 
-# Placeholder until the benchmarks land.
+# govflow and its peers side by side (benchmarks/README.md): starts its own Redis and
+# Postgres, installs the peers into benchmarks/.peers/, writes benchmarks/out/summary.json
+# and bench.png, prints the table. Under 10 minutes on 2 cores. BENCH_ARGS="--quick" etc.
 bench: install
-	uv run python -m benchmarks
+	uv run python -m benchmarks $(BENCH_ARGS)
 
 all: lint test
 

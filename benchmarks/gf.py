@@ -1,0 +1,178 @@
+"""govflow's side of the benchmark: publish with ``producers.publish``, run worker processes.
+
+Each worker process is ``govflow run --role triggers,actions`` (``python -m ops.cli``), as a
+user runs it: JSON logs at ``info`` on stderr, ``--concurrency`` consumers per group. So
+govflow is measured as separate processes, like every peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import psycopg
+from redis import Redis as SyncRedis
+
+from benchmarks import cpu
+from benchmarks.workload import WORKFLOW, event_fields
+from db.migrate import migrate
+from db.workflows import apply_workflow
+from producers.publish import Publisher
+from schemas.events import Event, new_event
+from schemas.keys import Keys
+from schemas.workflows import Workflow
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISH_CHUNK = 1000  # events per publish_many call
+STOP_TIMEOUT = 40.0
+
+
+def version() -> str:
+    """govflow's version."""
+    from importlib.metadata import version as dist_version
+
+    return dist_version("govflow")
+
+
+async def _setup(database_url: str) -> None:
+    await migrate(database_url)
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await apply_workflow(conn, msgspec.convert(WORKFLOW, Workflow))
+        await conn.commit()
+
+
+def setup(database_url: str) -> None:
+    """Migrate the database and register the benchmark's workflow."""
+    anyio.run(_setup, database_url)
+
+
+def events(run: str, n: int, start: int = 0) -> list[Event]:
+    """The events of a run, built (and timestamped) now."""
+    out = []
+    for i in range(start, start + n):
+        f = event_fields(run, i)
+        out.append(
+            new_event(
+                "policy.created",
+                f["entity_id"],
+                data={"title": f["title"], "owner": f["owner"], "status": "draft"},
+                id=f["id"],
+            )
+        )
+    return out
+
+
+async def _publish(redis_url: str, prefix: str, batch: list[Event]) -> float:
+    async with Publisher.from_url(redis_url, Keys(prefix)) as publisher:
+        started = time.perf_counter()
+        for i in range(0, len(batch), PUBLISH_CHUNK):
+            await publisher.publish_many(batch[i : i + PUBLISH_CHUNK])
+        return time.perf_counter() - started
+
+
+def publish(redis_url: str, prefix: str, batch: list[Event]) -> float:
+    """Publish built events with ``publish_many``; return the seconds it took."""
+    return anyio.run(_publish, redis_url, prefix, batch)
+
+
+async def _paced(redis_url: str, prefix: str, run: str, n: int, rate: float) -> float:
+    async with Publisher.from_url(redis_url, Keys(prefix)) as publisher:
+        sent, started = 0, time.perf_counter()
+        while sent < n:
+            due = min(n, int((time.perf_counter() - started) * rate) + 1)
+            if due <= sent:
+                await anyio.sleep(max(0.0, sent / rate - (time.perf_counter() - started)))
+                continue
+            await publisher.publish_many(events(run, due - sent, sent))
+            sent = due
+        return time.perf_counter() - started
+
+
+def publish_paced(redis_url: str, prefix: str, run: str, n: int, rate: float) -> float:
+    """Publish ``n`` events at ``rate`` per second, each stamped as it is sent."""
+    return anyio.run(_paced, redis_url, prefix, run, n, rate)
+
+
+def env(redis_url: str, database_url: str, prefix: str) -> dict[str, str]:
+    """The environment of a worker process: the harness's own, with govflow's settings."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GOVFLOW_")}
+    base.update(
+        GOVFLOW_REDIS_URL=redis_url,
+        GOVFLOW_DATABASE_URL=database_url,
+        GOVFLOW_PREFIX=prefix,
+        PYTHONPATH=str(ROOT),
+    )
+    return base
+
+
+def start(
+    processes: int,
+    env: dict[str, str],
+    log: Path,
+    concurrency: int,
+    wrap: Callable[[int], list[str]] | None = None,
+) -> list[subprocess.Popen[bytes]]:
+    """Start ``processes`` worker processes; their logs go to ``log``-N.log.
+
+    Args:
+        processes: how many.
+        env: their environment (``env()``).
+        log: the stem of their log files.
+        concurrency: consumers per role in each.
+        wrap: the command that runs worker N (a profiler), before the worker's own.
+    """
+    procs = []
+    for i in range(processes):
+        cmd = [sys.executable, "-m", "ops.cli", "run", "--role", "triggers,actions",
+               "--concurrency", str(concurrency)]  # fmt: skip
+        with (log.parent / f"{log.name}-{i}.log").open("wb") as err:
+            procs.append(
+                subprocess.Popen(
+                    [*(wrap(i) if wrap else []), *cmd],
+                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                )
+            )  # fmt: skip
+    return procs
+
+
+def stop(procs: list[subprocess.Popen[bytes]], *, wrapped: bool = False) -> list[int]:
+    """SIGTERM the workers, wait for them; return each one's peak RSS in KiB (VmHWM).
+
+    A wrapped worker (under a profiler) gets the signal itself, so that the profiler
+    sees it exit and writes its profile.
+    """
+    peaks = []
+    for proc in procs:
+        if proc.poll() is None:
+            for pid in (cpu.children(proc.pid) if wrapped else []) or [proc.pid]:
+                if (peak := cpu.peak_rss_kb(pid)) is not None:
+                    peaks.append(peak)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return peaks
+
+
+def cleanup(redis_url: str, prefix: str) -> None:
+    """Delete a run's keys: every key whose name starts with ``prefix``."""
+    client: SyncRedis = SyncRedis.from_url(redis_url)
+    try:
+        keys: list[Any] = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.unlink(*keys)
+    finally:
+        client.close()

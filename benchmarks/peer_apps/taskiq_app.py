@@ -1,0 +1,97 @@
+"""taskiq with taskiq-redis's stream broker: the job as two async tasks.
+
+The consumer group starts at ``0``, not taskiq's default ``$``, so a backlog published
+before the workers start is read (NOTES.md, "Running the peers side by side"); the
+producer also creates the group before it publishes.
+
+Worker: ``taskiq worker benchmarks.peer_apps.taskiq_app:broker``.
+Producer: ``python -m benchmarks.peer_apps.taskiq_app RUN N RATE``.
+"""
+
+# mypy: disable-error-code="import-not-found,untyped-decorator"
+# (the peers' packages live in benchmarks/.peers/py, not in govflow's environment)
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from typing import Any
+
+import psycopg
+from taskiq import TaskiqEvents, TaskiqState
+from taskiq_redis import RedisStreamBroker
+
+from benchmarks.peer_apps import common
+
+SLOTS = 8  # connections per worker process; tasks beyond that wait for one
+
+broker = RedisStreamBroker(
+    url=common.REDIS_URL,
+    queue_name=f"{common.QUEUE}:taskiq",
+    consumer_group_name="bench",
+    consumer_name=str(uuid.uuid4()),
+    consumer_id="0",
+)
+_pool: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
+
+
+@broker.on_event(TaskiqEvents.WORKER_STARTUP)
+async def _connect(state: TaskiqState) -> None:
+    for _ in range(SLOTS):
+        _pool.put_nowait(
+            await psycopg.AsyncConnection.connect(common.DATABASE_URL, autocommit=True)
+        )
+
+
+@broker.task(task_name="bench.record")
+async def record(event: dict[str, Any]) -> None:
+    conn = await _pool.get()
+    try:
+        exec_id = common.execution_id(event["id"])
+        await conn.execute(
+            common.INSERT_EXECUTION, (exec_id, event["id"], event["entity_id"], event["at"])
+        )
+    finally:
+        _pool.put_nowait(conn)
+    await effects.kiq({"execution_id": exec_id, **event})
+
+
+@broker.task(task_name="bench.effects")
+async def effects(job: dict[str, Any]) -> None:
+    conn = await _pool.get()
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                common.INSERT_TASK,
+                (job["execution_id"], job["entity_id"], f"Review {job['title']}", job["owner"]),
+            )
+            await conn.execute(common.INSERT_ASSIGNMENT, (job["execution_id"], job["entity_id"]))
+            await conn.execute(common.FINISH, (job["execution_id"],))
+    finally:
+        _pool.put_nowait(conn)
+
+
+async def produce(run: str, n: int, rate: float) -> float:
+    await broker.startup()  # creates the consumer group at 0 before anything is published
+    started = time.perf_counter()
+    sent = 0
+    while sent < n:
+        if rate <= 0:
+            due = min(n, sent + 100)
+        else:
+            due = min(n, int((time.perf_counter() - started) * rate) + 1)
+            if due <= sent:
+                await asyncio.sleep(max(0.0, sent / rate - (time.perf_counter() - started)))
+                continue
+        await asyncio.gather(*(record.kiq(common.event(run, i)) for i in range(sent, due)))
+        sent = due
+    seconds = time.perf_counter() - started
+    await broker.shutdown()
+    return seconds
+
+
+if __name__ == "__main__":
+    run, n, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    common.report(n, asyncio.run(produce(run, n, rate)))

@@ -1,0 +1,207 @@
+"""summary.json, the table, and the plot (drawn by the peers' interpreter, which has matplotlib)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks import peers
+
+if TYPE_CHECKING:
+    from benchmarks.run import Bench
+
+
+def _stats(runs: list[dict[str, Any]], key: str) -> dict[str, float]:
+    values = [float(r[key]) for r in runs if r.get(key) is not None]
+    if not values:
+        return {}
+    return {
+        key: round(statistics.median(values), 1),
+        f"{key}_min": round(min(values), 1),
+        f"{key}_max": round(max(values), 1),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """Cores, memory and the CPU model of this machine."""
+    memory_kb = 0
+    model = platform.processor()
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_kb = int(line.split()[1])
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_kb / 2**20, 1),
+        "cpu": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[str, Any]:
+    """Every figure of the run: medians with min and max, per scenario and system."""
+    opts, res = bench.opts, bench.results
+    drain: dict[str, Any] = {}
+    for system, runs in res["drain"].items():
+        drain[system] = {
+            "events": runs[0]["events"],
+            **_stats(runs, "events_per_s"),
+            **_stats(runs, "seconds"),
+            **_stats(runs, "wall_s"),
+            "cores": runs[len(runs) // 2]["cores"],
+            "runs": len(runs),
+        }
+        if system == "govflow":
+            drain[system].update(_stats(runs, "peak_rss_mb"))
+    peer_rates = {s: d["events_per_s"] for s, d in drain.items() if s != "govflow"}
+    if peer_rates:
+        best = max(peer_rates, key=lambda s: peer_rates[s])
+        drain["best_peer"] = {"name": best, "events_per_s": peer_rates[best]}
+        if "govflow" in drain and peer_rates[best] > 0:
+            drain["ratio"] = round(drain["govflow"]["events_per_s"] / peer_rates[best], 2)
+    else:
+        drain["best_peer"] = {"name": None, "events_per_s": None}
+        drain["ratio"] = None
+    steady = {
+        system: {
+            **_stats(runs, "p50_ms"),
+            **_stats(runs, "p99_ms"),
+            **_stats(runs, "max_ms"),
+            **_stats(runs, "offered_per_s"),
+            "events": runs[0]["events"],
+            "runs": len(runs),
+        }
+        for system, runs in res["steady"].items()
+    }
+    steady.update({system: {"skipped": why} for system, why in bench.skipped.items()})
+    publish = {system: {**_stats(runs, "events_per_s"), "runs": len(runs)}
+               for system, runs in res["publish"].items()}  # fmt: skip
+    scaling_detail = {
+        str(p): {**_stats(runs, "events_per_s"), **_stats(runs, "peak_rss_mb"),
+                 "cores": runs[len(runs) // 2]["cores"], "runs": len(runs)}
+        for p, runs in sorted(bench.scaling.items())
+        if p in opts.scaling or "scaling" not in opts.scenarios
+    }  # fmt: skip
+    return {
+        "drain": drain,
+        "steady": steady,
+        "scaling": {
+            "govflow": {p: d["events_per_s"] for p, d in scaling_detail.items()},
+            "detail": {"govflow": scaling_detail},
+        },
+        "publish": publish,
+        "versions": versions,
+        "machine": {**machine(), "load_average_1m": [round(x, 2) for x in bench.load]},
+        "servers": {
+            "redis": bench.servers.redis_version,
+            "postgres": bench.servers.postgres_version,
+            "external": bench.servers.external,
+            "settings": bench.servers.settings,
+            "commit_timestamps": bench.commit_ts,
+        },
+        "options": {
+            "events": opts.events,
+            "peer_events": opts.peer_events,
+            "runs": opts.runs,
+            "rate": opts.rate,
+            "duration_s": opts.duration,
+            "peer_duration_s": opts.peer_duration,
+            "processes": opts.processes,
+            "concurrency": opts.concurrency,
+            "peer_slots": {
+                name: p.slots for name, p in peers.PEERS.items() if name in opts.systems
+            },
+            "scenarios": opts.scenarios,
+        },
+        "discarded_runs": bench.discarded,
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
+def _range(d: dict[str, Any], key: str, fmt: str = ",.0f") -> str:
+    if key not in d:
+        return "-"
+    return f"{d[key]:{fmt}} [{d[f'{key}_min']:{fmt}}-{d[f'{key}_max']:{fmt}}]"
+
+
+def table(summary: dict[str, Any]) -> Table:
+    """One row per system: the medians, [min-max] of the runs."""
+    t = Table(title="govflow and its peers (median [min-max])")
+    for column in ("system", "version", "drain events/s", "vs govflow", "publish events/s",
+                   "steady p50 ms", "steady p99 ms", "steady max ms"):  # fmt: skip
+        t.add_column(column, justify="left" if column in ("system", "version") else "right")
+    drain, steady, publish = summary["drain"], summary["steady"], summary["publish"]
+    gf_rate = drain.get("govflow", {}).get("events_per_s")
+    for system, version in summary["versions"].items():
+        d = drain.get(system, {})
+        ratio = f"{gf_rate / d['events_per_s']:.1f}x" if gf_rate and d.get("events_per_s") else "-"
+        s = steady.get(system, {})
+        latency = (
+            [_range(s, "p50_ms", ",.1f"), _range(s, "p99_ms", ",.1f"), _range(s, "max_ms", ",.0f")]
+            if "skipped" not in s
+            else ["overloaded", "-", "-"]
+        )
+        t.add_row(
+            system, version, _range(d, "events_per_s"),
+            "1.0x" if system == "govflow" else ratio,
+            _range(publish.get(system, {}), "events_per_s"), *latency,
+        )  # fmt: skip
+    return t
+
+
+def scaling_table(summary: dict[str, Any]) -> Table:
+    """govflow's drain by worker processes."""
+    t = Table(title="govflow drain by worker processes (median [min-max])")
+    for column in ("processes", "events/s", "peak RSS MiB / process", "cores busy"):
+        t.add_column(column, justify="right")
+    for p, d in summary["scaling"]["detail"]["govflow"].items():
+        cores = ", ".join(f"{k} {v}" for k, v in d["cores"].items())
+        t.add_row(p, _range(d, "events_per_s"), _range(d, "peak_rss_mb"), cores)
+    return t
+
+
+def write(summary: dict[str, Any], out: Path, console: Console | None = None) -> None:
+    """Write summary.json, print the tables, draw bench.png when matplotlib is at hand."""
+    console = console or Console(width=160)
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(table(summary))
+    console.print(scaling_table(summary))
+    d = summary["drain"]
+    if d.get("ratio") is not None:
+        console.print(
+            f"govflow drains {d['govflow']['events_per_s']:,.0f} events/s,"
+            f" {d['ratio']}x the best peer ({d['best_peer']['name']},"
+            f" {d['best_peer']['events_per_s']:,.0f} events/s)"
+        )
+    for run in summary["discarded_runs"]:
+        console.print(
+            f"[bold]discarded[/bold] {run['system']} run {run['run']}: {run['error']};"
+            f" the worker said: {run['worker_said']}",
+            markup=True,
+        )
+    console.print(f"wrote {path}")
+    if peers.PY.exists():
+        plot = subprocess.run(
+            [str(peers.PY), str(Path(__file__).with_name("plot.py")), str(path), str(out / "bench.png")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if plot.returncode == 0:
+            console.print(f"wrote {out / 'bench.png'}")
+        else:
+            console.print(f"no plot: {plot.stderr.strip().splitlines()[-1:]}")

@@ -1,0 +1,444 @@
+"""The scenarios: each system in turn, the order rotated every run, at least 3 runs each.
+
+- drain: a backlog published before the workers start; events/s from the first execution
+  row to the commit of the last completion (``workload.measure``).
+- steady: events offered at a fixed rate; latency from publish to the completion's commit.
+- scaling: govflow's drain with 1, 2 and 4 worker processes.
+- publish: how fast the drain's backlog went in (``publish_many`` for govflow, each
+  peer's own enqueue call: ``addBulk`` for BullMQ, one call per job for the others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import secrets
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import cpu, gf, peers, profile, report, workload
+from benchmarks.servers import Servers, servers
+
+SYSTEMS = ("govflow", "celery", "dramatiq", "taskiq", "bullmq")
+SCENARIOS = ("drain", "steady", "scaling", "publish")
+RETRIES = 3  # runs of a system discarded in a row, because a worker died, before giving up
+
+
+@dataclass
+class Options:
+    """What to run, and how big."""
+
+    events: int = 20_000
+    peer_events: int = 2_000
+    runs: int = 3
+    rate: float = 1000.0
+    duration: float = 30.0
+    peer_duration: float = 10.0
+    processes: int = 2
+    scaling: list[int] = field(default_factory=lambda: [1, 2, 4])
+    concurrency: int = 2  # `govflow run`'s default
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    out: Path = Path(__file__).resolve().parent / "out"
+    install: bool = True
+    prefix: str = "gfb"
+    profile: bool = False
+    warmup: int = 200  # events run through before a steady load, so that nothing starts cold
+
+
+Run = dict[str, Any]
+
+
+class Bench:
+    """Runs the scenarios against one pair of servers and keeps every run's figures."""
+
+    def __init__(self, opts: Options, found: Servers) -> None:
+        self.opts = opts
+        self.servers = found
+        self.results: dict[str, dict[str, list[Run]]] = {s: {} for s in SCENARIOS}
+        self.scaling: dict[int, list[Run]] = {}
+        self.commit_ts = workload.commit_timestamps(found.database_url)
+        self.tag = f"{opts.prefix}-{secrets.token_hex(3)}"
+        self.load = [os.getloadavg()[0]]  # others' work on the machine skews the figures
+        self.skipped: dict[str, str] = {}
+        self.discarded: list[dict[str, str]] = []  # runs in which a worker died
+        self.logs = opts.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def say(self, text: str) -> None:
+        """One progress line."""
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    # -- the servers' CPU, to tell where a run's time went -----------------------------
+
+    def _server_cpu(self) -> dict[str, float]:
+        return {name: cpu.tree_cpu(pid) for name, pid in self.servers.pids.items()}
+
+    def _cores(
+        self, before: dict[str, float], after: dict[str, float], workers: float, seconds: float
+    ) -> dict[str, float]:
+        """Cores busy from the workers' launch to the last completion, by who was busy."""
+        used = {name: after[name] - before[name] for name in before}
+        used["workers"] = workers
+        return {k: round(v / seconds, 2) for k, v in used.items()} if seconds > 0 else {}
+
+    # -- govflow -----------------------------------------------------------------------
+
+    def govflow_drain(
+        self, run: str, n: int, processes: int, wrap: Callable[[int], list[str]] | None = None
+    ) -> Run:
+        """Publish a backlog of ``n`` events, then drain it with ``processes`` workers."""
+        db, prefix = self.servers.database_url, f"{self.tag}-{run}"
+        workload.reset(db, "public")
+        batch = gf.events(run, n)
+        published_s = gf.publish(self.servers.redis_url, prefix, batch)
+        env = gf.env(self.servers.redis_url, db, prefix)
+        before, started = self._server_cpu(), time.monotonic()
+        procs = gf.start(processes, env, self.logs / f"govflow-{run}", self.opts.concurrency, wrap)
+        try:
+            workload.wait_completed(db, "public", n, like=f"{run}-%", alive=lambda: _alive(procs))
+            worker_cpu = cpu.trees_cpu([p.pid for p in procs])
+            after = self._server_cpu()
+        finally:
+            peaks = gf.stop(procs, wrapped=wrap is not None)
+            gf.cleanup(self.servers.redis_url, prefix)
+        wall = time.monotonic() - started
+        result = workload.measure(db, "public", like=f"{run}-%", commit_ts=self.commit_ts)
+        return {
+            "events": result.events,
+            "events_per_s": result.events_per_s,
+            "seconds": result.seconds,
+            "wall_s": wall,
+            "publish_events_per_s": n / published_s,
+            "peak_rss_mb": max(peaks) / 1024 if peaks else None,
+            "cores": self._cores(before, after, worker_cpu, wall),
+        }
+
+    def govflow_steady(self, run: str) -> Run:
+        """Offer ``rate`` events/s for ``duration`` s to running workers."""
+        db, prefix = self.servers.database_url, f"{self.tag}-{run}"
+        n = int(self.opts.rate * self.opts.duration)
+        workload.reset(db, "public")
+        env = gf.env(self.servers.redis_url, db, prefix)
+        procs = gf.start(
+            self.opts.processes, env, self.logs / f"govflow-{run}", self.opts.concurrency
+        )
+        try:
+            warm = f"{run}w"
+            if self.opts.warmup:
+                gf.publish(self.servers.redis_url, prefix, gf.events(warm, self.opts.warmup))
+            workload.wait_completed(
+                db, "public", self.opts.warmup, like=f"{warm}-%", alive=lambda: _alive(procs)
+            )
+            sent_s = gf.publish_paced(self.servers.redis_url, prefix, run, n, self.opts.rate)
+            workload.wait_completed(db, "public", n, like=f"{run}-%", alive=lambda: _alive(procs))
+        finally:
+            gf.stop(procs)
+            gf.cleanup(self.servers.redis_url, prefix)
+        return self._steady_result(run, n, sent_s)
+
+    # -- the peers ---------------------------------------------------------------------
+
+    def peer_drain(self, peer: peers.Peer, run: str, n: int) -> Run:
+        """Enqueue ``n`` first jobs, then drain them with the peer's worker processes."""
+        db, schema, queue = self.servers.database_url, f"bench_{peer.name}", f"{self.tag}-{run}"
+        workload.reset(db, schema)
+        env = peer.env(self.servers.redis_url, db, schema, queue)
+        enqueued = peer.produce(env, run, n, 0)
+        before, started = self._server_cpu(), time.monotonic()
+        procs = peer.start(self.opts.processes, env, self.logs / f"{peer.name}-{run}")
+        try:
+            workload.wait_completed(db, schema, n, like=f"{run}-%", alive=lambda: _alive(procs))
+            worker_cpu = cpu.trees_cpu([p.pid for p in procs])
+            after = self._server_cpu()
+        finally:
+            peers.stop(procs)
+            gf.cleanup(self.servers.redis_url, queue)
+        wall = time.monotonic() - started
+        result = workload.measure(db, schema, like=f"{run}-%", commit_ts=self.commit_ts)
+        return {
+            "events": result.events,
+            "events_per_s": result.events_per_s,
+            "seconds": result.seconds,
+            "wall_s": wall,
+            "publish_events_per_s": n / enqueued["seconds"],
+            "cores": self._cores(before, after, worker_cpu, wall),
+        }
+
+    def peer_steady(self, peer: peers.Peer, run: str) -> Run:
+        """Offer ``rate`` first jobs/s for ``peer_duration`` s to running workers."""
+        db, schema, queue = self.servers.database_url, f"bench_{peer.name}", f"{self.tag}-{run}"
+        n = int(self.opts.rate * self.opts.peer_duration)
+        workload.reset(db, schema)
+        env = peer.env(self.servers.redis_url, db, schema, queue)
+        procs = peer.start(self.opts.processes, env, self.logs / f"{peer.name}-{run}")
+        try:
+            warm = f"{run}w"
+            if self.opts.warmup:
+                peer.produce(env, warm, self.opts.warmup, 0)
+            workload.wait_completed(
+                db, schema, self.opts.warmup, like=f"{warm}-%", alive=lambda: _alive(procs)
+            )
+            sent = peer.produce(env, run, n, self.opts.rate)
+            workload.wait_completed(db, schema, n, like=f"{run}-%", alive=lambda: _alive(procs))
+        finally:
+            peers.stop(procs)
+            gf.cleanup(self.servers.redis_url, queue)
+        return self._steady_result(run, n, float(sent["seconds"]), schema)
+
+    def _steady_result(self, run: str, n: int, sent_s: float, schema: str = "public") -> Run:
+        result = workload.measure(
+            self.servers.database_url, schema, like=f"{run}-%", commit_ts=self.commit_ts
+        )
+        return {
+            "events": result.events,
+            "offered_per_s": n / sent_s if sent_s > 0 else 0.0,
+            "p50_ms": result.p50_ms,
+            "p99_ms": result.p99_ms,
+            "max_ms": result.max_ms,
+        }
+
+    # -- the scenarios -----------------------------------------------------------------
+
+    def _attempt(self, system: str, run: str, measure: Callable[[str], Run]) -> Run:
+        """Run ``measure``; a run in which a worker died is discarded and run again.
+
+        The death is kept, with the last line the worker wrote, for summary.json and the
+        table: a crash is a finding, not noise.
+        """
+        for attempt in range(1 + RETRIES):
+            name = run if attempt == 0 else f"{run}r{attempt}"
+            try:
+                return measure(name)
+            except workload.WorkerDiedError as e:
+                last = _last_lines(self.logs, f"{system}-{name}")
+                self.discarded.append(
+                    {"system": system, "run": name, "error": str(e), "worker_said": last}
+                )
+                self.say(f"{system} run {name} discarded: {e}; the worker said: {last}")
+        raise RuntimeError(f"{system}: a worker died in {1 + RETRIES} runs in a row")
+
+    def _record(self, scenario: str, system: str, run: Run) -> None:
+        self.results[scenario].setdefault(system, []).append(run)
+
+    def _rotated(self, r: int) -> list[str]:
+        systems = self.opts.systems
+        k = r % len(systems)
+        return systems[k:] + systems[:k]
+
+    def drain(self) -> None:
+        """The backlog drain, every system, alternating."""
+        for r in range(self.opts.runs):
+            for system in self._rotated(r):
+                run = f"d{r}{system[:2]}"
+                if system == "govflow":
+                    result = self._attempt(
+                        system,
+                        run,
+                        lambda name: self.govflow_drain(
+                            name, self.opts.events, self.opts.processes
+                        ),
+                    )
+                    self.scaling.setdefault(self.opts.processes, []).append(result)
+                else:
+                    peer = peers.PEERS[system]
+                    result = self._attempt(
+                        system,
+                        run,
+                        functools.partial(self.peer_drain, peer, n=self.opts.peer_events),
+                    )
+                self._record("drain", system, result)
+                self._record("publish", system, {"events_per_s": result["publish_events_per_s"]})
+                self.say(
+                    f"drain   {system:9} run {r + 1}: {result['events_per_s']:8.0f} events/s"
+                    f" ({result['events']} in {result['seconds']:.2f} s; cores {result['cores']})"
+                )
+
+    def steady(self) -> None:
+        """The steady load, every system, alternating.
+
+        A peer whose drain could not keep up with the offered rate is not offered it: its
+        latency would only grow with the length of the run, so the table says so instead.
+        """
+        for system in self.opts.systems:
+            drained = [r["events_per_s"] for r in self.results["drain"].get(system, [])]
+            if system != "govflow" and drained and statistics.median(drained) < self.opts.rate:
+                self.skipped[system] = (
+                    f"overloaded: drains {statistics.median(drained):,.0f} events/s,"
+                    f" below the {self.opts.rate:,.0f}/s offered"
+                )
+                self.say(f"steady  {system:9} skipped: {self.skipped[system]}")
+        for r in range(self.opts.runs):
+            for system in self._rotated(r):
+                if system in self.skipped:
+                    continue
+                run = f"s{r}{system[:2]}"
+                if system == "govflow":
+                    result = self._attempt(system, run, self.govflow_steady)
+                else:
+                    peer = peers.PEERS[system]
+                    result = self._attempt(system, run, functools.partial(self.peer_steady, peer))
+                self._record("steady", system, result)
+                self.say(
+                    f"steady  {system:9} run {r + 1}: p50 {result['p50_ms']:7.1f} ms,"
+                    f" p99 {result['p99_ms']:8.1f} ms, max {result['max_ms']:8.1f} ms"
+                    f" at {result['offered_per_s']:.0f}/s offered"
+                )
+
+    def scale(self) -> None:
+        """govflow's drain with 1, 2, 4 worker processes (the drain's own runs reused)."""
+        for r in range(self.opts.runs):
+            counts = [p for p in self.opts.scaling if len(self.scaling.get(p, [])) <= r]
+            for processes in counts[r % max(1, len(counts)) :] + counts[: r % max(1, len(counts))]:
+                result = self._attempt(
+                    "govflow",
+                    f"c{r}p{processes}",
+                    functools.partial(self.govflow_drain, n=self.opts.events, processes=processes),
+                )
+                self.scaling.setdefault(processes, []).append(result)
+                self.say(
+                    f"scaling govflow x{processes}  run {r + 1}:"
+                    f" {result['events_per_s']:8.0f} events/s (peak RSS"
+                    f" {result['peak_rss_mb']:.0f} MiB)"
+                )
+
+
+def _last_lines(folder: Path, stem: str) -> str:
+    """The last line of each log of a run's workers (a dead one's says why)."""
+    lines = []
+    for log in sorted(folder.glob(f"{stem}-*.log")):
+        text = log.read_text(errors="replace").strip().splitlines()
+        if text:
+            lines.append(text[-1][:500])
+    return " | ".join(lines)
+
+
+def _alive(procs: list[subprocess.Popen[bytes]]) -> bool:
+    return all(p.poll() is None for p in procs)
+
+
+def parse(argv: list[str] | None) -> Options:
+    """The command line of ``python -m benchmarks``."""
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="govflow and its peers, side by side: drain, steady, scaling, publish.",
+    )
+    p.add_argument("--events", type=int, default=20_000, help="govflow's drain backlog")
+    p.add_argument("--peer-events", type=int, help="the peers' drain backlog (default 2000)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rate", type=float, default=1000.0, help="steady load, events/s")
+    p.add_argument("--duration", type=float, default=30.0, help="govflow's steady load, s")
+    p.add_argument("--peer-duration", type=float, default=10.0, help="the peers' steady load, s")
+    p.add_argument("--processes", type=int, default=2, help="worker processes per system")
+    p.add_argument("--scaling", default="1,2,4", help="govflow worker processes to scale over")
+    p.add_argument("--concurrency", type=int, default=2, help="govflow consumers per group")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--out", type=Path, default=Options.out)
+    p.add_argument("--prefix", default="gfb", help="prefix of every Redis key the run makes")
+    p.add_argument("--no-install", action="store_true", help="skip peers not installed")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    p.add_argument("--profile", action="store_true", help="only a govflow drain, under py-spy")
+    a = p.parse_args(argv)
+    opts = Options(
+        events=a.events,
+        peer_events=a.peer_events or min(a.events, 2_000),
+        runs=a.runs,
+        rate=a.rate,
+        duration=a.duration,
+        peer_duration=a.peer_duration,
+        processes=a.processes,
+        scaling=[int(x) for x in a.scaling.split(",") if x],
+        concurrency=a.concurrency,
+        systems=[s for s in a.systems.split(",") if s],
+        scenarios=[s for s in a.scenarios.split(",") if s],
+        out=a.out,
+        install=not a.no_install,
+        prefix=a.prefix,
+        profile=a.profile,
+    )
+    if a.quick:
+        opts.rate, opts.duration, opts.peer_duration = 100.0, 2.0, 2.0
+        # One worker process and a token warm-up: each process start costs seconds.
+        opts.processes, opts.scaling, opts.warmup = 1, [1], 5
+    unknown = set(opts.systems) - set(SYSTEMS) or set(opts.scenarios) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown system or scenario: {', '.join(sorted(unknown))}")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; write summary.json, print the table, draw the plot."""
+    opts = parse(argv)
+    if opts.profile:
+        return run_profile(opts)
+    wanted = [s for s in opts.systems if s != "govflow"]
+    if opts.install and wanted:
+        peers.install(wanted)
+    missing = [s for s in wanted if not peers.PEERS[s].installed()]
+    opts.systems = [s for s in opts.systems if s not in missing]
+    opts.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with servers() as found:
+        bench = Bench(opts, found)
+        if missing:
+            bench.say(f"not installed, skipped: {', '.join(missing)}")
+        gf.setup(found.database_url)
+        for system in wanted:
+            if system not in missing:
+                workload.create_peer_schema(found.database_url, f"bench_{system}")
+        steps: dict[str, Callable[[], None]] = {
+            "drain": bench.drain,
+            "scaling": bench.scale,
+            "steady": bench.steady,
+        }
+        if "publish" in opts.scenarios and "drain" not in opts.scenarios:
+            steps["drain"] = bench.drain  # publish is measured on the drain's backlog
+            opts.scenarios.append("drain")
+        for name in ("drain", "scaling", "steady"):
+            if name in opts.scenarios:
+                steps[name]()
+        bench.load.append(os.getloadavg()[0])
+        summary = report.summarize(bench, versions(opts.systems), time.monotonic() - started)
+    report.write(summary, opts.out)
+    return summary
+
+
+def run_profile(opts: Options) -> dict[str, Any]:
+    """One govflow drain with py-spy on each worker; write out/profile.txt."""
+    if not profile.available():
+        peers.install([])
+    opts.out.mkdir(parents=True, exist_ok=True)
+    for old in opts.out.glob("profile-*.raw"):
+        old.unlink()
+    with servers() as found:
+        bench = Bench(opts, found)
+        gf.setup(found.database_url)
+        result = bench.govflow_drain(
+            "prof", opts.events, opts.processes, wrap=profile.wrap(opts.out)
+        )
+    bench.say(f"profiled drain: {result['events_per_s']:.0f} events/s, cores {result['cores']}")
+    text = profile.summarize(sorted(opts.out.glob("profile-*.raw")))
+    (opts.out / "profile.txt").write_text(text)
+    print(text)
+    return result
+
+
+def versions(systems: list[str]) -> dict[str, str]:
+    """Each system's version."""
+    found = {"govflow": gf.version()}
+    for name in systems:
+        if name != "govflow":
+            found[name] = peers.PEERS[name].version()
+    return found
+
+
+def median_min_max(values: list[float]) -> dict[str, float]:
+    """The median with the min and the max."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -1,0 +1,73 @@
+"""The benchmark harness on a tiny input, so that it cannot rot (the benchmark is no test).
+
+It runs govflow's drain, scaling, steady and publish scenarios against the test servers,
+plus BullMQ when ``benchmarks/.peers`` already has it (nothing is installed here), and
+checks that ``summary.json`` holds the keys that tools read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import peers
+from benchmarks.run import main
+
+pytestmark = pytest.mark.slow
+
+KEYS = [
+    "drain.govflow.events_per_s",
+    "drain.best_peer.name",
+    "drain.best_peer.events_per_s",
+    "drain.ratio",
+    "steady.govflow.p99_ms",
+    "scaling.govflow",
+    "publish.govflow.events_per_s",
+    "machine.cores",
+    "versions.govflow",
+]
+
+
+def lookup(summary: dict[str, Any], dotted: str) -> Any:
+    node: Any = summary
+    for part in dotted.split("."):
+        assert isinstance(node, dict), f"{dotted}: {part} is not inside a mapping"
+        assert part in node, f"summary.json has no {dotted}"
+        node = node[part]
+    return node
+
+
+def test_harness_writes_summary(
+    redis_server_url: str,
+    database_url: str,
+    prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GOVFLOW_BENCH_REDIS_URL", redis_server_url)
+    monkeypatch.setenv("GOVFLOW_BENCH_DATABASE_URL", database_url)
+    cheap_peer = ["bullmq"] if peers.PEERS["bullmq"].installed() else []
+    systems = ",".join(["govflow", *cheap_peer])
+    argv = ["--events", "200", "--runs", "1", "--quick", "--no-install", "--systems", systems]
+    main([*argv, "--out", str(tmp_path), "--prefix", prefix])
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in KEYS:
+        lookup(summary, key)
+    drain = summary["drain"]["govflow"]
+    assert drain["events"] == 200
+    assert drain["events_per_s"] > 0
+    assert drain["peak_rss_mb"] > 0
+    assert set(summary["scaling"]["govflow"]) == {"1"}
+    assert all(rate > 0 for rate in summary["scaling"]["govflow"].values())
+    assert summary["steady"]["govflow"]["events"] == 200
+    assert 0 < summary["steady"]["govflow"]["p50_ms"] <= summary["steady"]["govflow"]["p99_ms"]
+    assert summary["publish"]["govflow"]["events_per_s"] > 0
+    if cheap_peer:
+        assert summary["drain"]["best_peer"]["name"] == "bullmq"
+        assert summary["drain"]["ratio"] > 0
+    else:
+        assert summary["drain"]["best_peer"]["name"] is None
