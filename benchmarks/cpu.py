@@ -36,15 +36,8 @@ def children(pid: int) -> list[int]:
 
 def tree_cpu(root: int) -> float:
     """CPU seconds used so far by ``root`` and every live descendant (and reaped ones)."""
-    parents = _table()
-    members, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (ppid, _) in parents.items():
-            if ppid == parent and pid not in members:
-                members.add(pid)
-                frontier.append(pid)
-    return sum(parents[p][1] for p in members if p in parents)
+    table = _table()
+    return sum(table[p][1] for p in _members(root) if p in table)
 
 
 def trees_cpu(roots: list[int]) -> float:
@@ -61,3 +54,35 @@ def peak_rss_kb(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _members(root: int) -> set[int]:
+    table = _table()
+    members, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _) in table.items():
+            if ppid == parent and pid not in members:
+                members.add(pid)
+                frontier.append(pid)
+    return {p for p in members if p in table}
+
+
+def sched(roots: list[int]) -> dict[str, float]:
+    """Seconds the live processes of these trees spent running and waiting for a CPU.
+
+    From ``/proc/PID/task/TID/schedstat`` (time on a CPU, time runnable on a run queue):
+    on a machine shared with other work, the second is what the sharing cost. The rest of
+    a worker's life it was blocked, waiting on Redis, Postgres or a timer.
+    """
+    running = waiting = 0.0
+    for root in roots:
+        for pid in _members(root):
+            for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+                try:
+                    on_cpu, on_queue, _ = task.read_text().split()
+                except (OSError, ValueError):
+                    continue
+                running += int(on_cpu) / 1e9
+                waiting += int(on_queue) / 1e9
+    return {"running_s": round(running, 2), "runqueue_s": round(waiting, 2)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import msgspec
 import psycopg
 from redis import Redis as SyncRedis
@@ -120,6 +122,7 @@ def start(
     log: Path,
     concurrency: int,
     wrap: Callable[[int], list[str]] | None = None,
+    metrics_ports: list[int] | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     """Start ``processes`` worker processes; their logs go to ``log``-N.log.
 
@@ -129,11 +132,14 @@ def start(
         log: the stem of their log files.
         concurrency: consumers per role in each.
         wrap: the command that runs worker N (a profiler), before the worker's own.
+        metrics_ports: where worker N serves its Prometheus metrics.
     """
     procs = []
     for i in range(processes):
         cmd = [sys.executable, "-m", "ops.cli", "run", "--role", "triggers,actions",
                "--concurrency", str(concurrency)]  # fmt: skip
+        if metrics_ports:
+            cmd += ["--metrics-port", str(metrics_ports[i])]
         with (log.parent / f"{log.name}-{i}.log").open("wb") as err:
             procs.append(
                 subprocess.Popen(
@@ -165,6 +171,41 @@ def stop(procs: list[subprocess.Popen[bytes]], *, wrapped: bool = False) -> list
             proc.kill()
             proc.wait()
     return peaks
+
+
+_SAMPLE = re.compile(
+    r'^(govflow_handler_seconds|govflow_batch_entries)_(sum|count)\{group="(\w+)"\} (\S+)$'
+)
+
+
+def batches(ports: list[int]) -> dict[str, dict[str, float]]:
+    """Per group, over the workers: batches handled, their mean size and handling time.
+
+    Read from the workers' own ``/metrics`` (``govflow_batch_entries``,
+    ``govflow_handler_seconds``): small batches mean the pipeline waits on round trips.
+    """
+    sums: dict[tuple[str, str, str], float] = {}
+    for port in ports:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            continue
+        for line in text.splitlines():
+            if m := _SAMPLE.match(line):
+                key = (m[3], m[1], m[2])
+                sums[key] = sums.get(key, 0.0) + float(m[4])
+    out = {}
+    for group in sorted({g for g, _, _ in sums}):
+        count = sums.get((group, "govflow_batch_entries", "count"), 0.0)
+        entries = sums.get((group, "govflow_batch_entries", "sum"), 0.0)
+        handled = sums.get((group, "govflow_handler_seconds", "sum"), 0.0)
+        out[group] = {
+            "batches": count,
+            "mean_entries": round(entries / count, 1) if count else 0.0,
+            "handler_s": round(handled, 2),
+            "mean_handler_ms": round(1000 * handled / count, 1) if count else 0.0,
+        }
+    return out
 
 
 def cleanup(redis_url: str, prefix: str) -> None:

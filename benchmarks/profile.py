@@ -34,54 +34,57 @@ def wrap(out: Path) -> Callable[[int], list[str]]:
     return command
 
 
-def library(path: str) -> str:
-    """Who a frame's file belongs to: a govflow package, a library, or the interpreter."""
-    if "site-packages/" in path:
-        return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
-    for package in ("consumers", "db", "schemas", "ops", "producers"):
-        if f"/{package}/" in path or path.startswith(f"{package}/"):
-            return f"govflow {package}"
-    if "/lib/python3" in path or path.startswith("<"):
-        name = path.rsplit("/lib/python3.", 1)[-1].split("/", 1)[-1]
-        return "stdlib " + name.split("/", 1)[0].removesuffix(".py")
-    return path
+# What a frame's file belongs to, for the "where the time goes" view; first match wins.
+CATEGORIES = (
+    ("logging (structlog, ops/log.py)", ("structlog/", "ops/log.py", "/logging/")),
+    ("Redis client (redis-py, hiredis)", ("redis/", "hiredis")),
+    ("Postgres client (psycopg, pool)", ("psycopg",)),
+    ("JSON codec (msgspec, schemas/codec.py)", ("msgspec", "schemas/codec.py")),
+    ("metrics (prometheus_client)", ("prometheus_client",)),
+    ("event loop (asyncio, anyio, selectors)", ("asyncio/", "anyio/", "selectors.py")),
+    ("govflow's own code", ("consumers/", "db/", "schemas/", "ops/", "producers/")),
+)
+# Samples outside the running event loop are start-up (imports) or shutdown.
+LOOP_FRAME = "run_forever"
 
 
-def summarize(raws: list[Path], top: int = 30) -> str:
-    """Self and inclusive sample counts by function, and self samples by library."""
+def category(path: str) -> str:
+    """The category of a frame's file."""
+    for name, needles in CATEGORIES:
+        if any(n in path for n in needles):
+            return name
+    return "other (stdlib: uuid, dataclasses, ...)"
+
+
+def summarize(raws: list[Path], top: int = 25) -> str:
+    """Self time by category and by function, and inclusive time, of the running workers."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    libs: Counter[str] = Counter()
-    total = 0
+    kinds: Counter[str] = Counter()
+    total = startup = 0
     for raw in raws:
         for line in raw.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             if not stack or not count.isdigit():
                 continue
             n = int(count)
-            total += n
-            frames = []
-            for frame in stack.split(";"):
-                m = _FRAME.match(frame)
-                if m:
-                    frames.append((m["func"], m["file"]))
-            if not frames:
+            frames = [(m["func"], m["file"]) for f in stack.split(";") if (m := _FRAME.match(f))]
+            if not frames or not any(LOOP_FRAME in func for func, _ in frames):
+                startup += n
                 continue
+            total += n
             func, file = frames[-1]
             own[f"{func} ({file})"] += n
-            libs[library(file)] += n
+            kinds[category(file)] += n
             for name in {f"{f} ({p})" for f, p in frames}:
                 inclusive[name] += n
     if total == 0:
         return "no samples\n"
-    lines = [
-        f"{total} samples of busy (non-idle) worker time at {RATE} Hz",
-        "",
-        "self time by library:",
-    ]
-    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in libs.most_common(top)]
+    head = f"{total} samples of busy worker time in the event loop at {RATE} Hz"
+    lines = [f"{head} ({startup} more at start-up and shutdown, left out)", "", "by category:"]
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in kinds.most_common()]
     lines += ["", "self time by function:"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
     lines += ["", "inclusive time by function:"]
-    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(2 * top)]
     return "\n".join(lines) + "\n"

@@ -68,6 +68,8 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
         }
         if system == "govflow":
             drain[system].update(_stats(runs, "peak_rss_mb"))
+            drain[system]["batches"] = runs[len(runs) // 2].get("batches", {})
+            drain[system]["sched"] = runs[len(runs) // 2].get("sched", {})
     peer_rates = {s: d["events_per_s"] for s, d in drain.items() if s != "govflow"}
     if peer_rates:
         best = max(peer_rates, key=lambda s: peer_rates[s])

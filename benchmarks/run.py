@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cpu, gf, peers, profile, report, workload
-from benchmarks.servers import Servers, servers
+from benchmarks.servers import Servers, free_port, servers
 
 SYSTEMS = ("govflow", "celery", "dramatiq", "taskiq", "bullmq")
 SCENARIOS = ("drain", "steady", "scaling", "publish")
@@ -100,15 +100,20 @@ class Bench:
         published_s = gf.publish(self.servers.redis_url, prefix, batch)
         env = gf.env(self.servers.redis_url, db, prefix)
         before, started = self._server_cpu(), time.monotonic()
-        procs = gf.start(processes, env, self.logs / f"govflow-{run}", self.opts.concurrency, wrap)
+        ports = [free_port() for _ in range(processes)]
+        procs = gf.start(
+            processes, env, self.logs / f"govflow-{run}", self.opts.concurrency, wrap, ports
+        )
         try:
             workload.wait_completed(db, "public", n, like=f"{run}-%", alive=lambda: _alive(procs))
+            wall = time.monotonic() - started
             worker_cpu = cpu.trees_cpu([p.pid for p in procs])
             after = self._server_cpu()
+            batches = gf.batches(ports)
+            sched = cpu.sched([p.pid for p in procs])
         finally:
             peaks = gf.stop(procs, wrapped=wrap is not None)
             gf.cleanup(self.servers.redis_url, prefix)
-        wall = time.monotonic() - started
         result = workload.measure(db, "public", like=f"{run}-%", commit_ts=self.commit_ts)
         return {
             "events": result.events,
@@ -118,6 +123,8 @@ class Bench:
             "publish_events_per_s": n / published_s,
             "peak_rss_mb": max(peaks) / 1024 if peaks else None,
             "cores": self._cores(before, after, worker_cpu, wall),
+            "batches": batches,
+            "sched": {**sched, "wall_s": round(wall * processes, 2)},
         }
 
     def govflow_steady(self, run: str) -> Run:
@@ -155,12 +162,12 @@ class Bench:
         procs = peer.start(self.opts.processes, env, self.logs / f"{peer.name}-{run}")
         try:
             workload.wait_completed(db, schema, n, like=f"{run}-%", alive=lambda: _alive(procs))
+            wall = time.monotonic() - started
             worker_cpu = cpu.trees_cpu([p.pid for p in procs])
             after = self._server_cpu()
         finally:
             peers.stop(procs)
             gf.cleanup(self.servers.redis_url, queue)
-        wall = time.monotonic() - started
         result = workload.measure(db, schema, like=f"{run}-%", commit_ts=self.commit_ts)
         return {
             "events": result.events,
