@@ -64,12 +64,12 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
             **_stats(runs, "seconds"),
             **_stats(runs, "wall_s"),
             "cores": runs[len(runs) // 2]["cores"],
+            "sched": runs[len(runs) // 2].get("sched", {}),
             "runs": len(runs),
         }
         if system == "govflow":
             drain[system].update(_stats(runs, "peak_rss_mb"))
             drain[system]["batches"] = runs[len(runs) // 2].get("batches", {})
-            drain[system]["sched"] = runs[len(runs) // 2].get("sched", {})
     peer_rates = {s: d["events_per_s"] for s, d in drain.items() if s != "govflow"}
     if peer_rates:
         best = max(peer_rates, key=lambda s: peer_rates[s])
@@ -143,7 +143,11 @@ def _range(d: dict[str, Any], key: str, fmt: str = ",.0f") -> str:
 
 def table(summary: dict[str, Any]) -> Table:
     """One row per system: the medians, [min-max] of the runs."""
-    t = Table(title="govflow and its peers (median [min-max])")
+    load = summary["machine"].get("load_average_1m", [])
+    t = Table(
+        title="govflow and its peers (median [min-max])",
+        caption=f"load average (1 min) at start and end: {load}",
+    )
     for column in ("system", "version", "drain events/s", "vs govflow", "publish events/s",
                    "steady p50 ms", "steady p99 ms", "steady max ms"):  # fmt: skip
         t.add_column(column, justify="left" if column in ("system", "version") else "right")

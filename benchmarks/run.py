@@ -165,6 +165,7 @@ class Bench:
             wall = time.monotonic() - started
             worker_cpu = cpu.trees_cpu([p.pid for p in procs])
             after = self._server_cpu()
+            sched = cpu.sched([p.pid for p in procs])
         finally:
             peers.stop(procs)
             gf.cleanup(self.servers.redis_url, queue)
@@ -176,6 +177,7 @@ class Bench:
             "wall_s": wall,
             "publish_events_per_s": n / enqueued["seconds"],
             "cores": self._cores(before, after, worker_cpu, wall),
+            "sched": {**sched, "wall_s": round(wall * self.opts.processes, 2)},
         }
 
     def peer_steady(self, peer: peers.Peer, run: str) -> Run:
