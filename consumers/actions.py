@@ -90,11 +90,21 @@ class ActionRunner:
         """Run a batch of commands; return each entry's outcome."""
         outcomes: list[Outcome] = [Outcome(kind="ack")] * len(batch)
         work: list[Work] = []
+        taken: set[str] = set()
         for index, entry in enumerate(batch):
             try:
-                work.append(Work(index, entry, decode_entry(entry)))
+                command = decode_entry(entry)
             except InvalidEntryError as e:
                 outcomes[index] = dead(e.reason, "invalid_entry")
+                continue
+            if command.execution_id in taken:
+                # A second command for an execution this batch runs already (the matcher
+                # emits one again for a row still queued): running both would do each step
+                # twice, and their step rows would collide in one statement.
+                outcomes[index] = Outcome(kind="ack", **_ids(command))
+                continue
+            taken.add(command.execution_id)
+            work.append(Work(index, entry, command))
         if not work:
             return outcomes
         async with self._pool.connection() as conn:
