@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 ENTRIES = Counter(
     "govflow_entries_total",
@@ -35,6 +35,37 @@ CLAIMED = Counter(
     ["stream", "group"],
 )
 RETRIES_MOVED = Counter("govflow_retries_moved_total", "Retries put back on their stream when due.")
+
+# Set every few seconds from `govflow lag`'s report (ops/lag.py); they describe Redis and
+# Postgres, not the process, so aggregate them across workers with `max`, not `sum`.
+STREAM_LENGTH = Gauge(
+    "govflow_stream_length", "Entries in the stream: retained history, not backlog.", ["stream"]
+)
+GROUP_LAG = Gauge(
+    "govflow_group_lag",
+    "Entries not yet delivered to the group (an estimate when govflow_group_lag_valid is 0).",
+    ["stream", "group"],
+)
+GROUP_LAG_VALID = Gauge(
+    "govflow_group_lag_valid", "1 when govflow_group_lag is exact, 0 when estimated.",
+    ["stream", "group"],
+)  # fmt: skip
+GROUP_PENDING = Gauge(
+    "govflow_group_pending", "Entries delivered to the group, not yet acknowledged.",
+    ["stream", "group"],
+)  # fmt: skip
+GROUP_OLDEST_PENDING_AGE = Gauge(
+    "govflow_group_oldest_pending_age_seconds",
+    "Age of the group's oldest pending entry, from its id; 0 when none is pending.",
+    ["stream", "group"],
+)
+GROUP_OLDEST_UNDELIVERED_AGE = Gauge(
+    "govflow_group_oldest_undelivered_age_seconds",
+    "Age of the oldest entry not yet delivered to the group, from its id; 0 when none waits.",
+    ["stream", "group"],
+)
+RETRY_SCHEDULED = Gauge("govflow_retry_scheduled", "Entries waiting in the retry sets.")
+DEAD_LETTERS_OPEN = Gauge("govflow_dead_letters_open", "Dead letters neither replayed nor purged.")
 
 
 def observe_completed(finished: Sequence[tuple[str, datetime | None]], now: datetime) -> None:

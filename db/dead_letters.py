@@ -122,3 +122,92 @@ async def count_open(conn: AsyncConnection[Any]) -> int:
     )
     row = await cur.fetchone()
     return int(row[0]) if row else 0
+
+
+class Selection(msgspec.Struct, frozen=True, kw_only=True):
+    """Which open dead letters an operator means: some ids, or all; narrowed by filters."""
+
+    ids: tuple[int, ...] = ()  # empty: every open dead letter that passes the filters
+    reason: str | None = None  # a part of the error, in any case
+    event_type: str | None = None
+    older_than_s: float | None = None  # dead-lettered at least this long ago
+
+    def where(self) -> tuple[list[str], list[Any]]:
+        """SQL conditions (joined with AND) and their parameters, open letters only."""
+        where = ["replayed_at IS NULL", "purged_at IS NULL"]
+        params: list[Any] = []
+        if self.ids:
+            where.append("id = ANY(%s)")
+            params.append(list(self.ids))
+        if self.reason:
+            # strpos, not ILIKE: a % or _ in the operator's text means itself.
+            where.append("strpos(lower(error), lower(%s)) > 0")
+            params.append(self.reason)
+        if self.event_type:
+            where.append("event_type = %s")
+            params.append(self.event_type)
+        if self.older_than_s is not None:
+            where.append("created_at < now() - make_interval(secs => %s)")
+            params.append(self.older_than_s)
+        return where, params
+
+
+async def claim_open(
+    conn: AsyncConnection[Any], selection: Selection, *, after_id: int, upto_id: int
+) -> DeadLetter | None:
+    """Lock the next open dead letter of ``selection`` with ``after_id < id <= upto_id``.
+
+    Run it inside a transaction: the row stays locked until the transaction ends, and
+    another claim (``SKIP LOCKED``) passes over it meanwhile instead of waiting for it.
+    """
+    where, params = selection.where()
+    query = (
+        f"SELECT {_COLUMNS} FROM dead_letters WHERE {' AND '.join(where)} AND id > %s"
+        " AND id <= %s ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    )
+    async with conn.cursor(row_factory=class_row(DeadLetter)) as cur:
+        await cur.execute(query.encode(), [*params, after_id, upto_id])
+        return await cur.fetchone()
+
+
+async def mark_replayed(
+    conn: AsyncConnection[Any], dead_letter_id: int, *, actor: str, reason: str | None
+) -> None:
+    """Record that ``actor`` put the dead letter back on its stream, and why."""
+    await conn.execute(
+        "UPDATE dead_letters SET replayed_at = now(), replayed_by = %s, replay_reason = %s,"
+        " replay_count = replay_count + 1 WHERE id = %s",
+        (actor, reason, dead_letter_id),
+    )
+
+
+async def select_open(
+    conn: AsyncConnection[Any], selection: Selection, *, limit: int
+) -> list[DeadLetter]:
+    """The open dead letters of ``selection``, oldest first, without locking them."""
+    where, params = selection.where()
+    query = f"SELECT {_COLUMNS} FROM dead_letters WHERE {' AND '.join(where)} ORDER BY id LIMIT %s"
+    async with conn.cursor(row_factory=class_row(DeadLetter)) as cur:
+        await cur.execute(query.encode(), [*params, limit])
+        return await cur.fetchall()
+
+
+async def purge_open(conn: AsyncConnection[Any], selection: Selection, *, actor: str) -> list[int]:
+    """Mark the open dead letters of ``selection`` purged by ``actor``; return their ids.
+
+    A letter being replayed meanwhile is waited for, then left alone: it is no longer open.
+    """
+    where, params = selection.where()
+    cur = await conn.execute(
+        f"UPDATE dead_letters SET purged_at = now(), purged_by = %s WHERE {' AND '.join(where)}"
+        " RETURNING id".encode(),
+        [actor, *params],
+    )
+    return sorted(row[0] for row in await cur.fetchall())
+
+
+async def newest_id(conn: AsyncConnection[Any]) -> int:
+    """The highest dead-letter id so far (0 when there is none)."""
+    cur = await conn.execute("SELECT coalesce(max(id), 0) FROM dead_letters")
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
