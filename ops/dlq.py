@@ -142,14 +142,15 @@ async def replay(
     async with pool.connection() as conn:
         upto = await dead_letters.newest_id(conn)  # letters dead-lettered later wait for next time
     replayed: list[Replayed] = []
-    last = 0
+    last, next_at = 0, anyio.current_time()
     while True:
-        if replayed and rate:
-            await anyio.sleep(1 / rate)
         async with pool.connection() as conn, conn.transaction():
             letter = await dead_letters.claim_open(conn, selection, after_id=last, upto_id=upto)
             if letter is None:
                 break
+            if rate:  # paced here, once there is a letter, so the last one waits for none
+                await anyio.sleep(max(0.0, next_at - anyio.current_time()))
+                next_at = anyio.current_time() + 1 / rate
             # Between this XADD and the COMMIT a crash replays the letter twice: harmless,
             # see the module docstring.
             added = await redis.xadd(letter.stream, replay_fields(letter))

@@ -73,6 +73,8 @@ async def plan(
 
 
 class _Planner:
+    """Plans letters against one snapshot of the enabled definitions."""
+
     def __init__(
         self, conn: AsyncConnection[Any], keys: Keys, enabled: list[StoredWorkflow]
     ) -> None:
@@ -233,8 +235,8 @@ def _outcome(kind: Kind, plans: list[ExecutionPlan]) -> str:
     running = sum(1 for p in plans if p.would_run)
     if not plans:
         return "matches no enabled workflow now: acknowledged, nothing runs"
-    if not steps:
-        return "nothing would run"
+    if not steps:  # a command has one execution, whose note says why
+        return plans[0].note if kind == "command" else "nothing would run"
     return (
         f"would run {steps} step{'s' * (steps != 1)} in {running} execution{'s' * (running != 1)}"
     )

@@ -31,8 +31,8 @@ from ops.lag import read_lag
 from ops.replay_plan import plan
 from ops.worker import Worker
 from producers.publish import Publisher
-from schemas.codec import decode_workflow, encode
-from schemas.commands import execution_id
+from schemas.codec import decode_event, decode_workflow, encode
+from schemas.commands import RunWorkflow, execution_id
 from schemas.events import new_event
 from schemas.keys import Keys
 from schemas.settings import Settings
@@ -365,6 +365,36 @@ async def test_dry_run_of_events_says_what_would_run_now(
     assert (old.execution_id, old.status, old.would_run) == (done_exec, "completed", [])
     assert [s.step for s in old.skipped_steps] == [1]
     assert plans[0].matches == plans[1].matches == ["new-evidence v1"]
+    assert plans[2].matches is None  # no event to match
+
+    # The same event's commands: one for the completed execution, one for none at all.
+    event = decode_event(letter.payload["event"])
+    commands = [
+        RunWorkflow(execution_id=i, workflow_name="new-evidence", workflow_version=1, event=event)
+        for i in (done_exec, execution_id("gone", "new-evidence"))
+    ]
+    command_letters = await record(
+        pool,
+        *(
+            NewDeadLetter(
+                stream=keys.commands(),
+                message_id=f"2-{n}",
+                payload={"command": encode(c).decode(), "attempt": "5", "replay_of": "1"},
+                error="boom",
+                attempts=5,
+            )
+            for n, c in enumerate(commands)
+        ),
+    )
+    completed, gone = await plan(pool, keys, [await get(pool, i) for i in command_letters])
+    assert (completed.kind, completed.matches) == ("command", ["new-evidence v1"])
+    assert completed.outcome == "already completed: acknowledged, nothing runs"
+    assert gone.outcome == "the execution does not exist: it would be dead-lettered again"
+    assert replay_fields(await get(pool, command_letters[0])) == {
+        "command": encode(commands[0]).decode(),
+        "attempt": "1",
+        "replay_of": str(command_letters[0]),
+    }
 
 
 def test_parse_rate() -> None:
