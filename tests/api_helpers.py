@@ -1,0 +1,150 @@
+"""Shared steps of the HTTP API and dashboard tests: serve an app, seed rows, poll.
+
+The app runs under a real uvicorn on a free loopback port, in the test's own event loop;
+rows are written with govflow's own queries, so what the API reads is what the pipeline
+writes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import anyio
+import uvicorn
+from litestar import Litestar
+from psycopg_pool import AsyncConnectionPool
+
+from db import executions
+from db.executions import NewExecution
+from db.workflows import apply_workflow
+from ops.serve import listen
+from schemas.codec import decode_workflow
+
+T = TypeVar("T")
+
+# Tokens the tests configure: one per scope, one with every scope.
+TOKENS = {
+    "publisher": "tok-publish-3f9a",
+    "reader": "tok-read-77c1",
+    "operator": "tok-operate-0d2e",
+    "admin": "tok-admin-b5e8",
+}
+API_TOKENS = (
+    f"{TOKENS['publisher']}:publish {TOKENS['reader']}:read "
+    f"{TOKENS['operator']}:operate {TOKENS['admin']}:publish,read,operate"
+)
+
+THREE_STEPS = """
+name: three-steps
+entity: policy
+trigger: create
+actions:
+  - create_task: {title: "Review {data.title}"}
+  - assign: {assignee: risk-team}
+  - create_approval: {approvers: [compliance-officer]}
+"""
+
+
+def bearer(who: str) -> dict[str, str]:
+    """The Authorization header of one of ``TOKENS``."""
+    return {"Authorization": f"Bearer {TOKENS[who]}"}
+
+
+@asynccontextmanager
+async def serving(app: Litestar, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a free port of ``host``; yield its base URL."""
+    sock = listen(host, 0)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline:
+                raise AssertionError("uvicorn did not start within 30 s")
+            await anyio.sleep(0.02)
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.should_exit = True
+
+
+async def wait_for(
+    probe: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    *,
+    within: float,
+    what: str,
+    every: float = 0.1,
+) -> T:
+    """Call ``probe`` until ``done(value)``; fail after ``within`` seconds, showing the value."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}; last: {value!r}")
+        await anyio.sleep(every)
+
+
+async def apply(pool: AsyncConnectionPool[Any], text: str) -> int:
+    """Store a workflow definition (YAML); return its version."""
+    async with pool.connection() as conn:
+        version, _ = await apply_workflow(conn, decode_workflow(text, "test"))
+    return version
+
+
+async def seed_execution(
+    pool: AsyncConnectionPool[Any],
+    *,
+    workflow: str = "three-steps",
+    version: int = 1,
+    entity_id: str = "POL-1",
+    completed_steps: int = 0,
+    failed_step: tuple[int, str] | None = None,
+    status: str = "queued",
+) -> str:
+    """Record one execution as the pipeline would, with some steps done; return its id.
+
+    ``status`` ``completed`` finishes it; ``retrying`` or ``dead_lettered`` records the
+    failure of ``failed_step`` (step, error).
+    """
+    execution_id = str(uuid.uuid4())
+    async with pool.connection() as conn:
+        await executions.insert_queued(
+            conn,
+            [
+                NewExecution(
+                    execution_id,
+                    workflow,
+                    version,
+                    f"evt-{execution_id}",
+                    "policy",
+                    entity_id,
+                    "acme",
+                    datetime.now(UTC),
+                )
+            ],
+        )
+        if status != "queued":
+            await executions.mark_running(conn, [execution_id])
+        actions = ["create_task", "assign", "create_approval"]
+        await executions.complete_steps(
+            conn, [(execution_id, n, actions[n - 1]) for n in range(1, completed_steps + 1)]
+        )
+        if failed_step is not None:
+            step, error = failed_step
+            await executions.fail_step(conn, execution_id, step, actions[step - 1], error)
+        if status == "completed":
+            await executions.finish(conn, [execution_id])
+        elif status in ("retrying", "dead_lettered"):
+            error = failed_step[1] if failed_step else "failed"
+            await executions.set_failed(conn, execution_id, status, error)  # type: ignore[arg-type]
+    return execution_id
