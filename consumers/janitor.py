@@ -10,14 +10,14 @@ ACKED`` says the same in one command; the servers tested here predate it.)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import anyio
 import structlog
-from redis.asyncio import Redis
 
 from consumers.loop import UNAVAILABLE
-from consumers.streams import Streams
+from consumers.streams import RedisClient, Streams
 from schemas.keys import Keys
 
 log = structlog.get_logger(__name__)
@@ -37,7 +37,7 @@ def next_id(entry_id: tuple[int, int]) -> tuple[int, int]:
     return entry_id[0], entry_id[1] + 1
 
 
-async def safe_trim_id(redis: Redis, stream: str, retention: int) -> tuple[int, int] | None:
+async def safe_trim_id(redis: RedisClient, stream: str, retention: int) -> tuple[int, int] | None:
     """The id below which every entry is acknowledged by every group and beyond retention.
 
     None when nothing may be trimmed (no group, or no stream).
@@ -50,7 +50,8 @@ async def safe_trim_id(redis: Redis, stream: str, retention: int) -> tuple[int, 
         candidates.append(next_id(parse_id(group["last-delivered-id"])))
         if group["pending"]:
             summary = await redis.xpending(stream, group["name"])
-            candidates.append(parse_id(summary["min"]))
+            if summary["min"] is not None:  # acknowledged since XINFO: none pending now
+                candidates.append(parse_id(summary["min"]))
     if retention:
         newest: Any = await redis.xrevrange(stream, count=retention)
         if len(newest) < retention:
@@ -70,6 +71,7 @@ class Janitor:
         retention: int,
         consumer_gc_s: float,
         every_s: float = EVERY_S,
+        partitions: Callable[[], Iterable[int]] | None = None,
     ) -> None:
         self._streams = streams
         self._redis = streams.redis
@@ -77,6 +79,8 @@ class Janitor:
         self._retention = retention
         self._consumer_gc_ms = int(consumer_gc_s * 1000)
         self._every_s = every_s
+        # With leased partitions, only the ones this worker holds (others sweep their own).
+        self._partitions = partitions or keys.all_partitions
         self._stopping = False
         self._stopped = anyio.Event()
 
@@ -97,7 +101,7 @@ class Janitor:
 
     async def sweep(self) -> None:
         """One pass: trim each stream, then retire idle consumers with nothing pending."""
-        for p in self._keys.all_partitions():
+        for p in self._partitions():
             for stream in (self._keys.events(p), self._keys.commands(p)):
                 if not await self._redis.exists(stream):
                     continue

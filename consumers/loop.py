@@ -8,6 +8,13 @@ entries left pending by a consumer that died are claimed after ``claim_idle``.
 
 When Postgres or Redis is unreachable the batch is held, not failed: the loop backs off,
 keeps the lease, and tries the same batch again, so an outage delays work and loses none.
+
+With partitions leased (``consumers.partitions``) the consumer is the only one of its
+group on its partition: it first takes over every entry left pending by earlier owners
+(in id order, before reading anything new), reads only while its lease is safely valid,
+and every hand-over is fenced: when another worker holds the lease the batch is dropped,
+left pending for the new owner, and the consumer stops. Entries that keep their entity's
+order run in rounds and park behind a retried one (``consumers.ordering``).
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ from redis import exceptions as redis_errors
 
 from consumers import metrics
 from consumers.backoff import Backoff
+from consumers.ordering import Ordering, Sequencer
 from consumers.outcomes import Outcome, RetryPolicy
-from consumers.streams import ATTEMPT_FIELD, Entry, Streams
+from consumers.streams import ATTEMPT_FIELD, HOLD_FIELD, Entry, Fence, HandOver, Hold, Streams
 from db import dead_letters
 from schemas.errors import GroupMissingError, UnavailableError
 from schemas.keys import GROUP_OF, Keys, Role
@@ -42,8 +50,14 @@ UNAVAILABLE = (
     UnavailableError,
     OSError,
 )
-_LOG_EVENT = {"ack": "entry.acknowledged", "retry": "entry.retried", "dead": "entry.dead_lettered"}
+_LOG_EVENT = {
+    "ack": "entry.acknowledged",
+    "retry": "entry.retried",
+    "dead": "entry.dead_lettered",
+    "park": "entry.parked",
+}
 BLOCK_MS = 1000  # below the client's socket timeout, so a stop is seen within a second
+UNREADABLE_POLL_S = 0.1  # how often a consumer whose lease awaits renewal looks again
 
 
 class Handler(Protocol):
@@ -53,6 +67,16 @@ class Handler(Protocol):
 
     async def handle(self, batch: Sequence[Entry]) -> list[Outcome]:
         """Return one outcome per entry, in order."""
+        ...
+
+
+class Lease(Protocol):
+    """What a consumer sees of its partition's lease (``consumers.partitions``)."""
+
+    owner: str
+
+    def readable(self) -> bool:
+        """Whether a read started now ends before the lease could lapse."""
         ...
 
 
@@ -71,6 +95,9 @@ class GroupConsumer:
         policy: RetryPolicy,
         batch_size: int,
         claim_idle_s: float,
+        lease: Lease | None = None,
+        ordering: Ordering | None = None,
+        block_ms: int = BLOCK_MS,
     ) -> None:
         self._streams = streams
         self._pool = pool
@@ -84,6 +111,13 @@ class GroupConsumer:
         self._batch_size = batch_size
         self._claim_idle_ms = int(claim_idle_s * 1000)
         self._renew_every = claim_idle_s / 3
+        self._lease = lease
+        self._ordering = ordering
+        self._block_ms = block_ms
+        self._fence = Fence(keys.lease(self.group, partition), lease.owner if lease else "")
+        self._held = keys.held(self.group, partition)
+        self._drain = lease is not None  # a new owner first takes over what is pending
+        self.fenced = False  # set when a hand-over found another worker's lease
         self._stopping = False
         self._backoff = Backoff()
         self._last_claim = 0.0
@@ -97,6 +131,9 @@ class GroupConsumer:
         await self._retry_unavailable(lambda: self._streams.ensure_group(self.stream, self.group))
         log.info("consumer.started", stream=self.stream, group=self.group, consumer=self.consumer)
         while not self._stopping:
+            if self._lease is not None and not self._lease.readable():
+                await anyio.sleep(UNREADABLE_POLL_S)  # renewed soon, or this consumer stops
+                continue
             try:
                 batch = await self._next_batch()
             except GroupMissingError:
@@ -107,6 +144,9 @@ class GroupConsumer:
                 continue
             except UNAVAILABLE as e:
                 log.warning("consumer.read_failed", stream=self.stream, error=str(e))
+                # After a failover the new primary may show entries delivered and never
+                # acknowledged: an owner runs those first, to keep its entities' order.
+                self._drain = self._lease is not None
                 await anyio.sleep(self._backoff.next_delay())
                 continue
             self._backoff.reset()
@@ -117,6 +157,16 @@ class GroupConsumer:
         await self._retire()
 
     async def _next_batch(self) -> list[Entry]:
+        if self._drain:
+            # Everything earlier owners left pending, oldest first, before anything new:
+            # the lease says they are gone, so there is no idle time to wait for.
+            claimed = await self._streams.claim_idle(
+                self.stream, self.group, self.consumer, 0, self._batch_size
+            )
+            if claimed:
+                log.info("consumer.took_over", stream=self.stream, count=len(claimed))
+                return claimed
+            self._drain = False
         now = time.monotonic()
         if now - self._last_claim >= self._claim_idle_ms / 2000:
             self._last_claim = now
@@ -128,21 +178,54 @@ class GroupConsumer:
                 log.info("consumer.claimed", stream=self.stream, count=len(claimed))
                 return claimed
         return await self._streams.read(
-            self.stream, self.group, self.consumer, self._batch_size, BLOCK_MS
+            self.stream, self.group, self.consumer, self._batch_size, self._block_ms
         )
 
     async def _process(self, batch: list[Entry]) -> None:
         started = time.perf_counter()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_lease, [e.id for e in batch])
-            outcomes = await self._handle(batch)
+            sequencer = await self._sequence(batch)
+            outcomes = None if sequencer is None else await self._run_rounds(batch, sequencer)
             tg.cancel_scope.cancel()
-        if outcomes is None:
+        if sequencer is None or outcomes is None:
             return  # stopping while a server is away: the entries stay pending for a claim
         with anyio.CancelScope(shield=True):
-            await self._finish(batch, outcomes)
+            await self._finish(batch, outcomes, sequencer)
         metrics.HANDLER_SECONDS.labels(self.group).observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.labels(self.group).observe(len(batch))
+
+    async def _sequence(self, batch: list[Entry]) -> Sequencer | None:
+        """Which entries keep their entity's order, and who is in front of each entity."""
+        if self._ordering is None:
+            return Sequencer([None] * len(batch), {})
+        ordering = self._ordering
+        holds: list[Hold | None] = []
+        holders: dict[str, str] = {}
+
+        async def look_up() -> None:
+            nonlocal holds, holders
+            holds = await ordering.holds(self._handler.role, batch)
+            entities = sorted({h.entity for h in holds if h is not None})
+            holders = await self._streams.holders(self._held, entities)
+
+        if not await self._retry_unavailable(look_up):
+            return None
+        return Sequencer(holds, holders)
+
+    async def _run_rounds(
+        self, batch: list[Entry], sequencer: Sequencer
+    ) -> list[Outcome | None] | None:
+        """Each entry's outcome (None: parked), running the sequencer's rounds in turn."""
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        while part := sequencer.next_round():
+            found = await self._handle([batch[i] for i in part])
+            if found is None:
+                return None
+            for index, outcome in zip(part, found, strict=True):
+                outcomes[index] = outcome
+                sequencer.ended(index, outcome.kind)
+        return outcomes
 
     async def _handle(self, batch: list[Entry]) -> list[Outcome] | None:
         """The handler's outcomes; held and tried again while a server is unreachable."""
@@ -174,7 +257,9 @@ class GroupConsumer:
                 log.warning("lease.lost", stream=self.stream, ids=sorted(lost))
                 ids = [i for i in ids if i in kept]
 
-    async def _finish(self, batch: list[Entry], outcomes: list[Outcome]) -> None:
+    async def _finish(
+        self, batch: list[Entry], outcomes: list[Outcome | None], sequencer: Sequencer
+    ) -> None:
         """Hand each entry over to where its outcome says, surviving server outages."""
         letters = [
             dead_letters.NewDeadLetter(
@@ -188,42 +273,78 @@ class GroupConsumer:
                 execution_id=outcome.execution_id,
             )
             for entry, outcome in zip(batch, outcomes, strict=True)
-            if outcome.kind == "dead"
+            if outcome is not None and outcome.kind == "dead"
         ]
         if letters and not await self._retry_unavailable(lambda: self._record(letters)):
             return
-        acks = [e.id for e, o in zip(batch, outcomes, strict=True) if o.kind == "ack"]
-        retries = [
-            (e.id, self._keys.retry(self._partition), time.time() + self._policy.delay(e.attempt), self._handler.role,
-             {**e.fields, ATTEMPT_FIELD: str(e.attempt + 1).encode()})
-            for e, o in zip(batch, outcomes, strict=True)
-            if o.kind == "retry"
-        ]  # fmt: skip
-        dead = [
-            (e.id, self._keys.dead(self._partition), _dead_fields(e, o))
-            for e, o in zip(batch, outcomes, strict=True)
-            if o.kind == "dead"
+        items = [
+            self._hand_over(index, entry, outcome, sequencer)
+            for index, (entry, outcome) in enumerate(zip(batch, outcomes, strict=True))
         ]
-        handed_over = await self._retry_unavailable(
-            lambda: self._streams.finish(
-                self.stream, self.group, acks=acks, retries=retries, dead=dead
+        accepted = True
+
+        async def hand_over() -> None:
+            nonlocal accepted
+            accepted = await self._streams.finish(
+                self.stream,
+                self.group,
+                items,
+                fence=self._fence,
+                held=self._held,
+                parked=lambda entity: self._keys.parked(self.group, entity, self._partition),
             )
-        )
-        if not handed_over:
+
+        if not await self._retry_unavailable(hand_over):
             return
-        for entry, outcome in zip(batch, outcomes, strict=True):
-            metrics.ENTRIES.labels(
-                self.stream, self.group, outcome.kind, outcome.cause or "ok"
-            ).inc()
+        if not accepted:
+            # Another worker holds the partition now: it takes these entries over from
+            # the pending list (their effects are idempotent); this one must stop here.
+            log.warning("partition.fenced", stream=self.stream, size=len(batch))
+            self.fenced = True
+            self._stopping = True
+            return
+        for entry, item, outcome in zip(batch, items, outcomes, strict=True):
+            cause = outcome.cause if outcome is not None else "held"
+            metrics.ENTRIES.labels(self.stream, self.group, item.kind, cause or "ok").inc()
             log.info(
-                _LOG_EVENT[outcome.kind],
+                _LOG_EVENT[item.kind],
                 stream=self.stream,
                 entry_id=entry.id,
-                event_id=outcome.event_id,
-                execution_id=outcome.execution_id,
+                event_id=outcome.event_id if outcome else None,
+                execution_id=outcome.execution_id if outcome else None,
                 attempt=entry.attempt,
-                reason=outcome.reason or None,
+                reason=(outcome.reason or None) if outcome else None,
             )
+
+    def _hand_over(
+        self, index: int, entry: Entry, outcome: Outcome | None, sequencer: Sequencer
+    ) -> HandOver:
+        """Where entry ``index`` goes, with its hold when it keeps its entity's order."""
+        hold = sequencer.holds[index]
+        token = {HOLD_FIELD: hold.token.encode()} if hold is not None else {}
+        if outcome is None:  # parked: no attempt is counted
+            fields = {**entry.fields, ATTEMPT_FIELD: str(entry.attempt).encode(), **token}
+            return HandOver(entry_id=entry.id, kind="park", hold=hold, fields=fields)
+        if outcome.kind == "ack":
+            front = hold if index in sequencer.fronts else None
+            return HandOver(entry_id=entry.id, kind="ack", hold=front)
+        if outcome.kind == "retry":
+            return HandOver(
+                entry_id=entry.id,
+                kind="retry",
+                hold=hold,
+                target=self._keys.retry(self._partition),
+                due=time.time() + self._policy.delay(entry.attempt),
+                role=self._handler.role,
+                fields={**entry.fields, ATTEMPT_FIELD: str(entry.attempt + 1).encode(), **token},
+            )
+        return HandOver(
+            entry_id=entry.id,
+            kind="dead",
+            hold=hold,
+            target=self._keys.dead(self._partition),
+            record=_dead_fields(entry, outcome),
+        )
 
     async def _record(self, letters: list[dead_letters.NewDeadLetter]) -> None:
         async with self._pool.connection() as conn, conn.transaction():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import anyio
 import structlog
 
@@ -23,9 +25,17 @@ class RetryMover:
     never moved twice nor lost between the set and the stream.
     """
 
-    def __init__(self, streams: Streams, keys: Keys, poll_s: float = POLL_S) -> None:
+    def __init__(
+        self,
+        streams: Streams,
+        keys: Keys,
+        poll_s: float = POLL_S,
+        partitions: Callable[[], Iterable[int]] | None = None,
+    ) -> None:
         self._streams = streams
         self._keys = keys
+        # With leased partitions, only the ones this worker holds (others move their own).
+        self._partitions = partitions or keys.all_partitions
         self._poll_s = poll_s
         self._stopping = False
 
@@ -38,7 +48,7 @@ class RetryMover:
         backoff = Backoff()
         while not self._stopping:
             try:
-                for p in self._keys.all_partitions():
+                for p in self._partitions():
                     moved = await self._streams.move_due(
                         self._keys.retry(p), self._keys.events(p), self._keys.commands(p)
                     )

@@ -1,18 +1,23 @@
 """The one module that speaks raw Redis Streams: it hands back ``Entry`` Structs.
 
 Every call here works on Redis 6.2 and 7.x, and on Redis Cluster as long as the keys
-given to one call share a hash tag (``schemas.keys`` sees to that).
+given to one call share a hash tag (``schemas.keys`` sees to that). redis-py refuses
+``EVALSHA`` in a cluster pipeline and loads no script for one, so the scripts go out as
+raw ``EVALSHA`` commands and are loaded (on every primary) when a server answers
+NOSCRIPT: after a restart or a failover, whose new primary has an empty script cache.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeAlias
 
 import msgspec
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 
 from consumers import scripts
 from schemas.codec import encode
@@ -24,6 +29,16 @@ from schemas.keys import Role
 ATTEMPT_FIELD = b"attempt"
 # The field that marks an entry put back by `govflow dlq replay` (the dead letter's id).
 REPLAY_FIELD = b"replay_of"
+# The largest attempt an entry's field may claim: far above any GOVFLOW_MAX_ATTEMPTS, and
+# far below 2**31, the limit of the dead_letters.attempts column.
+MAX_ATTEMPT = 1_000_000
+# The field that carries the token of an entry that keeps its entity's order, once it was
+# retried or parked (``consumers.ordering``): the id it was first published under.
+HOLD_FIELD = b"hold"
+# XACK ids per script call: Lua's unpack() has a limit of a few thousand values.
+_ACK_CHUNK = 1000
+
+RedisClient: TypeAlias = Redis | RedisCluster
 
 
 class Entry(msgspec.Struct, frozen=True):
@@ -43,7 +58,7 @@ class Entry(msgspec.Struct, frozen=True):
         return {
             k.decode(errors="replace"): v.decode(errors="replace")
             for k, v in self.fields.items()
-            if k not in (ATTEMPT_FIELD,)
+            if k not in (ATTEMPT_FIELD, HOLD_FIELD)
         }
 
 
@@ -56,13 +71,46 @@ class Pending(msgspec.Struct, frozen=True):
     deliveries: int
 
 
-class Streams:
-    """Typed stream operations over one Redis client (``decode_responses=False``)."""
+class Fence(msgspec.Struct, frozen=True):
+    """The lease a hand-over requires: ``key`` held by ``owner`` (``""``: none required)."""
 
-    def __init__(self, redis: Redis) -> None:
+    key: str
+    owner: str = ""
+
+
+class Hold(msgspec.Struct, frozen=True):
+    """An entry that keeps its entity's order: the entity, and the entry's token."""
+
+    entity: str
+    token: str
+
+
+class HandOver(msgspec.Struct, frozen=True, kw_only=True):
+    """Where one entry goes: acknowledged, retried, dead-lettered or parked.
+
+    ``hold`` names the entity whose order the entry keeps: set on every retry, dead letter
+    and park of such an entry, and on the acknowledgement of the one in front.
+    """
+
+    entry_id: str
+    kind: Literal["ack", "retry", "dead", "park"]
+    hold: Hold | None = None
+    target: str = ""  # retry: the retry set; dead: the dead-letter stream
+    due: float = 0.0  # retry: when, in seconds since the epoch
+    role: Role = "events"  # retry: the stream it goes back to
+    fields: dict[bytes, bytes] = {}  # retry, park: the fields it goes back with
+    record: dict[str, str] = {}  # dead: the fields of the dead letter
+
+
+class Streams:
+    """Typed stream operations over one Redis or Redis Cluster client (replies as bytes)."""
+
+    def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
+        self._ack = redis.register_script(scripts.ACK)
         self._retry = redis.register_script(scripts.RETRY)
         self._dead = redis.register_script(scripts.DEAD_LETTER)
+        self._park = redis.register_script(scripts.PARK)
         self._move_due = redis.register_script(scripts.MOVE_DUE)
         self._renew = redis.register_script(scripts.RENEW)
         self._retire = redis.register_script(scripts.RETIRE_CONSUMER)
@@ -135,32 +183,109 @@ class Streams:
         self,
         stream: str,
         group: str,
+        items: Sequence[HandOver],
         *,
-        acks: Sequence[str],
-        retries: Iterable[tuple[str, str, float, Role, dict[bytes, bytes]]],
-        dead: Iterable[tuple[str, str, dict[str, str]]],
-    ) -> None:
-        """Acknowledge, schedule retries and dead-letter, in one round trip.
+        fence: Fence,
+        held: str,
+        parked: Callable[[str], str],
+    ) -> bool:
+        """Hand each entry over, in order, in one round trip; False when fenced.
 
-        ``retries`` holds (entry id, retry key, due time, target role, fields);
-        ``dead`` holds (entry id, dead-letter stream, fields of the dead letter).
+        Fenced means another worker holds the partition's lease: nothing more was handed
+        over, and what is left stays pending for the new owner.
+
+        Args:
+            stream: the stream the entries were read from.
+            group: their consumer group.
+            items: what becomes of each entry; kept in order, so a retry that holds an
+                entity comes before the entries parked behind it.
+            fence: the lease the hand-over requires.
+            held: the partition's hash of held entities.
+            parked: the parked list of an entity.
         """
+        args = (stream, group, items, fence, held, parked)
+        try:
+            results = await self._send(*args)
+        except redis_errors.NoScriptError:
+            # Every script call before the failure acted only if its XACK did, so sending
+            # them all again once the scripts are loaded changes nothing twice.
+            await self._load_scripts()
+            results = await self._send(*args)
+        return all(r != -1 for r in results)
+
+    async def _send(
+        self,
+        stream: str,
+        group: str,
+        items: Sequence[HandOver],
+        fence: Fence,
+        held: str,
+        parked: Callable[[str], str],
+    ) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
-        if acks:
-            pipe.xack(stream, group, *acks)
-        for entry_id, retry_key, due, role, fields in retries:
-            member = encode({"to": role, "id": entry_id, "fields": _flat(fields)})
-            await self._retry(
-                keys=[stream, retry_key],
-                args=[group, entry_id, int(due * 1000), member],
-                client=pipe,
+        plain = [i.entry_id for i in items if i.kind == "ack" and i.hold is None]
+        for start in range(0, len(plain), _ACK_CHUNK):
+            ids = plain[start : start + _ACK_CHUNK]
+            _queue(
+                pipe, self._ack, [stream, fence.key, held, held], [group, fence.owner, "", "", *ids]
             )
-        for entry_id, dead_key, record in dead:
-            args: list[Any] = [group, entry_id]
-            for k, v in record.items():
-                args += [k, v]
-            await self._dead(keys=[stream, dead_key], args=args, client=pipe)
-        await pipe.execute()
+        for item in items:
+            if item.kind != "ack" or item.hold is not None:
+                _queue(pipe, *self._hand_over(stream, group, item, fence, held, parked))
+        results: list[Any] = await pipe.execute()
+        return results
+
+    def _hand_over(
+        self,
+        stream: str,
+        group: str,
+        item: HandOver,
+        fence: Fence,
+        held: str,
+        parked: Callable[[str], str],
+    ) -> tuple[AsyncScript, list[str], list[Any]]:
+        entity, token = (item.hold.entity, item.hold.token) if item.hold else ("", "")
+        parked_key = parked(entity) if entity else held  # a key of the slot, never touched
+        owner = fence.owner
+        if item.kind == "ack":
+            return (
+                self._ack,
+                [stream, fence.key, held, parked_key],
+                [group, owner, entity, token, item.entry_id],
+            )
+        if item.kind == "retry":
+            member = encode({"to": item.role, "id": item.entry_id, "fields": _flat(item.fields)})
+            due_ms = int(item.due * 1000)
+            return (
+                self._retry,
+                [stream, item.target, fence.key, held],
+                [group, owner, item.entry_id, due_ms, member, entity, token],
+            )
+        if item.kind == "dead":
+            flat = [x for kv in item.record.items() for x in kv]
+            return (
+                self._dead,
+                [stream, item.target, fence.key, held, parked_key],
+                [group, owner, item.entry_id, entity, token, *flat],
+            )
+        member = encode({"hold": token, "fields": _flat(item.fields)})
+        return (
+            self._park,
+            [stream, fence.key, held, parked_key],
+            [group, owner, item.entry_id, entity, token, member],
+        )
+
+    async def _load_scripts(self) -> None:
+        """Load every script (on a cluster, on every primary: SCRIPT LOAD goes to all)."""
+        for script in (self._ack, self._retry, self._dead, self._park):
+            await self.redis.script_load(script.script)
+
+    async def holders(self, held: str, entities: Sequence[str]) -> dict[str, str]:
+        """The token of the entry in front of each held entity among ``entities``."""
+        if not entities:
+            return {}
+        tokens: list[Any] = await self.redis.hmget(held, list(entities))
+        return {e: t.decode() for e, t in zip(entities, tokens, strict=True) if t is not None}
 
     async def move_due(self, retry_key: str, events: str, commands: str, limit: int = 500) -> int:
         """Put retries whose time has come back on their stream; return how many."""
@@ -190,9 +315,13 @@ def _entries(stream: str, items: Sequence[tuple[bytes, dict[bytes, bytes] | None
 
 
 def attempt_of(fields: dict[bytes, bytes]) -> int:
-    """The attempt an entry's fields carry; a missing or garbled one counts as the first."""
+    """The attempt an entry's fields carry; a missing or garbled one counts as the first.
+
+    Any producer can write any ``attempt``: a huge one is capped, or the dead letter of
+    its entry (``attempts`` is a Postgres integer) would be refused and stop the worker.
+    """
     try:
-        return max(1, int(fields.get(ATTEMPT_FIELD, b"1")))
+        return min(max(1, int(fields.get(ATTEMPT_FIELD, b"1"))), MAX_ATTEMPT)
     except ValueError:
         return 1
 
@@ -202,3 +331,8 @@ def _flat(fields: dict[bytes, bytes]) -> list[str]:
     for k, v in fields.items():
         flat += [k.decode(errors="replace"), v.decode(errors="replace")]
     return flat
+
+
+def _queue(pipe: Any, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> None:
+    """Queue a script call on a pipeline, the same way for Redis and Redis Cluster."""
+    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)

@@ -8,13 +8,12 @@ from typing import Any
 import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
 
 from consumers.definitions import Definitions
 from consumers.loop import UNAVAILABLE
 from consumers.matching import matches
 from consumers.outcomes import Outcome, dead
-from consumers.streams import Entry
+from consumers.streams import Entry, RedisClient
 from db import executions
 from db.executions import NewExecution
 from schemas.codec import decode_event, encode
@@ -51,7 +50,11 @@ class TriggerMatcher:
     role: Role = "events"
 
     def __init__(
-        self, redis: Redis, pool: AsyncConnectionPool[Any], keys: Keys, definitions: Definitions
+        self,
+        redis: RedisClient,
+        pool: AsyncConnectionPool[Any],
+        keys: Keys,
+        definitions: Definitions,
     ) -> None:
         self._redis = redis
         self._pool = pool

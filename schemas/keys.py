@@ -4,7 +4,9 @@ With one partition (the default) the keys are SPEC's: ``{prefix}:events``,
 ``{prefix}:commands``, ``{prefix}:retry`` and ``{prefix}:dead``. With ``N`` partitions
 each key gets a Redis Cluster hash tag, ``{prefix}:events:{p3}``: a partition's streams,
 retry set, dead-letter stream and lease share one slot, so every Lua script and
-multi-key command stays inside it, while partitions spread across shards.
+multi-key command stays inside it, while partitions spread across shards. With one
+partition the names have no tag and land in different slots: a worker refuses to run on a
+Redis Cluster with one partition (``ops.worker``).
 """
 
 from __future__ import annotations
@@ -49,9 +51,24 @@ class Keys(msgspec.Struct, frozen=True):
         """The dead-letter stream."""
         return self._key("dead", partition)
 
-    def lease(self, partition: int = 0) -> str:
-        """The key whose holder owns a partition."""
-        return self._key("lease", partition)
+    def lease(self, group: str, partition: int = 0) -> str:
+        """The key whose holder owns a partition for one group (``consumers.partitions``)."""
+        return self._key(f"lease:{group}", partition)
+
+    def workers(self, group: str) -> str:
+        """The sorted set of the workers of a group, scored by their last heartbeat (ms)."""
+        return f"{self.prefix}:workers:{group}"
+
+    def held(self, group: str, partition: int = 0) -> str:
+        """The hash of entities whose order is held, entity id -> the entry in front."""
+        return self._key(f"held:{group}", partition)
+
+    def parked(self, group: str, entity_id: str, partition: int = 0) -> str:
+        """The list of an entity's entries waiting behind the one in front, oldest first.
+
+        The entity id comes after the hash tag, so a ``{`` in it cannot move the key.
+        """
+        return f"{self._key(f'parked:{group}', partition)}:{entity_id}"
 
     def partition_of(self, entity_id: str) -> int:
         """The partition of an entity: a stable hash, the same in every language (CRC-32)."""

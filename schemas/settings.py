@@ -35,6 +35,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     webhook_timeout: Seconds = 10.0
     webhook_allowed_hosts: str = ""  # space-separated; empty: every host
     partitions: Positive = 1
+    lease_ttl: Seconds = 10.0  # a partition's lease (partitions > 1); renewed every third
     batch_size: Positive = 200
     retention: Annotated[int, msgspec.Meta(ge=0)] = 10_000  # acknowledged entries kept
     shutdown_grace: Seconds = 30.0
