@@ -80,6 +80,7 @@ log = structlog.get_logger(__name__)
 
 POOL_TIMEOUT_S = 5.0  # a request waits this long for a Postgres connection, then 503
 HEALTH_TIMEOUT_S = 2.0
+LAG_TIMEOUT_S = 2.0  # /metrics waits this long for fresh lag figures
 MAX_PAGE = 500
 MAX_OFFSET = 1_000_000
 # Postgres's bigint: a larger dead-letter id exists nowhere, and must not reach a query.
@@ -409,11 +410,16 @@ async def replay_dead_letter(
 
 @get("/metrics", media_type=METRICS_MEDIA_TYPE)
 async def metrics(gf: Deps) -> bytes:
-    """Prometheus metrics; the lag gauges are read afresh on each scrape."""
+    """Prometheus metrics; the lag gauges are read afresh on each scrape.
+
+    A server that is down keeps the last lag figures, after at most ``LAG_TIMEOUT_S``:
+    a scrape must not time out because Postgres did.
+    """
     try:
-        lag.export_gauges(await lag.read_lag(gf.redis, gf.pool, gf.keys))
+        with anyio.fail_after(LAG_TIMEOUT_S):
+            lag.export_gauges(await lag.read_lag(gf.redis, gf.pool, gf.keys))
     except Exception as e:  # noqa: BLE001 - a scrape still gets the other metrics
-        log.warning("metrics.lag_failed", error=f"{type(e).__name__}: {e}")
+        log.warning("metrics.lag_failed", error=short(e))
     return generate_latest(REGISTRY)
 
 

@@ -13,13 +13,14 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import anyio
 import typer
 import uvicorn
 
-from ops.context import run_async
+from ops.context import load_settings, run_async
 from schemas.errors import ConfigError
 from schemas.settings import Settings
 
@@ -34,6 +35,18 @@ def serve(
 ) -> None:
     """Serve the HTTP API, the dashboard (/) and Prometheus metrics (/metrics)."""
     sock = listen(host, port)
+    configured = load_settings()
+    missing = [
+        name
+        for name, url in (("Redis", configured.redis_url), ("Postgres", configured.database_url))
+        if url is None
+    ]
+    if missing:
+        # SPEC: the embedded servers say so on start-up (the log level hides info here).
+        _say(
+            f"no URL set for {' and '.join(missing)}: starting the embedded "
+            f"{' and '.join(missing)} under {Path(configured.data_dir).resolve()}"
+        )
     run_async(functools.partial(_serve, sock))
 
 
@@ -69,15 +82,17 @@ async def _serve(sock: socket.socket, settings: Settings) -> None:
     )
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    sys.stderr.write(
-        f"govflow: serving the API and the dashboard on http://{shown}:{port}/ (Ctrl-C stops)\n"
-    )
-    sys.stderr.flush()
+    _say(f"serving the API and the dashboard on http://{shown}:{port}/ (Ctrl-C stops)")
     server = _Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signal, server)
         await server.serve(sockets=[sock])
         tg.cancel_scope.cancel()
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(f"govflow: {line}\n")
+    sys.stderr.flush()
 
 
 class _Server(uvicorn.Server):

@@ -62,17 +62,29 @@ async def serving(app: Litestar, host: str = "127.0.0.1") -> AsyncIterator[str]:
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
+    stopped = anyio.Event()
+
+    async def serve() -> None:
+        try:
+            await server.serve([sock])
+        finally:
+            stopped.set()
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
+        tg.start_soon(serve)
         deadline = time.monotonic() + 30
         while not server.started:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or stopped.is_set():
                 raise AssertionError("uvicorn did not start within 30 s")
             await anyio.sleep(0.02)
         try:
             yield f"http://{host}:{port}"
         finally:
+            # Let the server finish its shutdown (the lifespan closes the pool) even when
+            # the test failed, rather than cancel it half-way and bury the failure.
             server.should_exit = True
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                await stopped.wait()
 
 
 async def wait_for(

@@ -547,6 +547,7 @@ async def test_the_openapi_document_validates(api: Api) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 async def test_schemathesis_finds_no_server_error(
     api: Api, pool: AsyncConnectionPool[Any], redis: Redis, tmp_path: Path
 ) -> None:

@@ -35,7 +35,7 @@ from schemas.keys import Keys
 from schemas.settings import Settings
 from tests.api_helpers import API_TOKENS, TOKENS, apply, serving, wait_for
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(300)]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -200,7 +200,10 @@ async def test_the_dashboard_shows_the_database_and_replays_a_dead_letter(
             assert "webhook answered 500" in reason
 
             browser = await playwright.chromium.launch(
-                executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+                executable_path=str(CHROMIUM),
+                headless=True,
+                args=CHROMIUM_ARGS,
+                timeout=120_000,  # a first start builds the font cache: slow on a busy machine
             )
             try:
                 page = await browser.new_page(viewport={"width": 1440, "height": 800})
