@@ -129,8 +129,10 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
                 name: p.slots for name, p in peers.PEERS.items() if name in opts.systems
             },
             "scenarios": opts.scenarios,
+            "budget_s": opts.budget,
         },
         "discarded_runs": bench.discarded,
+        "cut_for_time": bench.cut,
         "elapsed_s": round(elapsed, 1),
     }
 
@@ -201,6 +203,8 @@ def write(summary: dict[str, Any], out: Path, console: Console | None = None) ->
             f" the worker said: {run['worker_said']}",
             markup=True,
         )
+    for cut in summary["cut_for_time"]:
+        console.print(f"[bold]fewer runs[/bold] {cut}", markup=True)
     console.print(f"wrote {path}")
     if peers.PY.exists():
         plot = subprocess.run(

@@ -17,7 +17,7 @@ import secrets
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ class Options:
     """What to run, and how big."""
 
     events: int = 20_000
-    peer_events: int = 2_000
+    peer_events: int = 1_000
     runs: int = 3
     rate: float = 1000.0
     duration: float = 30.0
@@ -50,6 +50,7 @@ class Options:
     prefix: str = "gfb"
     profile: bool = False
     warmup: int = 200  # events run through before a steady load, so that nothing starts cold
+    budget: float = 570.0  # seconds; runs after a scenario's first stop when its share is spent
 
 
 Run = dict[str, Any]
@@ -67,7 +68,9 @@ class Bench:
         self.tag = f"{opts.prefix}-{secrets.token_hex(3)}"
         self.load = [os.getloadavg()[0]]  # others' work on the machine skews the figures
         self.skipped: dict[str, str] = {}
-        self.discarded: list[dict[str, str]] = []  # runs in which a worker died
+        self.discarded: list[dict[str, str]] = []  # runs in which a worker died or stalled
+        self.cut: list[str] = []  # scenarios that ran fewer rounds to keep within the budget
+        self.started = time.monotonic()
         self.logs = opts.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -105,7 +108,13 @@ class Bench:
             processes, env, self.logs / f"govflow-{run}", self.opts.concurrency, wrap, ports
         )
         try:
-            workload.wait_completed(db, "public", n, like=f"{run}-%", alive=lambda: _alive(procs))
+            try:
+                workload.wait_completed(
+                    db, "public", n, like=f"{run}-%", alive=lambda: _alive(procs)
+                )
+            except workload.StalledError:
+                self._dump(procs, run)
+                raise
             wall = time.monotonic() - started
             worker_cpu = cpu.trees_cpu([p.pid for p in procs])
             after = self._server_cpu()
@@ -215,6 +224,17 @@ class Bench:
 
     # -- the scenarios -----------------------------------------------------------------
 
+    def _dump(self, procs: list[subprocess.Popen[bytes]], run: str) -> None:
+        """Write where each stalled worker is stuck (py-spy dump) next to its log."""
+        if not profile.available():
+            return
+        for i, proc in enumerate(procs):
+            out = subprocess.run(
+                [str(profile.PY_SPY), "dump", "--pid", str(proc.pid)],
+                capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+            (self.logs / f"govflow-{run}-{i}.stack").write_text(out.stdout + out.stderr)
+
     def _attempt(self, system: str, run: str, measure: Callable[[str], Run]) -> Run:
         """Run ``measure``; a run in which a worker died is discarded and run again.
 
@@ -225,13 +245,32 @@ class Bench:
             name = run if attempt == 0 else f"{run}r{attempt}"
             try:
                 return measure(name)
-            except workload.WorkerDiedError as e:
+            except (workload.WorkerDiedError, workload.StalledError) as e:
                 last = _last_lines(self.logs, f"{system}-{name}")
                 self.discarded.append(
                     {"system": system, "run": name, "error": str(e), "worker_said": last}
                 )
                 self.say(f"{system} run {name} discarded: {e}; the worker said: {last}")
         raise RuntimeError(f"{system}: a worker died in {1 + RETRIES} runs in a row")
+
+    def _rounds(self, scenario: str) -> Iterator[int]:
+        """Round numbers of a scenario: the first always, more while its budget lasts.
+
+        Each scenario may spend its share of ``budget`` (drain a half, steady a fifth,
+        scaling three tenths); after the first round, which always runs, another starts
+        only if one as long as the longest so far still fits in that share.
+        """
+        share = {"drain": 0.5, "steady": 0.2, "scaling": 0.3}[scenario] * self.opts.budget
+        began, longest = time.monotonic(), 0.0
+        for r in range(self.opts.runs):
+            spent = time.monotonic() - began
+            if r and self.opts.budget and spent + longest > share:
+                self.cut.append(f"{scenario}: {r} of {self.opts.runs} runs (time budget)")
+                self.say(f"{scenario}: stopping after {r} runs to keep within the time budget")
+                return
+            start = time.monotonic()
+            yield r
+            longest = max(longest, time.monotonic() - start)
 
     def _record(self, scenario: str, system: str, run: Run) -> None:
         self.results[scenario].setdefault(system, []).append(run)
@@ -243,7 +282,7 @@ class Bench:
 
     def drain(self) -> None:
         """The backlog drain, every system, alternating."""
-        for r in range(self.opts.runs):
+        for r in self._rounds("drain"):
             for system in self._rotated(r):
                 run = f"d{r}{system[:2]}"
                 if system == "govflow":
@@ -283,7 +322,7 @@ class Bench:
                     f" below the {self.opts.rate:,.0f}/s offered"
                 )
                 self.say(f"steady  {system:9} skipped: {self.skipped[system]}")
-        for r in range(self.opts.runs):
+        for r in self._rounds("steady"):
             for system in self._rotated(r):
                 if system in self.skipped:
                     continue
@@ -302,7 +341,7 @@ class Bench:
 
     def scale(self) -> None:
         """govflow's drain with 1, 2, 4 worker processes (the drain's own runs reused)."""
-        for r in range(self.opts.runs):
+        for r in self._rounds("scaling"):
             counts = [p for p in self.opts.scaling if len(self.scaling.get(p, [])) <= r]
             for processes in counts[r % max(1, len(counts)) :] + counts[: r % max(1, len(counts))]:
                 result = self._attempt(
@@ -339,7 +378,7 @@ def parse(argv: list[str] | None) -> Options:
         description="govflow and its peers, side by side: drain, steady, scaling, publish.",
     )
     p.add_argument("--events", type=int, default=20_000, help="govflow's drain backlog")
-    p.add_argument("--peer-events", type=int, help="the peers' drain backlog (default 2000)")
+    p.add_argument("--peer-events", type=int, help="the peers' drain backlog (default 1000)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rate", type=float, default=1000.0, help="steady load, events/s")
     p.add_argument("--duration", type=float, default=30.0, help="govflow's steady load, s")
@@ -352,12 +391,15 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument("--out", type=Path, default=Options.out)
     p.add_argument("--prefix", default="gfb", help="prefix of every Redis key the run makes")
     p.add_argument("--no-install", action="store_true", help="skip peers not installed")
+    p.add_argument(
+        "--budget", type=float, default=570.0, help="seconds for all runs after the first (0: none)"
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--profile", action="store_true", help="only a govflow drain, under py-spy")
     a = p.parse_args(argv)
     opts = Options(
         events=a.events,
-        peer_events=a.peer_events or min(a.events, 2_000),
+        peer_events=a.peer_events or min(a.events, 1_000),
         runs=a.runs,
         rate=a.rate,
         duration=a.duration,
@@ -371,6 +413,7 @@ def parse(argv: list[str] | None) -> Options:
         install=not a.no_install,
         prefix=a.prefix,
         profile=a.profile,
+        budget=a.budget,
     )
     if a.quick:
         opts.rate, opts.duration, opts.peer_duration = 100.0, 2.0, 2.0
@@ -410,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "publish" in opts.scenarios and "drain" not in opts.scenarios:
             steps["drain"] = bench.drain  # publish is measured on the drain's backlog
             opts.scenarios.append("drain")
-        for name in ("drain", "scaling", "steady"):
+        for name in ("drain", "steady", "scaling"):
             if name in opts.scenarios:
                 steps[name]()
         bench.load.append(os.getloadavg()[0])

@@ -32,7 +32,7 @@ WORKFLOW = {
 }
 # The tables a peer's job writes, copied from govflow's schema.
 PEER_TABLES = ("workflow_executions", "tasks", "assignments")
-STALL_S = 60.0  # no execution completed for this long: the run has failed
+STALL_S = 90.0  # no execution completed for this long: the run has failed
 
 
 def event_fields(run: str, i: int) -> dict[str, Any]:
@@ -47,6 +47,10 @@ def event_fields(run: str, i: int) -> dict[str, Any]:
 
 class WorkerDiedError(RuntimeError):
     """A worker process exited in the middle of a run."""
+
+
+class StalledError(RuntimeError):
+    """The workers are alive, but no execution completed for ``STALL_S``."""
 
 
 @dataclass
@@ -125,7 +129,7 @@ def wait_completed(
 
     Raises:
         WorkerDiedError: ``alive()`` said a worker died.
-        RuntimeError: no progress for ``STALL_S``, or ``timeout`` passed.
+        StalledError: no progress for ``STALL_S``, or ``timeout`` passed.
     """
     deadline = time.monotonic() + timeout
     last, last_change = -1, time.monotonic()
@@ -139,7 +143,7 @@ def wait_completed(
         if alive is not None and not alive():
             raise WorkerDiedError(f"a worker exited with {done} of {expected} executions done")
         if now - last_change > STALL_S or now > deadline:
-            raise RuntimeError(f"stalled at {done} of {expected} completed executions")
+            raise StalledError(f"stalled at {done} of {expected} completed executions")
         time.sleep(0.2)
 
 
