@@ -121,6 +121,7 @@ class PartitionLeases:
         self._owned: dict[int, _Owned] = {}
         self._stopping = False
         self._stopped = anyio.Event()
+        self._emptied = anyio.Event()  # set when no consumer runs any more, once stopping
 
     def owned(self) -> frozenset[int]:
         """The partitions whose consumers run here and are not being given up."""
@@ -148,6 +149,11 @@ class PartitionLeases:
                     await self._stopped.wait()
             for owned in self._owned.values():
                 owned.consumer.stop()
+            # Batches in hand may outlast a lease: keep renewing until they are finished.
+            while self._owned:
+                await self._renew_all()
+                with anyio.move_on_after(self._ttl_s / 3):
+                    await self._emptied.wait()
         with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
             try:
                 await self._heartbeat(keys=[self._members], args=[self.worker_id, self._ttl_ms, 1])
@@ -235,6 +241,8 @@ class PartitionLeases:
             await owned.consumer.run()
         finally:
             del self._owned[p]
+            if self._stopping and not self._owned:
+                self._emptied.set()
             with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
                 try:
                     await self._release(
