@@ -27,9 +27,11 @@ from rich.table import Table
 
 from db import migrate as db_migrate
 from db.workflows import WorkflowVersion, apply_workflow, list_workflows
+from ops import dlq_cli, executions, lag_cli
 from ops.context import console, print_json, run_async, set_global_flags
 from ops.embedded import EmbeddedServerError
 from ops.log import MASK, configure_logging, redact_url
+from ops.serve import serve
 from producers.publish import Publisher
 from schemas.codec import decode_workflow, encode, json_schemas
 from schemas.errors import ConfigError, GovflowError, InvalidEntryError, UnavailableError
@@ -68,6 +70,10 @@ workflows_app = typer.Typer(
     help="Register and list workflow definitions.", callback=_help_without_command
 )
 app.add_typer(workflows_app, name="workflows", invoke_without_command=True)
+app.command("lag")(lag_cli.lag)
+app.add_typer(dlq_cli.app, name="dlq")
+app.add_typer(executions.app, name="executions")
+app.command("serve")(serve)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
@@ -143,9 +149,13 @@ def _read_definitions(files: list[Path]) -> list[tuple[Path, Workflow]]:
     workflows: list[tuple[Path, Workflow]] = []
     errors: list[str] = []
     first_file: dict[str, Path] = {}
+    from consumers.registry import check_actions  # the action types: only `apply` needs them
+
     for path in files:
         try:
             wf = decode_workflow(path.read_bytes(), source=str(path))
+            # An unknown action or bad parameters would only fail at run time, per event.
+            check_actions(wf.steps(), source=str(path))
         except OSError as e:
             errors.append(f"{path}: {e.strerror or e}")
             continue
@@ -283,6 +293,8 @@ def _json_option(flag: str, text: str, kind: Any) -> Any:
         raise ConfigError(f"{flag}: {e}") from e
     except msgspec.DecodeError as e:
         raise ConfigError(f"{flag} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ConfigError(f"{flag} is nested too deeply") from e
 
 
 def _database_url(settings: Settings) -> str:
@@ -325,7 +337,11 @@ def _describe(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; exit with its status."""
     try:
-        status = app(args=argv, prog_name="govflow", standalone_mode=False)
+        try:
+            status = app(args=argv, prog_name="govflow", standalone_mode=False)
+        except BaseExceptionGroup as group:
+            # A task group wraps what failed inside it: report the first real error.
+            raise _first_leaf(group) from group
     except typer.TyperException as e:
         # A bad command line (typer's UsageError and friends, exit 2) or a file it opened.
         ctx = getattr(e, "ctx", None)
@@ -351,6 +367,13 @@ def main(argv: list[str] | None = None) -> None:
         _print_error(f"unexpected {type(e).__name__}: {e} (a bug in govflow; please report it)")
         status = 1
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 if __name__ == "__main__":

@@ -1,35 +1,48 @@
 """``govflow run``: every role's workers in one process, stopped gracefully.
 
-One ``GroupConsumer`` per (role, partition, concurrency slot), all sharing one Redis
-client, one Postgres pool and one webhook client; plus the retry mover, the janitor and,
-with the ``relay`` role, the outbox relay.
+With one partition (the default): one ``GroupConsumer`` per (role, concurrency slot), all
+sharing one Redis client, one Postgres pool and one webhook client; plus the retry mover,
+the janitor and, with the ``relay`` role, the outbox relay.
+
+With ``GOVFLOW_PARTITIONS`` above 1, partitions are leased (``consumers.partitions``): per
+role, the worker holds a fair share of the partitions, one consumer on each, and
+``--concurrency`` does not apply; the retry mover and the janitor tend the partitions
+held here. The Redis URL may name a Redis Cluster node (``consumers.cluster``); a cluster
+needs at least 2 partitions, since one partition's keys carry no hash tag.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, cast
 
 import anyio
 import structlog
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from consumers import webhook
 from consumers.actions import ActionRunner
+from consumers.backoff import Backoff
+from consumers.cluster import connect
 from consumers.definitions import Definitions
 from consumers.janitor import Janitor
-from consumers.loop import BLOCK_MS, GroupConsumer, Handler
+from consumers.loop import BLOCK_MS, UNAVAILABLE, GroupConsumer, Handler
+from consumers.ordering import Ordering
 from consumers.outcomes import RetryPolicy
+from consumers.partitions import PartitionLease, PartitionLeases
 from consumers.retry import RetryMover
-from consumers.streams import Streams
+from consumers.streams import RedisClient, Streams
 from consumers.triggers import TriggerMatcher
 from db.pool import open_pool
+from ops.lag import LagGauges
 from schemas.errors import ConfigError
-from schemas.keys import Keys
+from schemas.keys import GROUP_OF, Keys
 from schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -66,9 +79,9 @@ def parse_roles(values: Iterable[str]) -> frozenset[str]:
     return frozenset(roles)
 
 
-def redis_client(url: str) -> Redis:
-    """A client whose socket timeout stays above the blocking read's."""
-    return Redis.from_url(
+async def redis_client(url: str) -> RedisClient:
+    """A client whose socket timeout stays above the blocking read's (a cluster's too)."""
+    return await connect(
         url,
         socket_timeout=BLOCK_MS / 1000 + 10,
         socket_connect_timeout=5,
@@ -94,11 +107,24 @@ class Worker:
         """Stop taking work; what is in hand finishes within the grace period."""
         self._stop.set()
 
+    @property
+    def leases(self) -> list[PartitionLeases]:
+        """The partition leases of each group (none with one partition)."""
+        return [s for s in self._services if isinstance(s, PartitionLeases)]
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until ``stop()``; signals readiness once every consumer is started."""
         assert self.settings.redis_url is not None
         assert self.settings.database_url is not None
-        redis = redis_client(self.settings.redis_url)
+        redis = await self._connect(self.settings.redis_url)
+        if redis is None:
+            return  # stopped before Redis answered
+        if isinstance(redis, RedisCluster) and self.keys.partitions == 1:
+            await redis.aclose()
+            raise ConfigError(
+                "the Redis URL names a Redis Cluster: set GOVFLOW_PARTITIONS >= 2 (one "
+                "partition's keys have no hash tag, so they cannot share a slot)"
+            )
         pool = await open_pool(self.settings.database_url, max_size=2 * self.concurrency + 4)
         try:
             async with webhook.client(self.settings.webhook_timeout) as http:
@@ -122,7 +148,19 @@ class Worker:
                 await redis.aclose()
             log.info("worker.stopped")
 
-    def _build(self, redis: Redis, pool: Any, http: Any) -> list[Service]:
+    async def _connect(self, url: str) -> RedisClient | None:
+        """Connect (asking whether it is a cluster), waiting for Redis while it is away."""
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                return await redis_client(url)
+            except UNAVAILABLE as e:
+                log.warning("redis.unavailable", error=str(e))
+                with anyio.move_on_after(backoff.next_delay()):
+                    await self._stop.wait()
+        return None
+
+    def _build(self, redis: RedisClient, pool: Any, http: Any) -> list[Service]:
         settings, keys = self.settings, self.keys
         streams = Streams(redis)
         definitions = Definitions(pool)
@@ -132,31 +170,56 @@ class Worker:
             handlers.append(TriggerMatcher(redis, pool, keys, definitions))
         if "actions" in self.roles:
             handlers.append(ActionRunner(pool, definitions, policy, settings, http))
+        ordering = Ordering(definitions)
         name = f"{socket.gethostname()}-{os.getpid()}"
-        services: list[Service] = [
-            GroupConsumer(
-                streams=streams, pool=pool, keys=keys, partition=p, handler=h,
-                consumer=f"{name}-{i}", policy=policy,
-                batch_size=settings.batch_size, claim_idle_s=settings.claim_idle,
-            )
-            for h in handlers
-            for p in keys.all_partitions()
-            for i in range(self.concurrency)
-        ]  # fmt: skip
+        services: list[Service] = []
+        leases: list[PartitionLeases] = []
+        if keys.partitions == 1:
+            services += [
+                GroupConsumer(
+                    streams=streams, pool=pool, keys=keys, partition=0, handler=h,
+                    consumer=f"{name}-{i}", policy=policy, ordering=ordering,
+                    batch_size=settings.batch_size, claim_idle_s=settings.claim_idle,
+                )
+                for h in handlers
+                for i in range(self.concurrency)
+            ]  # fmt: skip
+        else:
+            worker_id = f"{name}-{secrets.token_hex(3)}"  # a restarted pid is a new worker
+
+            def consumer_of(handler: Handler) -> Callable[[int, PartitionLease], GroupConsumer]:
+                return lambda p, lease: GroupConsumer(
+                    streams=streams, pool=pool, keys=keys, partition=p, handler=handler,
+                    consumer=worker_id, policy=policy, ordering=ordering, lease=lease,
+                    block_ms=lease.block_ms, batch_size=settings.batch_size,
+                    claim_idle_s=settings.claim_idle,
+                )  # fmt: skip
+
+            leases = [
+                PartitionLeases(
+                    redis, keys, GROUP_OF[h.role], worker_id, settings.lease_ttl, consumer_of(h)
+                )
+                for h in handlers
+            ]
+            services += leases
+        held = (lambda: sorted(set().union(*(x.owned() for x in leases)))) if leases else None
         if handlers:
-            services.append(RetryMover(streams, keys))
+            services.append(RetryMover(streams, keys, partitions=held))
             services.append(
                 Janitor(
                     streams,
                     keys,
                     retention=settings.retention,
                     consumer_gc_s=max(300.0, 10 * settings.claim_idle),
+                    partitions=held,
                 )
             )
+        services.append(LagGauges(cast("Redis", redis), pool, keys))  # for --metrics-port
         if "relay" in self.roles:
             from producers.relay import Relay
 
-            services.append(Relay(redis, pool, keys))
+            # Typed for one server; a cluster client has the same commands.
+            services.append(Relay(cast("Redis", redis), pool, keys))
         return services
 
 
