@@ -149,9 +149,19 @@ class GroupConsumer:
                 self._drain = self._lease is not None
                 await anyio.sleep(self._backoff.next_delay())
                 continue
+            except Exception:
+                log.exception("consumer.read_error", stream=self.stream)
+                await anyio.sleep(self._backoff.next_delay())
+                continue
             self._backoff.reset()
             if batch:
-                await self._process(batch)
+                try:
+                    await self._process(batch)
+                except UNAVAILABLE as e:
+                    log.warning("batch.unfinished", stream=self.stream, error=str(e))
+                except Exception:
+                    log.exception("batch.unfinished", stream=self.stream, size=len(batch))
+                    await anyio.sleep(self._backoff.next_delay())
             elif burst:
                 break
         await self._retire()

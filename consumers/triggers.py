@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
@@ -13,7 +14,7 @@ from consumers.definitions import Definitions
 from consumers.loop import UNAVAILABLE
 from consumers.matching import matches
 from consumers.outcomes import Outcome, dead
-from consumers.streams import Entry, RedisClient
+from consumers.streams import REPLAY_FIELD, Entry, RedisClient
 from db import executions
 from db.executions import NewExecution
 from schemas.codec import decode_event, encode
@@ -74,8 +75,11 @@ class TriggerMatcher:
             events[index] = event
             outcomes.append(Outcome(kind="ack", event_id=event.id, event_type=event.type))
         found = await self._match(events)
+        # A first delivery never re-emits a command for an execution found still queued:
+        # the delivery that recorded it emits it, or, if it crashed first, is redelivered.
+        redelivered = {i for i in events if batch[i].attempt > 1 or batch[i].field(REPLAY_FIELD)}
         try:
-            await self._record_and_emit(found)
+            await self._record_and_emit(found, redelivered)
         except UNAVAILABLE:
             raise
         except psycopg.Error:
@@ -84,7 +88,8 @@ class TriggerMatcher:
             log.warning("batch.split", size=len(events), exc_info=True)
             for index in events:
                 try:
-                    await self._record_and_emit({k: v for k, v in found.items() if v[0] == index})
+                    alone = {k: v for k, v in found.items() if v[0] == index}
+                    await self._record_and_emit(alone, redelivered)
                 except UNAVAILABLE:
                     raise
                 except psycopg.Error as e:
@@ -92,20 +97,25 @@ class TriggerMatcher:
         return outcomes
 
     async def _record_and_emit(
-        self, found: dict[str, tuple[int, NewExecution, RunWorkflow]]
+        self, found: dict[str, tuple[int, NewExecution, RunWorkflow]], redelivered: set[int]
     ) -> None:
-        """Commit the executions, then emit the commands of those still queued."""
+        """Commit the executions, then emit the commands of the new ones (and, for a
+        redelivered event, of those still queued, with the version their row records)."""
         if not found:
             return
         async with self._pool.connection() as conn, conn.transaction():
-            queued = set(
-                await executions.insert_queued(conn, [row for _, row, _ in found.values()])
-            )
+            queued = await executions.insert_queued(conn, [row for _, row, _ in found.values()])
         pipe = self._redis.pipeline(transaction=False)
-        for exec_id, (_, _, command) in found.items():
-            if exec_id in queued:
-                stream = self._keys.commands(self._keys.partition_of(command.event.entity_id))
-                pipe.xadd(stream, {COMMAND_FIELD: encode(command)})
+        for execution in queued:
+            index, _, command = found[execution.id]
+            if not execution.new and index not in redelivered:
+                continue
+            if command.workflow_version != execution.workflow_version:
+                command = msgspec.structs.replace(
+                    command, workflow_version=execution.workflow_version
+                )
+            stream = self._keys.commands(self._keys.partition_of(command.event.entity_id))
+            pipe.xadd(stream, {COMMAND_FIELD: encode(command)})
         await pipe.execute()
 
     async def _match(

@@ -64,19 +64,29 @@ _NEW_EXECUTIONS = Batched(
     "WITH new AS (INSERT INTO workflow_executions (id, workflow_name, workflow_version, event_id,"
     " entity_type, entity_id, tenant, event_occurred_at) SELECT id, workflow_name, workflow_version,"
     " event_id, entity_type, entity_id, tenant, occurred_at FROM {rows}"
-    " ON CONFLICT (event_id, workflow_name) DO NOTHING RETURNING id)"
-    " SELECT id::text FROM new UNION"
-    " SELECT id::text FROM workflow_executions WHERE id = ANY(%s::uuid[]) AND status = 'queued'",
+    " ON CONFLICT (event_id, workflow_name) DO NOTHING RETURNING id, workflow_version)"
+    " SELECT id::text, workflow_version, true FROM new UNION ALL"
+    " SELECT id::text, workflow_version, false FROM workflow_executions"
+    " WHERE id = ANY(%s::uuid[]) AND status = 'queued'",
     ("id uuid", "workflow_name text", "workflow_version int", "event_id text", "entity_type text",
      "entity_id text", "tenant text", "occurred_at timestamptz"),
 )  # fmt: skip
 
 
-async def insert_queued(conn: AsyncConnection[Any], rows: Sequence[NewExecution]) -> list[str]:
-    """Record executions (a known one is left alone); return the ids still ``queued``.
+class Queued(msgspec.Struct, frozen=True):
+    """An execution waiting for its command: just recorded, or found still queued."""
 
-    A redelivered event finds its executions already there: those still queued may have
-    lost their command to a crash, so the caller emits their commands again.
+    id: str
+    workflow_version: int
+    new: bool
+
+
+async def insert_queued(conn: AsyncConnection[Any], rows: Sequence[NewExecution]) -> list[Queued]:
+    """Record executions (a known one is left alone); return those new or still ``queued``.
+
+    An execution found still queued may have lost its command to a crash between this
+    commit and the emit; the caller emits it again when it handles a redelivery. The
+    version is the row's: a definition applied in between does not change what runs.
     """
     if not rows:
         return []
@@ -87,7 +97,7 @@ async def insert_queued(conn: AsyncConnection[Any], rows: Sequence[NewExecution]
             id_array(r.id for r in rows),
         ),
     )
-    return [row[0] for row in await cur.fetchall()]
+    return [Queued(*row) for row in await cur.fetchall()]
 
 
 class State(msgspec.Struct, frozen=True):
