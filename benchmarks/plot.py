@@ -41,6 +41,7 @@ def main(src: Path, dst: Path) -> None:
                 label=key.replace("_ms", ""))  # fmt: skip
     ax2.set_xticks(list(x), with_steady)
     ax2.set_yscale("log")
+    ax2.set_ylim(bottom=1)
     ax2.set_title(f"Steady load {summary['options']['rate']:.0f}/s: latency (ms, log)")
     ax2.legend()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from benchmarks import peers
@@ -140,17 +141,17 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
 def _range(d: dict[str, Any], key: str, fmt: str = ",.0f") -> str:
     if key not in d:
         return "-"
-    return f"{d[key]:{fmt}} [{d[f'{key}_min']:{fmt}}-{d[f'{key}_max']:{fmt}}]"
+    return escape(f"{d[key]:{fmt}} [{d[f'{key}_min']:{fmt}}-{d[f'{key}_max']:{fmt}}]")
 
 
 def table(summary: dict[str, Any]) -> Table:
     """One row per system: the medians, [min-max] of the runs."""
     load = summary["machine"].get("load_average_1m", [])
     t = Table(
-        title="govflow and its peers (median [min-max])",
+        title=escape("govflow and its peers (median [min-max])"),
         caption=f"load average (1 min) at start and end: {load}",
     )
-    for column in ("system", "version", "drain events/s", "vs govflow", "publish events/s",
+    for column in ("system", "version", "drain events/s", "govflow / it", "publish events/s",
                    "steady p50 ms", "steady p99 ms", "steady max ms"):  # fmt: skip
         t.add_column(column, justify="left" if column in ("system", "version") else "right")
     drain, steady, publish = summary["drain"], summary["steady"], summary["publish"]
@@ -174,7 +175,7 @@ def table(summary: dict[str, Any]) -> Table:
 
 def scaling_table(summary: dict[str, Any]) -> Table:
     """govflow's drain by worker processes."""
-    t = Table(title="govflow drain by worker processes (median [min-max])")
+    t = Table(title=escape("govflow's drain by worker processes (median [min-max])"))
     for column in ("processes", "events/s", "peak RSS MiB / process", "cores busy"):
         t.add_column(column, justify="right")
     for p, d in summary["scaling"]["detail"]["govflow"].items():
