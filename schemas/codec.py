@@ -73,10 +73,14 @@ def decode_workflow(text: str | bytes, source: str = "definition") -> Workflow:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise InvalidEntryError(f"{source}: not valid YAML{where}") from e
+    except RecursionError as e:  # PyYAML composes nested nodes recursively
+        raise InvalidEntryError(f"{source}: nested too deeply") from e
     try:
         return msgspec.convert(data, Workflow)
     except msgspec.ValidationError as e:
         raise InvalidEntryError(f"{source}: {e}") from e
+    except RecursionError as e:
+        raise InvalidEntryError(f"{source}: nested too deeply") from e
 
 
 def _decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, what: str) -> T:
@@ -92,6 +96,10 @@ def _decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, what: str) -> T:
     except UnicodeDecodeError as e:
         # msgspec raises this one, not a DecodeError, for bad bytes inside a JSON string.
         raise InvalidEntryError(f"{what} is not valid UTF-8: {e}") from e
+    except RecursionError as e:
+        # Objects nested a few thousand deep (in an ignored field, say) exhaust the stack
+        # of msgspec's decoder; escaping as RecursionError, they failed the whole batch.
+        raise InvalidEntryError(f"{what} is nested too deeply") from e
 
 
 def json_schemas() -> dict[str, Any]:
