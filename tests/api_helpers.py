@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -85,25 +85,6 @@ async def serving(app: Litestar, host: str = "127.0.0.1") -> AsyncIterator[str]:
             server.should_exit = True
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):
                 await stopped.wait()
-
-
-async def wait_for(
-    probe: Callable[[], Awaitable[T]],
-    done: Callable[[T], bool],
-    *,
-    within: float,
-    what: str,
-    every: float = 0.1,
-) -> T:
-    """Call ``probe`` until ``done(value)``; fail after ``within`` seconds, showing the value."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}; last: {value!r}")
-        await anyio.sleep(every)
 
 
 async def apply(pool: AsyncConnectionPool[Any], text: str) -> int:

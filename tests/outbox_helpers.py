@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from producers.relay import Relay
 from schemas.codec import decode_workflow
 from schemas.events import Change, Event, new_event
 from schemas.settings import Settings
+from tests.pipeline_helpers import wait_for
 
 T = TypeVar("T")
 
@@ -111,25 +112,6 @@ def status_changed(entity_id: str, before: str, after: str) -> Event:
         data={"status": after},
         changes={"status": Change(from_=before, to=after)},
     )
-
-
-async def wait_for(
-    probe: Callable[[], Awaitable[T]],
-    done: Callable[[T], bool],
-    *,
-    within: float,
-    what: str,
-    every: float = 0.05,
-) -> T:
-    """Call ``probe`` until ``done(value)``; fail after ``within`` seconds, showing the value."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}; last: {value!r}")
-        await anyio.sleep(every)
 
 
 async def now(value: T) -> T:

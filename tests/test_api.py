@@ -45,8 +45,8 @@ from tests.api_helpers import (
     bearer,
     seed_execution,
     serving,
-    wait_for,
 )
+from tests.pipeline_helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 

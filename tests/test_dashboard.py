@@ -33,7 +33,13 @@ from producers.publish import Publisher
 from schemas.events import Change, new_event
 from schemas.keys import Keys
 from schemas.settings import Settings
-from tests.api_helpers import API_TOKENS, TOKENS, apply, serving, wait_for
+from tests.api_helpers import (
+    API_TOKENS,
+    TOKENS,
+    apply,
+    serving,
+)
+from tests.pipeline_helpers import wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(300)]
 

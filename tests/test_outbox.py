@@ -37,8 +37,8 @@ from tests.outbox_helpers import (
     running_relay,
     running_worker,
     scalar,
-    wait_for,
 )
+from tests.pipeline_helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 

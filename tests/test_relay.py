@@ -42,8 +42,8 @@ from tests.outbox_helpers import (
     status_changed,
     stop_process,
     stream_ids,
-    wait_for,
 )
+from tests.pipeline_helpers import wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -6,8 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,43 +25,10 @@ GOVFLOW = Path(sys.executable).parent / "govflow"
 ROLES = frozenset({"triggers", "actions"})
 
 
-async def wait_for(
-    probe: Callable[[], Awaitable[T]],
-    done: Callable[[T], bool],
-    *,
-    within: float,
-    what: str,
-    every: float = 0.1,
-) -> T:
-    """Call ``probe`` until ``done(value)``; fail after ``within`` seconds, showing the value."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}; last: {value!r}")
-        await anyio.sleep(every)
-
-
-async def fetch(pool: AsyncConnectionPool[Any], query: str, *params: Any) -> list[tuple[Any, ...]]:
-    """Run one query; return its rows."""
-    async with pool.connection() as conn:
-        cur = await conn.execute(query.encode(), params)
-        rows: list[tuple[Any, ...]] = await cur.fetchall()
-        return rows
-
-
 async def apply(pool: AsyncConnectionPool[Any], text: str) -> None:
     """Validate and store a workflow definition (YAML)."""
     async with pool.connection() as conn:
         await apply_workflow(conn, decode_workflow(text, "test"))
-
-
-async def statuses(pool: AsyncConnectionPool[Any]) -> dict[str, int]:
-    """How many executions are in each status."""
-    rows = await fetch(pool, "SELECT status, count(*) FROM workflow_executions GROUP BY status")
-    return {status: int(n) for status, n in rows}
 
 
 async def lease_owners(redis: RedisClient, keys: Keys, group: str) -> list[str | None]:

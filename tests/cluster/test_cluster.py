@@ -35,15 +35,13 @@ from tests.cluster.conftest import PARTITIONS
 from tests.cluster.helpers import (
     apply,
     drained,
-    fetch,
     lease_owners,
     pid_of,
     running_worker,
     start_worker_process,
-    statuses,
-    wait_for,
 )
 from tests.cluster.servers import Cluster
+from tests.pipeline_helpers import fetch, statuses, wait_for
 from tests.webhook_server import Reply, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster, pytest.mark.slow]
