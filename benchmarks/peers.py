@@ -160,7 +160,8 @@ PEERS: dict[str, Peer] = {
 def install(names: list[str]) -> None:
     """Install what the named peers need (and the plot's and profiler's packages)."""
     wanted = [PEERS[n] for n in names]
-    if not PY.exists() or any(not p.installed() for p in wanted if not p.node):
+    tools = [VENV / "bin" / "py-spy", VENV / "lib" / "python3.11" / "site-packages" / "matplotlib"]
+    if any(not p.installed() for p in wanted if not p.node) or not all(t.exists() for t in tools):
         PEERS_DIR.mkdir(exist_ok=True)
         if not PY.exists():
             subprocess.run(["uv", "venv", "-q", "--python", "3.11", str(VENV)], check=True)
