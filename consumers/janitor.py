@@ -23,6 +23,7 @@ from schemas.keys import Keys
 log = structlog.get_logger(__name__)
 
 EVERY_S = 5.0
+TRIM_STEP = 5_000  # entries one sweep may trim for retention
 
 
 def parse_id(entry_id: str | bytes) -> tuple[int, int]:
@@ -53,10 +54,13 @@ async def safe_trim_id(redis: RedisClient, stream: str, retention: int) -> tuple
             if summary["min"] is not None:  # acknowledged since XINFO: none pending now
                 candidates.append(parse_id(summary["min"]))
     if retention:
-        newest: Any = await redis.xrevrange(stream, count=retention)
-        if len(newest) < retention:
+        # Only the entries beyond the kept ones are read (at most TRIM_STEP a sweep), and
+        # the one after them: the first entry kept.
+        excess = await redis.xlen(stream) - retention
+        if excess <= 0:
             return None
-        candidates.append(parse_id(newest[-1][0]))
+        oldest: Any = await redis.xrange(stream, count=min(excess, TRIM_STEP) + 1)
+        candidates.append(parse_id(oldest[-1][0]))
     return min(candidates)
 
 

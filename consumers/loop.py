@@ -19,6 +19,7 @@ order run in rounds and park behind a retried one (``consumers.ordering``).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -55,6 +56,14 @@ _LOG_EVENT = {
     "retry": "entry.retried",
     "dead": "entry.dead_lettered",
     "park": "entry.parked",
+}
+# An acknowledgement is the everyday case, logged at debug (``--log-level debug``): an
+# info line for each was the largest single cost in the worker's profile.
+_LOG_LEVEL = {
+    "ack": logging.DEBUG,
+    "retry": logging.INFO,
+    "dead": logging.INFO,
+    "park": logging.INFO,
 }
 BLOCK_MS = 1000  # below the client's socket timeout, so a stop is seen within a second
 UNREADABLE_POLL_S = 0.1  # how often a consumer whose lease awaits renewal looks again
@@ -316,7 +325,8 @@ class GroupConsumer:
         for entry, item, outcome in zip(batch, items, outcomes, strict=True):
             cause = outcome.cause if outcome is not None else "held"
             metrics.ENTRIES.labels(self.stream, self.group, item.kind, cause or "ok").inc()
-            log.info(
+            log.log(
+                _LOG_LEVEL[item.kind],
                 _LOG_EVENT[item.kind],
                 stream=self.stream,
                 entry_id=entry.id,
