@@ -61,6 +61,10 @@ class TriggerMatcher:
         self._pool = pool
         self._keys = keys
         self._definitions = definitions
+        # Entries whose executions may be committed while their commands are not all
+        # emitted: Redis went away in between, and the loop holds the batch and hands it
+        # back. That retry counts no attempt, yet it must emit what is still queued.
+        self._unsent: set[str] = set()
 
     async def handle(self, batch: Sequence[Entry]) -> list[Outcome]:
         """Match a batch of events; every entry is acknowledged unless it is poison."""
@@ -77,7 +81,13 @@ class TriggerMatcher:
         found = await self._match(events)
         # A first delivery never re-emits a command for an execution found still queued:
         # the delivery that recorded it emits it, or, if it crashed first, is redelivered.
-        redelivered = {i for i in events if batch[i].attempt > 1 or batch[i].field(REPLAY_FIELD)}
+        redelivered = {
+            i
+            for i in events
+            if batch[i].attempt > 1 or batch[i].field(REPLAY_FIELD) or batch[i].id in self._unsent
+        }
+        ids = {batch[i].id for i in events}
+        self._unsent |= ids
         try:
             await self._record_and_emit(found, redelivered)
         except UNAVAILABLE:
@@ -94,6 +104,9 @@ class TriggerMatcher:
                     raise
                 except psycopg.Error as e:
                     outcomes[index] = dead(f"Postgres refused the event: {e}", "invalid_entry")
+        # Every command went out (an unexpected error instead sends the entries to the
+        # retry set under new ids; their stale ids here are harmless).
+        self._unsent -= ids
         return outcomes
 
     async def _record_and_emit(
