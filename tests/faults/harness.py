@@ -173,6 +173,12 @@ class Workers:
         """The slots whose process is running."""
         return [slot for slot, proc in self.procs.items() if proc.poll() is None]
 
+    def ready(self) -> list[int]:
+        """The running slots whose worker said ``worker.started`` (needs log level info)."""
+        return [
+            slot for slot in self.alive() if b'"worker.started"' in self.log_of[slot].read_bytes()
+        ]
+
     def crashed(self) -> list[str]:
         """The logs of processes that exited by themselves (none should)."""
         return [
@@ -221,6 +227,15 @@ async def wait_started(workers: Workers, within: float = 90.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"workers {waiting} did not start\n{workers.tail()}")
         await anyio.sleep(0.1)
+
+
+async def some_ready(workers: Workers, within: float = 90.0) -> list[int]:
+    """Wait until at least one worker is started; return the started ones."""
+    deadline = time.monotonic() + within
+    while not (ready := workers.ready()):
+        assert time.monotonic() < deadline, f"no worker started\n{workers.tail()}"
+        await anyio.sleep(0.05)
+    return ready
 
 
 async def wait_in_hand(redis_url: str, pid: int, within: float) -> bool:

@@ -27,6 +27,7 @@ from tests.faults.harness import (
     record,
     run_check,
     settle,
+    some_ready,
     wait_in_hand,
     wait_started,
 )
@@ -44,21 +45,25 @@ async def test_workers_killed_with_sigkill_at_random_instants_lose_and_double_no
     started = time.monotonic()
     await apply_workflows(fault_database_url)
     events, wants = make_events(EVENTS, "kill")
-    workers = Workers(fault_redis.url, fault_database_url, logs)
-    producer = Producer(fault_redis.url, Keys(PREFIX), pause=0.2)
-    in_work = 0  # kills that caught their victim holding entries
+    workers = Workers(fault_redis.url, fault_database_url, logs, log_level="info")
+    # A backlog, worked through by three workers that keep being killed: each kill lands
+    # at a random instant at which its victim holds entries (delivered, unacknowledged).
+    producer = Producer(fault_redis.url, Keys(PREFIX), chunk=250, pause=0.0)
+    in_work = 0
     try:
         for slot in range(WORKERS):
             workers.start(slot)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(producer.run, events)
-            for _ in range(KILLS):
-                await anyio.sleep(jitter(0.2, 1.0))
-                slot = random.choice(workers.alive())
-                # A random instant at which the victim has work in hand, if it gets any soon.
-                in_work += await wait_in_hand(fault_redis.url, workers.procs[slot].pid, 10.0)
-                workers.kill(slot)
-                workers.start(slot)
+        await wait_started(workers)
+        await producer.run(events)
+        for _ in range(KILLS):
+            slot = random.choice(await some_ready(workers))  # not one still starting up
+            busy = await wait_in_hand(fault_redis.url, workers.procs[slot].pid, 5.0)
+            in_work += busy
+            workers.kill(slot)
+            workers.start(slot)
+            if not busy:
+                break  # the backlog is gone
+            await anyio.sleep(jitter(0.1, 0.6))
         report = await settle(
             fault_redis.url, fault_database_url, expected_of(producer.accepted, wants), within=150
         )
@@ -68,8 +73,7 @@ async def test_workers_killed_with_sigkill_at_random_instants_lose_and_double_no
     faults = f"{workers.killed} SIGKILLs of 3 workers, {in_work} of them with entries in hand"
     record("worker SIGKILL", len(events), faults, report, started)
     assert len(producer.accepted) == len(events)
-    assert workers.killed == KILLS
-    assert in_work >= KILLS // 2, "too few kills caught a worker at work"
+    assert in_work >= KILLS // 2, f"only {in_work} kills caught a worker at work"
     assert report.ok, f"{report.summary()}\n{workers.tail()}"
 
 

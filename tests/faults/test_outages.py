@@ -155,7 +155,6 @@ async def test_connections_cut_mid_command_lose_nothing(
             for slot in range(2):
                 workers.start(slot)
             await wait_started(workers)
-            print("DBG started", time.monotonic() - started)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(producer.run, events)
                 for _ in range(CUTS):
@@ -164,8 +163,6 @@ async def test_connections_cut_mid_command_lose_nothing(
                     direction: Direction = random.choice(("request", "reply"))
                     hit = await anyio.to_thread.run_sync(proxy.cut_mid_command, direction, 2.0)
                     fired += hit
-                print("DBG cuts done", time.monotonic() - started)
-            print("DBG producer done", time.monotonic() - started)
             report = await settle(
                 fault_redis.url,
                 fault_database_url,
