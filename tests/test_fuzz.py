@@ -221,13 +221,15 @@ def drained(fed: Fed) -> bool:
     for stream, group in ((fed.keys.events(), "triggers"), (fed.keys.commands(), "actions")):
         if not fed.redis.exists(stream):
             continue
-        if fed.redis.xpending(stream, group)["pending"]:
+        groups = {info["name"]: info for info in fed.redis.xinfo_groups(stream)}
+        info = groups.get(group.encode())
+        if info is None:  # "worker.started" comes before its consumers create their groups
             return False
-        for info in fed.redis.xinfo_groups(stream):
-            if info["name"] == group.encode():
-                last = info["last-delivered-id"].decode()
-                if fed.redis.xrange(stream, min=f"({last}", max="+", count=1):
-                    return False
+        if info["pending"]:
+            return False
+        last = info["last-delivered-id"].decode()
+        if fed.redis.xrange(stream, min=f"({last}", max="+", count=1):
+            return False
     return fed.redis.zcard(fed.keys.retry()) == 0
 
 
