@@ -100,6 +100,10 @@ class Janitor:
                 await self.sweep()
             except UNAVAILABLE as e:
                 log.warning("janitor.sweep_failed", error=str(e))
+            except Exception:
+                # Housekeeping must never stop the worker (redis-py's cluster client can
+                # raise AttributeError mid-failover); the next sweep tries again.
+                log.exception("janitor.sweep_failed")
             with anyio.move_on_after(self._every_s):
                 await self._stopped.wait()
 

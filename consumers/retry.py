@@ -59,5 +59,11 @@ class RetryMover:
                 log.warning("retry.move_failed", error=str(e))
                 await anyio.sleep(backoff.next_delay())
                 continue
+            except Exception:
+                # Moving must never stop the worker (redis-py's cluster client can raise
+                # AttributeError mid-failover); the retries stay in their set meanwhile.
+                log.exception("retry.move_failed")
+                await anyio.sleep(backoff.next_delay())
+                continue
             backoff.reset()
             await anyio.sleep(self._poll_s)
