@@ -16,26 +16,26 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx
 import msgspec
 import psycopg
-from redis import Redis as SyncRedis
 
 from benchmarks import cpu
-from benchmarks.workload import WORKFLOW, event_fields
+from benchmarks.workload import WORKFLOW, StalledError, WorkerDiedError, event_fields
+from consumers.cluster import connect
 from db.migrate import migrate
 from db.workflows import apply_workflow
 from producers.publish import Publisher
 from schemas.events import Event, new_event
-from schemas.keys import Keys
+from schemas.keys import GROUP_OF, Keys
 from schemas.workflows import Workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISH_CHUNK = 1000  # events per publish_many call
 STOP_TIMEOUT = 40.0
+BALANCE_TIMEOUT = 120.0  # for the workers' partition leases to settle
 
 
 def version() -> str:
@@ -73,17 +73,20 @@ def events(run: str, n: int, start: int = 0) -> list[Event]:
     return out
 
 
-async def _publish(redis_url: str, prefix: str, batch: list[Event]) -> float:
-    async with Publisher.from_url(redis_url, Keys(prefix)) as publisher:
+async def _publish(redis_url: str, keys: Keys, batch: list[Event]) -> float:
+    async with Publisher(await connect(redis_url), keys, owns_client=True) as publisher:
         started = time.perf_counter()
         for i in range(0, len(batch), PUBLISH_CHUNK):
             await publisher.publish_many(batch[i : i + PUBLISH_CHUNK])
         return time.perf_counter() - started
 
 
-def publish(redis_url: str, prefix: str, batch: list[Event]) -> float:
-    """Publish built events with ``publish_many``; return the seconds it took."""
-    return anyio.run(_publish, redis_url, prefix, batch)
+def publish(redis_url: str, prefix: str, batch: list[Event], partitions: int = 1) -> float:
+    """Publish built events with ``publish_many``; return the seconds it took.
+
+    The URL may name a Redis Cluster node; the events then spread over ``partitions``.
+    """
+    return anyio.run(_publish, redis_url, Keys(prefix, partitions), batch)
 
 
 async def _paced(redis_url: str, prefix: str, run: str, n: int, rate: float) -> float:
@@ -104,16 +107,49 @@ def publish_paced(redis_url: str, prefix: str, run: str, n: int, rate: float) ->
     return anyio.run(_paced, redis_url, prefix, run, n, rate)
 
 
-def env(redis_url: str, database_url: str, prefix: str) -> dict[str, str]:
+def env(redis_url: str, database_url: str, prefix: str, partitions: int = 1) -> dict[str, str]:
     """The environment of a worker process: the harness's own, with govflow's settings."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("GOVFLOW_")}
     base.update(
         GOVFLOW_REDIS_URL=redis_url,
         GOVFLOW_DATABASE_URL=database_url,
         GOVFLOW_PREFIX=prefix,
+        GOVFLOW_PARTITIONS=str(partitions),
         PYTHONPATH=str(ROOT),
     )
     return base
+
+
+async def _lease_holders(redis_url: str, keys: Keys) -> dict[str, list[str | None]]:
+    client = await connect(redis_url)
+    try:
+        holders: dict[str, list[str | None]] = {}
+        for group in GROUP_OF.values():
+            values = [await client.get(keys.lease(group, p)) for p in keys.all_partitions()]
+            holders[group] = [v.decode() if isinstance(v, bytes) else v for v in values]
+        return holders
+    finally:
+        await client.aclose()
+
+
+def wait_balanced(redis_url: str, keys: Keys, workers: int, alive: Callable[[], bool]) -> None:
+    """Wait until, in every group, each partition is leased and ``workers`` share them.
+
+    Raises:
+        WorkerDiedError: a worker exited meanwhile.
+        StalledError: the leases did not settle within ``BALANCE_TIMEOUT``.
+    """
+    deadline = time.monotonic() + BALANCE_TIMEOUT
+    while True:
+        holders = anyio.run(_lease_holders, redis_url, keys)
+        if all(None not in owners and len(set(owners)) == min(workers, keys.partitions)
+               for owners in holders.values()):  # fmt: skip
+            return
+        if not alive():
+            raise WorkerDiedError(f"a worker exited before the leases settled: {holders}")
+        if time.monotonic() > deadline:
+            raise StalledError(f"the leases did not settle: {holders}")
+        time.sleep(0.2)
 
 
 def start(
@@ -208,12 +244,17 @@ def batches(ports: list[int]) -> dict[str, dict[str, float]]:
     return out
 
 
+async def _cleanup(redis_url: str, prefix: str) -> None:
+    client = await connect(redis_url)
+    try:
+        # On a cluster, SCAN visits every primary and UNLINK is split by slot.
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.unlink(*keys)
+    finally:
+        await client.aclose()
+
+
 def cleanup(redis_url: str, prefix: str) -> None:
     """Delete a run's keys: every key whose name starts with ``prefix``."""
-    client: SyncRedis = SyncRedis.from_url(redis_url)
-    try:
-        keys: list[Any] = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.unlink(*keys)
-    finally:
-        client.close()
+    anyio.run(_cleanup, redis_url, prefix)

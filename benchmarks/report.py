@@ -100,12 +100,25 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
         for p, runs in sorted(bench.scaling.items())
         if p in opts.scaling or "scaling" not in opts.scenarios
     }  # fmt: skip
+    cluster_detail = {
+        str(p): {**_stats(runs, "events_per_s"), **_stats(runs, "balanced_s"),
+                 **_stats(runs, "peak_rss_mb"), "cores": runs[len(runs) // 2]["cores"],
+                 "runs": len(runs)}
+        for p, runs in sorted(bench.cluster.items())
+    }  # fmt: skip
     return {
         "drain": drain,
         "steady": steady,
         "scaling": {
             "govflow": {p: d["events_per_s"] for p, d in scaling_detail.items()},
             "detail": {"govflow": scaling_detail},
+        },
+        "cluster": {
+            "govflow": {p: d["events_per_s"] for p, d in cluster_detail.items()},
+            "detail": {"govflow": cluster_detail},
+            "topology": "3 primaries + 3 replicas, AOF on, one machine",
+            "partitions": opts.partitions,
+            "events": opts.events,
         },
         "publish": publish,
         "versions": versions,
@@ -184,6 +197,23 @@ def scaling_table(summary: dict[str, Any]) -> Table:
     return t
 
 
+def cluster_table(summary: dict[str, Any]) -> Table:
+    """govflow on the Redis Cluster by worker processes."""
+    c = summary["cluster"]
+    t = Table(
+        title=escape(
+            f"govflow on a Redis Cluster ({c['topology']}), {c['partitions']} partitions,"
+            " by worker processes (median [min-max])"
+        )
+    )
+    for column in ("processes", "events/s", "leases settled s", "cores busy"):
+        t.add_column(column, justify="right")
+    for p, d in c["detail"]["govflow"].items():
+        cores = ", ".join(f"{k} {v}" for k, v in d["cores"].items())
+        t.add_row(p, _range(d, "events_per_s"), _range(d, "balanced_s", ",.1f"), cores)
+    return t
+
+
 def write(summary: dict[str, Any], out: Path, console: Console | None = None) -> None:
     """Write summary.json, print the tables, draw bench.png when matplotlib is at hand."""
     console = console or Console(width=160)
@@ -191,6 +221,8 @@ def write(summary: dict[str, Any], out: Path, console: Console | None = None) ->
     path.write_text(json.dumps(summary, indent=2) + "\n")
     console.print(table(summary))
     console.print(scaling_table(summary))
+    if summary["cluster"]["govflow"]:
+        console.print(cluster_table(summary))
     d = summary["drain"]
     if d.get("ratio") is not None:
         console.print(

@@ -4,6 +4,8 @@
   row to the commit of the last completion (``workload.measure``).
 - steady: events offered at a fixed rate; latency from publish to the completion's commit.
 - scaling: govflow's drain with 1, 2 and 4 worker processes.
+- cluster: govflow on a 3-primary, 3-replica Redis Cluster over 8 partitions, drained by 1
+  and by 3 worker processes (started first; the backlog goes in once their leases settle).
 - publish: how fast the drain's backlog went in (``publish_many`` for govflow, each
   peer's own enqueue call: ``addBulk`` for BullMQ, one call per job for the others).
 """
@@ -14,8 +16,10 @@ import argparse
 import functools
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,9 +28,13 @@ from typing import Any
 
 from benchmarks import cpu, gf, peers, profile, report, workload
 from benchmarks.servers import Servers, free_port, servers
+from schemas.keys import Keys
+from tests.cluster.servers import running_cluster
 
 SYSTEMS = ("govflow", "celery", "dramatiq", "taskiq", "bullmq")
-SCENARIOS = ("drain", "steady", "scaling", "publish")
+SCENARIOS = ("drain", "steady", "scaling", "publish", "cluster")
+# Each scenario's share of the time budget (``Bench._rounds``).
+BUDGET_SHARES = {"drain": 0.45, "steady": 0.15, "scaling": 0.2, "cluster": 0.2}
 RETRIES = 3  # runs of a system discarded in a row, because a worker died, before giving up
 
 
@@ -42,6 +50,8 @@ class Options:
     peer_duration: float = 10.0
     processes: int = 2
     scaling: list[int] = field(default_factory=lambda: [1, 2, 4])
+    cluster: list[int] = field(default_factory=lambda: [1, 3])  # worker processes
+    partitions: int = 8  # on the cluster
     concurrency: int = 2  # `govflow run`'s default
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
@@ -64,6 +74,7 @@ class Bench:
         self.servers = found
         self.results: dict[str, dict[str, list[Run]]] = {s: {} for s in SCENARIOS}
         self.scaling: dict[int, list[Run]] = {}
+        self.cluster: dict[int, list[Run]] = {}  # runs on the Redis Cluster, by processes
         self.commit_ts = workload.commit_timestamps(found.database_url)
         self.tag = f"{opts.prefix}-{secrets.token_hex(3)}"
         self.load = [os.getloadavg()[0]]  # others' work on the machine skews the figures
@@ -71,6 +82,7 @@ class Bench:
         self.discarded: list[dict[str, str]] = []  # runs in which a worker died or stalled
         self.cut: list[str] = []  # scenarios that ran fewer rounds to keep within the budget
         self.started = time.monotonic()
+        self.cluster_pids: list[int] = []  # the Redis Cluster's nodes, while it runs
         self.logs = opts.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -81,7 +93,10 @@ class Bench:
     # -- the servers' CPU, to tell where a run's time went -----------------------------
 
     def _server_cpu(self) -> dict[str, float]:
-        return {name: cpu.tree_cpu(pid) for name, pid in self.servers.pids.items()}
+        used = {name: cpu.tree_cpu(pid) for name, pid in self.servers.pids.items()}
+        if self.cluster_pids:
+            used["redis_cluster"] = sum(cpu.tree_cpu(pid) for pid in self.cluster_pids)
+        return used
 
     def _cores(
         self, before: dict[str, float], after: dict[str, float], workers: float, seconds: float
@@ -158,6 +173,44 @@ class Bench:
             gf.stop(procs)
             gf.cleanup(self.servers.redis_url, prefix)
         return self._steady_result(run, n, sent_s)
+
+    def govflow_cluster(self, run: str, processes: int, cluster_url: str) -> Run:
+        """Drain ``events`` spread over the cluster's partitions with ``processes`` workers.
+
+        The workers start first and the backlog is published once their partition leases
+        have settled, so the figure is what N workers carry, not how fast they rebalance;
+        that is ``balanced_s``, from their launch to settled leases.
+        """
+        db, prefix, n = self.servers.database_url, f"{self.tag}-{run}", self.opts.events
+        keys = Keys(prefix, self.opts.partitions)
+        workload.reset(db, "public")
+        env = gf.env(cluster_url, db, prefix, keys.partitions)
+        launched = time.monotonic()
+        procs = gf.start(processes, env, self.logs / f"govflow-{run}", self.opts.concurrency)
+        try:
+            gf.wait_balanced(cluster_url, keys, processes, alive=lambda: _alive(procs))
+            balanced_s = time.monotonic() - launched
+            pids = [p.pid for p in procs]
+            before, started = self._server_cpu(), time.monotonic()
+            idle_cpu = cpu.trees_cpu(pids)  # start-up and the wait for the leases
+            published_s = gf.publish(cluster_url, prefix, gf.events(run, n), keys.partitions)
+            workload.wait_completed(db, "public", n, like=f"{run}-%", alive=lambda: _alive(procs))
+            wall = time.monotonic() - started
+            worker_cpu = cpu.trees_cpu(pids) - idle_cpu
+            after = self._server_cpu()
+        finally:
+            peaks = gf.stop(procs)
+            gf.cleanup(cluster_url, prefix)
+        result = workload.measure(db, "public", like=f"{run}-%", commit_ts=self.commit_ts)
+        return {
+            "events": result.events,
+            "events_per_s": result.events_per_s,
+            "seconds": result.seconds,
+            "balanced_s": round(balanced_s, 2),
+            "publish_events_per_s": n / published_s,
+            "peak_rss_mb": max(peaks) / 1024 if peaks else None,
+            "cores": self._cores(before, after, worker_cpu, wall),
+        }
 
     # -- the peers ---------------------------------------------------------------------
 
@@ -256,11 +309,11 @@ class Bench:
     def _rounds(self, scenario: str) -> Iterator[int]:
         """Round numbers of a scenario: the first always, more while its budget lasts.
 
-        Each scenario may spend its share of ``budget`` (drain a half, steady a fifth,
-        scaling three tenths); after the first round, which always runs, another starts
-        only if one as long as the longest so far still fits in that share.
+        Each scenario may spend its share of ``budget`` (``BUDGET_SHARES``); after the
+        first round, which always runs, another starts only if one as long as the longest
+        so far still fits in that share.
         """
-        share = {"drain": 0.5, "steady": 0.2, "scaling": 0.3}[scenario] * self.opts.budget
+        share = BUDGET_SHARES[scenario] * self.opts.budget
         began, longest = time.monotonic(), 0.0
         for r in range(self.opts.runs):
             spent = time.monotonic() - began
@@ -356,6 +409,32 @@ class Bench:
                     f" {result['peak_rss_mb']:.0f} MiB)"
                 )
 
+    def scale_on_cluster(self) -> None:
+        """govflow on a Redis Cluster (3 primaries, 3 replicas) with 1 and 3 workers."""
+        root = Path(tempfile.mkdtemp(prefix="gfb-cluster-"))
+        with running_cluster(root) as cluster:
+            self.cluster_pids = [n.process.pid for n in cluster.nodes if n.process is not None]
+            try:
+                for r in self._rounds("cluster"):
+                    k = r % len(self.opts.cluster)
+                    for processes in self.opts.cluster[k:] + self.opts.cluster[:k]:
+                        result = self._attempt(
+                            "govflow",
+                            f"k{r}p{processes}",
+                            functools.partial(
+                                self.govflow_cluster, processes=processes, cluster_url=cluster.url
+                            ),
+                        )
+                        self.cluster.setdefault(processes, []).append(result)
+                        self.say(
+                            f"cluster govflow x{processes}  run {r + 1}:"
+                            f" {result['events_per_s']:8.0f} events/s (leases settled after"
+                            f" {result['balanced_s']:.1f} s; cores {result['cores']})"
+                        )
+            finally:
+                self.cluster_pids = []
+                shutil.rmtree(root, ignore_errors=True)
+
 
 def _last_lines(folder: Path, stem: str) -> str:
     """The last line of each log of a run's workers (a dead one's says why)."""
@@ -375,7 +454,8 @@ def parse(argv: list[str] | None) -> Options:
     """The command line of ``python -m benchmarks``."""
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="govflow and its peers, side by side: drain, steady, scaling, publish.",
+        description="govflow and its peers, side by side: drain, steady, scaling, publish,"
+        " cluster.",
     )
     p.add_argument("--events", type=int, default=20_000, help="govflow's drain backlog")
     p.add_argument("--peer-events", type=int, help="the peers' drain backlog (default 1000)")
@@ -385,6 +465,8 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument("--peer-duration", type=float, default=10.0, help="the peers' steady load, s")
     p.add_argument("--processes", type=int, default=2, help="worker processes per system")
     p.add_argument("--scaling", default="1,2,4", help="govflow worker processes to scale over")
+    p.add_argument("--cluster", default="1,3", help="govflow worker processes on the cluster")
+    p.add_argument("--partitions", type=int, default=8, help="partitions on the cluster")
     p.add_argument("--concurrency", type=int, default=2, help="govflow consumers per group")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -406,6 +488,8 @@ def parse(argv: list[str] | None) -> Options:
         peer_duration=a.peer_duration,
         processes=a.processes,
         scaling=[int(x) for x in a.scaling.split(",") if x],
+        cluster=[int(x) for x in a.cluster.split(",") if x],
+        partitions=a.partitions,
         concurrency=a.concurrency,
         systems=[s for s in a.systems.split(",") if s],
         scenarios=[s for s in a.scenarios.split(",") if s],
@@ -448,12 +532,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps: dict[str, Callable[[], None]] = {
             "drain": bench.drain,
             "scaling": bench.scale,
+            "cluster": bench.scale_on_cluster,
             "steady": bench.steady,
         }
         if "publish" in opts.scenarios and "drain" not in opts.scenarios:
             steps["drain"] = bench.drain  # publish is measured on the drain's backlog
             opts.scenarios.append("drain")
-        for name in ("drain", "steady", "scaling"):
+        for name in ("drain", "steady", "scaling", "cluster"):
             if name in opts.scenarios:
                 steps[name]()
         bench.load.append(os.getloadavg()[0])

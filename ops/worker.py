@@ -125,7 +125,7 @@ class Worker:
                 "the Redis URL names a Redis Cluster: set GOVFLOW_PARTITIONS >= 2 (one "
                 "partition's keys have no hash tag, so they cannot share a slot)"
             )
-        pool = await open_pool(self.settings.database_url, max_size=2 * self.concurrency + 4)
+        pool = await open_pool(self.settings.database_url, max_size=self._pool_size())
         try:
             async with webhook.client(self.settings.webhook_timeout) as http:
                 self._services = self._build(redis, pool, http)
@@ -147,6 +147,15 @@ class Worker:
                 await pool.close()
                 await redis.aclose()
             log.info("worker.stopped")
+
+    def _pool_size(self) -> int:
+        """A connection for every consumer that may hold one, and a few for the services.
+
+        With partitions a worker runs one consumer per partition it holds, up to all of
+        them when it is alone, whatever ``--concurrency`` says.
+        """
+        consumers_per_role = self.concurrency if self.keys.partitions == 1 else self.keys.partitions
+        return 2 * consumers_per_role + 4
 
     async def _connect(self, url: str) -> RedisClient | None:
         """Connect (asking whether it is a cluster), waiting for Redis while it is away."""

@@ -1,6 +1,7 @@
 """The benchmark harness on a tiny input, so that it cannot rot (the benchmark is no test).
 
 It runs govflow's drain, scaling, steady and publish scenarios against the test servers,
+the cluster scenario on a Redis Cluster of its own (1 and 3 workers over 8 partitions),
 plus BullMQ when ``benchmarks/.peers`` already has it (nothing is installed here), and
 checks that ``summary.json`` holds the keys that tools read.
 """
@@ -25,6 +26,8 @@ KEYS = [
     "drain.ratio",
     "steady.govflow.p99_ms",
     "scaling.govflow",
+    "cluster.govflow",
+    "cluster.partitions",
     "publish.govflow.events_per_s",
     "machine.cores",
     "versions.govflow",
@@ -66,6 +69,9 @@ def test_harness_writes_summary(
     assert summary["steady"]["govflow"]["events"] == 200
     assert 0 < summary["steady"]["govflow"]["p50_ms"] <= summary["steady"]["govflow"]["p99_ms"]
     assert summary["publish"]["govflow"]["events_per_s"] > 0
+    cluster = summary["cluster"]["detail"]["govflow"]
+    assert set(cluster) == {"1", "3"}
+    assert all(d["events_per_s"] > 0 and d["balanced_s"] > 0 for d in cluster.values())
     if cheap_peer:
         assert summary["drain"]["best_peer"]["name"] == "bullmq"
         assert summary["drain"]["ratio"] > 0
