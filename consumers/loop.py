@@ -46,6 +46,9 @@ UNAVAILABLE = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.BusyLoadingError,
+    # A cluster mid-failover: a slot without a primary, a multi-key call mid-migration.
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
     psycopg.OperationalError,
     PoolTimeout,
     UnavailableError,
@@ -130,6 +133,7 @@ class GroupConsumer:
         self._stopping = False
         self._backoff = Backoff()
         self._last_claim = 0.0
+        self._claim_from = "0-0"  # where the next sweep of the pending list starts
 
     def stop(self) -> None:
         """Stop reading; the batch in hand is finished first."""
@@ -179,7 +183,7 @@ class GroupConsumer:
         if self._drain:
             # Everything earlier owners left pending, oldest first, before anything new:
             # the lease says they are gone, so there is no idle time to wait for.
-            claimed = await self._streams.claim_idle(
+            claimed, _ = await self._streams.claim_idle(
                 self.stream, self.group, self.consumer, 0, self._batch_size
             )
             if claimed:
@@ -188,10 +192,12 @@ class GroupConsumer:
             self._drain = False
         now = time.monotonic()
         if now - self._last_claim >= self._claim_idle_ms / 2000:
-            self._last_claim = now
-            claimed = await self._streams.claim_idle(
-                self.stream, self.group, self.consumer, self._claim_idle_ms, self._batch_size
-            )
+            claimed, self._claim_from = await self._streams.claim_idle(
+                self.stream, self.group, self.consumer, self._claim_idle_ms, self._batch_size,
+                self._claim_from,
+            )  # fmt: skip
+            if self._claim_from == "0-0":  # swept to the end: the next sweep waits its turn
+                self._last_claim = now
             if claimed:
                 metrics.CLAIMED.labels(self.stream, self.group).inc(len(claimed))
                 log.info("consumer.claimed", stream=self.stream, count=len(claimed))

@@ -144,7 +144,12 @@ class PartitionLeases:
         """Beat, renew, rebalance every ``ttl / 3`` until ``stop()``."""
         async with anyio.create_task_group() as tg:
             while not self._stopping:
-                await self._beat(tg)
+                try:
+                    await self._beat(tg)
+                except Exception:
+                    # The leases must never stop the worker: what was not renewed is
+                    # given up once it may have lapsed, and the next beat tries again.
+                    log.exception("partitions.beat_failed", group=self.group)
                 with anyio.move_on_after(self._ttl_s / 3):
                     await self._stopped.wait()
             for owned in self._owned.values():
@@ -211,7 +216,7 @@ class PartitionLeases:
                 renewed = await self._renew(
                     keys=[self._keys.lease(self.group, p)], args=[self.worker_id, self._ttl_ms]
                 )
-            except UNAVAILABLE as e:
+            except Exception as e:  # noqa: BLE001 - unavailable, or a cluster client's own error
                 log.warning("partition.renew_failed", group=self.group, partition=p, error=str(e))
                 # Not renewed for a whole ttl: another worker may hold it by now.
                 renewed = not owned.lease.lapsed()

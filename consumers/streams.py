@@ -143,16 +143,29 @@ class Streams:
         return _entries(stream, reply[0][1]) if reply else []
 
     async def claim_idle(
-        self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
-    ) -> list[Entry]:
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        min_idle_ms: int,
+        count: int,
+        start: str = "0-0",
+    ) -> tuple[list[Entry], str]:
         """Take over entries idle longer than ``min_idle_ms`` from consumers that stopped.
 
         Each entry's attempt counts its deliveries (the claim included), so an entry
         that crashes every worker it reaches is dead-lettered in the end.
+
+        Returns:
+            The entries claimed, and where the next sweep of the pending list starts:
+            ``XAUTOCLAIM`` looks at no more than ``10 * count`` pending entries per call,
+            so a sweep that always started at ``0-0`` would never reach idle entries
+            behind that many busy ones. ``0-0`` once the whole list was swept.
         """
         reply = await self.redis.xautoclaim(
-            stream, group, consumer, min_idle_ms, "0-0", count=count
-        )
+            stream, group, consumer, min_idle_ms, start, count=count
+        )  # fmt: skip
+        cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         # Redis 7 adds a third element, the ids it found deleted; 6.2 has two.
         claimed: list[tuple[bytes, dict[bytes, bytes] | None]] = reply[1]
         live = [(i, f) for i, f in claimed if f]
@@ -160,7 +173,7 @@ class Streams:
         if gone:  # trimmed or deleted while pending: nothing left to run
             await self.redis.xack(stream, group, *gone)
         if not live:
-            return []
+            return [], cursor
         pipe = self.redis.pipeline(transaction=False)
         for entry_id, _ in live:
             pipe.xpending_range(stream, group, entry_id, entry_id, 1)
@@ -170,7 +183,7 @@ class Streams:
             deliveries = pending[0]["times_delivered"] if pending else 1
             attempt = attempt_of(fields) + deliveries - 1
             entries.append(Entry(stream, entry_id.decode(), fields, attempt))
-        return entries
+        return entries, cursor
 
     async def renew(self, stream: str, group: str, consumer: str, ids: Sequence[str]) -> set[str]:
         """Reset the idle time of the entries ``consumer`` still owns; return those."""
