@@ -40,8 +40,8 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime
 
 
-class Execution(msgspec.Struct, frozen=True, kw_only=True):
-    """A row of ``workflow_executions``, with its steps when asked for."""
+class ExecutionRow(msgspec.Struct, frozen=True, kw_only=True):
+    """The columns of ``workflow_executions``: what every view of an execution shows."""
 
     id: str
     workflow_name: str
@@ -56,8 +56,18 @@ class Execution(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+
+
+class Execution(ExecutionRow, frozen=True, kw_only=True):
+    """A row of ``workflow_executions``, with its steps when asked for."""
+
     total_steps: int = 0
     steps: list[Step] = []
+
+
+def columns(execution: ExecutionRow) -> dict[str, Any]:
+    """The ``ExecutionRow`` fields of an execution, to build another view of it."""
+    return {name: getattr(execution, name) for name in ExecutionRow.__struct_fields__}
 
 
 _NEW_EXECUTIONS = Batched(

@@ -316,10 +316,8 @@ def _view(e: executions.Execution, plan: list[views.PlannedStep]) -> ExecutionVi
     completed = sum(1 for s in plan if s.status == "completed")
     total = len(plan)
     at = next((s.step for s in plan if s.status != "completed"), total)
-    fields = msgspec.structs.asdict(e)
-    del fields["total_steps"], fields["steps"]
     return ExecutionView(
-        **fields,
+        **executions.columns(e),
         progress=Progress(step=at, of=total, completed=completed, text=f"step {at} of {total}"),
         steps=plan,
     )

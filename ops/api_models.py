@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from db import dead_letters, views
+from db.executions import ExecutionRow
 from schemas.events import Change, EventType, NonEmpty
 
 
@@ -45,22 +46,9 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
     text: str
 
 
-class ExecutionView(msgspec.Struct, frozen=True, kw_only=True):
+class ExecutionView(ExecutionRow, frozen=True, kw_only=True):
     """An execution, its progress and every step of its workflow version."""
 
-    id: str
-    workflow_name: str
-    workflow_version: int
-    event_id: str
-    entity_type: str
-    entity_id: str
-    tenant: str
-    status: str
-    attempts: int
-    last_error: str | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
     progress: Progress
     steps: list[views.PlannedStep]
 

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from db import executions, workflows
-from db.executions import Execution
+from db.executions import Execution, ExecutionRow
 from ops.connections import database_pool
 from ops.context import console, print_json, run_async
 from schemas.errors import GovflowError
@@ -35,22 +35,9 @@ class StepProgress(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime | None
 
 
-class ExecutionDetail(msgspec.Struct, frozen=True, kw_only=True):
+class ExecutionDetail(ExecutionRow, frozen=True, kw_only=True):
     """An execution with every step of its workflow version."""
 
-    id: str
-    workflow_name: str
-    workflow_version: int
-    event_id: str
-    entity_type: str
-    entity_id: str
-    tenant: str
-    status: str
-    attempts: int
-    last_error: str | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
     completed_steps: int
     total_steps: int
     steps: list[StepProgress]
@@ -80,10 +67,8 @@ async def execution_detail(conn: AsyncConnection[Any], execution_id: str) -> Exe
                 updated_at=row.updated_at if row else None,
             )
         )
-    fields = msgspec.structs.asdict(execution)
-    del fields["steps"], fields["total_steps"]
     return ExecutionDetail(
-        **fields,
+        **executions.columns(execution),
         completed_steps=sum(1 for s in steps if s.status == "completed"),
         total_steps=total,
         steps=steps,
