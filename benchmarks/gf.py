@@ -74,7 +74,7 @@ def events(run: str, n: int, start: int = 0) -> list[Event]:
 
 
 async def _publish(redis_url: str, keys: Keys, batch: list[Event]) -> float:
-    async with Publisher(await connect(redis_url), keys, owns_client=True) as publisher:
+    async with await Publisher.connect(redis_url, keys) as publisher:
         started = time.perf_counter()
         for i in range(0, len(batch), PUBLISH_CHUNK):
             await publisher.publish_many(batch[i : i + PUBLISH_CHUNK])

@@ -84,7 +84,10 @@ async def is_cluster(url: str) -> bool:
     try:
         info: dict[str, Any] = await probe.info("cluster")
     except redis_errors.NoPermissionError:
-        log.warning("redis.cluster_probe_refused", hint="add ?cluster=yes to a cluster's URL")
+        log.warning(
+            "redis.cluster_probe_refused",
+            hint="taken for a single server; add ?cluster=yes or ?cluster=no to the URL",
+        )
         return False
     finally:
         await probe.aclose()
@@ -106,9 +109,22 @@ async def connect(url: str, **options: Any) -> RedisClient:
     cluster = flag if flag is not None else await is_cluster(plain_url)
     if not cluster:
         return Redis.from_url(plain_url, **options)
-    client = _Cluster.from_url(
-        plain_url, **{k: v for k, v in options.items() if k not in _PLAIN_ONLY}
-    )
+    client = _Cluster.from_url(plain_url, **_cluster_options(options))
     await client.initialize()
     log.info("redis.cluster", nodes=len(client.get_nodes()))
     return client
+
+
+def unprobed(url: str, **options: Any) -> RedisClient:
+    """A client chosen by the URL's ``cluster`` flag alone (a single server's without one).
+
+    It connects on its first command: for a caller that must start while Redis is away.
+    """
+    plain_url, flag = split_flag(url)
+    if flag:
+        return _Cluster.from_url(plain_url, **_cluster_options(options))
+    return Redis.from_url(plain_url, **options)
+
+
+def _cluster_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in _PLAIN_ONLY}

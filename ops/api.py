@@ -51,8 +51,9 @@ from litestar.params import FromPath, FromQuery, QueryParameter
 from prometheus_client import REGISTRY, generate_latest
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
+from consumers.cluster import connect, unprobed
+from consumers.streams import RedisClient
 from db import dead_letters, executions, views
 from db.dead_letters import Selection
 from ops import dashboard, dlq, lag
@@ -103,11 +104,11 @@ class Resources:
         self.keys = Keys(settings.prefix, settings.partitions)
         self.redis_url = settings.redis_url
         self.database_url = settings.database_url
-        self._redis: Redis | None = None
+        self._redis: RedisClient | None = None
         self._pool: AsyncConnectionPool[Any] | None = None
 
     @property
-    def redis(self) -> Redis:
+    def redis(self) -> RedisClient:
         """The Redis client (bytes replies)."""
         assert self._redis is not None, "used outside the app's lifespan"
         return self._redis
@@ -121,9 +122,7 @@ class Resources:
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:
         """Open the client and the pool for the life of the app; close both after."""
-        self._redis = Redis.from_url(
-            self.redis_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=15
-        )
+        self._redis = await _redis_client(self.redis_url)
         self._pool = AsyncConnectionPool(
             self.database_url,
             min_size=1,
@@ -140,6 +139,23 @@ class Resources:
             with anyio.CancelScope(shield=True):
                 await self._pool.close()
                 await self._redis.aclose()
+
+
+async def _redis_client(url: str) -> RedisClient:
+    """The API's client of a Redis server or cluster; a plain one if Redis is away at start.
+
+    Redis being down must not keep the API from starting (its requests answer 503 until
+    Redis is back), but then it cannot say whether it is a cluster: the client assumes a
+    single server unless the URL says ``?cluster=yes``.
+    """
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 2, "socket_timeout": 10, "health_check_interval": 15,
+    }  # fmt: skip
+    try:
+        return await connect(url, **options)
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as e:
+        log.warning("api.redis_unavailable", error=str(e))
+        return unprobed(url, **options)
 
 
 # How handlers ask for the resources (Litestar injects them by this name, `gf`).

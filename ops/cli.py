@@ -245,7 +245,7 @@ def publish(
 async def _publish(event: Event, settings: Settings) -> str:
     if settings.redis_url is None:
         raise ConfigError("no Redis URL: set GOVFLOW_REDIS_URL")
-    async with Publisher.from_url(settings.redis_url, _keys(settings)) as publisher:
+    async with await Publisher.connect(settings.redis_url, _keys(settings)) as publisher:
         return await publisher.publish(event)
 
 

@@ -1,5 +1,7 @@
 """Connections for the operator commands: a Redis client and a small Postgres pool.
 
+The Redis URL may name a single server or a Redis Cluster node (``consumers.cluster``).
+
 ``govflow lag``, ``dlq`` and ``executions`` open these once per run; the HTTP API keeps
 its own for the life of the server and calls the same functions with them.
 """
@@ -12,8 +14,9 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
 
+from consumers.cluster import connect
+from consumers.streams import RedisClient
 from schemas.errors import ConfigError
 from schemas.settings import Settings
 
@@ -21,11 +24,11 @@ CONNECT_TIMEOUT_S = 10
 
 
 @asynccontextmanager
-async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
+async def redis_client(settings: Settings) -> AsyncIterator[RedisClient]:
     """A Redis client (bytes replies) for one command; closed at the end."""
     if settings.redis_url is None:
         raise ConfigError("no Redis URL: set GOVFLOW_REDIS_URL")
-    client = Redis.from_url(
+    client = await connect(
         settings.redis_url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=30
     )
     try:

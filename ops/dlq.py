@@ -28,10 +28,9 @@ from typing import Any
 import anyio
 import msgspec
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
-from consumers.streams import ATTEMPT_FIELD, REPLAY_FIELD
+from consumers.streams import ATTEMPT_FIELD, REPLAY_FIELD, RedisClient
 from db import dead_letters
 from db.dead_letters import DeadLetter, Selection
 from ops.replay_plan import ReplayPlan, plan
@@ -113,7 +112,7 @@ async def get_letter(pool: AsyncConnectionPool[Any], dead_letter_id: int) -> Dea
 
 
 async def replay(
-    redis: Redis,
+    redis: RedisClient,
     pool: AsyncConnectionPool[Any],
     keys: Keys,
     selection: Selection,

@@ -31,9 +31,9 @@ import msgspec
 import structlog
 from psycopg_pool import AsyncConnectionPool
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from consumers import metrics
+from consumers.streams import RedisClient
 from db import dead_letters, outbox
 from producers import metrics as producer_metrics
 from schemas.keys import GROUP_OF, Keys, Role
@@ -98,7 +98,7 @@ class LagReport(msgspec.Struct, frozen=True, kw_only=True):
 
 
 async def read_lag(
-    redis: Redis,
+    redis: RedisClient,
     pool: AsyncConnectionPool[Any] | None,
     keys: Keys,
     *,
@@ -143,7 +143,7 @@ async def read_lag(
 class _Reader:
     """The per-stream and per-group reads of one report, at one server time."""
 
-    def __init__(self, redis: Redis, *, now_ms: int, scan_limit: int) -> None:
+    def __init__(self, redis: RedisClient, *, now_ms: int, scan_limit: int) -> None:
         self._redis = redis
         self._now_ms = now_ms
         self._limit = scan_limit
@@ -310,7 +310,7 @@ class LagGauges:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         pool: AsyncConnectionPool[Any] | None,
         keys: Keys,
         every_s: float = REFRESH_S,

@@ -223,7 +223,7 @@ class Worker:
                     partitions=held,
                 )
             )
-        services.append(LagGauges(cast("Redis", redis), pool, keys))  # for --metrics-port
+        services.append(LagGauges(redis, pool, keys))  # for --metrics-port
         if "relay" in self.roles:
             from producers.relay import Relay
 

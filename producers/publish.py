@@ -27,7 +27,7 @@ import random
 import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypedDict, Unpack
 
 import anyio
 import msgspec
@@ -40,6 +40,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
+from consumers.cluster import connect
 from schemas.codec import encode
 from schemas.errors import PublishError
 from schemas.events import Event
@@ -85,6 +86,14 @@ class PublishRetry(msgspec.Struct, frozen=True, kw_only=True):
 DEFAULT_RETRY = PublishRetry()
 
 
+class PublisherOptions(TypedDict, total=False):
+    """What ``Publisher.from_url`` and ``Publisher.connect`` pass on to the publisher."""
+
+    retry: PublishRetry
+    wait_replicas: int
+    wait_timeout_ms: int
+
+
 class Publisher:
     """Publish events with an async Redis client.
 
@@ -115,25 +124,25 @@ class Publisher:
         self._wait_timeout_ms = wait_timeout_ms
 
     @classmethod
-    def from_url(
-        cls,
-        url: str,
-        keys: Keys,
-        *,
-        retry: PublishRetry = DEFAULT_RETRY,
-        wait_replicas: int = 0,
-        wait_timeout_ms: int = 1000,
-    ) -> Publisher:
-        """Make a publisher with its own client; close it with ``aclose()``."""
+    def from_url(cls, url: str, keys: Keys, **options: Unpack[PublisherOptions]) -> Publisher:
+        """Make a publisher with its own client of one server; close it with ``aclose()``.
+
+        For a URL that may name a Redis Cluster node, use ``connect``.
+        """
         client = redis.asyncio.Redis.from_url(url, **_CLIENT_OPTIONS)
-        return cls(
-            client,
-            keys,
-            retry=retry,
-            owns_client=True,
-            wait_replicas=wait_replicas,
-            wait_timeout_ms=wait_timeout_ms,
-        )
+        return cls(client, keys, owns_client=True, **options)
+
+    @classmethod
+    async def connect(cls, url: str, keys: Keys, **options: Unpack[PublisherOptions]) -> Publisher:
+        """Make a publisher with its own client of the server or cluster at ``url``.
+
+        The server is asked whether it is a Redis Cluster node (``consumers.cluster``).
+        Close the publisher with ``aclose()``.
+
+        Raises:
+            redis.exceptions.ConnectionError: nothing answers at ``url``.
+        """
+        return cls(await connect(url, **_CLIENT_OPTIONS), keys, owns_client=True, **options)
 
     async def publish(self, event: Event) -> str:
         """Append one event to its partition's stream and return the event id.
