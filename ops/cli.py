@@ -261,12 +261,17 @@ def run(
     concurrency: Annotated[
         int,
         typer.Option(
-            min=1, help="Consumers per group and partition; each handles a batch at a time."
+            min=1,
+            help="Consumers per group, each handling a batch at a time. With"
+            " GOVFLOW_PARTITIONS > 1 a worker runs one per partition it holds instead.",
         ),
     ] = 2,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics on this port.")
     ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="The address /metrics listens on (0.0.0.0 in a container).")
+    ] = "127.0.0.1",
 ) -> None:
     """Run the workers until SIGTERM, which finishes the work in hand and exits 0."""
     from ops.worker import parse_roles, run_workers  # the workers' imports: only for `run`
@@ -274,7 +279,13 @@ def run(
     roles = parse_roles(role or ["all"])
 
     async def workers(settings: Settings) -> None:
-        await run_workers(settings, roles=roles, concurrency=concurrency, metrics_port=metrics_port)
+        await run_workers(
+            settings,
+            roles=roles,
+            concurrency=concurrency,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+        )
 
     run_async(workers)
 

@@ -233,13 +233,17 @@ class Worker:
 
 
 async def run_workers(
-    settings: Settings, roles: frozenset[str], concurrency: int = 1, metrics_port: int | None = None
+    settings: Settings,
+    roles: frozenset[str],
+    concurrency: int = 1,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     """Run the workers until SIGTERM or SIGINT, then finish the work in hand and return."""
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr="127.0.0.1")
+        start_http_server(metrics_port, addr=metrics_host)
     worker = Worker(settings, roles, concurrency)
     async with anyio.create_task_group() as tg:
         await tg.start(worker.run)

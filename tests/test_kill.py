@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas.events import Event, new_event
 from schemas.keys import Keys
+from tests.faults.servers import free_port
 from tests.pipeline_helpers import (
     apply,
     effect_counts,
@@ -44,6 +46,7 @@ actions:
   - create_task: {title: "Review {data.title}"}
   - assign: {assignee: risk-team}
 """
+METRICS_HOST = "127.0.0.2"  # loopback too, but not where /metrics listens by default
 NOTHING_LEFT = {"triggers_pending": 0, "actions_pending": 0, "retry_scheduled": 0, "dead_stream": 0}
 
 
@@ -170,3 +173,32 @@ async def test_sigterm_finishes_the_work_in_hand_and_exits_0(
     assert await scalar(pool, "SELECT count(*) FROM execution_steps WHERE attempts <> 1") == 0
     assert await scalar(pool, "SELECT count(*) FROM dead_letters") == 0
     print(f"\nSIGTERM at {done_at_stop}/{total} completed")
+
+
+async def test_metrics_are_served_where_metrics_host_says(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    port, log = free_port(), tmp_path / "worker.log"
+    with log.open("wb") as stderr:
+        proc = start_cli_worker(
+            make_settings(), "--role", "triggers",
+            "--metrics-port", str(port), "--metrics-host", METRICS_HOST, stderr=stderr,
+        )  # fmt: skip
+    try:
+        async with httpx.AsyncClient() as http:
+
+            async def scrape() -> str:
+                assert proc.poll() is None, f"the worker exited:\n{tail(log)}"
+                try:
+                    return (await http.get(f"http://{METRICS_HOST}:{port}/metrics")).text
+                except httpx.ConnectError:
+                    return ""
+
+            text = await wait_for(scrape, bool, within=60, what="/metrics to answer")
+            assert "# HELP govflow_batch_entries" in text
+            with pytest.raises(httpx.ConnectError):  # not on the default address as well
+                await http.get(f"http://127.0.0.1:{port}/metrics")
+        proc.send_signal(signal.SIGTERM)
+        assert await anyio.to_thread.run_sync(lambda: proc.wait(30)) == 0, tail(log)
+    finally:
+        stop_process(proc)

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.cluster, pytest.mark.slow]
 
 def cluster_env(settings: Settings) -> dict[str, str]:
     """The environment of a ``govflow`` command for this deployment on the cluster."""
-    assert settings.redis_url is not None and settings.database_url is not None
+    assert settings.redis_url is not None
+    assert settings.database_url is not None
     env = govflow_env(settings.redis_url, settings.database_url, settings.prefix)
     return {**env, "GOVFLOW_PARTITIONS": str(settings.partitions)}
 

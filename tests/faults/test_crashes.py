@@ -46,24 +46,26 @@ async def test_workers_killed_with_sigkill_at_random_instants_lose_and_double_no
     await apply_workflows(fault_database_url)
     events, wants = make_events(EVENTS, "kill")
     workers = Workers(fault_redis.url, fault_database_url, logs, log_level="info")
-    # A backlog, worked through by three workers that keep being killed: each kill lands
-    # at a random instant at which its victim holds entries (delivered, unacknowledged).
-    producer = Producer(fault_redis.url, Keys(PREFIX), chunk=250, pause=0.0)
+    # Events keep arriving (for about 9 s, however fast the workers are), worked through
+    # by three workers that keep being killed: each kill lands at a random instant at
+    # which its victim holds entries (delivered, unacknowledged).
+    producer = Producer(fault_redis.url, Keys(PREFIX), chunk=25, pause=0.15)
     in_work = 0
     try:
         for slot in range(WORKERS):
             workers.start(slot)
         await wait_started(workers)
-        await producer.run(events)
-        for _ in range(KILLS):
-            slot = random.choice(await some_ready(workers))  # not one still starting up
-            busy = await wait_in_hand(fault_redis.url, workers.procs[slot].pid, 5.0)
-            in_work += busy
-            workers.kill(slot)
-            workers.start(slot)
-            if not busy:
-                break  # the backlog is gone
-            await anyio.sleep(jitter(0.1, 0.6))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(producer.run, events)
+            for _ in range(KILLS):
+                slot = random.choice(await some_ready(workers))  # not one still starting up
+                busy = await wait_in_hand(fault_redis.url, workers.procs[slot].pid, 5.0)
+                in_work += busy
+                workers.kill(slot)
+                workers.start(slot)
+                if not busy and len(producer.accepted) == len(events):
+                    break  # the events are all in, and worked through
+                await anyio.sleep(jitter(0.1, 0.6))
         report = await settle(
             fault_redis.url, fault_database_url, expected_of(producer.accepted, wants), within=150
         )
