@@ -239,15 +239,19 @@ async def run_workers(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
 ) -> None:
-    """Run the workers until SIGTERM or SIGINT, then finish the work in hand and return."""
-    if metrics_port is not None:
-        from prometheus_client import start_http_server
+    """Run the workers until SIGTERM or SIGINT, then finish the work in hand and return.
 
-        start_http_server(metrics_port, addr=metrics_host)
+    The signals are caught from the start: one that arrives while the worker is still
+    connecting stops it there, with exit status 0 like any other stop.
+    """
     worker = Worker(settings, roles, concurrency)
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(metrics_port, addr=metrics_host)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
             async for _ in signals:
                 worker.stop()
                 break

@@ -62,3 +62,35 @@ async def redis(redis_server_url: str, anyio_backend: str) -> AsyncIterator[Redi
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture(params=["server", "redis-6.2"])
+def any_redis_url(
+    request: pytest.FixtureRequest, redis_server_url: str, prefix: str
+) -> Iterator[str]:
+    """The configured Redis (7 in CI), then the embedded 6.2: the two servers govflow supports."""
+    if request.param == "server":
+        yield redis_server_url
+        return
+    # Without TEST_REDIS_URL this is the configured server again: run anyway (a few
+    # seconds), rather than skip where CI has no Redis of its own.
+    url: str = request.getfixturevalue("embedded_redis_url")
+    client = SyncRedis.from_url(url)
+    try:
+        assert client.info("server")["redis_version"].startswith("6.2.")
+        yield url
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.unlink(*keys)
+        client.close()
+
+
+@pytest.fixture
+async def any_redis(any_redis_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
+    """A client of the Redis of ``any_redis_url``, replies as bytes; closed afterwards."""
+    client = Redis.from_url(any_redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

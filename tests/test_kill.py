@@ -126,7 +126,7 @@ async def test_sigterm_finishes_the_work_in_hand_and_exits_0(
     settings = make_settings(claim_idle=2.0)
     keys = Keys(settings.prefix)
     await apply(pool, WORKFLOW)
-    total = 1500
+    total = 5000  # several times what a worker holds at once, however fast it runs
     await publish(redis, keys, events(total))
     log = tmp_path / "worker.log"
     with log.open("wb") as stderr:
@@ -134,7 +134,7 @@ async def test_sigterm_finishes_the_work_in_hand_and_exits_0(
     try:
         await wait_for(
             lambda: completed(pool),
-            lambda n: n >= total // 5 or proc.poll() is not None,
+            lambda n: n >= total // 50 or proc.poll() is not None,
             within=60,
             every=0.02,
             what="the subprocess worker to get going",

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -24,7 +23,6 @@ import msgspec
 import pytest
 from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from db import dead_letters, outbox
@@ -39,30 +37,6 @@ from tests.test_cli import ROOT
 pytestmark = pytest.mark.anyio
 
 AGES_S = [100 - i for i in range(10)]  # the age of events entry i when the state is made
-
-
-@pytest.fixture(params=["configured", "embedded"])
-def lag_redis_url(request: pytest.FixtureRequest, prefix: str) -> Iterator[str]:
-    """The session's Redis (7 in CI), then the embedded 6.2; this test's keys go after."""
-    url: str = request.getfixturevalue(
-        "redis_server_url" if request.param == "configured" else "embedded_redis_url"
-    )
-    yield url
-    client = SyncRedis.from_url(url)
-    try:
-        for key in client.scan_iter(match=f"{prefix}:*"):
-            client.unlink(key)
-    finally:
-        client.close()
-
-
-@pytest.fixture
-async def lag_redis(lag_redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(lag_redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def server_ms(redis: Redis) -> int:
@@ -183,47 +157,47 @@ def check_document(doc: dict[str, Any], keys: Keys, elapsed_s: float) -> None:
 
 @pytest.mark.slow
 async def test_lag_json_reports_every_field(
-    lag_redis: Redis,
-    lag_redis_url: str,
+    any_redis: Redis,
+    any_redis_url: str,
     pool: AsyncConnectionPool[Any],
     database_url: str,
     prefix: str,
 ) -> None:
     keys = Keys(prefix)
     started = time.monotonic()
-    await make_known_state(lag_redis, pool, keys)
-    result = await govflow(govflow_env(lag_redis_url, database_url, prefix), "lag", "--json")
+    await make_known_state(any_redis, pool, keys)
+    result = await govflow(govflow_env(any_redis_url, database_url, prefix), "lag", "--json")
     assert result.returncode == 0, result.stderr.decode()
     check_document(json.loads(result.stdout), keys, time.monotonic() - started + 1)
 
 
 async def test_python_api_matches_the_json(
-    lag_redis: Redis, pool: AsyncConnectionPool[Any], prefix: str
+    any_redis: Redis, pool: AsyncConnectionPool[Any], prefix: str
 ) -> None:
     keys = Keys(prefix)
     started = time.monotonic()
-    await make_known_state(lag_redis, pool, keys)
-    report = await read_lag(lag_redis, pool, keys)
+    await make_known_state(any_redis, pool, keys)
+    report = await read_lag(any_redis, pool, keys)
     doc = json.loads(msgspec.json.encode(report))
     check_document(doc, keys, time.monotonic() - started + 1)
 
 
 async def test_redis_7_lag_is_used_when_valid_and_counted_when_null(
-    lag_redis: Redis, pool: AsyncConnectionPool[Any], prefix: str
+    any_redis: Redis, pool: AsyncConnectionPool[Any], prefix: str
 ) -> None:
     keys = Keys(prefix)
-    await make_known_state(lag_redis, pool, keys)
-    infos = {g["name"]: g for g in await lag_redis.xinfo_groups(keys.events())}
-    version = (await lag_redis.info("server"))["redis_version"]
+    await make_known_state(any_redis, pool, keys)
+    infos = {g["name"]: g for g in await any_redis.xinfo_groups(keys.events())}
+    version = (await any_redis.info("server"))["redis_version"]
     if int(version.split(".")[0]) >= 7:
         # The deletion ahead of "triggers" and the arbitrary start of "audit": no lag.
         assert infos[b"triggers"]["lag"] is None
         assert infos[b"audit"]["lag"] is None
-        [actions] = await lag_redis.xinfo_groups(keys.commands())
+        [actions] = await any_redis.xinfo_groups(keys.commands())
         assert actions["lag"] == 3  # reported, and what govflow shows
     else:
         assert "lag" not in infos[b"triggers"]  # 6.2 has no such field
-    report = await read_lag(lag_redis, None, keys)
+    report = await read_lag(any_redis, None, keys)
     assert [(g.group, g.lag, g.lag_valid) for g in report.groups] == [
         ("triggers", 3, True),
         ("audit", 1, True),
@@ -232,23 +206,23 @@ async def test_redis_7_lag_is_used_when_valid_and_counted_when_null(
 
 
 async def test_lag_beyond_the_scan_limit_is_an_estimate(
-    lag_redis: Redis, pool: AsyncConnectionPool[Any], prefix: str
+    any_redis: Redis, pool: AsyncConnectionPool[Any], prefix: str
 ) -> None:
     keys = Keys(prefix)
-    await make_known_state(lag_redis, pool, keys)
-    report = await read_lag(lag_redis, None, keys, scan_limit=1)
+    await make_known_state(any_redis, pool, keys)
+    report = await read_lag(any_redis, None, keys, scan_limit=1)
     triggers = report.groups[0]
     assert triggers.group == "triggers"
     assert not triggers.lag_valid
     assert 3 <= triggers.lag <= triggers.length  # never the "0" an exporter would show
     # Counting the delivered side instead keeps it exact when that side is short.
-    audit = (await read_lag(lag_redis, None, keys, scan_limit=2)).groups[1]
+    audit = (await read_lag(any_redis, None, keys, scan_limit=2)).groups[1]
     assert (audit.group, audit.lag, audit.lag_valid) == ("audit", 1, True)
 
 
-async def test_missing_streams_and_groups_are_not_errors(lag_redis: Redis, prefix: str) -> None:
+async def test_missing_streams_and_groups_are_not_errors(any_redis: Redis, prefix: str) -> None:
     keys = Keys(prefix)
-    empty = await read_lag(lag_redis, None, keys)
+    empty = await read_lag(any_redis, None, keys)
     assert [(g.stream, g.group, g.length, g.lag, g.pending) for g in empty.groups] == [
         (keys.events(), "triggers", 0, 0, 0),
         (keys.commands(), "actions", 0, 0, 0),
@@ -256,21 +230,21 @@ async def test_missing_streams_and_groups_are_not_errors(lag_redis: Redis, prefi
     assert (empty.retry_scheduled, empty.dead_letters, empty.outbox) == (0, 0, None)
 
     # Published before any worker ran: no group yet, every entry still to deliver.
-    await lag_redis.xadd(keys.events(), {"event": "{}"})
-    await lag_redis.xadd(keys.events(), {"event": "{}"})
-    await lag_redis.xadd(keys.dead(), {"error": "x"})
-    report = await read_lag(lag_redis, None, keys)
+    await any_redis.xadd(keys.events(), {"event": "{}"})
+    await any_redis.xadd(keys.events(), {"event": "{}"})
+    await any_redis.xadd(keys.dead(), {"error": "x"})
+    report = await read_lag(any_redis, None, keys)
     events = report.groups[0]
     assert (events.group, events.length, events.lag, events.lag_valid) == ("triggers", 2, 2, True)
     assert events.oldest_undelivered_age_s is not None
     assert report.dead_letters == 1  # without a pool: the dead-letter stream's length
 
 
-async def test_every_partition_is_reported(lag_redis: Redis, prefix: str) -> None:
+async def test_every_partition_is_reported(any_redis: Redis, prefix: str) -> None:
     keys = Keys(prefix, partitions=3)
-    await lag_redis.xadd(keys.events(2), {"event": "{}"})
-    await lag_redis.zadd(keys.retry(1), {"r": 1})
-    report = await read_lag(lag_redis, None, keys)
+    await any_redis.xadd(keys.events(2), {"event": "{}"})
+    await any_redis.zadd(keys.retry(1), {"r": 1})
+    report = await read_lag(any_redis, None, keys)
     assert [(g.stream, g.lag) for g in report.groups] == [
         (keys.events(0), 0),
         (keys.commands(0), 0),

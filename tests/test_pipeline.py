@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import structlog
 from psycopg_pool import AsyncConnectionPool
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from db.dead_letters import Selection
@@ -67,43 +65,11 @@ actions:
 NOTHING_LEFT = {"triggers_pending": 0, "actions_pending": 0, "retry_scheduled": 0, "dead_stream": 0}
 
 
-@pytest.fixture(params=["server", "redis-6.2"])
-def any_redis_url(
-    request: pytest.FixtureRequest, redis_server_url: str, prefix: str
-) -> Iterator[str]:
-    """The configured Redis (7 in CI), then the embedded 6.2: the two servers govflow supports."""
-    if request.param == "server":
-        yield redis_server_url
-        return
-    # Without TEST_REDIS_URL this is the configured server again: run anyway (a few
-    # seconds), rather than skip where CI has no Redis of its own.
-    url: str = request.getfixturevalue("embedded_redis_url")
-    client = SyncRedis.from_url(url)
-    try:
-        assert client.info("server")["redis_version"].startswith("6.2.")
-        yield url
-    finally:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.unlink(*keys)
-        client.close()
-
-
 @pytest.fixture
 def any_settings(make_settings: Any, any_redis_url: str) -> Settings:
     """Settings on the Redis of ``any_redis_url``."""
     settings: Settings = make_settings(redis_url=any_redis_url)
     return settings
-
-
-@pytest.fixture
-async def any_redis(any_redis_url: str) -> Any:
-    """A client of the Redis of ``any_redis_url``."""
-    client = Redis.from_url(any_redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def policy_created(i: int, risk: str, **kwargs: Any) -> Event:

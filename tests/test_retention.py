@@ -6,11 +6,9 @@ the group bookkeeping it relies on differ between the two.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from consumers.janitor import Janitor, parse_id, safe_trim_id
@@ -20,29 +18,6 @@ from schemas.keys import Keys
 pytestmark = pytest.mark.anyio
 
 GROUP = "triggers"
-
-
-@pytest.fixture(params=["configured", "embedded"])
-def any_redis_url(request: pytest.FixtureRequest, prefix: str) -> Iterator[str]:
-    url: str = request.getfixturevalue(
-        "redis_server_url" if request.param == "configured" else "embedded_redis_url"
-    )
-    yield url
-    client = SyncRedis.from_url(url)
-    try:
-        for key in client.scan_iter(match=f"{prefix}:*"):
-            client.unlink(key)
-    finally:
-        client.close()
-
-
-@pytest.fixture
-async def client(any_redis_url: str) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(any_redis_url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
 
 
 async def fill(redis: Redis, stream: str, n: int = 10) -> list[str]:
@@ -69,83 +44,85 @@ def janitor(redis: Redis, keys: Keys, retention: int) -> Janitor:
 
 
 async def test_pending_and_undelivered_entries_are_never_trimmed(
-    client: Redis, prefix: str
+    any_redis: Redis, prefix: str
 ) -> None:
     keys = Keys(prefix)
     stream = keys.events()
-    ids = await fill(client, stream)
-    await deliver(client, stream, 6)  # 0..5 delivered, 6..9 not
-    await client.xack(stream, GROUP, ids[0], ids[1], ids[2], ids[4])  # 3 and 5 pending
-    await client.xgroup_create(stream, "audit", id=ids[1])  # a second group, behind
-    trim = janitor(client, keys, retention=0).trim
+    ids = await fill(any_redis, stream)
+    await deliver(any_redis, stream, 6)  # 0..5 delivered, 6..9 not
+    await any_redis.xack(stream, GROUP, ids[0], ids[1], ids[2], ids[4])  # 3 and 5 pending
+    await any_redis.xgroup_create(stream, "audit", id=ids[1])  # a second group, behind
+    trim = janitor(any_redis, keys, retention=0).trim
 
     # The group that is furthest behind sets the boundary.
     assert await trim(stream) == 2
-    assert await remaining(client, stream) == ids[2:]
+    assert await remaining(any_redis, stream) == ids[2:]
 
-    await client.xgroup_destroy(stream, "audit")
+    await any_redis.xgroup_destroy(stream, "audit")
     assert await trim(stream) == 1  # up to the oldest pending entry, not beyond
-    assert await remaining(client, stream) == ids[3:]
+    assert await remaining(any_redis, stream) == ids[3:]
     # The pending entry keeps its payload, so the consumer that claims it can run it.
-    claimed: Any = await client.xclaim(stream, GROUP, "c2", 0, [ids[3]])
+    claimed: Any = await any_redis.xclaim(stream, GROUP, "c2", 0, [ids[3]])
     assert claimed[0][1] == {b"n": b"3"}
 
-    await client.xack(stream, GROUP, ids[3], ids[5])
+    await any_redis.xack(stream, GROUP, ids[3], ids[5])
     assert await trim(stream) == 3  # 3, 4, 5: everything acknowledged
-    assert await remaining(client, stream) == ids[6:]  # the undelivered stay
+    assert await remaining(any_redis, stream) == ids[6:]  # the undelivered stay
     assert await trim(stream) == 0
 
-    await deliver(client, stream, 10)
+    await deliver(any_redis, stream, 10)
     assert await trim(stream) == 0  # delivered, not yet acknowledged
-    await client.xack(stream, GROUP, *ids[6:])
+    await any_redis.xack(stream, GROUP, *ids[6:])
     assert await trim(stream) == 4
-    assert await client.xlen(stream) == 0
+    assert await any_redis.xlen(stream) == 0
 
 
-async def test_retention_keeps_the_newest_acknowledged_entries(client: Redis, prefix: str) -> None:
+async def test_retention_keeps_the_newest_acknowledged_entries(
+    any_redis: Redis, prefix: str
+) -> None:
     keys = Keys(prefix)
     stream = keys.commands()
-    ids = await fill(client, stream)
-    await deliver(client, stream, 10)
-    await client.xack(stream, GROUP, *ids[:2], *ids[3:])  # all but 2
-    trim = janitor(client, keys, retention=3).trim
+    ids = await fill(any_redis, stream)
+    await deliver(any_redis, stream, 10)
+    await any_redis.xack(stream, GROUP, *ids[:2], *ids[3:])  # all but 2
+    trim = janitor(any_redis, keys, retention=3).trim
 
-    assert await safe_trim_id(client, stream, 3) == parse_id(ids[2])
+    assert await safe_trim_id(any_redis, stream, 3) == parse_id(ids[2])
     assert await trim(stream) == 2  # retention alone would allow 7; entry 2 is pending
-    assert await remaining(client, stream) == ids[2:]
+    assert await remaining(any_redis, stream) == ids[2:]
 
-    await client.xack(stream, GROUP, ids[2])
-    assert await safe_trim_id(client, stream, 3) == parse_id(ids[7])
+    await any_redis.xack(stream, GROUP, ids[2])
+    assert await safe_trim_id(any_redis, stream, 3) == parse_id(ids[7])
     assert await trim(stream) == 5
-    assert await remaining(client, stream) == ids[7:]  # the newest three, kept for inspection
+    assert await remaining(any_redis, stream) == ids[7:]  # the newest three, kept for inspection
 
 
 async def test_nothing_is_trimmed_without_a_group_or_below_retention(
-    client: Redis, prefix: str
+    any_redis: Redis, prefix: str
 ) -> None:
     keys = Keys(prefix)
     stream = keys.events()
     for i in range(5):
-        await client.xadd(stream, {"n": str(i)})
+        await any_redis.xadd(stream, {"n": str(i)})
     # Published before any worker ran: those entries wait for the group that will come.
-    assert await safe_trim_id(client, stream, 0) is None
-    assert await janitor(client, keys, retention=0).trim(stream) == 0
+    assert await safe_trim_id(any_redis, stream, 0) is None
+    assert await janitor(any_redis, keys, retention=0).trim(stream) == 0
 
-    await client.xgroup_create(stream, GROUP, id="0")
-    await deliver(client, stream, 5)
-    entries: Any = await client.xrange(stream)
-    await client.xack(stream, GROUP, *[entry_id for entry_id, _ in entries])
-    assert await janitor(client, keys, retention=5).trim(stream) == 0  # only 5 kept: none
-    assert await client.xlen(stream) == 5
+    await any_redis.xgroup_create(stream, GROUP, id="0")
+    await deliver(any_redis, stream, 5)
+    entries: Any = await any_redis.xrange(stream)
+    await any_redis.xack(stream, GROUP, *[entry_id for entry_id, _ in entries])
+    assert await janitor(any_redis, keys, retention=5).trim(stream) == 0  # only 5 kept: none
+    assert await any_redis.xlen(stream) == 5
 
 
-async def test_sweep_trims_every_stream_of_every_partition(client: Redis, prefix: str) -> None:
+async def test_sweep_trims_every_stream_of_every_partition(any_redis: Redis, prefix: str) -> None:
     keys = Keys(prefix, partitions=2)
     streams = [keys.events(1), keys.commands(0)]
     for stream in streams:
-        ids = await fill(client, stream, 4)
-        await deliver(client, stream, 4)
-        await client.xack(stream, GROUP, *ids[:3])  # the newest stays pending
-    await janitor(client, keys, retention=0).sweep()
+        ids = await fill(any_redis, stream, 4)
+        await deliver(any_redis, stream, 4)
+        await any_redis.xack(stream, GROUP, *ids[:3])  # the newest stays pending
+    await janitor(any_redis, keys, retention=0).sweep()
     for stream in streams:
-        assert await client.xlen(stream) == 1
+        assert await any_redis.xlen(stream) == 1
