@@ -181,6 +181,14 @@ class TestWorkflows:
         as_json = json.dumps(msgspec.to_builtins(decode_workflow(SPEC_WORKFLOW)))
         assert decode_workflow(as_json) == decode_workflow(SPEC_WORKFLOW)
 
+    def test_aliases_are_refused_before_they_expand(self):
+        # Nine levels of nine aliases: 9**9 strings from a few hundred bytes.
+        levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+        levels += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 9)}]" for n in range(1, 9)]
+        bomb = "\n".join(levels) + "\nname: x\nentity: policy\ntrigger: create\n"
+        with pytest.raises(InvalidEntryError, match=r"^bomb\.yaml: an alias \(\*name\) at line 2"):
+            decode_workflow(bomb, "bomb.yaml")
+
     def test_bad_yaml_names_the_file_and_line(self):
         with pytest.raises(InvalidEntryError, match=r"^wf\.yaml: not valid YAML at line \d+$"):
             decode_workflow("name: a\nentity: policy\ntrigger: [create\n", "wf.yaml")
