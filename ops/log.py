@@ -102,7 +102,11 @@ def configure_logging(json: bool | None = None, level: str = "info") -> None:
         foreign: Processor = structlog.processors.JSONRenderer(serializer=_dumps_str)
         factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
     else:
-        console = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        console = structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(),
+            # Not the locals either: rich shows them by default, settings and payloads too.
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False),
+        )
         tail = [console]
         foreign = console
         factory = structlog.WriteLoggerFactory(sys.stderr)

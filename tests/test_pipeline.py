@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any
 
+import msgspec
 import pytest
 import structlog
 from psycopg_pool import AsyncConnectionPool
@@ -206,6 +207,10 @@ async def test_poison_is_dead_lettered_with_its_reason_and_the_group_keeps_flowi
         "no command field": ({b"event": b"{}"}, "no `command` field"),
         "command not a command": ({b"command": b'{"command": "explode"}'}, "invalid command"),
         "no execution row": ({b"command": encode(ghost_command)}, "execution row does not exist"),
+        "execution id not a uuid": (
+            {b"command": encode(msgspec.structs.replace(ghost_command, execution_id="E-1"))},
+            "execution_id",
+        ),
     }
     for kind, (fields, words) in command_poison.items():
         entry_id = await add_entry(any_redis, keys.commands(), fields)
