@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 from psycopg_pool import AsyncConnectionPool
 
 
@@ -20,5 +21,10 @@ async def open_pool(database_url: str, *, max_size: int = 10) -> AsyncConnection
         kwargs={"autocommit": False},
         reconnect_timeout=3600,
     )
-    await pool.open(wait=True, timeout=30)
+    try:
+        await pool.open(wait=True, timeout=30)
+    except BaseException:  # a bad URL, or the caller cancelled: no pool left retrying
+        with anyio.CancelScope(shield=True):
+            await pool.close()
+        raise
     return pool

@@ -23,6 +23,7 @@ from typing import Any, Protocol, cast
 import anyio
 import structlog
 from anyio.abc import TaskStatus
+from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -125,7 +126,10 @@ class Worker:
                 "the Redis URL names a Redis Cluster: set GOVFLOW_PARTITIONS >= 2 (one "
                 "partition's keys have no hash tag, so they cannot share a slot)"
             )
-        pool = await open_pool(self.settings.database_url, max_size=self._pool_size())
+        pool = await self._open_pool()
+        if pool is None:
+            await redis.aclose()
+            return  # stopped before Postgres answered
         try:
             async with webhook.client(self.settings.webhook_timeout) as http:
                 self._services = self._build(redis, pool, http)
@@ -147,6 +151,21 @@ class Worker:
                 await pool.close()
                 await redis.aclose()
             log.info("worker.stopped")
+
+    async def _open_pool(self) -> AsyncConnectionPool[Any] | None:
+        """The Postgres pool, or None when ``stop()`` comes first (Postgres still away)."""
+        assert self.settings.database_url is not None
+        async with anyio.create_task_group() as tg:
+
+            async def cancel_on_stop() -> None:
+                await self._stop.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(cancel_on_stop)
+            pool = await open_pool(self.settings.database_url, max_size=self._pool_size())
+            tg.cancel_scope.cancel()
+            return pool
+        return None
 
     def _pool_size(self) -> int:
         """A connection for every consumer that may hold one, and a few for the services.
@@ -245,12 +264,14 @@ async def run_workers(
     connecting stops it there, with exit status 0 like any other stop.
     """
     worker = Worker(settings, roles, concurrency)
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        if metrics_port is not None:
-            from prometheus_client import start_http_server
+    async with anyio.create_task_group() as tg:
+        # Open before the worker starts, closed after the first signal: a second one
+        # takes the default action and ends the process without waiting for the grace.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            if metrics_port is not None:
+                from prometheus_client import start_http_server
 
-            start_http_server(metrics_port, addr=metrics_host)
-        async with anyio.create_task_group() as tg:
+                start_http_server(metrics_port, addr=metrics_host)
             tg.start_soon(worker.run)
             async for _ in signals:
                 worker.stop()

@@ -202,3 +202,26 @@ async def test_metrics_are_served_where_metrics_host_says(
         assert await anyio.to_thread.run_sync(lambda: proc.wait(30)) == 0, tail(log)
     finally:
         stop_process(proc)
+
+
+async def test_sigterm_while_postgres_is_away_at_start_exits_0(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    closed = free_port()
+    settings = make_settings(database_url=f"postgresql://postgres@127.0.0.1:{closed}/govflow")
+    log = tmp_path / "worker.log"
+    with log.open("wb") as stderr:
+        proc = start_cli_worker(settings, "--role", "triggers", stderr=stderr)
+    try:
+        await wait_for(
+            lambda: anyio.to_thread.run_sync(log.read_text),
+            lambda text: "error connecting" in text or proc.poll() is not None,
+            within=60,
+            what="the worker's pool to fail a first connection",
+        )
+        assert proc.poll() is None, f"the worker exited early:\n{tail(log)}"
+        proc.send_signal(signal.SIGTERM)
+        code = await anyio.to_thread.run_sync(lambda: proc.wait(10))
+    finally:
+        stop_process(proc)
+    assert code == 0, tail(log)
