@@ -8,12 +8,14 @@ govflow is measured as separate processes, like every peer.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from producers.publish import Publisher
 from schemas.events import Event, new_event
 from schemas.keys import GROUP_OF, Keys
 from schemas.workflows import Workflow
+from tests.cluster.helpers import lease_owners
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISH_CHUNK = 1000  # events per publish_many call
@@ -121,19 +124,26 @@ def env(redis_url: str, database_url: str, prefix: str, partitions: int = 1) -> 
 
 
 async def _lease_holders(redis_url: str, keys: Keys) -> dict[str, list[str | None]]:
-    client = await connect(redis_url)
+    client = await connect(redis_url, socket_timeout=5, socket_connect_timeout=5)
     try:
-        holders: dict[str, list[str | None]] = {}
-        for group in GROUP_OF.values():
-            values = [await client.get(keys.lease(group, p)) for p in keys.all_partitions()]
-            holders[group] = [v.decode() if isinstance(v, bytes) else v for v in values]
-        return holders
+        return {group: await lease_owners(client, keys, group) for group in GROUP_OF.values()}
     finally:
         await client.aclose()
 
 
+def _fair(owners: list[str | None], workers: int) -> bool:
+    """Every partition leased, each of ``workers`` holding its fair share and no more."""
+    counts = Counter(owners)
+    share = math.ceil(len(owners) / workers)
+    return (
+        None not in counts
+        and len(counts) == min(workers, len(owners))
+        and max(counts.values()) <= share
+    )
+
+
 def wait_balanced(redis_url: str, keys: Keys, workers: int, alive: Callable[[], bool]) -> None:
-    """Wait until, in every group, each partition is leased and ``workers`` share them.
+    """Wait until, in every group, ``workers`` share the partitions fairly.
 
     Raises:
         WorkerDiedError: a worker exited meanwhile.
@@ -142,8 +152,7 @@ def wait_balanced(redis_url: str, keys: Keys, workers: int, alive: Callable[[], 
     deadline = time.monotonic() + BALANCE_TIMEOUT
     while True:
         holders = anyio.run(_lease_holders, redis_url, keys)
-        if all(None not in owners and len(set(owners)) == min(workers, keys.partitions)
-               for owners in holders.values()):  # fmt: skip
+        if all(_fair(owners, workers) for owners in holders.values()):
             return
         if not alive():
             raise WorkerDiedError(f"a worker exited before the leases settled: {holders}")

@@ -119,6 +119,7 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
             "topology": "3 primaries + 3 replicas, AOF on, one machine",
             "partitions": opts.partitions,
             "events": opts.events,
+            "skipped": bench.cluster_skipped,
         },
         "publish": publish,
         "versions": versions,

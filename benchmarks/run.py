@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks import cpu, gf, peers, profile, report, workload
 from benchmarks.servers import Servers, free_port, servers
 from schemas.keys import Keys
-from tests.cluster.servers import running_cluster
+from tests.cluster.servers import REDIS_CLI, REDIS_SERVER, running_cluster
 
 SYSTEMS = ("govflow", "celery", "dramatiq", "taskiq", "bullmq")
 SCENARIOS = ("drain", "steady", "scaling", "publish", "cluster")
@@ -83,6 +83,7 @@ class Bench:
         self.cut: list[str] = []  # scenarios that ran fewer rounds to keep within the budget
         self.started = time.monotonic()
         self.cluster_pids: list[int] = []  # the Redis Cluster's nodes, while it runs
+        self.cluster_skipped: str | None = None  # why the cluster scenario did not run
         self.logs = opts.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -411,6 +412,10 @@ class Bench:
 
     def scale_on_cluster(self) -> None:
         """govflow on a Redis Cluster (3 primaries, 3 replicas) with 1 and 3 workers."""
+        if REDIS_SERVER is None or REDIS_CLI is None:
+            self.cluster_skipped = "redis-server and redis-cli are not both installed"
+            self.say(f"cluster: not run: {self.cluster_skipped}")
+            return
         root = Path(tempfile.mkdtemp(prefix="gfb-cluster-"))
         with running_cluster(root) as cluster:
             self.cluster_pids = [n.process.pid for n in cluster.nodes if n.process is not None]

@@ -49,6 +49,7 @@ UNAVAILABLE = (
     # A cluster mid-failover: a slot without a primary, a multi-key call mid-migration.
     redis_errors.ClusterDownError,
     redis_errors.TryAgainError,
+    redis_errors.RedisClusterException,  # no node of the cluster could be reached
     psycopg.OperationalError,
     PoolTimeout,
     UnavailableError,
@@ -192,12 +193,13 @@ class GroupConsumer:
             self._drain = False
         now = time.monotonic()
         if now - self._last_claim >= self._claim_idle_ms / 2000:
+            self._last_claim = now  # set first: a claim that fails must not stop the reads
             claimed, self._claim_from = await self._streams.claim_idle(
                 self.stream, self.group, self.consumer, self._claim_idle_ms, self._batch_size,
                 self._claim_from,
             )  # fmt: skip
-            if self._claim_from == "0-0":  # swept to the end: the next sweep waits its turn
-                self._last_claim = now
+            if self._claim_from != "0-0":  # more of the pending list: sweep on next time
+                self._last_claim = 0.0
             if claimed:
                 metrics.CLAIMED.labels(self.stream, self.group).inc(len(claimed))
                 log.info("consumer.claimed", stream=self.stream, count=len(claimed))

@@ -43,6 +43,7 @@ from collections.abc import Callable
 import anyio
 import structlog
 from anyio.abc import TaskGroup
+from redis import exceptions as redis_errors
 
 from consumers import scripts
 from consumers.loop import BLOCK_MS, UNAVAILABLE, GroupConsumer
@@ -52,6 +53,8 @@ from schemas.keys import Keys
 log = structlog.get_logger(__name__)
 
 RELEASE_TIMEOUT_S = 5.0  # a lease not deleted by then lapses on its own
+# Whatever Redis (or the cluster client) answers instead of a reply.
+REDIS_FAILED = (*UNAVAILABLE, redis_errors.RedisError, redis_errors.RedisClusterException)
 
 
 class PartitionLease:
@@ -146,10 +149,11 @@ class PartitionLeases:
             while not self._stopping:
                 try:
                     await self._beat(tg)
-                except Exception:
-                    # The leases must never stop the worker: what was not renewed is
-                    # given up once it may have lapsed, and the next beat tries again.
-                    log.exception("partitions.beat_failed", group=self.group)
+                except REDIS_FAILED:
+                    # A refusal the cluster client raises mid-failover must not stop the
+                    # worker: what was not renewed is given up once it may have lapsed,
+                    # and the next beat tries again. A bug in govflow still ends it.
+                    log.exception("partitions.beat_error", group=self.group)
                 with anyio.move_on_after(self._ttl_s / 3):
                     await self._stopped.wait()
             for owned in self._owned.values():
@@ -216,7 +220,7 @@ class PartitionLeases:
                 renewed = await self._renew(
                     keys=[self._keys.lease(self.group, p)], args=[self.worker_id, self._ttl_ms]
                 )
-            except Exception as e:  # noqa: BLE001 - unavailable, or a cluster client's own error
+            except REDIS_FAILED as e:
                 log.warning("partition.renew_failed", group=self.group, partition=p, error=str(e))
                 # Not renewed for a whole ttl: another worker may hold it by now.
                 renewed = not owned.lease.lapsed()

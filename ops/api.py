@@ -58,7 +58,7 @@ from db import dead_letters, executions, views
 from db.dead_letters import Selection
 from ops import dashboard, dlq, lag
 from ops.api_auth import TokenAuth, principal_of, scope_guard
-from ops.api_errors import error_response, invalid, short
+from ops.api_errors import REDIS_UNAVAILABLE, error_response, invalid, short
 from ops.api_models import (
     EVENT_IN,
     REPLAY_REQUEST,
@@ -153,7 +153,7 @@ async def _redis_client(url: str) -> RedisClient:
     }  # fmt: skip
     try:
         return await connect(url, **options)
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as e:
+    except (*REDIS_UNAVAILABLE, OSError) as e:
         log.warning("api.redis_unavailable", error=str(e))
         return unprobed(url, **options)
 

@@ -22,6 +22,15 @@ log = structlog.get_logger(__name__)
 
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
+# Redis cannot answer now: a server away, a cluster mid-failover or not reachable at all.
+REDIS_UNAVAILABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.RedisClusterException,
+)
+
 
 def invalid(what: str, message: str) -> HTTPException:
     """A 422 that names the field msgspec's message points at (``... - at `$.type```)."""
@@ -49,7 +58,7 @@ def error_response(request: Request[Any, Any, Any], error: Exception) -> Respons
         )
     elif isinstance(error, PoolTimeout | psycopg.OperationalError):
         status, detail, headers, extra = 503, "Postgres is unavailable", {"Retry-After": "5"}, None
-    elif isinstance(error, PublishError | redis_errors.ConnectionError | redis_errors.TimeoutError):
+    elif isinstance(error, (PublishError, *REDIS_UNAVAILABLE)):
         status, detail, headers, extra = 503, "Redis is unavailable", {"Retry-After": "5"}, None
     else:
         log.error(

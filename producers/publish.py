@@ -40,9 +40,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
-from consumers.cluster import connect
+from consumers.cluster import connect, split_flag
 from schemas.codec import encode
-from schemas.errors import PublishError
+from schemas.errors import ConfigError, PublishError
 from schemas.events import Event
 from schemas.keys import Keys
 
@@ -84,6 +84,17 @@ class PublishRetry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 DEFAULT_RETRY = PublishRetry()
+
+
+def _single_server(url: str) -> str:
+    """The URL without its ``cluster`` parameter, which may only say ``no`` here."""
+    plain_url, cluster = split_flag(url)
+    if cluster:
+        raise ConfigError(
+            "this publisher speaks to one Redis server and the URL says ?cluster=yes:"
+            " use `await Publisher.connect(url, keys)` for a Redis Cluster"
+        )
+    return plain_url
 
 
 class PublisherOptions(TypedDict, total=False):
@@ -128,8 +139,11 @@ class Publisher:
         """Make a publisher with its own client of one server; close it with ``aclose()``.
 
         For a URL that may name a Redis Cluster node, use ``connect``.
+
+        Raises:
+            ConfigError: the URL says ``?cluster=yes``.
         """
-        client = redis.asyncio.Redis.from_url(url, **_CLIENT_OPTIONS)
+        client = redis.asyncio.Redis.from_url(_single_server(url), **_CLIENT_OPTIONS)
         return cls(client, keys, owns_client=True, **options)
 
     @classmethod
@@ -249,8 +263,13 @@ class SyncPublisher:
     def from_url(
         cls, url: str, keys: Keys, *, retry: PublishRetry = DEFAULT_RETRY
     ) -> SyncPublisher:
-        """Make a publisher with its own client; close it with ``close()``."""
-        client = redis.Redis.from_url(url, **_CLIENT_OPTIONS)
+        """Make a publisher with its own client of one server; close it with ``close()``.
+
+        Raises:
+            ConfigError: the URL says ``?cluster=yes`` (publish to a cluster from async
+                code, with ``Publisher.connect``).
+        """
+        client = redis.Redis.from_url(_single_server(url), **_CLIENT_OPTIONS)
         return cls(client, keys, retry=retry, owns_client=True)
 
     def publish(self, event: Event) -> str:

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from ops.embedded import REDIS_SERVER
 from producers import Publisher, PublishError, PublishRetry, SyncPublisher
 from schemas.codec import decode_event
+from schemas.errors import ConfigError
 from schemas.events import Event, new_event
 from schemas.keys import Keys
 
@@ -99,6 +100,19 @@ def test_sync_publisher(sync_redis: SyncRedis, redis_server_url: str, prefix: st
 
     stored = [decode_event(f[b"event"]) for f in fields_of(sync_redis.xrange(f"{prefix}:events"))]
     assert stored == [event, *more]
+
+
+def test_a_cluster_flag_in_the_url_is_understood(
+    sync_redis: SyncRedis, redis_server_url: str, prefix: str
+) -> None:
+    """``?cluster=no`` is for govflow (decide without asking), not for redis-py."""
+    separator = "&" if "?" in redis_server_url else "?"
+    with SyncPublisher.from_url(f"{redis_server_url}{separator}cluster=no", Keys(prefix)) as p:
+        event_id = p.publish(policy())
+    assert [decode_event(f[b"event"]).id for f in fields_of(sync_redis.xrange(f"{prefix}:events"))] == [event_id]  # fmt: skip
+    for make in (Publisher.from_url, SyncPublisher.from_url):
+        with pytest.raises(ConfigError, match=r"Publisher\.connect"):
+            make(f"{redis_server_url}{separator}cluster=yes", Keys(prefix))
 
 
 def test_sync_publisher_over_a_given_client(sync_redis: SyncRedis, prefix: str) -> None:
