@@ -57,11 +57,8 @@ def prefix(redis_server_url: str) -> Iterator[str]:
 @pytest.fixture
 async def redis(redis_server_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
     """An asyncio client of the session's Redis, replies as bytes; closed afterwards."""
-    client = Redis.from_url(redis_server_url)
-    try:
+    async with Redis.from_url(redis_server_url) as client:
         yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(params=["server", "redis-6.2"])
@@ -89,8 +86,5 @@ def any_redis_url(
 @pytest.fixture
 async def any_redis(any_redis_url: str, anyio_backend: str) -> AsyncIterator[Redis]:
     """A client of the Redis of ``any_redis_url``, replies as bytes; closed afterwards."""
-    client = Redis.from_url(any_redis_url)
-    try:
+    async with Redis.from_url(any_redis_url) as client:
         yield client
-    finally:
-        await client.aclose()
