@@ -37,12 +37,13 @@ import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster as SyncRedisCluster
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
-from consumers.cluster import connect, split_flag
+from consumers.cluster import connect, split_flag, unprobed
 from schemas.codec import encode
-from schemas.errors import ConfigError, PublishError
+from schemas.errors import PublishError
 from schemas.events import Event
 from schemas.keys import Keys
 
@@ -86,17 +87,6 @@ class PublishRetry(msgspec.Struct, frozen=True, kw_only=True):
 DEFAULT_RETRY = PublishRetry()
 
 
-def _single_server(url: str) -> str:
-    """The URL without its ``cluster`` parameter, which may only say ``no`` here."""
-    plain_url, cluster = split_flag(url)
-    if cluster:
-        raise ConfigError(
-            "this publisher speaks to one Redis server and the URL says ?cluster=yes:"
-            " use `await Publisher.connect(url, keys)` for a Redis Cluster"
-        )
-    return plain_url
-
-
 class PublisherOptions(TypedDict, total=False):
     """What ``Publisher.from_url`` and ``Publisher.connect`` pass on to the publisher."""
 
@@ -136,15 +126,12 @@ class Publisher:
 
     @classmethod
     def from_url(cls, url: str, keys: Keys, **options: Unpack[PublisherOptions]) -> Publisher:
-        """Make a publisher with its own client of one server; close it with ``aclose()``.
+        """Make a publisher with its own client; close it with ``aclose()``.
 
-        For a URL that may name a Redis Cluster node, use ``connect``.
-
-        Raises:
-            ConfigError: the URL says ``?cluster=yes``.
+        The client is a single server's unless the URL says ``?cluster=yes``; ``connect``
+        asks the server instead.
         """
-        client = redis.asyncio.Redis.from_url(_single_server(url), **_CLIENT_OPTIONS)
-        return cls(client, keys, owns_client=True, **options)
+        return cls(unprobed(url, **_CLIENT_OPTIONS), keys, owns_client=True, **options)
 
     @classmethod
     async def connect(cls, url: str, keys: Keys, **options: Unpack[PublisherOptions]) -> Publisher:
@@ -241,14 +228,15 @@ class SyncPublisher:
     """Publish events with a blocking Redis client (Flask, Django, scripts).
 
     Args:
-        client: the connection; a client made by ``from_url`` is closed by ``close()``.
+        client: the connection (a sync ``RedisCluster`` too); a client made by ``from_url`` is
+            closed by ``close()``.
         keys: the deployment's key names and partition count.
         retry: the retry policy on connection errors and timeouts.
     """
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | SyncRedisCluster,
         keys: Keys,
         *,
         retry: PublishRetry = DEFAULT_RETRY,
@@ -263,13 +251,17 @@ class SyncPublisher:
     def from_url(
         cls, url: str, keys: Keys, *, retry: PublishRetry = DEFAULT_RETRY
     ) -> SyncPublisher:
-        """Make a publisher with its own client of one server; close it with ``close()``.
+        """Make a publisher with its own client; close it with ``close()``.
 
-        Raises:
-            ConfigError: the URL says ``?cluster=yes`` (publish to a cluster from async
-                code, with ``Publisher.connect``).
+        The client is a single server's unless the URL says ``?cluster=yes``, which makes
+        it redis-py's cluster client (events then spread over the partitions' shards).
         """
-        client = redis.Redis.from_url(_single_server(url), **_CLIENT_OPTIONS)
+        plain_url, cluster = split_flag(url)
+        client: redis.Redis | SyncRedisCluster = (
+            SyncRedisCluster.from_url(plain_url, **_CLIENT_OPTIONS)
+            if cluster
+            else redis.Redis.from_url(plain_url, **_CLIENT_OPTIONS)
+        )
         return cls(client, keys, retry=retry, owns_client=True)
 
     def publish(self, event: Event) -> str:
@@ -339,7 +331,9 @@ def _next_delay(error: redis_errors.RedisError, delays: Iterator[float]) -> floa
 
 
 def _failure(
-    client: redis.Redis | redis.asyncio.Redis | RedisCluster, attempts: int, error: Exception
+    client: redis.Redis | SyncRedisCluster | redis.asyncio.Redis | RedisCluster,
+    attempts: int,
+    error: Exception,
 ) -> PublishError:
     """A ``PublishError`` naming the server, never its password."""
     pool = getattr(client, "connection_pool", None)  # a cluster client has one per node

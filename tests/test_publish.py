@@ -15,7 +15,6 @@ from redis.asyncio import Redis
 from ops.embedded import REDIS_SERVER
 from producers import Publisher, PublishError, PublishRetry, SyncPublisher
 from schemas.codec import decode_event
-from schemas.errors import ConfigError
 from schemas.events import Event, new_event
 from schemas.keys import Keys
 
@@ -110,9 +109,6 @@ def test_a_cluster_flag_in_the_url_is_understood(
     with SyncPublisher.from_url(f"{redis_server_url}{separator}cluster=no", Keys(prefix)) as p:
         event_id = p.publish(policy())
     assert [decode_event(f[b"event"]).id for f in fields_of(sync_redis.xrange(f"{prefix}:events"))] == [event_id]  # fmt: skip
-    for make in (Publisher.from_url, SyncPublisher.from_url):
-        with pytest.raises(ConfigError, match=r"Publisher\.connect"):
-            make(f"{redis_server_url}{separator}cluster=yes", Keys(prefix))
 
 
 def test_sync_publisher_over_a_given_client(sync_redis: SyncRedis, prefix: str) -> None:

@@ -1,4 +1,4 @@
-"""The operator's tools on a real Redis Cluster: ``govflow publish``, ``lag`` and ``dlq``.
+"""The operator's tools and the publishers on a real Redis Cluster.
 
 A deployment on a cluster is given the same URL shape as one on a single server; the
 commands ask the node whether it is a cluster and read or write every partition.
@@ -14,6 +14,8 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from consumers.streams import RedisClient
+from producers.publish import Publisher, SyncPublisher
+from schemas.events import new_event
 from schemas.keys import Keys
 from schemas.settings import Settings
 from tests.cluster.helpers import running_worker
@@ -71,3 +73,22 @@ async def test_publish_lag_and_replay_from_the_command_line(
     [letter] = json.loads(replayed.stdout)["replayed"]
     assert letter["stream"] == poison_stream
     assert await cluster_redis.xlen(poison_stream) == 2  # the poison entry, then its replay
+
+
+async def test_publishers_from_a_url_that_says_cluster(
+    cluster_settings: Callable[..., Settings], cluster_redis: RedisClient
+) -> None:
+    settings = cluster_settings()
+    assert settings.redis_url is not None
+    keys = Keys(settings.prefix, settings.partitions)
+    url = f"{settings.redis_url}?cluster=yes"
+    events = [new_event("policy.created", f"P-{i}") for i in range(40)]
+
+    async with Publisher.from_url(url, keys) as publisher:
+        await publisher.publish_many(events[:20])
+    with SyncPublisher.from_url(url, keys) as sync_publisher:
+        sync_publisher.publish_many(events[20:])
+
+    lengths = [await cluster_redis.xlen(keys.events(p)) for p in keys.all_partitions()]
+    assert sum(lengths) == len(events)
+    assert sum(1 for n in lengths if n) > 1, "every event went to one partition"
