@@ -11,16 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import msgspec
 from psycopg_pool import AsyncConnectionPool
-from redis import Redis as SyncRedis
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from db.outbox import enqueue
@@ -30,7 +27,6 @@ from producers.relay import Relay
 from schemas.codec import decode_workflow
 from schemas.events import Change, Event, new_event
 from schemas.settings import Settings
-from tests.faults.servers import free_port, redis_server_binary
 from tests.pipeline_helpers import wait_for
 
 T = TypeVar("T")
@@ -199,65 +195,6 @@ async def running_relay(relay: Relay) -> AsyncIterator[Relay]:
             yield relay
         finally:
             relay.stop()
-
-
-class OwnRedis:
-    """A Redis of this test's own on a loopback port, with AOF fsynced on every write.
-
-    ``kill()`` is a SIGKILL; ``start()`` again brings it back on the same port with its data.
-    """
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._dir = data_dir
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Start the server and wait until it answers PING with its data loaded."""
-        self._dir.mkdir(parents=True, exist_ok=True)
-        self._proc = subprocess.Popen(
-            [
-                str(redis_server_binary()),
-                "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-                "--dir", str(self._dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = SyncRedis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except (redis_errors.ConnectionError, redis_errors.TimeoutError):
-                    pass
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start")
-                time.sleep(0.05)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL the server and wait for it to be gone."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGKILL)
-            self._proc.wait(10)
-        self._proc = None
-
-
-@contextlib.contextmanager
-def own_redis(data_dir: Path) -> Iterator[OwnRedis]:
-    """Start an ``OwnRedis``; kill it on the way out."""
-    server = OwnRedis(data_dir)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def subprocess_env(settings: Settings, **extra: str) -> dict[str, str]:

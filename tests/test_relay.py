@@ -24,6 +24,7 @@ from schemas.codec import decode_event
 from schemas.events import Event
 from schemas.keys import Keys
 from schemas.settings import Settings
+from tests.faults.servers import redis_server
 from tests.outbox_helpers import (
     apply_workflows,
     commit_policies,
@@ -32,7 +33,6 @@ from tests.outbox_helpers import (
     fetch,
     now,
     outbox_state,
-    own_redis,
     payloads,
     policy_created,
     run_once_problems,
@@ -174,7 +174,7 @@ async def test_redis_stopped_while_a_service_commits_then_every_event_runs_once(
     await apply_workflows(pool)
     before = [policy_created(f"POL-{i}", i) for i in range(10)]
     during = [policy_created(f"POL-{i}", i) for i in range(10, 30)]
-    with own_redis(tmp_path / "redis") as server:
+    with redis_server(tmp_path / "redis") as server:
         settings: Settings = make_settings(redis_url=server.url)
         keys = Keys(settings.prefix)
         async with running_worker(settings):
