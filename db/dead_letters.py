@@ -88,9 +88,9 @@ async def list_open(
     """Dead letters, newest first; by default only those neither replayed nor purged."""
     where = ["true"] if include_done else ["replayed_at IS NULL", "purged_at IS NULL"]
     params: list[Any] = []
-    if reason:
-        where.append("error ILIKE %s")
-        params.append(f"%{reason}%")
+    if reason:  # as Selection matches it: a % or _ in the text means itself
+        where.append("strpos(lower(error), lower(%s)) > 0")
+        params.append(reason)
     if event_type:
         where.append("event_type = %s")
         params.append(event_type)

@@ -68,6 +68,7 @@ class ReplayReport(msgspec.Struct, frozen=True, kw_only=True):
     replayed: list[Replayed] = []
     skipped: list[Skipped] = []
     plans: list[ReplayPlan] = []
+    more: bool = False  # a dry run: more letters match than the DRY_RUN_LIMIT described
 
 
 class PurgeReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -136,8 +137,11 @@ async def replay(
     """
     if dry_run:
         letters, skipped = await _dry_run_letters(pool, selection)
-        plans = await plan(pool, keys, letters)
-        return ReplayReport(dry_run=True, actor=actor, reason=reason, skipped=skipped, plans=plans)
+        more = len(letters) > DRY_RUN_LIMIT
+        plans = await plan(pool, keys, letters[:DRY_RUN_LIMIT])
+        return ReplayReport(
+            dry_run=True, actor=actor, reason=reason, skipped=skipped, plans=plans, more=more
+        )
     async with pool.connection() as conn:
         upto = await dead_letters.newest_id(conn)  # letters dead-lettered later wait for next time
     replayed: list[Replayed] = []
@@ -196,7 +200,7 @@ async def _dry_run_letters(
     pool: AsyncConnectionPool[Any], selection: Selection
 ) -> tuple[list[DeadLetter], list[Skipped]]:
     async with pool.connection() as conn:
-        letters = await dead_letters.select_open(conn, selection, limit=DRY_RUN_LIMIT)
+        letters = await dead_letters.select_open(conn, selection, limit=DRY_RUN_LIMIT + 1)
     found = {letter.id for letter in letters}
     return letters, await _explain(pool, [i for i in selection.ids if i not in found], selection)
 

@@ -261,6 +261,8 @@ def _print_replay(report: ReplayReport) -> None:
             console.print("no open dead letter to replay")
         for p in report.plans:
             _print_plan(p)
+        if report.more:
+            console.print(f"(the first {len(report.plans)} letters only: more match)")
     else:
         console.print(f"replayed {len(report.replayed)}")
         for r in report.replayed:

@@ -25,7 +25,8 @@ from db import dead_letters, executions
 from db.dead_letters import DeadLetter, NewDeadLetter, Selection
 from db.executions import NewExecution
 from db.workflows import apply_workflow
-from ops.dlq import purge, replay, replay_fields
+from ops import dlq
+from ops.dlq import EVERY, list_letters, purge, replay, replay_fields
 from ops.dlq_cli import parse_rate
 from ops.lag import read_lag
 from ops.replay_plan import plan
@@ -298,6 +299,7 @@ async def test_filters_rate_and_purge(
     ]
     reasons = await replay(redis, pool, keys, Selection(reason="%"), actor="t")
     assert ids(reasons) == []  # a % is a percent sign, not a wildcard
+    assert await list_letters(pool, Selection(reason="%")) == []  # listing matches alike
 
     started = time.monotonic()
     rated = await replay(redis, pool, keys, Selection(ids=tuple(rest[1:])), actor="t", rate=5)
@@ -482,3 +484,16 @@ async def redis_len(url: str, key: str) -> int:
         return int(await client.xlen(key))
     finally:
         await client.aclose()
+
+
+async def test_a_dry_run_says_when_it_describes_only_the_first_letters(
+    redis: Redis, pool: AsyncConnectionPool[Any], prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = Keys(prefix)
+    await record(pool, *(event_letter(keys, n) for n in range(3)))
+    monkeypatch.setattr(dlq, "DRY_RUN_LIMIT", 2)
+    report = await replay(redis, pool, keys, EVERY, actor="t", dry_run=True)
+    assert (len(report.plans), report.more) == (2, True)
+    monkeypatch.setattr(dlq, "DRY_RUN_LIMIT", 3)
+    report = await replay(redis, pool, keys, EVERY, actor="t", dry_run=True)
+    assert (len(report.plans), report.more) == (3, False)
