@@ -64,6 +64,11 @@ GROUP_OLDEST_UNDELIVERED_AGE = Gauge(
     "Age of the oldest entry not yet delivered to the group, from its id; 0 when none waits.",
     ["stream", "group"],
 )
+GROUP_PARKED = Gauge(
+    "govflow_group_parked",
+    "Entries waiting behind a held entity (per-entity order), in neither lag nor pending.",
+    ["stream", "group"],
+)
 RETRY_SCHEDULED = Gauge("govflow_retry_scheduled", "Entries waiting in the retry sets.")
 DEAD_LETTERS_OPEN = Gauge("govflow_dead_letters_open", "Dead letters neither replayed nor purged.")
 

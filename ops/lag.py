@@ -79,6 +79,11 @@ class GroupLag(msgspec.Struct, frozen=True, kw_only=True):
     oldest_pending_age_s: float | None
     oldest_undelivered_age_s: float | None
     consumers: list[ConsumerLag] = []
+    # Per-entity order (``ordering: entity``): entities held behind an entry of theirs
+    # that is retrying, and their entries parked meanwhile, counted in neither lag nor
+    # pending (they were delivered and acknowledged into the parked lists).
+    held_entities: int = 0
+    parked: int = 0
 
 
 class OutboxBacklog(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,7 +124,15 @@ async def read_lag(
     groups: list[GroupLag] = []
     for p in keys.all_partitions():
         for role in ROLES:
-            groups += await reader.stream(keys.stream(role, p), GROUP_OF[role])
+            group = GROUP_OF[role]
+            found = await reader.stream(keys.stream(role, p), group)
+            held, parked = await _held_and_parked(redis, keys, group, p)
+            groups += [
+                msgspec.structs.replace(g, held_entities=held, parked=parked)
+                if g.group == group
+                else g
+                for g in found
+            ]
     pipe = redis.pipeline(transaction=False)
     for p in keys.all_partitions():
         pipe.zcard(keys.retry(p))
@@ -138,6 +151,20 @@ async def read_lag(
     return LagReport(
         groups=groups, retry_scheduled=retry_scheduled, dead_letters=dead, outbox=backlog
     )
+
+
+async def _held_and_parked(
+    redis: RedisClient, keys: Keys, group: str, partition: int
+) -> tuple[int, int]:
+    """How many entities of a partition are held, and how many entries wait behind them."""
+    entities: list[bytes | str] = await redis.hkeys(keys.held(group, partition))
+    if not entities:
+        return 0, 0
+    pipe = redis.pipeline(transaction=False)
+    for entity in entities:  # one hash tag: a cluster sends these to one node
+        pipe.llen(keys.parked(group, _text(entity), partition))
+    lengths: list[int] = await pipe.execute()
+    return len(entities), sum(lengths)
 
 
 class _Reader:
@@ -278,6 +305,7 @@ _GROUP_GAUGES = (
     metrics.GROUP_PENDING,
     metrics.GROUP_OLDEST_PENDING_AGE,
     metrics.GROUP_OLDEST_UNDELIVERED_AGE,
+    metrics.GROUP_PARKED,
 )
 
 
@@ -293,6 +321,7 @@ def export_gauges(report: LagReport) -> None:
         metrics.GROUP_PENDING.labels(*labels).set(g.pending)
         metrics.GROUP_OLDEST_PENDING_AGE.labels(*labels).set(g.oldest_pending_age_s or 0.0)
         metrics.GROUP_OLDEST_UNDELIVERED_AGE.labels(*labels).set(g.oldest_undelivered_age_s or 0.0)
+        metrics.GROUP_PARKED.labels(*labels).set(g.parked)
     for labels in _exported - current:
         for gauge in _GROUP_GAUGES:
             gauge.remove(*labels)

@@ -33,6 +33,7 @@ def render(report: LagReport) -> RenderableType:
         "pending",
         "oldest pending",
         "oldest undelivered",
+        "parked",
         "consumers",
     )
     for g in report.groups:
@@ -44,6 +45,7 @@ def render(report: LagReport) -> RenderableType:
             str(g.pending),
             format_age(g.oldest_pending_age_s),
             format_age(g.oldest_undelivered_age_s),
+            f"{g.parked} ({g.held_entities} held)" if g.held_entities else "0",
             Text(_consumers(g.consumers)),
         )
     totals = [

@@ -95,6 +95,8 @@ def expected_document(keys: Keys) -> dict[str, Any]:
                 "lag_valid": True,
                 "pending": 3,
                 "consumers": [{"name": "c1", "pending": 1}, {"name": "c2", "pending": 2}],
+                "held_entities": 0,
+                "parked": 0,
             },
             {
                 "stream": keys.events(),
@@ -105,6 +107,8 @@ def expected_document(keys: Keys) -> dict[str, Any]:
                 "pending": 0,
                 "oldest_pending_age_s": None,
                 "consumers": [],
+                "held_entities": 0,
+                "parked": 0,
             },
             {
                 "stream": keys.commands(),
@@ -114,6 +118,8 @@ def expected_document(keys: Keys) -> dict[str, Any]:
                 "lag_valid": True,
                 "pending": 1,
                 "consumers": [{"name": "a1", "pending": 1}],
+                "held_entities": 0,
+                "parked": 0,
             },
         ],
         "retry_scheduled": 2,
@@ -135,6 +141,8 @@ def check_document(doc: dict[str, Any], keys: Keys, elapsed_s: float) -> None:
         "oldest_pending_age_s",
         "oldest_undelivered_age_s",
         "consumers",
+        "held_entities",  # per-entity order: see tests/test_ordering.py
+        "parked",
     ]
     assert [list(g) for g in doc["groups"]] == [fields] * 3
 

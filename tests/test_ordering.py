@@ -6,7 +6,7 @@ in every CI run; tests/cluster runs the same on a Redis Cluster with three worke
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from consumers.ordering import Sequencer
 from consumers.streams import Hold
+from ops.lag import GroupLag, LagReport, read_lag
 from producers.publish import Publisher
 from schemas.events import Change, new_event
 from schemas.keys import Keys
@@ -71,7 +72,7 @@ actions:
 async def test_a_retried_status_change_holds_back_the_later_ones(
     make_settings: Callable[..., Settings], redis: Redis, pool: AsyncConnectionPool[Any]
 ) -> None:
-    settings = make_settings(partitions=2, lease_ttl=3.0, backoff_base=0.3)
+    settings = make_settings(partitions=2, lease_ttl=3.0, backoff_base=1.0)
     keys = Keys(settings.prefix, settings.partitions)
     with serve() as hooks:
         for seq in range(1, 6):
@@ -92,6 +93,16 @@ async def test_a_retried_status_change_holds_back_the_later_ones(
         ]
         async with running_worker(settings):
             await Publisher(redis, keys).publish_many(events)
+            # While POL-A's change 2 waits for its retry, `govflow lag` shows what waits
+            # behind it: one held entity, its later changes parked.
+            commands = keys.commands(keys.partition_of("POL-A"))
+            held = await wait_for(
+                lambda: _actions_of(read_lag(redis, None, keys), commands),
+                lambda g: g.held_entities == 1 and g.parked >= 1,
+                within=20,
+                what="POL-A held, its later changes parked",
+            )
+            assert held.parked <= 3
             await wait_for(lambda: statuses(pool), lambda s: s == {"completed": 10}, within=60,
                            what="10 executions completed")  # fmt: skip
             await wait_for(lambda: drained(redis, keys), bool, within=20, what="nothing held")
@@ -106,3 +117,7 @@ async def test_a_retried_status_change_holds_back_the_later_ones(
         pool, "SELECT entity_id, max(attempts) FROM workflow_executions GROUP BY 1"
     )
     assert dict(attempts) == {"POL-A": 3, "POL-B": 1}, "a parked entry counted an attempt"
+
+
+async def _actions_of(report: Awaitable[LagReport], stream: str) -> GroupLag:
+    return next(g for g in (await report).groups if (g.stream, g.group) == (stream, "actions"))
