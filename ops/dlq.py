@@ -136,9 +136,8 @@ async def replay(
         rate: at most this many replays per second; ``None``: as fast as they go.
     """
     if dry_run:
-        letters, skipped = await _dry_run_letters(pool, selection)
-        more = len(letters) > DRY_RUN_LIMIT
-        plans = await plan(pool, keys, letters[:DRY_RUN_LIMIT])
+        letters, skipped, more = await _dry_run_letters(pool, selection)
+        plans = await plan(pool, keys, letters)
         return ReplayReport(
             dry_run=True, actor=actor, reason=reason, skipped=skipped, plans=plans, more=more
         )
@@ -198,11 +197,19 @@ def replay_fields(letter: DeadLetter) -> dict[FieldT, EncodableT]:
 
 async def _dry_run_letters(
     pool: AsyncConnectionPool[Any], selection: Selection
-) -> tuple[list[DeadLetter], list[Skipped]]:
+) -> tuple[list[DeadLetter], list[Skipped], bool]:
+    """The letters a dry run describes, the ids it skips and why, and whether more match.
+
+    Past the limit an id may match and simply not be described, so none is explained
+    then: the report says that more match instead.
+    """
     async with pool.connection() as conn:
         letters = await dead_letters.select_open(conn, selection, limit=DRY_RUN_LIMIT + 1)
+    if len(letters) > DRY_RUN_LIMIT:
+        return letters[:DRY_RUN_LIMIT], [], True
     found = {letter.id for letter in letters}
-    return letters, await _explain(pool, [i for i in selection.ids if i not in found], selection)
+    missing = [i for i in selection.ids if i not in found]
+    return letters, await _explain(pool, missing, selection), False
 
 
 async def _explain(

@@ -44,6 +44,7 @@ log = structlog.get_logger(__name__)
 # estimate. Counting runs inside Redis (no payload crosses the network) at roughly a
 # millisecond per thousand entries, and blocks the server meanwhile.
 SCAN_LIMIT = 10_000
+PARKED_LIMIT = 1_000  # held entities whose parked entries are counted, per group and partition
 REFRESH_S = 5.0
 
 # KEYS: stream. ARGV: start, end, limit. Returns {how many entries in [start, end], up to
@@ -83,7 +84,7 @@ class GroupLag(msgspec.Struct, frozen=True, kw_only=True):
     # that is retrying, and their entries parked meanwhile, counted in neither lag nor
     # pending (they were delivered and acknowledged into the parked lists).
     held_entities: int = 0
-    parked: int = 0
+    parked: int = 0  # counted behind the first PARKED_LIMIT held entities: a lower bound past it
 
 
 class OutboxBacklog(msgspec.Struct, frozen=True, kw_only=True):
@@ -121,17 +122,17 @@ async def read_lag(
     """
     seconds, micros = await redis.time()
     reader = _Reader(redis, now_ms=seconds * 1000 + micros // 1000, scan_limit=scan_limit)
+    behind = await _held_and_parked(redis, keys)
     groups: list[GroupLag] = []
     for p in keys.all_partitions():
         for role in ROLES:
             group = GROUP_OF[role]
-            found = await reader.stream(keys.stream(role, p), group)
-            held, parked = await _held_and_parked(redis, keys, group, p)
+            held, parked = behind[group, p]
             groups += [
                 msgspec.structs.replace(g, held_entities=held, parked=parked)
                 if g.group == group
                 else g
-                for g in found
+                for g in await reader.stream(keys.stream(role, p), group)
             ]
     pipe = redis.pipeline(transaction=False)
     for p in keys.all_partitions():
@@ -154,17 +155,30 @@ async def read_lag(
 
 
 async def _held_and_parked(
-    redis: RedisClient, keys: Keys, group: str, partition: int
-) -> tuple[int, int]:
-    """How many entities of a partition are held, and how many entries wait behind them."""
-    entities: list[bytes | str] = await redis.hkeys(keys.held(group, partition))
-    if not entities:
-        return 0, 0
+    redis: RedisClient, keys: Keys
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """Per (group, partition): the entities held, and the entries parked behind them.
+
+    Two round trips whatever the partitions: every held hash, then the parked lists of
+    up to ``PARKED_LIMIT`` held entities per group and partition (beyond that, ``parked``
+    is a lower bound; so many held entities is the news already).
+    """
+    places = [(GROUP_OF[role], p) for p in keys.all_partitions() for role in ROLES]
     pipe = redis.pipeline(transaction=False)
-    for entity in entities:  # one hash tag: a cluster sends these to one node
-        pipe.llen(keys.parked(group, _text(entity), partition))
-    lengths: list[int] = await pipe.execute()
-    return len(entities), sum(lengths)
+    for group, p in places:
+        pipe.hkeys(keys.held(group, p))
+    held: list[list[bytes]] = await pipe.execute()
+    pipe = redis.pipeline(transaction=False)
+    for (group, p), entities in zip(places, held, strict=True):
+        for entity in entities[:PARKED_LIMIT]:
+            pipe.llen(keys.parked(group, _text(entity), p))
+    lengths: list[int] = await pipe.execute() if any(held) else []
+    found, start = {}, 0
+    for (group, p), entities in zip(places, held, strict=True):
+        counted = min(len(entities), PARKED_LIMIT)
+        found[group, p] = (len(entities), sum(lengths[start : start + counted]))
+        start += counted
+    return found
 
 
 class _Reader:

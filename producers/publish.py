@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
+from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -50,8 +51,18 @@ from schemas.keys import Keys
 log = structlog.get_logger(__name__)
 
 # Failures another attempt can fix: a dropped or refused connection, a timeout, a server
-# still loading its data after a restart (a ConnectionError), a replica promoted late.
-RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError)
+# still loading its data after a restart (a ConnectionError), a replica promoted late, a
+# cluster mid-failover or with no node reachable yet.
+RETRYABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.RedisClusterException,
+)
+# What a publish attempt can raise from Redis or from redis-py's cluster client.
+FAILED = (redis_errors.RedisError, redis_errors.RedisClusterException)
 # ConnectionError subclasses that no retry fixes: wrong credentials or ACL.
 NOT_RETRYABLE = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
 
@@ -170,7 +181,7 @@ class Publisher:
                         pipe.xadd(stream, fields)
                     waits = self._queue_waits(pipe, [stream for stream, _ in entries])
                     replies = await pipe.execute()
-            except redis_errors.RedisError as e:
+            except FAILED as e:
                 delay = _next_delay(e, delays)
                 if delay is None:
                     raise _failure(self._client, attempt, e) from e
@@ -255,14 +266,23 @@ class SyncPublisher:
 
         The client is a single server's unless the URL says ``?cluster=yes``, which makes
         it redis-py's cluster client (events then spread over the partitions' shards).
+
+        Raises:
+            PublishError: a cluster URL whose nodes cannot be reached (the sync cluster
+                client learns the slots when it is made).
         """
         plain_url, cluster = split_flag(url)
-        client: redis.Redis | SyncRedisCluster = (
-            SyncRedisCluster.from_url(plain_url, **_CLIENT_OPTIONS)
-            if cluster
-            else redis.Redis.from_url(plain_url, **_CLIENT_OPTIONS)
-        )
-        return cls(client, keys, retry=retry, owns_client=True)
+        if not cluster:
+            client = redis.Redis.from_url(plain_url, **_CLIENT_OPTIONS)
+            return cls(client, keys, retry=retry, owns_client=True)
+        try:  # redis-py's sync cluster client asks the nodes for the slots at once
+            cluster_client = SyncRedisCluster.from_url(plain_url, **_CLIENT_OPTIONS)
+        except FAILED as e:
+            host = urlsplit(plain_url)
+            raise PublishError(
+                f"could not reach the Redis Cluster at {host.hostname}:{host.port}: {e}"
+            ) from e
+        return cls(cluster_client, keys, retry=retry, owns_client=True)
 
     def publish(self, event: Event) -> str:
         """Append one event to its partition's stream and return the event id.
@@ -288,7 +308,7 @@ class SyncPublisher:
                     for stream, fields in entries:
                         pipe.xadd(stream, fields)
                     pipe.execute()
-            except redis_errors.RedisError as e:
+            except FAILED as e:
                 delay = _next_delay(e, delays)
                 if delay is None:
                     raise _failure(self._client, attempt, e) from e
@@ -323,7 +343,7 @@ def _entries(keys: Keys, events: list[Event]) -> list[tuple[str, dict[FieldT, En
     ]
 
 
-def _next_delay(error: redis_errors.RedisError, delays: Iterator[float]) -> float | None:
+def _next_delay(error: Exception, delays: Iterator[float]) -> float | None:
     """The pause before the next attempt, or ``None`` when this error is final."""
     if isinstance(error, NOT_RETRYABLE) or not isinstance(error, RETRYABLE):
         return None
@@ -335,10 +355,14 @@ def _failure(
     attempts: int,
     error: Exception,
 ) -> PublishError:
-    """A ``PublishError`` naming the server, never its password."""
-    pool = getattr(client, "connection_pool", None)  # a cluster client has one per node
-    kwargs: dict[str, Any] = pool.connection_kwargs if pool else client.get_connection_kwargs()
-    where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+    """A ``PublishError`` naming the server (a cluster's first node), never its password."""
+    if isinstance(client, SyncRedisCluster | RedisCluster):
+        kwargs: dict[str, Any] = client.get_connection_kwargs()
+        node = client.get_default_node()
+        where = f"{node.host}:{node.port}" if node is not None else "a Redis Cluster"
+    else:
+        kwargs = client.connection_pool.connection_kwargs
+        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
     reason = str(error) or type(error).__name__
     if password := kwargs.get("password"):
         reason = reason.replace(str(password), "***")

@@ -156,6 +156,18 @@ async def test_unreachable_redis_raises_publish_error_without_password() -> None
     assert PASSWORD not in message
 
 
+@pytest.mark.anyio
+async def test_an_unreachable_cluster_raises_publish_error_without_password() -> None:
+    url = f"redis://govflow:{PASSWORD}@127.0.0.1:{closed_port()}/0?cluster=yes"
+    async with Publisher.from_url(url, Keys("t", 2), retry=FAST) as publisher:
+        with pytest.raises(PublishError, match="after 3 attempts") as caught:
+            await publisher.publish(policy())
+    assert PASSWORD not in str(caught.value)
+    with pytest.raises(PublishError, match=r"Redis Cluster at 127\.0\.0\.1") as caught:
+        SyncPublisher.from_url(url, Keys("t", 2), retry=FAST)
+    assert PASSWORD not in str(caught.value)
+
+
 def test_sync_unreachable_redis_raises_publish_error_without_password() -> None:
     url = f"redis://govflow:{PASSWORD}@127.0.0.1:{closed_port()}/0"
     with (
