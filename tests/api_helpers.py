@@ -21,9 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from db import executions
 from db.executions import NewExecution
-from db.workflows import apply_workflow
 from ops.serve import listen
-from schemas.codec import decode_workflow
 
 T = TypeVar("T")
 
@@ -85,13 +83,6 @@ async def serving(app: Litestar, host: str = "127.0.0.1") -> AsyncIterator[str]:
             server.should_exit = True
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):
                 await stopped.wait()
-
-
-async def apply(pool: AsyncConnectionPool[Any], text: str) -> int:
-    """Store a workflow definition (YAML); return its version."""
-    async with pool.connection() as conn:
-        version, _ = await apply_workflow(conn, decode_workflow(text, "test"))
-    return version
 
 
 async def seed_execution(

@@ -7,7 +7,6 @@ with what they last saw.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -22,12 +21,11 @@ from redis.asyncio import Redis
 
 from db.outbox import enqueue
 from db.workflows import apply_workflow
-from ops.worker import Worker
 from producers.relay import Relay
 from schemas.codec import decode_workflow
 from schemas.events import Change, Event, new_event
 from schemas.settings import Settings
-from tests.pipeline_helpers import wait_for
+from tests.pipeline_helpers import wait_for, worker_env
 
 T = TypeVar("T")
 
@@ -173,20 +171,6 @@ async def run_once_problems(pool: AsyncConnectionPool[Any], event_ids: list[str]
 
 
 @contextlib.asynccontextmanager
-async def running_worker(
-    settings: Settings, roles: frozenset[str] = ALL_ROLES
-) -> AsyncIterator[Worker]:
-    """Run a ``Worker`` in this test's event loop; stop it gracefully on the way out."""
-    worker = Worker(settings, roles, concurrency=1)
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.stop()
-
-
-@contextlib.asynccontextmanager
 async def running_relay(relay: Relay) -> AsyncIterator[Relay]:
     """Run a ``Relay`` in this test's event loop; ``stop()`` it on the way out."""
     async with anyio.create_task_group() as tg:
@@ -197,28 +181,13 @@ async def running_relay(relay: Relay) -> AsyncIterator[Relay]:
             relay.stop()
 
 
-def subprocess_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """This environment without ``GOVFLOW_*``, plus the settings a subprocess needs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GOVFLOW_")}
-    assert settings.redis_url is not None
-    assert settings.database_url is not None
-    env.update(
-        GOVFLOW_REDIS_URL=settings.redis_url,
-        GOVFLOW_DATABASE_URL=settings.database_url,
-        GOVFLOW_PREFIX=settings.prefix,
-        GOVFLOW_PARTITIONS=str(settings.partitions),
-        **extra,
-    )
-    return env
-
-
 def start_relay_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     """Start ``govflow run --role relay`` as a subprocess, the way an operator does."""
     with log.open("ab") as out:
         return subprocess.Popen(
             [str(GOVFLOW), "run", "--role", "relay"],
             cwd=ROOT,
-            env=subprocess_env(settings),
+            env=worker_env(settings),
             stdout=out,
             stderr=subprocess.STDOUT,
         )

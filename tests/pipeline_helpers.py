@@ -219,6 +219,8 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         GOVFLOW_REDIS_URL=settings.redis_url,
         GOVFLOW_DATABASE_URL=settings.database_url,
         GOVFLOW_PREFIX=settings.prefix,
+        GOVFLOW_PARTITIONS=str(settings.partitions),
+        GOVFLOW_LEASE_TTL=str(settings.lease_ttl),
         GOVFLOW_CLAIM_IDLE=str(settings.claim_idle),
         GOVFLOW_BACKOFF_BASE=str(settings.backoff_base),
         GOVFLOW_MAX_ATTEMPTS=str(settings.max_attempts),

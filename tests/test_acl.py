@@ -35,6 +35,7 @@ from schemas.events import new_event
 from schemas.keys import Keys
 from schemas.settings import Settings
 from tests.faults.servers import RedisServer, free_port, redis_server, scratch_dir
+from tests.pipeline_helpers import running_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ACL_FILE = ROOT / "deploy" / "redis" / "users.acl"
@@ -136,13 +137,8 @@ async def worker_as(url: str, database_url: str) -> AsyncIterator[Worker]:
         },
         Settings,
     )
-    worker = Worker(settings, frozenset({"triggers", "actions"}), concurrency=1)
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.stop()
+    async with running_worker(settings, concurrency=1) as worker:
+        yield worker
 
 
 async def wait_for(probe: Callable[[], Any], what: str, within: float = 60.0) -> Any:

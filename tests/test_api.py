@@ -41,12 +41,11 @@ from tests.api_helpers import (
     API_TOKENS,
     THREE_STEPS,
     TOKENS,
-    apply,
     bearer,
     seed_execution,
     serving,
 )
-from tests.pipeline_helpers import wait_for
+from tests.pipeline_helpers import apply, wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ from redis.asyncio import Redis
 
 from ops import lag
 from ops.api import create_app
-from ops.worker import Worker
 from producers.publish import Publisher
 from schemas.events import Change, new_event
 from schemas.keys import Keys
@@ -36,10 +35,9 @@ from schemas.settings import Settings
 from tests.api_helpers import (
     API_TOKENS,
     TOKENS,
-    apply,
     serving,
 )
-from tests.pipeline_helpers import wait_for
+from tests.pipeline_helpers import apply, running_worker, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -110,17 +108,6 @@ def webhook_receiver() -> Iterator[Hook]:
         server.server_close()
 
 
-@asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
-    worker = Worker(settings, frozenset({"triggers", "actions"}), concurrency=1)
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.stop()
-
-
 async def rows(pool: AsyncConnectionPool[Any], query: str) -> list[tuple[Any, ...]]:
     async with pool.connection() as conn:
         cur = await conn.execute(query.encode())
@@ -189,7 +176,7 @@ async def test_the_dashboard_shows_the_database_and_replays_a_dead_letter(
             )
         )
         async with (
-            running_worker(settings),
+            running_worker(settings, concurrency=1),
             serving(create_app(settings)) as url,
             async_playwright() as playwright,
         ):

@@ -20,8 +20,8 @@ from producers.publish import Publisher
 from schemas.events import Change, new_event
 from schemas.keys import Keys
 from schemas.settings import Settings
-from tests.cluster.helpers import apply, drained, running_worker
-from tests.pipeline_helpers import fetch, statuses, wait_for
+from tests.cluster.helpers import drained
+from tests.pipeline_helpers import apply, fetch, running_worker, statuses, wait_for
 from tests.webhook_server import Reply, serve
 
 

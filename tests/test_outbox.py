@@ -25,6 +25,7 @@ from schemas.codec import decode_event
 from schemas.keys import Keys
 from schemas.settings import Settings
 from tests.outbox_helpers import (
+    ALL_ROLES,
     EXAMPLES,
     apply_workflows,
     create_policies,
@@ -35,10 +36,9 @@ from tests.outbox_helpers import (
     policy_created,
     run_once_problems,
     running_relay,
-    running_worker,
     scalar,
 )
-from tests.pipeline_helpers import wait_for
+from tests.pipeline_helpers import running_worker, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -146,7 +146,7 @@ async def test_rows_inserted_with_psql_run_their_workflow(
         pytest.skip("no psql on this machine")
     await apply_workflows(pool)
     await create_policies(pool, "POL-1042")
-    async with running_worker(settings):
+    async with running_worker(settings, ALL_ROLES, concurrency=1):
         with anyio.fail_after(30):
             done = await anyio.run_process(
                 [psql, database_url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(SQL_EXAMPLE)],
@@ -189,7 +189,7 @@ async def test_the_node_example_commits_an_event_that_runs(
             )
         return done.returncode, done.stdout.decode().strip(), done.stderr.decode().strip()
 
-    async with running_worker(settings):
+    async with running_worker(settings, ALL_ROLES, concurrency=1):
         # No such policy: the transaction rolls back, and no event is left behind.
         assert await producer("POL-404", "pending_approval") == (
             1,

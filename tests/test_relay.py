@@ -26,6 +26,7 @@ from schemas.keys import Keys
 from schemas.settings import Settings
 from tests.faults.servers import redis_server
 from tests.outbox_helpers import (
+    ALL_ROLES,
     apply_workflows,
     commit_policies,
     completed_events,
@@ -36,14 +37,13 @@ from tests.outbox_helpers import (
     payloads,
     policy_created,
     run_once_problems,
-    running_worker,
     scalar,
     start_relay_process,
     status_changed,
     stop_process,
     stream_ids,
 )
-from tests.pipeline_helpers import wait_for
+from tests.pipeline_helpers import running_worker, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -99,7 +99,7 @@ async def test_committed_rows_are_published_in_id_order_and_run_once(
     await apply_workflows(pool)
     entities = [f"POL-{i}" for i in range(10)]
     events: list[Event] = []
-    async with running_worker(settings):
+    async with running_worker(settings, ALL_ROLES, concurrency=1):
         # Six service transactions of ten events; each entity is created, then changes
         # status five times, so per-entity order is visible in the streams.
         for n, (before, after) in enumerate(zip(("new", *STATUSES), STATUSES, strict=False)):
@@ -144,7 +144,7 @@ async def test_rows_that_are_not_events_are_published_as_is_and_dead_lettered(
         for raw in not_events:
             await conn.execute("INSERT INTO outbox (event) VALUES (%s::jsonb)", (raw,))
         await enqueue(conn, good)
-    async with running_worker(settings):
+    async with running_worker(settings, ALL_ROLES, concurrency=1):
         await wait_for(
             lambda: scalar(pool, "SELECT count(*) FROM dead_letters"),
             lambda n: n == len(not_events),
@@ -177,7 +177,7 @@ async def test_redis_stopped_while_a_service_commits_then_every_event_runs_once(
     with redis_server(tmp_path / "redis") as server:
         settings: Settings = make_settings(redis_url=server.url)
         keys = Keys(settings.prefix)
-        async with running_worker(settings):
+        async with running_worker(settings, ALL_ROLES, concurrency=1):
             for event in before:
                 await commit_policies(pool, [event])
             await wait_for(
@@ -220,7 +220,7 @@ async def test_relay_killed_between_xadd_and_marking_then_restarted(
     events = [policy_created(f"POL-{i}", i) for i in range(40)]
     row_ids = await commit_policies(pool, events)
     log = tmp_path / "relay.log"
-    async with running_worker(settings, frozenset({"triggers", "actions"})):
+    async with running_worker(settings, concurrency=1):
         # A lock on the batch's last row: the relay XADDs the whole batch, then its
         # UPDATE waits. That is the instant the relay gets SIGKILLed.
         async with pool.connection() as blocker:

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
-
-import anyio
-from psycopg_pool import AsyncConnectionPool
+from typing import Any
 
 from consumers.streams import RedisClient
-from db.workflows import apply_workflow
-from ops.worker import Worker
-from schemas.codec import decode_workflow
 from schemas.keys import Keys
 from schemas.settings import Settings
-
-T = TypeVar("T")
-GOVFLOW = Path(sys.executable).parent / "govflow"
-ROLES = frozenset({"triggers", "actions"})
-
-
-async def apply(pool: AsyncConnectionPool[Any], text: str) -> None:
-    """Validate and store a workflow definition (YAML)."""
-    async with pool.connection() as conn:
-        await apply_workflow(conn, decode_workflow(text, "test"))
+from tests.pipeline_helpers import GOVFLOW, worker_env
 
 
 async def lease_owners(redis: RedisClient, keys: Keys, group: str) -> list[str | None]:
@@ -59,41 +40,14 @@ async def drained(redis: RedisClient, keys: Keys) -> bool:
     return True
 
 
-@contextlib.asynccontextmanager
-async def running_worker(
-    settings: Settings, roles: frozenset[str] = ROLES
-) -> AsyncIterator[Worker]:
-    """Run a ``Worker`` in this test's event loop; stop it gracefully on the way out."""
-    worker = Worker(settings, roles)
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.stop()
-
-
 def start_worker_process(
     settings: Settings, log: Path, roles: str = "triggers,actions"
 ) -> subprocess.Popen[bytes]:
     """Start ``govflow run --role ROLES`` configured like ``settings``, logging to ``log``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GOVFLOW_")}
-    assert settings.redis_url is not None
-    assert settings.database_url is not None
-    env.update(
-        GOVFLOW_REDIS_URL=settings.redis_url,
-        GOVFLOW_DATABASE_URL=settings.database_url,
-        GOVFLOW_PREFIX=settings.prefix,
-        GOVFLOW_PARTITIONS=str(settings.partitions),
-        GOVFLOW_LEASE_TTL=str(settings.lease_ttl),
-        GOVFLOW_CLAIM_IDLE=str(settings.claim_idle),
-        GOVFLOW_BACKOFF_BASE=str(settings.backoff_base),
-        GOVFLOW_MAX_ATTEMPTS=str(settings.max_attempts),
-    )
     with log.open("ab") as stderr:
         return subprocess.Popen(
             [str(GOVFLOW), "run", "--role", roles],
-            env=env,
+            env=worker_env(settings),
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )

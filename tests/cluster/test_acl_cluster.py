@@ -24,9 +24,8 @@ from producers.publish import SyncPublisher
 from schemas.events import new_event
 from schemas.keys import Keys
 from schemas.settings import Settings
-from tests.cluster.helpers import apply, running_worker
 from tests.cluster.servers import Cluster, running_cluster
-from tests.pipeline_helpers import statuses, wait_for
+from tests.pipeline_helpers import apply, running_worker, statuses, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster, pytest.mark.slow]
 

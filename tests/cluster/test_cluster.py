@@ -33,15 +33,13 @@ from schemas.keys import Keys
 from schemas.settings import Settings
 from tests.cluster.conftest import PARTITIONS
 from tests.cluster.helpers import (
-    apply,
     drained,
     lease_owners,
     pid_of,
-    running_worker,
     start_worker_process,
 )
 from tests.cluster.servers import Cluster
-from tests.pipeline_helpers import fetch, statuses, wait_for
+from tests.pipeline_helpers import apply, fetch, running_worker, statuses, wait_for
 from tests.webhook_server import Reply, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster, pytest.mark.slow]

@@ -18,9 +18,8 @@ from producers.publish import Publisher, SyncPublisher
 from schemas.events import new_event
 from schemas.keys import Keys
 from schemas.settings import Settings
-from tests.cluster.helpers import running_worker
 from tests.ops_helpers import govflow, govflow_env
-from tests.pipeline_helpers import fetch, wait_for
+from tests.pipeline_helpers import fetch, running_worker, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster, pytest.mark.slow]
 

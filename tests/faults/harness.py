@@ -34,6 +34,7 @@ from schemas.events import Event, new_event
 from schemas.keys import Keys
 from schemas.settings import Settings
 from tests.faults.invariants import Expected, Report, check
+from tests.pipeline_helpers import running_worker
 
 # Events per scenario: "a few thousand" in the issue, kept modest for a shared 2-core box.
 EVENTS = 1500
@@ -345,13 +346,8 @@ async def in_process_worker(
         },
         Settings,
     )
-    worker = Worker(configured, frozenset({"triggers", "actions"}), concurrency=1)
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.stop()
+    async with running_worker(configured, concurrency=1) as worker:
+        yield worker
 
 
 class Row(msgspec.Struct, kw_only=True):
