@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-_ENCODER = msgspec.json.Encoder()
+from schemas.codec import ENCODER
 
 
 class Batched(msgspec.Struct, frozen=True):
@@ -35,7 +35,7 @@ class Batched(msgspec.Struct, frozen=True):
     def parameter(self, rows: Sequence[Sequence[Any]]) -> str:
         """The rows as one JSON array of objects."""
         names = [column.split()[0] for column in self.columns]
-        return _ENCODER.encode([dict(zip(names, row, strict=True)) for row in rows]).decode()
+        return ENCODER.encode([dict(zip(names, row, strict=True)) for row in rows]).decode()
 
 
 def id_array(ids: Iterable[str]) -> str:

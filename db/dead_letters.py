@@ -78,31 +78,18 @@ async def record(conn: AsyncConnection[Any], letters: Sequence[NewDeadLetter]) -
 
 async def list_open(
     conn: AsyncConnection[Any],
+    selection: Selection | None = None,
     *,
     include_done: bool = False,
-    reason: str | None = None,
-    event_type: str | None = None,
-    older_than_s: float | None = None,
     limit: int = 1000,
 ) -> list[DeadLetter]:
-    """Dead letters, newest first; by default only those neither replayed nor purged."""
-    where = ["true"] if include_done else ["replayed_at IS NULL", "purged_at IS NULL"]
-    params: list[Any] = []
-    if reason:  # as Selection matches it: a % or _ in the text means itself
-        where.append("strpos(lower(error), lower(%s)) > 0")
-        params.append(reason)
-    if event_type:
-        where.append("event_type = %s")
-        params.append(event_type)
-    if older_than_s is not None:
-        where.append("created_at < now() - make_interval(secs => %s)")
-        params.append(older_than_s)
-    params.append(limit)
+    """Dead letters of ``selection``, newest first; only open ones unless ``include_done``."""
+    where, params = (selection or Selection()).where(open_only=not include_done)
     query = (
         f"SELECT {_COLUMNS} FROM dead_letters WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT %s"
     )
     async with conn.cursor(row_factory=class_row(DeadLetter)) as cur:
-        await cur.execute(query.encode(), params)
+        await cur.execute(query.encode(), [*params, limit])
         return await cur.fetchall()
 
 
@@ -132,9 +119,10 @@ class Selection(msgspec.Struct, frozen=True, kw_only=True):
     event_type: str | None = None
     older_than_s: float | None = None  # dead-lettered at least this long ago
 
-    def where(self) -> tuple[list[str], list[Any]]:
-        """SQL conditions (joined with AND) and their parameters, open letters only."""
-        where = ["replayed_at IS NULL", "purged_at IS NULL"]
+    def where(self, *, open_only: bool = True) -> tuple[list[str], list[Any]]:
+        """SQL conditions (joined with AND) and their parameters; open letters only unless
+        ``open_only`` is false."""
+        where = ["replayed_at IS NULL", "purged_at IS NULL"] if open_only else ["true"]
         params: list[Any] = []
         if self.ids:
             where.append("id = ANY(%s)")

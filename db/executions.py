@@ -230,13 +230,15 @@ async def list_executions(
         return await cur.fetchall()
 
 
-async def get_execution(conn: AsyncConnection[Any], execution_id: str) -> Execution | None:
-    """One execution with its steps."""
+async def get_execution(
+    conn: AsyncConnection[Any], execution_id: str, *, with_steps: bool = True
+) -> Execution | None:
+    """One execution, with its recorded steps unless ``with_steps`` is false."""
     async with conn.cursor(row_factory=class_row(Execution)) as cur:
         await cur.execute(f"{_SELECT} WHERE e.id::text = %s".encode(), (execution_id,))
         execution = await cur.fetchone()
-    if execution is None:
-        return None
+    if execution is None or not with_steps:
+        return execution
     async with conn.cursor(row_factory=class_row(Step)) as cur:
         await cur.execute(
             "SELECT step, action, status, attempts, error, updated_at FROM execution_steps"

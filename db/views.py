@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 from psycopg import AsyncConnection
-from psycopg.rows import class_row
+from psycopg.rows import kwargs_row
 
 from db.batch import id_array
 
@@ -20,16 +20,6 @@ class PlannedStep(msgspec.Struct, frozen=True, kw_only=True):
     (``running``, ``failed`` or ``completed``).
     """
 
-    step: int
-    action: str
-    status: str
-    attempts: int
-    error: str | None
-    updated_at: datetime | None
-
-
-class PlanRow(msgspec.Struct, frozen=True, kw_only=True):
-    execution_id: str
     step: int
     action: str
     status: str
@@ -64,13 +54,16 @@ async def step_plans(
         " WHERE e.id = ANY(%s::uuid[]) ORDER BY e.id, a.step"
     )
     plans: dict[str, list[PlannedStep]] = {i: [] for i in execution_ids}
-    async with conn.cursor(row_factory=class_row(PlanRow)) as cur:
+    async with conn.cursor(row_factory=kwargs_row(_planned)) as cur:
         await cur.execute(query.encode(), (id_array(execution_ids),))
-        for row in await cur.fetchall():
-            fields = msgspec.structs.asdict(row)
-            del fields["execution_id"]
-            plans.setdefault(row.execution_id, []).append(PlannedStep(**fields))
+        for execution_id, step in await cur.fetchall():
+            plans.setdefault(execution_id, []).append(step)
     return plans
+
+
+def _planned(execution_id: str, **step: Any) -> tuple[str, PlannedStep]:
+    """A row of ``step_plans``' query: whose step, and the step."""
+    return execution_id, PlannedStep(**step)
 
 
 async def throughput(

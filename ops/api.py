@@ -29,7 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 import msgspec
@@ -90,7 +90,6 @@ MAX_ID = 2**63 - 1
 METRICS_MEDIA_TYPE = "text/plain; version=0.0.4"
 SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
 
-Status = Literal["queued", "running", "retrying", "completed", "dead_lettered"]
 # Filters go to text columns: bounded, and without the NUL Postgres text cannot hold.
 Filter = Annotated[str | None, QueryParameter(max_length=512, pattern=r"^[^\x00]*$")]
 
@@ -287,7 +286,7 @@ def _document_event_body(app: Litestar) -> None:
 )
 async def list_executions(
     gf: Deps,
-    status: FromQuery[Status | None] = None,
+    status: FromQuery[executions.Status | None] = None,
     entity_id: Filter = None,
     workflow: Filter = None,
     limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
@@ -321,7 +320,7 @@ async def show_execution(gf: Deps, execution_id: FromPath[str]) -> ExecutionView
     except ValueError as e:
         raise NotFoundException(f"no execution {execution_id!r}: ids are UUIDs") from e
     async with gf.pool.connection() as conn:
-        found = await executions.get_execution(conn, key)
+        found = await executions.get_execution(conn, key, with_steps=False)  # step_plans has them
         if found is None:
             raise NotFoundException(f"no execution {key}")
         plans = await views.step_plans(conn, [key])

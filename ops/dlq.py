@@ -96,14 +96,7 @@ async def list_letters(
 ) -> list[DeadLetter]:
     """Dead letters, newest first; open ones only unless ``include_done``."""
     async with pool.connection() as conn:
-        return await dead_letters.list_open(
-            conn,
-            include_done=include_done,
-            reason=selection.reason,
-            event_type=selection.event_type,
-            older_than_s=selection.older_than_s,
-            limit=limit,
-        )
+        return await dead_letters.list_open(conn, selection, include_done=include_done, limit=limit)
 
 
 async def get_letter(pool: AsyncConnectionPool[Any], dead_letter_id: int) -> DeadLetter | None:
