@@ -22,12 +22,10 @@ from psycopg_pool import AsyncConnectionPool
 from consumers import metrics
 from consumers.definitions import Definitions
 from consumers.loop import UNAVAILABLE
-from consumers.outcomes import EntryIds, Outcome, RetryPolicy, dead
+from consumers.outcomes import ACK, EntryIds, Outcome, RetryPolicy, dead
 from consumers.registry import Effects, StepContext, registry
-from consumers.streams import REPLAY_FIELD, Entry
-from consumers.triggers import COMMAND_FIELD
+from consumers.streams import REPLAY_FIELD, Entry, command_of
 from db import executions
-from schemas.codec import decode_command
 from schemas.commands import RunWorkflow
 from schemas.errors import InvalidEntryError, PermanentError
 from schemas.keys import Role
@@ -55,18 +53,6 @@ class Failure(msgspec.Struct, frozen=True):
     error: str
 
 
-def decode_entry(entry: Entry) -> RunWorkflow:
-    """The command an entry carries.
-
-    Raises:
-        InvalidEntryError: no ``command`` field, or not a command.
-    """
-    raw = entry.field(COMMAND_FIELD)
-    if raw is None:
-        raise InvalidEntryError("entry has no `command` field")
-    return decode_command(raw)
-
-
 class ActionRunner:
     """The handler of the ``actions`` group."""
 
@@ -88,12 +74,12 @@ class ActionRunner:
 
     async def handle(self, batch: Sequence[Entry]) -> list[Outcome]:
         """Run a batch of commands; return each entry's outcome."""
-        outcomes: list[Outcome] = [Outcome(kind="ack")] * len(batch)
+        outcomes: list[Outcome] = [ACK] * len(batch)
         work: list[Work] = []
         taken: set[str] = set()
         for index, entry in enumerate(batch):
             try:
-                command = decode_entry(entry)
+                command = command_of(entry)
             except InvalidEntryError as e:
                 outcomes[index] = dead(e.reason, "invalid_entry")
                 continue

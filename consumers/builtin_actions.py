@@ -112,7 +112,7 @@ class Notify(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 async def notify(ctx: StepContext, p: Notify) -> None:
-    url = ctx.render(p.webhook)
+    url, message = ctx.render(p.webhook), ctx.render(p.message)
     body = encode(
         {
             "execution_id": ctx.command.execution_id,
@@ -122,7 +122,7 @@ async def notify(ctx: StepContext, p: Notify) -> None:
             "event_type": ctx.event.type,
             "tenant": ctx.event.tenant,
             "entity_id": ctx.event.entity_id,
-            "message": ctx.render(p.message),
+            "message": message,
         }
     )
     status = await webhook.deliver(
@@ -139,7 +139,7 @@ async def notify(ctx: StepContext, p: Notify) -> None:
             ctx.command.execution_id,
             ctx.step,
             url,
-            ctx.render(p.message),
+            message,
             ctx.idempotency_key,
             status,
         ),

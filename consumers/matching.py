@@ -7,7 +7,7 @@ from typing import Any
 from schemas.events import Event
 from schemas.workflows import TRIGGER_OF_CHANGE, Condition, Workflow
 
-_MISSING = object()
+MISSING = object()
 
 
 def matches(workflow: Workflow, event: Event) -> bool:
@@ -24,7 +24,7 @@ def holds(condition: Condition, event: Event) -> bool:
     if condition.changed is not None:
         return condition.changed in event.changes
     value = lookup(event.data, condition.field or "")
-    if value is _MISSING:
+    if value is MISSING:
         return False
     if condition.in_ is not None:
         return value in condition.in_
@@ -36,6 +36,6 @@ def lookup(data: dict[str, Any], path: str) -> Any:
     value: Any = data
     for part in path.split("."):
         if not isinstance(value, dict) or part not in value:
-            return _MISSING
+            return MISSING
         value = value[part]
     return value

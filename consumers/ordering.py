@@ -44,15 +44,9 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 
 from consumers.definitions import Definitions
-from consumers.streams import HOLD_FIELD, Entry, Hold
-from schemas.codec import decode_command, decode_event
+from consumers.streams import HOLD_FIELD, Entry, Hold, command_of, event_of
 from schemas.errors import InvalidEntryError
 from schemas.keys import Role
-
-# SPEC's wire fields. consumers.triggers names them too; importing it here would make a
-# cycle through consumers.loop.
-_EVENT_FIELD = b"event"
-_COMMAND_FIELD = b"command"
 
 
 class Ordering:
@@ -76,11 +70,11 @@ def _hold(role: Role, entry: Entry, names: set[str], kinds: set[str]) -> Hold | 
     token = entry.field(HOLD_FIELD)
     try:
         if role == "events":
-            event = decode_event(entry.field(_EVENT_FIELD) or b"")
+            event = event_of(entry)
             keeps = event.entity in kinds
             entity_id = event.entity_id
         else:
-            command = decode_command(entry.field(_COMMAND_FIELD) or b"")
+            command = command_of(entry)
             keeps = command.workflow_name in names
             entity_id = command.event.entity_id
     except InvalidEntryError:

@@ -54,7 +54,7 @@ log = structlog.get_logger(__name__)
 
 RELEASE_TIMEOUT_S = 5.0  # a lease not deleted by then lapses on its own
 # Whatever Redis (or the cluster client) answers instead of a reply.
-REDIS_FAILED = (*UNAVAILABLE, redis_errors.RedisError, redis_errors.RedisClusterException)
+REDIS_FAILED = (*UNAVAILABLE, redis_errors.RedisError)
 
 
 class PartitionLease:

@@ -20,6 +20,7 @@ import httpx
 import msgspec
 from psycopg import AsyncConnection
 
+from consumers.matching import MISSING, lookup
 from db.batch import Batched
 from schemas.commands import RunWorkflow
 from schemas.errors import InvalidEntryError
@@ -109,13 +110,11 @@ def render(template: str, event: Event) -> str:
     """Replace each ``{dotted.path}`` with that value of the event; a missing one with ''."""
     source = msgspec.to_builtins(event)
 
-    def lookup(match: re.Match[str]) -> str:
-        value: Any = source
-        for part in match.group(1).split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        return "" if value is None else str(value)
+    def value_of(match: re.Match[str]) -> str:
+        value = lookup(source, match.group(1))
+        return "" if value is MISSING or value is None else str(value)
 
-    return _FIELD.sub(lookup, template)
+    return _FIELD.sub(value_of, template)
 
 
 @cache

@@ -20,12 +20,17 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from consumers import scripts
-from schemas.codec import encode
-from schemas.errors import GroupMissingError
+from schemas.codec import decode_command, decode_event, encode
+from schemas.commands import RunWorkflow
+from schemas.errors import GroupMissingError, InvalidEntryError
+from schemas.events import Event
 from schemas.keys import Role
 
 # The field that carries the attempt number of a retried or replayed entry; the
 # delivery counter of XPENDING is lost when an entry is added anew.
+# SPEC's wire fields: the event of an events entry, the command of a commands entry.
+EVENT_FIELD = b"event"
+COMMAND_FIELD = b"command"
 ATTEMPT_FIELD = b"attempt"
 # The field that marks an entry put back by `govflow dlq replay` (the dead letter's id).
 REPLAY_FIELD = b"replay_of"
@@ -62,13 +67,28 @@ class Entry(msgspec.Struct, frozen=True):
         }
 
 
-class Pending(msgspec.Struct, frozen=True):
-    """One pending entry as XPENDING reports it."""
+def event_of(entry: Entry) -> Event:
+    """The event an entry of an events stream carries.
 
-    id: str
-    consumer: str
-    idle_ms: int
-    deliveries: int
+    Raises:
+        InvalidEntryError: no ``event`` field, or not an event.
+    """
+    raw = entry.field(EVENT_FIELD)
+    if raw is None:
+        raise InvalidEntryError("entry has no `event` field")
+    return decode_event(raw)
+
+
+def command_of(entry: Entry) -> RunWorkflow:
+    """The command an entry of a commands stream carries.
+
+    Raises:
+        InvalidEntryError: no ``command`` field, or not a command.
+    """
+    raw = entry.field(COMMAND_FIELD)
+    if raw is None:
+        raise InvalidEntryError("entry has no `command` field")
+    return decode_command(raw)
 
 
 class Fence(msgspec.Struct, frozen=True):

@@ -14,31 +14,16 @@ from consumers.definitions import Definitions
 from consumers.loop import UNAVAILABLE
 from consumers.matching import matches
 from consumers.outcomes import Outcome, dead
-from consumers.streams import REPLAY_FIELD, Entry, RedisClient
+from consumers.streams import COMMAND_FIELD, REPLAY_FIELD, Entry, RedisClient, event_of
 from db import executions
 from db.executions import NewExecution
-from schemas.codec import decode_event, encode
+from schemas.codec import encode
 from schemas.commands import RunWorkflow, execution_id
 from schemas.errors import InvalidEntryError
 from schemas.events import Event
 from schemas.keys import Keys, Role
 
 log = structlog.get_logger(__name__)
-
-EVENT_FIELD = b"event"
-COMMAND_FIELD = b"command"
-
-
-def decode_entry(entry: Entry) -> Event:
-    """The event an entry carries.
-
-    Raises:
-        InvalidEntryError: no ``event`` field, or not an event.
-    """
-    raw = entry.field(EVENT_FIELD)
-    if raw is None:
-        raise InvalidEntryError("entry has no `event` field")
-    return decode_event(raw)
 
 
 class TriggerMatcher:
@@ -72,7 +57,7 @@ class TriggerMatcher:
         events: dict[int, Event] = {}
         for index, entry in enumerate(batch):
             try:
-                event = decode_entry(entry)
+                event = event_of(entry)
             except InvalidEntryError as e:
                 outcomes.append(dead(e.reason, "invalid_entry"))
                 continue

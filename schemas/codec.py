@@ -23,7 +23,6 @@ MAX_ENTRY_BYTES = 256 * 1024
 ENCODER = msgspec.json.Encoder()
 EVENT_DECODER = msgspec.json.Decoder(Event)
 COMMAND_DECODER = msgspec.json.Decoder(Command)
-WORKFLOW_DECODER = msgspec.json.Decoder(Workflow)
 
 
 def encode(value: Any) -> bytes:

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 ENTITIES = ("policy", "assessment", "evidence")
-CHANGES = ("created", "updated", "status_changed", "deleted")
 EventType = Literal[
     "policy.created",
     "policy.updated",

@@ -77,9 +77,3 @@ class Keys(msgspec.Struct, frozen=True):
     def all_partitions(self) -> range:
         """Every partition number."""
         return range(self.partitions)
-
-    def partition_of_key(self, key: str) -> int:
-        """The partition a key name belongs to."""
-        if self.partitions == 1:
-            return 0
-        return int(key.rsplit("{p", 1)[1].rstrip("}"))
