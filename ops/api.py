@@ -74,7 +74,6 @@ from ops.api_models import (
 from producers.publish import Publisher
 from schemas.codec import MAX_ENTRY_BYTES, convert_event, encode
 from schemas.errors import InvalidEntryError
-from schemas.keys import Keys
 from schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -100,7 +99,7 @@ class Resources:
     def __init__(self, settings: Settings) -> None:
         if settings.redis_url is None or settings.database_url is None:
             raise ValueError("the API needs a Redis URL and a database URL")
-        self.keys = Keys(settings.prefix, settings.partitions)
+        self.keys = settings.keys()
         self.redis_url = settings.redis_url
         self.database_url = settings.database_url
         self._redis: RedisClient | None = None

@@ -28,7 +28,7 @@ from rich.table import Table
 from db import migrate as db_migrate
 from db.workflows import WorkflowVersion, apply_workflow, list_workflows
 from ops import dlq_cli, executions, lag_cli
-from ops.context import console, print_json, run_async, set_global_flags
+from ops.context import JsonFlag, console, print_json, run_async, set_global_flags
 from ops.embedded import EmbeddedServerError
 from ops.log import MASK, configure_logging, redact_url
 from ops.serve import serve
@@ -36,7 +36,6 @@ from producers.publish import Publisher
 from schemas.codec import decode_workflow, encode, json_schemas
 from schemas.errors import ConfigError, GovflowError, InvalidEntryError, UnavailableError
 from schemas.events import Change, Event, new_event
-from schemas.keys import Keys
 from schemas.settings import Settings
 from schemas.workflows import Workflow
 
@@ -74,8 +73,6 @@ app.command("lag")(lag_cli.lag)
 app.add_typer(dlq_cli.app, name="dlq")
 app.add_typer(executions.app, name="executions")
 app.command("serve")(serve)
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 
 @app.callback(invoke_without_command=True)
@@ -245,7 +242,7 @@ def publish(
 async def _publish(event: Event, settings: Settings) -> str:
     if settings.redis_url is None:
         raise ConfigError("no Redis URL: set GOVFLOW_REDIS_URL")
-    async with await Publisher.connect(settings.redis_url, _keys(settings)) as publisher:
+    async with await Publisher.connect(settings.redis_url, settings.keys()) as publisher:
         return await publisher.publish(event)
 
 
@@ -312,10 +309,6 @@ def _database_url(settings: Settings) -> str:
     if settings.database_url is None:
         raise ConfigError("no database URL: set GOVFLOW_DATABASE_URL")
     return settings.database_url
-
-
-def _keys(settings: Settings) -> Keys:
-    return Keys(settings.prefix, settings.partitions)
 
 
 def _secrets() -> set[str]:

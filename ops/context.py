@@ -12,11 +12,12 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import msgspec
 import structlog
+import typer
 from rich.console import Console
 
 from ops import embedded
@@ -28,6 +29,7 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 # Not on a terminal, rich would squeeze tables into 80 columns.
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from db.dead_letters import DeadLetter, Selection
 from ops.connections import database_pool, redis_client
-from ops.context import console, print_json, run_async
+from ops.context import JsonFlag, console, print_json, run_async
 from ops.dlq import (
     PurgeReport,
     ReplayReport,
@@ -28,12 +28,10 @@ from ops.dlq import (
 )
 from ops.replay_plan import ReplayPlan, StepRef
 from schemas.errors import ConfigError, GovflowError
-from schemas.keys import Keys
 from schemas.settings import Settings
 
 app = typer.Typer(help="List, show, replay and purge dead letters.")
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 AllFlag = Annotated[
     bool, typer.Option("--all", help="Every open dead letter that passes the filters.")
 ]
@@ -152,7 +150,7 @@ def replay_command(
     who = actor or default_actor()
 
     async def body(settings: Settings) -> ReplayReport:
-        keys = Keys(settings.prefix, settings.partitions)
+        keys = settings.keys()
         async with redis_client(settings) as redis, database_pool(settings, max_size=2) as pool:
             return await replay(
                 redis,

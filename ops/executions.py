@@ -15,10 +15,10 @@ from psycopg import AsyncConnection
 from rich.table import Table
 from rich.text import Text
 
-from db import executions, workflows
+from db import executions, views
 from db.executions import Execution, ExecutionRow
 from ops.connections import database_pool
-from ops.context import console, print_json, run_async
+from ops.context import JsonFlag, console, print_json, run_async
 from schemas.errors import GovflowError
 from schemas.settings import Settings
 
@@ -45,39 +45,20 @@ class ExecutionDetail(ExecutionRow, frozen=True, kw_only=True):
 
 async def execution_detail(conn: AsyncConnection[Any], execution_id: str) -> ExecutionDetail | None:
     """One execution with all its steps, or ``None`` when there is no such execution."""
-    execution = await executions.get_execution(conn, execution_id)
+    execution = await executions.get_execution(conn, execution_id, with_steps=False)
     if execution is None:
         return None
-    wf = await workflows.get_version(conn, execution.workflow_name, execution.workflow_version)
-    actions = [action for action, _ in wf.definition.steps()] if wf else []
-    total = max(execution.total_steps, len(actions), *(s.step for s in execution.steps), 0)
-    recorded = {s.step: s for s in execution.steps}
-    steps = []
-    for n in range(1, total + 1):
-        row = recorded.get(n)
-        planned = actions[n - 1] if n <= len(actions) else "?"
-        steps.append(
-            StepProgress(
-                step=n,
-                of=total,
-                action=row.action if row else planned,
-                status=row.status if row else "pending",
-                attempts=row.attempts if row else 0,
-                error=row.error if row else None,
-                updated_at=row.updated_at if row else None,
-            )
-        )
+    plan = (await views.step_plans(conn, [execution.id])).get(execution.id, [])
+    steps = [StepProgress(of=len(plan), **msgspec.structs.asdict(s)) for s in plan]
     return ExecutionDetail(
         **executions.columns(execution),
         completed_steps=sum(1 for s in steps if s.status == "completed"),
-        total_steps=total,
+        total_steps=len(plan),
         steps=steps,
     )
 
 
 app = typer.Typer(help="List executions and show one with its steps.")
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
 
 @app.command("list")

@@ -16,10 +16,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ops.connections import database_pool, redis_client
-from ops.context import console, print_json, run_async
+from ops.context import JsonFlag, console, print_json, run_async
 from ops.lag import ConsumerLag, LagReport, read_lag
 from schemas.errors import ConfigError
-from schemas.keys import Keys
 from schemas.settings import Settings
 
 
@@ -95,7 +94,7 @@ def format_age(seconds: float | None) -> str:
 
 
 def lag(
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    as_json: JsonFlag = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
     interval: Annotated[
         float, typer.Option(min=0.2, help="Seconds between refreshes with --watch.")
@@ -119,12 +118,12 @@ def lag(
 
 async def _read(settings: Settings) -> LagReport:
     async with redis_client(settings) as redis, database_pool(settings, max_size=1) as pool:
-        return await read_lag(redis, pool, Keys(settings.prefix, settings.partitions))
+        return await read_lag(redis, pool, settings.keys())
 
 
 async def _watch(interval: float, settings: Settings) -> None:
     """Redraw the report every ``interval`` seconds until SIGINT or SIGTERM; exit 0."""
-    keys = Keys(settings.prefix, settings.partitions)
+    keys = settings.keys()
     async with (
         redis_client(settings) as redis,
         database_pool(settings, max_size=1) as pool,

@@ -43,7 +43,7 @@ from consumers.triggers import TriggerMatcher
 from db.pool import open_pool
 from ops.lag import LagGauges
 from schemas.errors import ConfigError
-from schemas.keys import GROUP_OF, Keys
+from schemas.keys import GROUP_OF
 from schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -94,13 +94,23 @@ async def redis_client(url: str) -> RedisClient:
 class Worker:
     """The workers of some roles, with an explicit ``stop()`` (Temporal's shape)."""
 
-    def __init__(self, settings: Settings, roles: frozenset[str], concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        roles: frozenset[str],
+        concurrency: int = 1,
+        *,
+        lag_gauges: bool = True,
+    ) -> None:
         if settings.redis_url is None or settings.database_url is None:
             raise ConfigError("the worker needs both a Redis URL and a database URL")
         self.settings = settings
         self.roles = roles
         self.concurrency = concurrency
-        self.keys = Keys(settings.prefix, settings.partitions)
+        # The lag gauges read every partition of the deployment every few seconds: only
+        # worth it where something scrapes this process's metrics.
+        self.lag_gauges = lag_gauges
+        self.keys = settings.keys()
         self._services: list[Service] = []
         self._stop = anyio.Event()
 
@@ -242,7 +252,8 @@ class Worker:
                     partitions=held,
                 )
             )
-        services.append(LagGauges(redis, pool, keys))  # for --metrics-port
+        if self.lag_gauges:
+            services.append(LagGauges(redis, pool, keys))
         if "relay" in self.roles:
             from producers.relay import Relay
 
@@ -263,7 +274,7 @@ async def run_workers(
     The signals are caught from the start: one that arrives while the worker is still
     connecting stops it there, with exit status 0 like any other stop.
     """
-    worker = Worker(settings, roles, concurrency)
+    worker = Worker(settings, roles, concurrency, lag_gauges=metrics_port is not None)
     async with anyio.create_task_group() as tg:
         # Open before the worker starts, closed after the first signal: a second one
         # takes the default action and ends the process without waiting for the grace.

@@ -12,6 +12,7 @@ from typing import Annotated
 import msgspec
 
 from schemas.errors import ConfigError
+from schemas.keys import Keys
 
 _ENV_PREFIX = "GOVFLOW_"
 SCOPES = frozenset({"publish", "read", "operate"})
@@ -70,6 +71,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as e:
             raise ConfigError(f"invalid setting: {_env_name(str(e))}") from e
+
+    def keys(self) -> Keys:
+        """The Redis key names of this deployment (its prefix and partitions)."""
+        return Keys(self.prefix, self.partitions)
 
     def tokens(self) -> dict[str, frozenset[str]]:
         """Map each API token to its scopes."""

@@ -32,7 +32,7 @@ from typer.core import TyperGroup
 
 from ops.cli import app
 from ops.worker import parse_roles
-from schemas.keys import GROUP_OF, Keys
+from schemas.keys import GROUP_OF
 from schemas.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -473,7 +473,7 @@ def test_keda_scales_the_action_workers_on_their_streams(manifests: list[dict[st
     assert roles_of(["govflow", *container["args"]]) == {"actions"}
     env = container_env(container, manifests)
     settings = Settings.from_env(env)
-    keys = Keys(settings.prefix, settings.partitions)
+    keys = settings.keys()
     streams = {keys.commands(p) for p in keys.all_partitions()}
 
     triggers = scaled["spec"]["triggers"]

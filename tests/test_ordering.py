@@ -18,7 +18,6 @@ from consumers.streams import Hold
 from ops.lag import GroupLag, LagReport, read_lag
 from producers.publish import Publisher
 from schemas.events import Change, new_event
-from schemas.keys import Keys
 from schemas.settings import Settings
 from tests.cluster.helpers import drained
 from tests.pipeline_helpers import apply, fetch, running_worker, statuses, wait_for
@@ -73,7 +72,7 @@ async def test_a_retried_status_change_holds_back_the_later_ones(
     make_settings: Callable[..., Settings], redis: Redis, pool: AsyncConnectionPool[Any]
 ) -> None:
     settings = make_settings(partitions=2, lease_ttl=3.0, backoff_base=1.0)
-    keys = Keys(settings.prefix, settings.partitions)
+    keys = settings.keys()
     with serve() as hooks:
         for seq in range(1, 6):
             for entity in ("POL-A", "POL-B"):

@@ -148,7 +148,7 @@ async def test_partitions_rebalance_between_workers_and_are_never_shared(
     cluster_settings: Callable[..., Settings], cluster_redis: RedisClient
 ) -> None:
     settings = cluster_settings(lease_ttl=1.5)
-    keys = Keys(settings.prefix, settings.partitions)
+    keys = settings.keys()
     everything = frozenset(keys.all_partitions())
     samples = 0
 
@@ -206,7 +206,7 @@ async def test_a_worker_whose_lease_is_taken_does_not_acknowledge(
     pool: AsyncConnectionPool[Any],
 ) -> None:
     settings = cluster_settings()
-    keys = Keys(settings.prefix, settings.partitions)
+    keys = settings.keys()
     with serve() as hooks:
         hooks.plan("/slow", Reply(200, delay=2.0))
         await apply(pool, FENCE_WORKFLOW.format(port=hooks.port))
@@ -281,7 +281,7 @@ async def test_three_workers_keep_each_entitys_order_through_retries_and_a_kill(
     tmp_path: Path,
 ) -> None:
     settings = cluster_settings()
-    keys = Keys(settings.prefix, settings.partitions)
+    keys = settings.keys()
     total = ENTITIES * STEPS
     with serve() as hooks:
         # Every seventh entity's second change fails once (a 503): it is retried, and that
@@ -393,7 +393,7 @@ async def test_a_primary_failover_loses_only_unreplicated_writes_and_wait_loses_
     redis_cluster: Cluster,
 ) -> None:
     settings = cluster_settings()
-    keys = Keys(settings.prefix, settings.partitions)
+    keys = settings.keys()
     await apply(pool, CREATED_WORKFLOW)
     phases = [Phase(wait_replicas=0), Phase(wait_replicas=1)]
     async with running_worker(settings):

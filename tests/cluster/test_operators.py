@@ -16,7 +16,6 @@ from psycopg_pool import AsyncConnectionPool
 from consumers.streams import RedisClient
 from producers.publish import Publisher, SyncPublisher
 from schemas.events import new_event
-from schemas.keys import Keys
 from schemas.settings import Settings
 from tests.ops_helpers import govflow, govflow_env
 from tests.pipeline_helpers import fetch, running_worker, wait_for
@@ -38,7 +37,7 @@ async def test_publish_lag_and_replay_from_the_command_line(
     pool: AsyncConnectionPool[Any],
 ) -> None:
     settings = cluster_settings()
-    keys = Keys(settings.prefix, settings.partitions)
+    keys = settings.keys()
     env = cluster_env(settings)
 
     published = await govflow(env, "publish", "policy.created", "--entity-id", "P-7")
@@ -79,7 +78,7 @@ async def test_publishers_from_a_url_that_says_cluster(
 ) -> None:
     settings = cluster_settings()
     assert settings.redis_url is not None
-    keys = Keys(settings.prefix, settings.partitions)
+    keys = settings.keys()
     url = f"{settings.redis_url}?cluster=yes"
     events = [new_event("policy.created", f"P-{i}") for i in range(40)]
 
