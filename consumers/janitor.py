@@ -85,17 +85,15 @@ class Janitor:
         self._every_s = every_s
         # With leased partitions, only the ones this worker holds (others sweep their own).
         self._partitions = partitions or keys.all_partitions
-        self._stopping = False
         self._stopped = anyio.Event()
 
     def stop(self) -> None:
         """Stop after the current pass."""
-        self._stopping = True
         self._stopped.set()
 
     async def run(self) -> None:
         """Sweep every ``every_s`` until stopped."""
-        while not self._stopping:
+        while not self._stopped.is_set():
             try:
                 await self.sweep()
             except UNAVAILABLE as e:

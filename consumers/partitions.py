@@ -122,7 +122,6 @@ class PartitionLeases:
         self._release = redis.register_script(scripts.LEASE_RELEASE)
         self._heartbeat = redis.register_script(scripts.HEARTBEAT)
         self._owned: dict[int, _Owned] = {}
-        self._stopping = False
         self._stopped = anyio.Event()
         self._emptied = anyio.Event()  # set when no consumer runs any more, once stopping
 
@@ -140,13 +139,12 @@ class PartitionLeases:
 
     def stop(self) -> None:
         """Stop every consumer (each finishes its batch), give the leases up, leave."""
-        self._stopping = True
         self._stopped.set()
 
     async def run(self) -> None:
         """Beat, renew, rebalance every ``ttl / 3`` until ``stop()``."""
         async with anyio.create_task_group() as tg:
-            while not self._stopping:
+            while not self._stopped.is_set():
                 try:
                     await self._beat(tg)
                 except REDIS_FAILED:
@@ -250,7 +248,7 @@ class PartitionLeases:
             await owned.consumer.run()
         finally:
             del self._owned[p]
-            if self._stopping and not self._owned:
+            if self._stopped.is_set() and not self._owned:
                 self._emptied.set()
             with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
                 try:

@@ -362,17 +362,15 @@ class LagGauges:
         self._pool = pool
         self._keys = keys
         self._every_s = every_s
-        self._stopping = False
         self._stopped = anyio.Event()
 
     def stop(self) -> None:
         """Stop after the current refresh."""
-        self._stopping = True
         self._stopped.set()
 
     async def run(self) -> None:
         """Refresh until stopped; a failed refresh keeps the last values."""
-        while not self._stopping:
+        while not self._stopped.is_set():
             try:
                 export_gauges(await read_lag(self._redis, self._pool, self._keys))
             except Exception as e:  # noqa: BLE001 - metrics must never stop the workers
