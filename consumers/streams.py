@@ -73,10 +73,7 @@ def event_of(entry: Entry) -> Event:
     Raises:
         InvalidEntryError: no ``event`` field, or not an event.
     """
-    raw = entry.field(EVENT_FIELD)
-    if raw is None:
-        raise InvalidEntryError("entry has no `event` field")
-    return decode_event(raw)
+    return decode_event(_field_of(entry, EVENT_FIELD))
 
 
 def command_of(entry: Entry) -> RunWorkflow:
@@ -85,10 +82,14 @@ def command_of(entry: Entry) -> RunWorkflow:
     Raises:
         InvalidEntryError: no ``command`` field, or not a command.
     """
-    raw = entry.field(COMMAND_FIELD)
+    return decode_command(_field_of(entry, COMMAND_FIELD))
+
+
+def _field_of(entry: Entry, name: bytes) -> bytes:
+    raw = entry.field(name)
     if raw is None:
-        raise InvalidEntryError("entry has no `command` field")
-    return decode_command(raw)
+        raise InvalidEntryError(f"entry has no `{name.decode()}` field")
+    return raw
 
 
 class Fence(msgspec.Struct, frozen=True):

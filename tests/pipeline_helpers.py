@@ -241,6 +241,17 @@ def start_cli_worker(
     )
 
 
+def terminate(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    """SIGTERM a subprocess this test started; SIGKILL it if it is not gone within ``grace``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
     """Make sure a subprocess this test started is gone (used on the way out)."""
     if proc.poll() is None:

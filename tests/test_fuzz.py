@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from schemas.events import ENTITIES, EventType, new_event
 from schemas.keys import Keys
 from schemas.workflows import TRIGGER_OF_CHANGE, Workflow
 from tests._servers import run_async
+from tests.pipeline_helpers import terminate
 
 T = TypeVar("T")
 GOVFLOW = Path(sys.executable).parent / "govflow"
@@ -278,13 +278,7 @@ def fed(redis_server_url: str, database_url: str, prefix: str, tmp_path: Path) -
             yield Fed(redis, db, Keys(prefix), proc, log)
     finally:
         redis.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
 
 
 # What a producer may leave on the events stream: (kind, fields).

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from schemas.events import Event, new_event
 from schemas.keys import Keys
+from schemas.settings import Settings
 from tests.faults.servers import free_port
 from tests.pipeline_helpers import (
     apply,
@@ -64,6 +65,27 @@ async def consumers(redis: Redis, stream: str, group: str) -> set[str]:
     return {c["name"].decode() for c in await redis.xinfo_consumers(stream, group)}
 
 
+async def worker_at_work(
+    settings: Settings, pool: AsyncConnectionPool[Any], log: Path, *, done: int
+) -> subprocess.Popen[bytes]:
+    """``govflow run --role all --concurrency 4``, once ``done`` executions have completed."""
+    with log.open("wb") as stderr:
+        proc = start_cli_worker(settings, "--role", "all", "--concurrency", "4", stderr=stderr)
+    try:
+        await wait_for(
+            lambda: completed(pool),
+            lambda n: n >= done or proc.poll() is not None,
+            within=60,
+            every=0.02,
+            what="the subprocess worker to get going",
+        )
+        assert proc.poll() is None, f"the worker exited early:\n{tail(log)}"
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
+
+
 def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -77,17 +99,8 @@ async def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
     total = 2000
     await publish(redis, keys, events(total))
     log = tmp_path / "worker.log"
-    with log.open("wb") as stderr:
-        proc = start_cli_worker(settings, "--role", "all", "--concurrency", "4", stderr=stderr)
+    proc = await worker_at_work(settings, pool, log, done=total // 5)
     try:
-        await wait_for(
-            lambda: completed(pool),
-            lambda n: n >= total // 5 or proc.poll() is not None,
-            within=60,
-            every=0.02,
-            what="the subprocess worker to get going",
-        )
-        assert proc.poll() is None, f"the worker exited early:\n{tail(log)}"
         proc.send_signal(signal.SIGKILL)
         await anyio.to_thread.run_sync(proc.wait)
     finally:
@@ -129,17 +142,8 @@ async def test_sigterm_finishes_the_work_in_hand_and_exits_0(
     total = 5000  # several times what a worker holds at once, however fast it runs
     await publish(redis, keys, events(total))
     log = tmp_path / "worker.log"
-    with log.open("wb") as stderr:
-        proc = start_cli_worker(settings, "--role", "all", "--concurrency", "4", stderr=stderr)
+    proc = await worker_at_work(settings, pool, log, done=total // 50)
     try:
-        await wait_for(
-            lambda: completed(pool),
-            lambda n: n >= total // 50 or proc.poll() is not None,
-            within=60,
-            every=0.02,
-            what="the subprocess worker to get going",
-        )
-        assert proc.poll() is None, f"the worker exited early:\n{tail(log)}"
         proc.send_signal(signal.SIGTERM)
         try:
             code = await anyio.to_thread.run_sync(lambda: proc.wait(30))

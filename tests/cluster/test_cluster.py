@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import secrets
 import signal
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -39,7 +38,7 @@ from tests.cluster.helpers import (
     start_worker_process,
 )
 from tests.cluster.servers import Cluster
-from tests.pipeline_helpers import apply, fetch, running_worker, statuses, wait_for
+from tests.pipeline_helpers import apply, fetch, running_worker, statuses, terminate, wait_for
 from tests.webhook_server import Reply, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster, pytest.mark.slow]
@@ -317,7 +316,7 @@ async def test_three_workers_keep_each_entitys_order_through_retries_and_a_kill(
                 assert len(set(owners)) == 2
         finally:
             for proc in procs:
-                _stop(proc)
+                terminate(proc, grace=20)
 
     # Every event ran once: one execution each, one effect per step.
     assert await fetch(pool, "SELECT count(*), count(DISTINCT event_id) FROM workflow_executions") == [(total, total)]  # fmt: skip
@@ -352,16 +351,6 @@ async def _distinct(owners: Awaitable[list[str | None]]) -> int:
 
 async def _completed(pool: AsyncConnectionPool[Any]) -> int:
     return (await statuses(pool)).get("completed", 0)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 CREATED_WORKFLOW = """

@@ -34,7 +34,7 @@ from schemas.events import Event, new_event
 from schemas.keys import Keys
 from schemas.settings import Settings
 from tests.faults.invariants import Expected, Report, check
-from tests.pipeline_helpers import running_worker
+from tests.pipeline_helpers import running_worker, terminate
 
 # Events per scenario: "a few thousand" in the issue, kept modest for a shared 2-core box.
 EVENTS = 1500
@@ -191,14 +191,7 @@ class Workers:
     def stop_all(self) -> None:
         """SIGTERM every worker, then SIGKILL any that does not go (used on the way out)."""
         for slot in list(self.procs):
-            proc = self.procs.pop(slot)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            terminate(self.procs.pop(slot))
 
     def tail(self, lines: int = 30) -> str:
         """The last lines of every worker log, for a failure message."""
