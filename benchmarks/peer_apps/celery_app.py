@@ -9,9 +9,7 @@ Producer: ``python -m benchmarks.peer_apps.celery_app RUN N RATE``.
 
 from __future__ import annotations
 
-import sys
 import threading
-import time
 from typing import Any
 
 import psycopg
@@ -57,7 +55,4 @@ def send(events: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    run, n, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    started = time.perf_counter()
-    common.paced(send, run, n, rate)
-    common.report(n, time.perf_counter() - started)
+    common.produce_from_argv(send)

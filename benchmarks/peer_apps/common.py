@@ -94,3 +94,11 @@ def report(n: int, seconds: float) -> None:
     """Tell the harness how the enqueueing went: one JSON line on stdout."""
     sys.stdout.write(json.dumps({"enqueued": n, "seconds": seconds}) + "\n")
     sys.stdout.flush()
+
+
+def produce_from_argv(send: Callable[[list[dict[str, Any]]], None]) -> None:
+    """``python -m <peer app> RUN N RATE``: send the run's events with ``send``, then report."""
+    run, n, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    started = time.perf_counter()
+    paced(send, run, n, rate)
+    report(n, time.perf_counter() - started)
