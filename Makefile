@@ -9,9 +9,7 @@ ifneq ($(wildcard uv.lock),)
 export UV_FROZEN := 1
 endif
 
-packages = producers consumers schemas db ops tests benchmarks
-# Only the folders that hold Python files yet (mypy refuses an empty one).
-sources = $(foreach d,$(packages),$(if $(wildcard $(d)/*.py),$(d)))
+sources = govflow tests benchmarks deploy/measure_capacity.py
 examples = $(wildcard deploy/examples/*.yaml deploy/examples/*.yml deploy/examples/*.json)
 
 .PHONY: all uv install run test lint format bench clean

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.run import main
-from ops.log import configure_logging
+from govflow.runtime.log import configure_logging
 
 if __name__ == "__main__":
     # The harness's own govflow calls (publishing, reading leases) only speak up to warn.

@@ -26,13 +26,13 @@ import psycopg
 
 from benchmarks import cpu
 from benchmarks.workload import WORKFLOW, StalledError, WorkerDiedError, event_fields
-from consumers.cluster import connect
-from db.migrate import migrate
-from db.workflows import apply_workflow
-from producers.publish import Publisher
-from schemas.events import Event, new_event
-from schemas.keys import GROUP_OF, Keys
-from schemas.workflows import Workflow
+from govflow.core.connect import connect
+from govflow.db.migrate import migrate
+from govflow.db.workflows import apply_workflow
+from govflow.producers.publish import Publisher
+from govflow.schemas.events import Event, new_event
+from govflow.schemas.keys import GROUP_OF, Keys
+from govflow.schemas.workflows import Workflow
 from tests.cluster.helpers import lease_owners
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ def start(
     """
     procs = []
     for i in range(processes):
-        cmd = [sys.executable, "-m", "ops.cli", "run", "--role", "triggers,actions",
+        cmd = [sys.executable, "-m", "govflow.cli", "run", "--role", "triggers,actions",
                "--concurrency", str(concurrency)]  # fmt: skip
         if metrics_ports:
             cmd += ["--metrics-port", str(metrics_ports[i])]

@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks import cpu, gf, peers, profile, report, workload
 from benchmarks.servers import Servers, free_port, servers
-from schemas.keys import Keys
+from govflow.schemas.keys import Keys
 from tests.cluster.servers import REDIS_CLI, REDIS_SERVER, running_cluster
 
 SYSTEMS = ("govflow", "celery", "dramatiq", "taskiq", "bullmq")

@@ -41,13 +41,13 @@ import psutil  # type: ignore[import-untyped]
 import psycopg
 from redis.asyncio import Redis
 
-from db.migrate import migrate
-from db.workflows import apply_workflow
-from ops.log import configure_logging
-from producers.publish import Publisher
-from schemas.codec import decode_workflow
-from schemas.events import Change, Event, new_event
-from schemas.keys import Keys
+from govflow.db.migrate import migrate
+from govflow.db.workflows import apply_workflow
+from govflow.producers.publish import Publisher
+from govflow.runtime.log import configure_logging
+from govflow.schemas.codec import decode_workflow
+from govflow.schemas.events import Change, Event, new_event
+from govflow.schemas.keys import Keys
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 GOVFLOW = Path(sys.executable).parent / "govflow"

@@ -19,9 +19,9 @@ import uvicorn
 from litestar import Litestar
 from psycopg_pool import AsyncConnectionPool
 
-from db import executions
-from db.executions import NewExecution
-from ops.serve import listen
+from govflow.cli.serve import listen
+from govflow.db import executions
+from govflow.db.executions import NewExecution
 
 T = TypeVar("T")
 

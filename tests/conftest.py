@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from schemas.settings import Settings
+from govflow.schemas.settings import Settings
 
 pytest_plugins = ["tests.fix_redis", "tests.fix_db"]
 

@@ -14,9 +14,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
-from db.migrate import migrate
-from db.pool import open_pool
-from ops.embedded import embedded_postgres
+from govflow.db.migrate import migrate
+from govflow.db.pool import open_pool
+from govflow.runtime.embedded import embedded_postgres
 from tests._servers import POSTGRES_IMAGE, docker_engine_answers, run_async
 
 

@@ -11,7 +11,7 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from ops.embedded import embedded_redis
+from govflow.runtime.embedded import embedded_redis
 from tests._servers import REDIS_IMAGE, docker_engine_answers
 
 _UNLINK_BATCH = 500

@@ -41,5 +41,5 @@ def govflow_env(redis_url: str, database_url: str, prefix: str) -> dict[str, str
 async def govflow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
     """Run ``govflow ARGS...`` as an operator would, without blocking the event loop."""
     return await anyio.run_process(
-        [sys.executable, "-m", "ops.cli", *args], env=env, cwd=ROOT, check=False
+        [sys.executable, "-m", "govflow.cli", *args], env=env, cwd=ROOT, check=False
     )

@@ -19,12 +19,12 @@ import msgspec
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from db.outbox import enqueue
-from db.workflows import apply_workflow
-from producers.relay import Relay
-from schemas.codec import decode_workflow
-from schemas.events import Change, Event, new_event
-from schemas.settings import Settings
+from govflow.db.outbox import enqueue
+from govflow.db.workflows import apply_workflow
+from govflow.producers.relay import Relay
+from govflow.schemas.codec import decode_workflow
+from govflow.schemas.events import Change, Event, new_event
+from govflow.schemas.settings import Settings
 from tests.pipeline_helpers import wait_for, worker_env
 
 T = TypeVar("T")

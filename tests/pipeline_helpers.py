@@ -20,13 +20,13 @@ import anyio
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from db.workflows import apply_workflow
-from ops.worker import Worker
-from producers.publish import Publisher
-from schemas.codec import decode_workflow
-from schemas.events import Event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.db.workflows import apply_workflow
+from govflow.producers.publish import Publisher
+from govflow.runtime.worker import Worker
+from govflow.schemas.codec import decode_workflow
+from govflow.schemas.events import Event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 
 T = TypeVar("T")
 

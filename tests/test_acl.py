@@ -27,13 +27,13 @@ import structlog
 from redis import Redis
 from redis import exceptions as redis_errors
 
-from db.workflows import apply_workflow
-from ops.worker import Worker
-from producers.publish import SyncPublisher
-from schemas.codec import decode_workflow
-from schemas.events import new_event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.db.workflows import apply_workflow
+from govflow.producers.publish import SyncPublisher
+from govflow.runtime.worker import Worker
+from govflow.schemas.codec import decode_workflow
+from govflow.schemas.events import new_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.faults.servers import RedisServer, free_port, redis_server, scratch_dir
 from tests.pipeline_helpers import running_worker
 

@@ -29,14 +29,14 @@ from openapi_spec_validator import validate
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from db import dead_letters
-from ops import lag
-from ops.api import create_app
-from ops.api_auth import TokenAuth
-from producers.publish import Publisher
-from schemas.events import Event, new_event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.api.app import create_app
+from govflow.api.auth import TokenAuth
+from govflow.db import dead_letters
+from govflow.operations import lag
+from govflow.producers.publish import Publisher
+from govflow.schemas.events import Event, new_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.api_helpers import (
     API_TOKENS,
     THREE_STEPS,

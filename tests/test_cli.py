@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from schemas.codec import decode_event
+from govflow.schemas.codec import decode_event
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
@@ -60,7 +60,7 @@ def govflow(redis_server_url: str, database_url: str, prefix: str, tmp_path: Pat
 
     def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "ops.cli", *args],
+            [sys.executable, "-m", "govflow.cli", *args],
             env={**base, **env},
             cwd=ROOT,
             capture_output=True,
@@ -106,7 +106,7 @@ def test_migrate_twice(
         "GOVFLOW_PREFIX": prefix,
         "GOVFLOW_DATA_DIR": str(tmp_path),
     }
-    command = [sys.executable, "-m", "ops.cli", "migrate"]
+    command = [sys.executable, "-m", "govflow.cli", "migrate"]
     first = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     second = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
 

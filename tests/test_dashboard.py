@@ -26,12 +26,12 @@ from playwright.async_api import Page, async_playwright
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from ops import lag
-from ops.api import create_app
-from producers.publish import Publisher
-from schemas.events import Change, new_event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.api.app import create_app
+from govflow.operations import lag
+from govflow.producers.publish import Publisher
+from govflow.schemas.events import Change, new_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.api_helpers import (
     API_TOKENS,
     TOKENS,

@@ -30,10 +30,10 @@ import typer
 import yaml
 from typer.core import TyperGroup
 
-from ops.cli import app
-from ops.worker import parse_roles
-from schemas.keys import GROUP_OF
-from schemas.settings import Settings
+from govflow.cli.app import app
+from govflow.runtime.worker import parse_roles
+from govflow.schemas.keys import GROUP_OF
+from govflow.schemas.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -21,22 +21,22 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from db import dead_letters, executions
-from db.dead_letters import DeadLetter, NewDeadLetter, Selection
-from db.executions import NewExecution
-from db.workflows import apply_workflow
-from ops import dlq
-from ops.dlq import EVERY, list_letters, purge, replay, replay_fields
-from ops.dlq_cli import parse_rate
-from ops.lag import read_lag
-from ops.replay_plan import plan
-from ops.worker import Worker
-from producers.publish import Publisher
-from schemas.codec import decode_event, decode_workflow, encode
-from schemas.commands import RunWorkflow, execution_id
-from schemas.events import new_event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.cli.dlq import parse_rate
+from govflow.db import dead_letters, executions
+from govflow.db.dead_letters import DeadLetter, NewDeadLetter, Selection
+from govflow.db.executions import NewExecution
+from govflow.db.workflows import apply_workflow
+from govflow.operations import dlq
+from govflow.operations.dlq import EVERY, list_letters, purge, replay, replay_fields
+from govflow.operations.lag import read_lag
+from govflow.operations.replay_plan import plan
+from govflow.producers.publish import Publisher
+from govflow.runtime.worker import Worker
+from govflow.schemas.codec import decode_event, decode_workflow, encode
+from govflow.schemas.commands import RunWorkflow, execution_id
+from govflow.schemas.events import new_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.ops_helpers import govflow, govflow_env, wait_until
 
 pytestmark = pytest.mark.anyio

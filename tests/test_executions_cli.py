@@ -10,12 +10,12 @@ import anyio
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from db import executions
-from db.executions import NewExecution
-from db.workflows import apply_workflow
-from ops.executions import execution_detail
-from schemas.codec import decode_workflow
-from schemas.commands import execution_id
+from govflow.cli.executions import execution_detail
+from govflow.db import executions
+from govflow.db.executions import NewExecution
+from govflow.db.workflows import apply_workflow
+from govflow.schemas.codec import decode_workflow
+from govflow.schemas.commands import execution_id
 from tests.ops_helpers import govflow, govflow_env
 
 pytestmark = pytest.mark.anyio

@@ -25,13 +25,19 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis import Redis
 
-from consumers.registry import check_actions, registry
-from db.workflows import apply_workflow
-from schemas.codec import MAX_ENTRY_BYTES, decode_command, decode_event, decode_workflow, encode
-from schemas.errors import InvalidEntryError
-from schemas.events import ENTITIES, EventType, new_event
-from schemas.keys import Keys
-from schemas.workflows import TRIGGER_OF_CHANGE, Workflow
+from govflow.db.workflows import apply_workflow
+from govflow.plugins.registry import check_actions, registry
+from govflow.schemas.codec import (
+    MAX_ENTRY_BYTES,
+    decode_command,
+    decode_event,
+    decode_workflow,
+    encode,
+)
+from govflow.schemas.errors import InvalidEntryError
+from govflow.schemas.events import ENTITIES, EventType, new_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.workflows import TRIGGER_OF_CHANGE, Workflow
 from tests._servers import run_async
 from tests.pipeline_helpers import terminate
 

@@ -17,9 +17,9 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from schemas.events import Event, new_event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.schemas.events import Event, new_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.faults.servers import free_port
 from tests.pipeline_helpers import (
     apply,

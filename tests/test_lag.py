@@ -25,12 +25,12 @@ from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from db import dead_letters, outbox
-from ops.lag import export_gauges, read_lag
-from ops.worker import Worker
-from schemas.events import new_event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.db import dead_letters, outbox
+from govflow.operations.lag import export_gauges, read_lag
+from govflow.runtime.worker import Worker
+from govflow.schemas.events import new_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.ops_helpers import govflow, govflow_env, wait_until
 from tests.test_cli import ROOT
 
@@ -319,7 +319,7 @@ def test_watch_redraws_until_ctrl_c(redis_server_url: str, database_url: str, pr
     }
     leader, follower = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "lag", "--watch", "--interval", "0.2"],
+        [sys.executable, "-m", "govflow.cli", "lag", "--watch", "--interval", "0.2"],
         env=env,
         cwd=ROOT,
         stdin=follower,

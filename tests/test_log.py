@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from ops.log import configure_logging, redact_url
-from schemas.settings import Settings
+from govflow.runtime.log import configure_logging, redact_url
+from govflow.schemas.settings import Settings
 
 
 @pytest.fixture(autouse=True)

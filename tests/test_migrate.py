@@ -6,7 +6,7 @@ import anyio
 import psycopg
 import pytest
 
-from db.migrate import migrate, migration_files
+from govflow.db.migrate import migrate, migration_files
 
 pytestmark = pytest.mark.anyio
 

@@ -13,12 +13,12 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from consumers.ordering import Sequencer
-from consumers.streams import Hold
-from ops.lag import GroupLag, LagReport, read_lag
-from producers.publish import Publisher
-from schemas.events import Change, new_event
-from schemas.settings import Settings
+from govflow.consumers.ordering import Sequencer
+from govflow.consumers.streams import Hold
+from govflow.operations.lag import GroupLag, LagReport, read_lag
+from govflow.producers.publish import Publisher
+from govflow.schemas.events import Change, new_event
+from govflow.schemas.settings import Settings
 from tests.cluster.helpers import drained
 from tests.pipeline_helpers import apply, fetch, running_worker, statuses, wait_for
 from tests.webhook_server import Reply, serve

@@ -18,12 +18,12 @@ from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from db.outbox import backlog
-from producers.outbox import enqueue, enqueue_sync
-from producers.relay import LOCK_KEY, Relay
-from schemas.codec import decode_event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.db.outbox import backlog
+from govflow.producers.outbox import enqueue, enqueue_sync
+from govflow.producers.relay import LOCK_KEY, Relay
+from govflow.schemas.codec import decode_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.outbox_helpers import (
     ALL_ROLES,
     EXAMPLES,

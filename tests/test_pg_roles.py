@@ -22,12 +22,12 @@ import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
-from db.outbox import enqueue_sync
-from ops.worker import Worker
-from producers.publish import Publisher
-from schemas.events import new_event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.db.outbox import enqueue_sync
+from govflow.producers.publish import Publisher
+from govflow.runtime.worker import Worker
+from govflow.schemas.events import new_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.faults.servers import PostgresServer, free_port, postgres_server, scratch_dir
 from tests.fix_db import create_database, with_dbname
 

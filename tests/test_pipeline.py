@@ -17,13 +17,13 @@ import structlog
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from db.dead_letters import Selection
-from ops import dlq
-from schemas.codec import encode
-from schemas.commands import RunWorkflow, execution_id
-from schemas.events import Change, Event, new_event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.db.dead_letters import Selection
+from govflow.operations import dlq
+from govflow.schemas.codec import encode
+from govflow.schemas.commands import RunWorkflow, execution_id
+from govflow.schemas.events import Change, Event, new_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.pipeline_helpers import (
     add_entry,
     apply,

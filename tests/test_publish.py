@@ -12,11 +12,11 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from ops.embedded import REDIS_SERVER
-from producers import Publisher, PublishError, PublishRetry, SyncPublisher
-from schemas.codec import decode_event
-from schemas.events import Event, new_event
-from schemas.keys import Keys
+from govflow.producers import Publisher, PublishError, PublishRetry, SyncPublisher
+from govflow.runtime.embedded import REDIS_SERVER
+from govflow.schemas.codec import decode_event
+from govflow.schemas.events import Event, new_event
+from govflow.schemas.keys import Keys
 
 FAST = PublishRetry(attempts=3, initial_delay=0.01, max_delay=0.05)
 PASSWORD = "s3cret-Pa55word"

@@ -18,12 +18,12 @@ from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from db.outbox import enqueue
-from producers.relay import APPLICATION_NAME, Relay
-from schemas.codec import decode_event
-from schemas.events import Event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.db.outbox import enqueue
+from govflow.producers.relay import APPLICATION_NAME, Relay
+from govflow.schemas.codec import decode_event
+from govflow.schemas.events import Event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.faults.servers import redis_server
 from tests.outbox_helpers import (
     ALL_ROLES,

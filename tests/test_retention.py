@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from consumers.janitor import Janitor, parse_id, safe_trim_id
-from consumers.streams import Streams
-from schemas.keys import Keys
+from govflow.consumers.janitor import Janitor, parse_id, safe_trim_id
+from govflow.consumers.streams import Streams
+from govflow.schemas.keys import Keys
 
 pytestmark = pytest.mark.anyio
 

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from schemas.codec import (
+from govflow.schemas.codec import (
     MAX_ENTRY_BYTES,
     convert_event,
     decode_command,
@@ -17,9 +17,9 @@ from schemas.codec import (
     encode,
     json_schemas,
 )
-from schemas.commands import RunWorkflow, execution_id
-from schemas.errors import InvalidEntryError
-from schemas.events import Change, new_event
+from govflow.schemas.commands import RunWorkflow, execution_id
+from govflow.schemas.errors import InvalidEntryError
+from govflow.schemas.events import Change, new_event
 
 SPEC_EVENT: dict[str, Any] = {
     "id": "0b6f6c9e-6a55-4f4e-9d7c-1f0e3f1b2a11",

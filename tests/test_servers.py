@@ -15,8 +15,13 @@ import pytest
 import redis as redis_sync
 import structlog
 
-from ops.embedded import SOCKET_PATH_MAX, embedded_postgres, embedded_redis, resolve_urls
-from schemas.settings import Settings
+from govflow.runtime.embedded import (
+    SOCKET_PATH_MAX,
+    embedded_postgres,
+    embedded_redis,
+    resolve_urls,
+)
+from govflow.schemas.settings import Settings
 from tests._servers import (
     POSTGRES_IMAGE,
     REDIS_IMAGE,
@@ -145,7 +150,7 @@ class TestEmbeddedPostgres:
 _CHILD = """
 import json, sys
 from pathlib import Path
-from ops.embedded import embedded_urls
+from govflow.runtime.embedded import embedded_urls
 with embedded_urls(Path(sys.argv[1])) as urls:
     print(json.dumps(urls))
 """

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.errors import ConfigError
-from schemas.settings import Settings, parse_tokens
+from govflow.schemas.errors import ConfigError
+from govflow.schemas.settings import Settings, parse_tokens
 
 
 def test_defaults_are_the_spec_defaults():

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from consumers.streams import Streams
+from govflow.consumers.streams import Streams
 
 pytestmark = pytest.mark.anyio
 

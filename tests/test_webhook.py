@@ -17,9 +17,9 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from schemas.commands import execution_id
-from schemas.events import Event, new_event
-from schemas.keys import Keys
+from govflow.schemas.commands import execution_id
+from govflow.schemas.events import Event, new_event
+from govflow.schemas.keys import Keys
 from tests.pipeline_helpers import (
     apply,
     fetch,

@@ -23,14 +23,14 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from consumers import webhook
-from db.workflows import apply_workflow
-from ops.worker import Worker
-from producers.publish import Publisher
-from schemas.codec import decode_workflow
-from schemas.errors import PermanentError
-from schemas.events import new_event
-from schemas.keys import Keys
+from govflow.db.workflows import apply_workflow
+from govflow.plugins import webhook
+from govflow.producers.publish import Publisher
+from govflow.runtime.worker import Worker
+from govflow.schemas.codec import decode_workflow
+from govflow.schemas.errors import PermanentError
+from govflow.schemas.events import new_event
+from govflow.schemas.keys import Keys
 from tests.faults.receiver import receiving
 
 pytestmark = pytest.mark.anyio

@@ -9,8 +9,8 @@ import msgspec
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from db.workflows import apply_workflow, enabled_latest, get_version, list_workflows
-from schemas.workflows import Workflow
+from govflow.db.workflows import apply_workflow, enabled_latest, get_version, list_workflows
+from govflow.schemas.workflows import Workflow
 
 pytestmark = pytest.mark.anyio
 

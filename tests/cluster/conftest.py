@@ -17,9 +17,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from consumers.cluster import connect
-from consumers.streams import RedisClient
-from schemas.settings import Settings
+from govflow.consumers.streams import RedisClient
+from govflow.core.connect import connect
+from govflow.schemas.settings import Settings
 from tests.cluster.servers import Cluster, running_cluster
 
 PARTITIONS = 8

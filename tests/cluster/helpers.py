@@ -6,9 +6,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from consumers.streams import RedisClient
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.consumers.streams import RedisClient
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.pipeline_helpers import GOVFLOW, worker_env
 
 

@@ -23,13 +23,13 @@ import msgspec
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from consumers.streams import HOLD_FIELD, Fence, HandOver, Hold, RedisClient, Streams
-from ops.worker import Worker
-from producers.publish import Publisher, PublishRetry
-from schemas.errors import ConfigError, PublishError
-from schemas.events import Change, Event, new_event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.consumers.streams import HOLD_FIELD, Fence, HandOver, Hold, RedisClient, Streams
+from govflow.producers.publish import Publisher, PublishRetry
+from govflow.runtime.worker import Worker
+from govflow.schemas.errors import ConfigError, PublishError
+from govflow.schemas.events import Change, Event, new_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.cluster.conftest import PARTITIONS
 from tests.cluster.helpers import (
     drained,

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from consumers.streams import RedisClient
-from producers.publish import Publisher, SyncPublisher
-from schemas.events import new_event
-from schemas.settings import Settings
+from govflow.consumers.streams import RedisClient
+from govflow.producers.publish import Publisher, SyncPublisher
+from govflow.schemas.events import new_event
+from govflow.schemas.settings import Settings
 from tests.ops_helpers import govflow, govflow_env
 from tests.pipeline_helpers import fetch, running_worker, wait_for
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from db.migrate import migrate
+from govflow.db.migrate import migrate
 from tests._servers import run_async
 from tests.faults.servers import (
     PostgresServer,

@@ -25,14 +25,14 @@ from psycopg import AsyncConnection
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from db.workflows import apply_workflow
-from ops.worker import Worker
-from producers.publish import Publisher, PublishRetry
-from schemas.codec import decode_workflow
-from schemas.errors import PublishError
-from schemas.events import Event, new_event
-from schemas.keys import Keys
-from schemas.settings import Settings
+from govflow.db.workflows import apply_workflow
+from govflow.producers.publish import Publisher, PublishRetry
+from govflow.runtime.worker import Worker
+from govflow.schemas.codec import decode_workflow
+from govflow.schemas.errors import PublishError
+from govflow.schemas.events import Event, new_event
+from govflow.schemas.keys import Keys
+from govflow.schemas.settings import Settings
 from tests.faults.invariants import Expected, Report, check
 from tests.pipeline_helpers import running_worker, terminate
 

@@ -29,7 +29,7 @@ from psycopg import AsyncConnection
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from schemas.keys import Keys
+from govflow.schemas.keys import Keys
 
 # The table each built-in action writes its one row per (execution_id, step) to.
 EFFECT_TABLE = {

@@ -17,10 +17,10 @@ import psycopg
 import pytest
 from redis.asyncio import Redis
 
-from consumers.streams import Entry, Streams
-from ops.worker import Worker
-from schemas.events import Event
-from schemas.keys import Keys
+from govflow.consumers.streams import Entry, Streams
+from govflow.runtime.worker import Worker
+from govflow.schemas.events import Event
+from govflow.schemas.keys import Keys
 from tests.faults.harness import (
     PREFIX,
     apply_workflows,
@@ -44,7 +44,7 @@ def worker(redis_url: str, database_url: str) -> AbstractAsyncContextManager[Wor
 
 
 async def publish(redis_url: str, events: list[Event]) -> None:
-    from producers.publish import Publisher
+    from govflow.producers.publish import Publisher
 
     async with Publisher.from_url(redis_url, Keys(PREFIX)) as publisher:
         await publisher.publish_many(events)

@@ -14,7 +14,7 @@ import anyio
 import psycopg
 import pytest
 
-from schemas.keys import Keys
+from govflow.schemas.keys import Keys
 from tests.faults.harness import (
     EVENTS,
     PREFIX,

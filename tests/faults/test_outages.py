@@ -18,8 +18,8 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from db import executions
-from schemas.keys import Keys
+from govflow.db import executions
+from govflow.schemas.keys import Keys
 from tests.faults.harness import (
     EVENTS,
     PREFIX,

@@ -17,8 +17,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from schemas.events import Event, new_event
-from schemas.keys import Keys
+from govflow.schemas.events import Event, new_event
+from govflow.schemas.keys import Keys
 from tests.faults.harness import (
     CLAIM_IDLE,
     EVENTS,

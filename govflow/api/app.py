@@ -1,0 +1,481 @@
+"""The HTTP API, ``/metrics`` and the dashboard: a Litestar app served by ``govflow serve``.
+
+``create_app(settings)`` builds the app. Its lifespan opens one Redis client and one
+Postgres pool and closes them; the pool opens without waiting, so the API starts (and
+``/healthz`` says 503) while Postgres is away, and every other answer that needs a server
+that is down is a 503 naming it, never a 500.
+
+Routes and who may call them (see ``ops/api_auth.py``):
+
+============================================ ========= ==================================
+``POST /events``                              publish   202 ``{"id": ...}``
+``GET /executions``, ``GET /executions/{id}`` read      filters, paging, step n of m
+``GET /lag``, ``GET /stats``                  read      ``govflow lag --json``; dashboard
+``GET /dead-letters``                         operate   open letters with their reasons
+``POST /dead-letters/{id}/replay``            operate   202, or 404 / 409
+``GET /metrics``, ``GET /healthz``            anyone    Prometheus; Redis and Postgres
+``GET /``, ``GET /openapi.json``              anyone    the dashboard; this API's document
+============================================ ========= ==================================
+
+``/lag`` takes ``read``, not ``operate``: it shows counts and ages, nothing of a payload,
+and the dashboard of a read-only token needs it. Dead letters hold payloads, so they take
+``operate``. Errors are Litestar's JSON shape, ``{"status_code", "detail", "extra"?}``;
+an invalid event gets 422 with ``extra: [{"key": <field>, "message": ...}]``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+import psycopg
+import structlog
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.di import NamedDependency, Provide
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIMediaType,
+    Reference,
+    RequestBody,
+    SecurityScheme,
+)
+from litestar.params import FromPath, FromQuery, QueryParameter
+from prometheus_client import REGISTRY, generate_latest
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from redis import exceptions as redis_errors
+
+from govflow.api import dashboard
+from govflow.api.auth import TokenAuth, principal_of, scope_guard
+from govflow.api.errors import REDIS_UNAVAILABLE, error_response, invalid, short
+from govflow.api.models import (
+    EVENT_IN,
+    REPLAY_REQUEST,
+    Accepted,
+    DeadLetterPage,
+    EventIn,
+    ExecutionPage,
+    ExecutionView,
+    Health,
+    Progress,
+    Stats,
+)
+from govflow.consumers.streams import RedisClient
+from govflow.core.connect import connect, unprobed
+from govflow.db import dead_letters, executions, views
+from govflow.db.dead_letters import Selection
+from govflow.operations import dlq, lag
+from govflow.producers.publish import Publisher
+from govflow.schemas.codec import MAX_ENTRY_BYTES, convert_event, encode
+from govflow.schemas.errors import InvalidEntryError
+from govflow.schemas.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+POOL_TIMEOUT_S = 5.0  # a request waits this long for a Postgres connection, then 503
+HEALTH_TIMEOUT_S = 2.0
+LAG_TIMEOUT_S = 2.0  # /metrics waits this long for fresh lag figures
+MAX_PAGE = 500
+MAX_OFFSET = 1_000_000
+# Postgres's bigint: a larger dead-letter id exists nowhere, and must not reach a query.
+MAX_ID = 2**63 - 1
+# Prometheus's text format; Litestar adds "; charset=utf-8".
+METRICS_MEDIA_TYPE = "text/plain; version=0.0.4"
+SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
+
+# Filters go to text columns: bounded, and without the NUL Postgres text cannot hold.
+Filter = Annotated[str | None, QueryParameter(max_length=512, pattern=r"^[^\x00]*$")]
+
+
+class Resources:
+    """What the handlers share: the settings and the connections the lifespan opened."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.redis_url is None or settings.database_url is None:
+            raise ValueError("the API needs a Redis URL and a database URL")
+        self.keys = settings.keys()
+        self.redis_url = settings.redis_url
+        self.database_url = settings.database_url
+        self._redis: RedisClient | None = None
+        self._pool: AsyncConnectionPool[Any] | None = None
+
+    @property
+    def redis(self) -> RedisClient:
+        """The Redis client (bytes replies)."""
+        assert self._redis is not None, "used outside the app's lifespan"
+        return self._redis
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        """The autocommit Postgres pool."""
+        assert self._pool is not None, "used outside the app's lifespan"
+        return self._pool
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        """Open the client and the pool for the life of the app; close both after."""
+        self._redis = await _redis_client(self.redis_url)
+        self._pool = AsyncConnectionPool(
+            self.database_url,
+            min_size=1,
+            max_size=8,
+            open=False,
+            timeout=POOL_TIMEOUT_S,
+            kwargs={"autocommit": True, "connect_timeout": 5},
+        )
+        # Without waiting: Postgres may be down; requests that need it get a 503 meanwhile.
+        await self._pool.open(wait=False)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._pool.close()
+                await self._redis.aclose()
+
+
+async def _redis_client(url: str) -> RedisClient:
+    """The API's client of a Redis server or cluster; a plain one if Redis is away at start.
+
+    Redis being down must not keep the API from starting (its requests answer 503 until
+    Redis is back), but then it cannot say whether it is a cluster: the client assumes a
+    single server unless the URL says ``?cluster=yes``.
+    """
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 2, "socket_timeout": 10, "health_check_interval": 15,
+    }  # fmt: skip
+    try:
+        return await connect(url, **options)
+    except (*REDIS_UNAVAILABLE, OSError) as e:
+        log.warning("api.redis_unavailable", error=str(e))
+        return unprobed(url, **options)
+
+
+# How handlers ask for the resources (Litestar injects them by this name, `gf`).
+Deps = NamedDependency[Resources]
+
+
+def create_app(settings: Settings) -> Litestar:
+    """The API of one deployment (its prefix, servers and tokens)."""
+    resources = Resources(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        async with resources.opened():
+            yield
+
+    app = Litestar(
+        route_handlers=[
+            publish_event,
+            list_executions,
+            show_execution,
+            get_lag,
+            get_stats,
+            list_dead_letters,
+            replay_dead_letter,
+            metrics,
+            healthz,
+            dashboard_page,
+            openapi_document,
+        ],
+        dependencies={"gf": Provide(lambda: resources, sync_to_thread=False)},
+        guards=[scope_guard(TokenAuth(settings.tokens()))],
+        lifespan=[lifespan],
+        exception_handlers={Exception: error_response},
+        request_max_body_size=MAX_ENTRY_BYTES,
+        openapi_config=OpenAPIConfig(
+            title="govflow",
+            version="1",
+            description="Publish events, follow executions, operate the streams.",
+            path="/schema",
+            render_plugins=[JsonRenderPlugin()],
+            use_handler_docstrings=True,
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
+            ),
+        ),
+        logging_config=None,  # govflow's structlog set-up stays in charge
+        debug=False,
+    )
+    _document_event_body(app)
+    return app
+
+
+# Events ---------------------------------------------------------------------------------
+
+_AUTH_ERRORS = {
+    401: ResponseSpec(None, description="No bearer token, or not a configured one"),
+    403: ResponseSpec(None, description="The token lacks the scope (or no tokens are set)"),
+}
+_UNAVAILABLE = {503: ResponseSpec(None, description="Redis or Postgres is unavailable")}
+
+
+@post(
+    "/events",
+    status_code=202,
+    opt={"scope": "publish"},
+    security=SECURITY,
+    responses={
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+        400: ResponseSpec(None, description="The body is not JSON"),
+        413: ResponseSpec(None, description="The body or the event is over 256 KiB"),
+        422: ResponseSpec(None, description="Not a valid event; `extra` names the field"),
+    },
+)
+async def publish_event(request: Request[Any, Any, Any], gf: Deps) -> Accepted:
+    """Publish one event to its partition's stream; `id` and `occurred_at` are optional."""
+    body = await request.body()
+    try:
+        given = EVENT_IN.decode(body)
+        event = convert_event(
+            {
+                **msgspec.structs.asdict(given),
+                "id": given.id or str(uuid.uuid4()),
+                "occurred_at": given.occurred_at or datetime.now(UTC),
+            }
+        )
+    except msgspec.ValidationError as e:
+        raise invalid("invalid event", str(e)) from e
+    except InvalidEntryError as e:
+        raise invalid("invalid event", e.reason.removeprefix("invalid event: ")) from e
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {e}") from e
+    if len(encode(event)) > MAX_ENTRY_BYTES:
+        raise HTTPException(
+            status_code=413, detail=f"the event is over the {MAX_ENTRY_BYTES} byte limit"
+        )
+    await Publisher(gf.redis, gf.keys).publish(event)
+    return Accepted(event.id)
+
+
+def _document_event_body(app: Litestar) -> None:
+    """Put ``EventIn`` into the generated document as the body of ``POST /events``.
+
+    The handler decodes the body itself (to answer 400, 413 and 422 exactly, and never
+    500), so Litestar cannot see its type; msgspec writes the schema instead.
+    """
+    openapi = app.openapi_schema
+    (body,), components = msgspec.json.schema_components(
+        [EventIn], ref_template="#/components/schemas/{name}"
+    )
+    assert openapi.components.schemas is not None
+    openapi.components.schemas.update(components)  # plain JSON Schema: rendered as it is
+    operation = openapi.paths["/events"].post  # type: ignore[index]
+    assert operation is not None
+    operation.request_body = RequestBody(
+        content={"application/json": OpenAPIMediaType(schema=Reference(body["$ref"]))},
+        required=True,
+    )
+
+
+# Executions -----------------------------------------------------------------------------
+
+
+@get(
+    "/executions",
+    opt={"scope": "read"},
+    security=SECURITY,
+    responses={**_AUTH_ERRORS, **_UNAVAILABLE},
+)
+async def list_executions(
+    gf: Deps,
+    status: FromQuery[executions.Status | None] = None,
+    entity_id: Filter = None,
+    workflow: Filter = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET)] = 0,
+) -> ExecutionPage:
+    """Executions newest first, with their steps; filter by status, entity or workflow."""
+    async with gf.pool.connection() as conn:
+        found = await executions.list_executions(
+            conn, status=status, entity_id=entity_id, workflow=workflow, limit=limit, offset=offset
+        )
+        plans = await views.step_plans(conn, [e.id for e in found])
+    return ExecutionPage(
+        executions=[_view(e, plans.get(e.id, [])) for e in found], limit=limit, offset=offset
+    )
+
+
+@get(
+    "/executions/{execution_id:str}",
+    opt={"scope": "read"},
+    security=SECURITY,
+    responses={
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+        404: ResponseSpec(None, description="No such execution"),
+    },
+)
+async def show_execution(gf: Deps, execution_id: FromPath[str]) -> ExecutionView:
+    """One execution: step n of m, and the status of each step."""
+    try:
+        key = str(uuid.UUID(execution_id))
+    except ValueError as e:
+        raise NotFoundException(f"no execution {execution_id!r}: ids are UUIDs") from e
+    async with gf.pool.connection() as conn:
+        found = await executions.get_execution(conn, key, with_steps=False)  # step_plans has them
+        if found is None:
+            raise NotFoundException(f"no execution {key}")
+        plans = await views.step_plans(conn, [key])
+    return _view(found, plans.get(key, []))
+
+
+def _view(e: executions.Execution, plan: list[views.PlannedStep]) -> ExecutionView:
+    completed = sum(1 for s in plan if s.status == "completed")
+    total = len(plan)
+    at = next((s.step for s in plan if s.status != "completed"), total)
+    return ExecutionView(
+        **executions.columns(e),
+        progress=Progress(step=at, of=total, completed=completed, text=f"step {at} of {total}"),
+        steps=plan,
+    )
+
+
+# Lag, stats, dead letters ---------------------------------------------------------------
+
+
+@get("/lag", opt={"scope": "read"}, security=SECURITY, responses={**_AUTH_ERRORS, **_UNAVAILABLE})
+async def get_lag(gf: Deps) -> lag.LagReport:
+    """Per stream and group: length, lag, pending, oldest ages, consumers; retries, dead letters."""
+    return await lag.read_lag(gf.redis, gf.pool, gf.keys)
+
+
+@get("/stats", opt={"scope": "read"}, security=SECURITY, responses={**_AUTH_ERRORS, **_UNAVAILABLE})
+async def get_stats(gf: Deps) -> Stats:
+    """Executions by status, completions per 10 s over the last 10 minutes, open dead letters."""
+    bucket_s = 10
+    async with gf.pool.connection() as conn:
+        by_status = await executions.count_by_status(conn)
+        buckets = await views.throughput(conn, minutes=10, bucket_s=bucket_s)
+        open_letters = await dead_letters.count_open(conn)
+    return Stats(
+        by_status=by_status, bucket_s=bucket_s, throughput=buckets, dead_letters=open_letters
+    )
+
+
+@get(
+    "/dead-letters",
+    opt={"scope": "operate"},
+    security=SECURITY,
+    responses={**_AUTH_ERRORS, **_UNAVAILABLE},
+)
+async def list_dead_letters(
+    gf: Deps,
+    include_done: FromQuery[bool] = False,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 100,
+) -> DeadLetterPage:
+    """Dead letters newest first, with their reasons; open ones unless `include_done`."""
+    letters = await dlq.list_letters(gf.pool, include_done=include_done, limit=limit)
+    return DeadLetterPage(dead_letters=letters)
+
+
+@post(
+    "/dead-letters/{dead_letter_id:int}/replay",
+    status_code=202,
+    opt={"scope": "operate"},
+    security=SECURITY,
+    responses={
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+        404: ResponseSpec(None, description="No such dead letter"),
+        409: ResponseSpec(None, description="Replayed or purged already, or being replayed"),
+        422: ResponseSpec(None, description='The body is not {"reason": ...}'),
+    },
+)
+async def replay_dead_letter(
+    request: Request[Any, Any, Any], gf: Deps, dead_letter_id: FromPath[int]
+) -> dlq.Replayed:
+    """Put a dead letter back on its stream, once; optional body `{"reason": ...}`."""
+    body = await request.body()
+    try:
+        reason = REPLAY_REQUEST.decode(body).reason if body.strip() else None
+    except msgspec.ValidationError as e:
+        raise invalid("invalid replay request", str(e)) from e
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {e}") from e
+    if not 0 < dead_letter_id <= MAX_ID:
+        raise NotFoundException(f"no dead letter {dead_letter_id}")
+    report = await dlq.replay(
+        gf.redis,
+        gf.pool,
+        gf.keys,
+        Selection(ids=(dead_letter_id,)),
+        actor=principal_of(request).actor,
+        reason=reason,
+    )
+    if report.replayed:
+        return report.replayed[0]
+    why = report.skipped[0].why if report.skipped else "not replayed"
+    if why == "no such dead letter":
+        raise NotFoundException(f"no dead letter {dead_letter_id}")
+    raise HTTPException(status_code=409, detail=f"dead letter {dead_letter_id}: {why}")
+
+
+# Metrics, health, the dashboard, the document ---------------------------------------------
+
+
+@get("/metrics", media_type=METRICS_MEDIA_TYPE)
+async def metrics(gf: Deps) -> bytes:
+    """Prometheus metrics; the lag gauges are read afresh on each scrape.
+
+    A server that is down keeps the last lag figures, after at most ``LAG_TIMEOUT_S``:
+    a scrape must not time out because Postgres did.
+    """
+    try:
+        with anyio.fail_after(LAG_TIMEOUT_S):
+            lag.export_gauges(await lag.read_lag(gf.redis, gf.pool, gf.keys))
+    except Exception as e:  # noqa: BLE001 - a scrape still gets the other metrics
+        log.warning("metrics.lag_failed", error=short(e))
+    return generate_latest(REGISTRY)
+
+
+@get("/healthz", responses={503: ResponseSpec(Health, description="A server is unavailable")})
+async def healthz(gf: Deps) -> Response[Health]:
+    """200 when Redis answers PING and Postgres SELECT 1; else 503 naming the one that failed."""
+    redis_state = postgres_state = "ok"
+    try:
+        with anyio.fail_after(HEALTH_TIMEOUT_S):
+            await gf.redis.ping()
+    except (TimeoutError, redis_errors.RedisError, OSError) as e:
+        redis_state = f"unavailable: {short(e)}"
+    try:
+        async with gf.pool.connection(timeout=HEALTH_TIMEOUT_S) as conn:
+            await conn.execute("SELECT 1")
+    except (PoolTimeout, psycopg.Error, OSError) as e:
+        postgres_state = f"unavailable: {short(e)}"
+    healthy = redis_state == postgres_state == "ok"
+    return Response(
+        Health(
+            status="ok" if healthy else "unavailable", redis=redis_state, postgres=postgres_state
+        ),
+        status_code=200 if healthy else 503,
+    )
+
+
+@get("/", include_in_schema=False, media_type=MediaType.HTML)
+async def dashboard_page() -> Response[str]:
+    """The dashboard: one page, plain JavaScript; it asks for a token once."""
+    return Response(
+        dashboard.PAGE,
+        media_type=MediaType.HTML,
+        headers={
+            "Content-Security-Policy": dashboard.CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+@get("/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """This API's OpenAPI 3.1 document, as Litestar generates it."""
+    document: dict[str, Any] = request.app.openapi_schema.to_schema()
+    return document

@@ -1,0 +1,93 @@
+"""What the HTTP API takes and answers: msgspec Structs, so Litestar encodes them and
+documents them in the OpenAPI document as they are."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from govflow.db import dead_letters, views
+from govflow.db.executions import ExecutionRow
+from govflow.schemas.events import Change, EventType, NonEmpty
+
+
+class EventIn(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as ``POST /events`` takes it: the wire format, ``id`` and ``occurred_at``
+    optional (a new UUID and the time of the request, as ``govflow publish`` fills them)."""
+
+    type: EventType
+    tenant: NonEmpty
+    entity_id: NonEmpty
+    id: NonEmpty | None = None
+    occurred_at: datetime | None = None
+    actor: str | None = None
+    data: dict[str, Any] = {}
+    changes: dict[str, Change] = {}
+    schema_version: Literal[1] = 1
+
+
+EVENT_IN = msgspec.json.Decoder(EventIn)
+
+
+class Accepted(msgspec.Struct, frozen=True):
+    """The id of the event accepted for publishing."""
+
+    id: str
+
+
+class Progress(msgspec.Struct, frozen=True, kw_only=True):
+    """How far an execution got: it is at ``step`` of ``of``; ``completed`` are done."""
+
+    step: int
+    of: int
+    completed: int
+    text: str
+
+
+class ExecutionView(ExecutionRow, frozen=True, kw_only=True):
+    """An execution, its progress and every step of its workflow version."""
+
+    progress: Progress
+    steps: list[views.PlannedStep]
+
+
+class ExecutionPage(msgspec.Struct, frozen=True, kw_only=True):
+    """One page of executions, newest first."""
+
+    executions: list[ExecutionView]
+    limit: int
+    offset: int
+
+
+class DeadLetterPage(msgspec.Struct, frozen=True, kw_only=True):
+    """Dead letters, newest first."""
+
+    dead_letters: list[dead_letters.DeadLetter]
+
+
+class ReplayRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Why a dead letter is replayed; recorded with the replay."""
+
+    reason: Annotated[str, msgspec.Meta(max_length=1000, pattern=r"^[^\x00]*$")] | None = None
+
+
+REPLAY_REQUEST = msgspec.json.Decoder(ReplayRequest)
+
+
+class Stats(msgspec.Struct, frozen=True, kw_only=True):
+    """What the dashboard charts: executions by status, throughput, open dead letters."""
+
+    by_status: dict[str, int]
+    bucket_s: int
+    throughput: list[views.Bucket]
+    dead_letters: int
+
+
+class Health(msgspec.Struct, frozen=True, kw_only=True):
+    """Whether the API reaches its servers: ``ok`` or what went wrong, for each."""
+
+    status: Literal["ok", "unavailable"]
+    redis: str
+    postgres: str

@@ -1,0 +1,147 @@
+"""``govflow lag``: the report of ops/lag.py as a table, as JSON, or redrawn in place."""
+
+from __future__ import annotations
+
+import functools
+import signal
+from collections.abc import Sequence
+from typing import Annotated
+
+import anyio
+import typer
+from rich.console import Group as RenderGroup
+from rich.console import RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from govflow.cli.context import JsonFlag, console, print_json, run_async
+from govflow.operations.lag import ConsumerLag, LagReport, read_lag
+from govflow.runtime.connections import database_pool, redis_client
+from govflow.schemas.errors import ConfigError
+from govflow.schemas.settings import Settings
+
+
+def render(report: LagReport) -> RenderableType:
+    """The report as a table of groups and a line of totals."""
+    table = Table(
+        "stream",
+        "group",
+        "length",
+        "lag",
+        "pending",
+        "oldest pending",
+        "oldest undelivered",
+        "parked",
+        "consumers",
+    )
+    for g in report.groups:
+        table.add_row(
+            Text(g.stream),
+            Text(g.group),
+            str(g.length),
+            str(g.lag) if g.lag_valid else f"~{g.lag}",
+            str(g.pending),
+            format_age(g.oldest_pending_age_s),
+            format_age(g.oldest_undelivered_age_s),
+            f"{g.parked} ({g.held_entities} held)" if g.held_entities else "0",
+            Text(_consumers(g.consumers)),
+        )
+    totals = [
+        f"retries scheduled: {report.retry_scheduled}",
+        f"dead letters: {report.dead_letters}",
+    ]
+    if report.outbox is not None:
+        totals.append(
+            f"outbox: {report.outbox.waiting} waiting"
+            + (
+                f" (oldest {format_age(report.outbox.oldest_age_s)})"
+                if report.outbox.waiting
+                else ""
+            )
+        )
+    parts: list[RenderableType] = [table, Text("   ".join(totals))]
+    if any(not g.lag_valid for g in report.groups):
+        parts.append(Text("~ an estimate: too many entries to count", style="dim"))
+    return RenderGroup(*parts)
+
+
+def _consumers(consumers: Sequence[ConsumerLag]) -> str:
+    if not consumers:
+        return "-"
+    return "\n".join(
+        f"{c.name}: {c.pending} pending, idle {format_age(c.idle_s)}" for c in consumers
+    )
+
+
+def format_age(seconds: float | None) -> str:
+    """``1.2s``, ``4m05s``, ``3h02m`` or ``2d04h``; ``-`` for no age."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+# The command ----------------------------------------------------------------------------
+
+
+def lag(
+    as_json: JsonFlag = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.2, help="Seconds between refreshes with --watch.")
+    ] = 2.0,
+) -> None:
+    """Show how far behind each group is: lag, pending, oldest ages, consumers, dead letters."""
+    if as_json and watch:
+        raise ConfigError("--json and --watch do not go together: pick one")
+    if watch:
+        try:
+            run_async(functools.partial(_watch, interval))
+        except KeyboardInterrupt:  # Ctrl-C before the signal handler was in place
+            pass
+        return
+    report = run_async(_read)
+    if as_json:
+        print_json(report)
+    else:
+        console.print(render(report))
+
+
+async def _read(settings: Settings) -> LagReport:
+    async with redis_client(settings) as redis, database_pool(settings, max_size=1) as pool:
+        return await read_lag(redis, pool, settings.keys())
+
+
+async def _watch(interval: float, settings: Settings) -> None:
+    """Redraw the report every ``interval`` seconds until SIGINT or SIGTERM; exit 0."""
+    keys = settings.keys()
+    async with (
+        redis_client(settings) as redis,
+        database_pool(settings, max_size=1) as pool,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+        if not console.is_terminal:  # a pipe or a file: one report after the other
+            while True:
+                console.print(render(await read_lag(redis, pool, keys)))
+                await anyio.sleep(interval)
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                live.update(render(await read_lag(redis, pool, keys)), refresh=True)
+                await anyio.sleep(interval)
+
+
+async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return

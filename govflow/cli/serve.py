@@ -1,0 +1,70 @@
+"""``govflow serve``: the HTTP API, the dashboard and ``/metrics``, under uvicorn.
+
+With no Redis or database URL set it uses the embedded servers, like every command. The
+port is bound before uvicorn starts, so a port in use is one line on stderr (exit 2), not
+a server log. SIGINT or SIGTERM stop it gracefully: requests in flight finish.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from govflow.cli.context import load_settings, run_async
+from govflow.schemas.errors import ConfigError
+
+
+def serve(
+    host: Annotated[
+        str, typer.Option(help="The address to listen on; 0.0.0.0 for every interface.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="The port; 0 picks a free one.")
+    ] = 8000,
+) -> None:
+    """Serve the HTTP API, the dashboard (/) and Prometheus metrics (/metrics)."""
+    sock = listen(host, port)
+    configured = load_settings()
+    missing = [
+        name
+        for name, url in (("Redis", configured.redis_url), ("Postgres", configured.database_url))
+        if url is None
+    ]
+    if missing:
+        # SPEC: the embedded servers say so on start-up (the log level hides info here).
+        say(
+            f"no URL set for {' and '.join(missing)}: starting the embedded "
+            f"{' and '.join(missing)} under {Path(configured.data_dir).resolve()}"
+        )
+    from govflow.api.server import serve_on  # uvicorn and Litestar: only for `serve`
+
+    run_async(functools.partial(serve_on, sock))
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``.
+
+    Raises:
+        ConfigError: the address cannot be bound (in use, not an address of this host).
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def say(line: str) -> None:
+    sys.stderr.write(f"govflow: {line}\n")
+    sys.stderr.flush()

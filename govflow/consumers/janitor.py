@@ -1,0 +1,134 @@
+"""Retention and housekeeping: trim only what every group acknowledged; retire dead consumers.
+
+Trimming follows the portable rule that works on every Redis version: the safe boundary
+of a stream is, over all its groups, the lowest of each group's oldest pending id and the
+first id after its last-delivered id. ``XTRIM MINID`` below that boundary can never remove
+an entry some group has not acknowledged. A stream with no group yet is never trimmed:
+its entries are waiting for the workers that will create it. (Redis 8.2's ``XTRIM ...
+ACKED`` says the same in one command; the servers tested here predate it.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import anyio
+import structlog
+
+from govflow.consumers.loop import UNAVAILABLE
+from govflow.consumers.streams import RedisClient, Streams
+from govflow.schemas.keys import Keys
+
+log = structlog.get_logger(__name__)
+
+EVERY_S = 5.0
+TRIM_STEP = 5_000  # entries one sweep may trim for retention
+
+
+def parse_id(entry_id: str | bytes) -> tuple[int, int]:
+    """A stream id as (milliseconds, sequence), for comparing."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_id(entry_id: tuple[int, int]) -> tuple[int, int]:
+    """The smallest id after ``entry_id``."""
+    return entry_id[0], entry_id[1] + 1
+
+
+async def safe_trim_id(redis: RedisClient, stream: str, retention: int) -> tuple[int, int] | None:
+    """The id below which every entry is acknowledged by every group and beyond retention.
+
+    None when nothing may be trimmed (no group, or no stream).
+    """
+    groups: list[dict[str, Any]] = await redis.xinfo_groups(stream)
+    if not groups:
+        return None
+    candidates = []
+    for group in groups:
+        candidates.append(next_id(parse_id(group["last-delivered-id"])))
+        if group["pending"]:
+            summary = await redis.xpending(stream, group["name"])
+            if summary["min"] is not None:  # acknowledged since XINFO: none pending now
+                candidates.append(parse_id(summary["min"]))
+    if retention:
+        # Only the entries beyond the kept ones are read (at most TRIM_STEP a sweep), and
+        # the one after them: the first entry kept.
+        excess = await redis.xlen(stream) - retention
+        if excess <= 0:
+            return None
+        oldest: Any = await redis.xrange(stream, count=min(excess, TRIM_STEP) + 1)
+        candidates.append(parse_id(oldest[-1][0]))
+    return min(candidates)
+
+
+class Janitor:
+    """Trim the streams of every partition safely and retire consumers long gone."""
+
+    def __init__(
+        self,
+        streams: Streams,
+        keys: Keys,
+        *,
+        retention: int,
+        consumer_gc_s: float,
+        every_s: float = EVERY_S,
+        partitions: Callable[[], Iterable[int]] | None = None,
+    ) -> None:
+        self._streams = streams
+        self._redis = streams.redis
+        self._keys = keys
+        self._retention = retention
+        self._consumer_gc_ms = int(consumer_gc_s * 1000)
+        self._every_s = every_s
+        # With leased partitions, only the ones this worker holds (others sweep their own).
+        self._partitions = partitions or keys.all_partitions
+        self._stopped = anyio.Event()
+
+    def stop(self) -> None:
+        """Stop after the current pass."""
+        self._stopped.set()
+
+    async def run(self) -> None:
+        """Sweep every ``every_s`` until stopped."""
+        while not self._stopped.is_set():
+            try:
+                await self.sweep()
+            except UNAVAILABLE as e:
+                log.warning("janitor.sweep_failed", error=str(e))
+            except Exception:
+                # Housekeeping must never stop the worker (redis-py's cluster client can
+                # raise AttributeError mid-failover); the next sweep tries again.
+                log.exception("janitor.sweep_failed")
+            with anyio.move_on_after(self._every_s):
+                await self._stopped.wait()
+
+    async def sweep(self) -> None:
+        """One pass: trim each stream, then retire idle consumers with nothing pending."""
+        for p in self._partitions():
+            for stream in (self._keys.events(p), self._keys.commands(p)):
+                if not await self._redis.exists(stream):
+                    continue
+                await self.trim(stream)
+                await self._retire_idle(stream)
+
+    async def trim(self, stream: str) -> int:
+        """Trim ``stream`` below its safe boundary; return how many entries went."""
+        boundary = await safe_trim_id(self._redis, stream, self._retention)
+        if boundary is None:
+            return 0
+        removed: int = await self._redis.xtrim(
+            stream, minid=f"{boundary[0]}-{boundary[1]}", approximate=False
+        )
+        if removed:
+            log.info("stream.trimmed", stream=stream, removed=removed)
+        return removed
+
+    async def _retire_idle(self, stream: str) -> None:
+        for group in await self._redis.xinfo_groups(stream):
+            name = group["name"].decode()
+            for consumer in await self._streams.consumers(stream, name):
+                if consumer["pending"] == 0 and consumer["idle"] > self._consumer_gc_ms:
+                    await self._streams.retire(stream, name, consumer["name"])

@@ -1,0 +1,141 @@
+"""The trigger matcher (group ``triggers``): events in, executions and commands out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import psycopg
+import structlog
+from psycopg_pool import AsyncConnectionPool
+
+from govflow.consumers.definitions import Definitions
+from govflow.consumers.loop import UNAVAILABLE
+from govflow.consumers.matching import matches
+from govflow.consumers.outcomes import Outcome, dead
+from govflow.consumers.streams import COMMAND_FIELD, REPLAY_FIELD, Entry, RedisClient, event_of
+from govflow.db import executions
+from govflow.db.executions import NewExecution
+from govflow.schemas.codec import encode
+from govflow.schemas.commands import RunWorkflow, execution_id
+from govflow.schemas.errors import InvalidEntryError
+from govflow.schemas.events import Event
+from govflow.schemas.keys import Keys, Role
+
+log = structlog.get_logger(__name__)
+
+
+class TriggerMatcher:
+    """Record one execution per (event, matching workflow) and emit its command.
+
+    The execution row commits before its command is emitted. A crash in between leaves
+    the row ``queued``; the redelivered event finds it so and emits the command again.
+    """
+
+    role: Role = "events"
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        pool: AsyncConnectionPool[Any],
+        keys: Keys,
+        definitions: Definitions,
+    ) -> None:
+        self._redis = redis
+        self._pool = pool
+        self._keys = keys
+        self._definitions = definitions
+        # Entries whose executions may be committed while their commands are not all
+        # emitted: Redis went away in between, and the loop holds the batch and hands it
+        # back. That retry counts no attempt, yet it must emit what is still queued.
+        self._unsent: set[str] = set()
+
+    async def handle(self, batch: Sequence[Entry]) -> list[Outcome]:
+        """Match a batch of events; every entry is acknowledged unless it is poison."""
+        outcomes: list[Outcome] = []
+        events: dict[int, Event] = {}
+        for index, entry in enumerate(batch):
+            try:
+                event = event_of(entry)
+            except InvalidEntryError as e:
+                outcomes.append(dead(e.reason, "invalid_entry"))
+                continue
+            events[index] = event
+            outcomes.append(Outcome(kind="ack", event_id=event.id, event_type=event.type))
+        found = await self._match(events)
+        # A first delivery never re-emits a command for an execution found still queued:
+        # the delivery that recorded it emits it, or, if it crashed first, is redelivered.
+        redelivered = {
+            i
+            for i in events
+            if batch[i].attempt > 1 or batch[i].field(REPLAY_FIELD) or batch[i].id in self._unsent
+        }
+        ids = {batch[i].id for i in events}
+        self._unsent |= ids
+        try:
+            await self._record_and_emit(found, redelivered)
+        except UNAVAILABLE:
+            raise
+        except psycopg.Error:
+            # One event's row was refused and took the batch's transaction with it: record
+            # each event alone, so that only the bad one is dead-lettered.
+            log.warning("batch.split", size=len(events), exc_info=True)
+            for index in events:
+                try:
+                    alone = {k: v for k, v in found.items() if v[0] == index}
+                    await self._record_and_emit(alone, redelivered)
+                except UNAVAILABLE:
+                    raise
+                except psycopg.Error as e:
+                    outcomes[index] = dead(f"Postgres refused the event: {e}", "invalid_entry")
+        # Every command went out (an unexpected error instead sends the entries to the
+        # retry set under new ids; their stale ids here are harmless).
+        self._unsent -= ids
+        return outcomes
+
+    async def _record_and_emit(
+        self, found: dict[str, tuple[int, NewExecution, RunWorkflow]], redelivered: set[int]
+    ) -> None:
+        """Commit the executions, then emit the commands of the new ones (and, for a
+        redelivered event, of those still queued, with the version their row records)."""
+        if not found:
+            return
+        async with self._pool.connection() as conn, conn.transaction():
+            queued = await executions.insert_queued(conn, [row for _, row, _ in found.values()])
+        pipe = self._redis.pipeline(transaction=False)
+        for execution in queued:
+            index, _, command = found[execution.id]
+            if not execution.new and index not in redelivered:
+                continue
+            if command.workflow_version != execution.workflow_version:
+                command = msgspec.structs.replace(
+                    command, workflow_version=execution.workflow_version
+                )
+            stream = self._keys.commands(self._keys.partition_of(command.event.entity_id))
+            pipe.xadd(stream, {COMMAND_FIELD: encode(command)})
+        await pipe.execute()
+
+    async def _match(
+        self, events: dict[int, Event]
+    ) -> dict[str, tuple[int, NewExecution, RunWorkflow]]:
+        """Each (event, matching workflow) by execution id, with the event's batch index."""
+        workflows = await self._definitions.enabled()
+        found: dict[str, tuple[int, NewExecution, RunWorkflow]] = {}
+        for index, event in events.items():
+            for wf in workflows:
+                if not matches(wf.definition, event):
+                    continue
+                exec_id = execution_id(event.id, wf.name)
+                row = NewExecution(
+                    exec_id, wf.name, wf.version, event.id, event.entity,
+                    event.entity_id, event.tenant, event.occurred_at,
+                )  # fmt: skip
+                command = RunWorkflow(
+                    execution_id=exec_id,
+                    workflow_name=wf.name,
+                    workflow_version=wf.version,
+                    event=event,
+                )
+                found[exec_id] = (index, row, command)
+        return found

@@ -1,0 +1,43 @@
+"""How a whole batch of rows travels to Postgres in one parameter.
+
+psycopg adapts a Python list element by element in Python; a batch of 200 rows of 5
+columns costs a thousand adaptations that way. As one JSON document encoded by msgspec
+(in C), the same batch is one text parameter, which Postgres unpacks with
+``jsonb_to_recordset``. Ids travel as one array literal for the same reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+
+from govflow.schemas.codec import ENCODER
+
+
+class Batched(msgspec.Struct, frozen=True):
+    """A statement run once over all its rows.
+
+    ``sql`` names the rows ``{rows}``, e.g. ``INSERT INTO t (a, b) SELECT a, b FROM {rows}``;
+    ``columns`` gives each column with its Postgres type, in the order of a row's values.
+    """
+
+    sql: str
+    columns: tuple[str, ...]
+
+    def statement(self) -> str:
+        """The SQL with ``{rows}`` bound to the JSON parameter."""
+        return self.sql.replace(
+            "{rows}", f"jsonb_to_recordset(%s::jsonb) AS r({', '.join(self.columns)})"
+        )
+
+    def parameter(self, rows: Sequence[Sequence[Any]]) -> str:
+        """The rows as one JSON array of objects."""
+        names = [column.split()[0] for column in self.columns]
+        return ENCODER.encode([dict(zip(names, row, strict=True)) for row in rows]).decode()
+
+
+def id_array(ids: Iterable[str]) -> str:
+    """A Postgres array literal of uuids (which need no quoting), for ``= ANY(%s::uuid[])``."""
+    return "{" + ",".join(ids) + "}"

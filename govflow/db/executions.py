@@ -1,0 +1,255 @@
+"""Queries on ``workflow_executions`` and ``execution_steps``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+from psycopg import AsyncConnection
+from psycopg.rows import class_row
+
+from govflow.db.batch import Batched, id_array
+
+Status = Literal["queued", "running", "retrying", "completed", "dead_lettered"]
+TERMINAL: frozenset[str] = frozenset({"completed", "dead_lettered"})
+
+
+class NewExecution(msgspec.Struct, frozen=True):
+    """An execution the trigger matcher is about to record."""
+
+    id: str
+    workflow_name: str
+    workflow_version: int
+    event_id: str
+    entity_type: str
+    entity_id: str
+    tenant: str
+    occurred_at: datetime
+
+
+class Step(msgspec.Struct, frozen=True, kw_only=True):
+    """A row of ``execution_steps``."""
+
+    step: int
+    action: str
+    status: str
+    attempts: int
+    error: str | None
+    updated_at: datetime
+
+
+class ExecutionRow(msgspec.Struct, frozen=True, kw_only=True):
+    """The columns of ``workflow_executions``: what every view of an execution shows."""
+
+    id: str
+    workflow_name: str
+    workflow_version: int
+    event_id: str
+    entity_type: str
+    entity_id: str
+    tenant: str
+    status: str
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class Execution(ExecutionRow, frozen=True, kw_only=True):
+    """A row of ``workflow_executions``, with its steps when asked for."""
+
+    total_steps: int = 0
+    steps: list[Step] = []
+
+
+def columns(execution: ExecutionRow) -> dict[str, Any]:
+    """The ``ExecutionRow`` fields of an execution, to build another view of it."""
+    return {name: getattr(execution, name) for name in ExecutionRow.__struct_fields__}
+
+
+_NEW_EXECUTIONS = Batched(
+    "WITH new AS (INSERT INTO workflow_executions (id, workflow_name, workflow_version, event_id,"
+    " entity_type, entity_id, tenant, event_occurred_at) SELECT id, workflow_name, workflow_version,"
+    " event_id, entity_type, entity_id, tenant, occurred_at FROM {rows}"
+    " ON CONFLICT (event_id, workflow_name) DO NOTHING RETURNING id, workflow_version)"
+    " SELECT id::text, workflow_version, true FROM new UNION ALL"
+    " SELECT id::text, workflow_version, false FROM workflow_executions"
+    " WHERE id = ANY(%s::uuid[]) AND status = 'queued'",
+    ("id uuid", "workflow_name text", "workflow_version int", "event_id text", "entity_type text",
+     "entity_id text", "tenant text", "occurred_at timestamptz"),
+)  # fmt: skip
+
+
+class Queued(msgspec.Struct, frozen=True):
+    """An execution waiting for its command: just recorded, or found still queued."""
+
+    id: str
+    workflow_version: int
+    new: bool
+
+
+async def insert_queued(conn: AsyncConnection[Any], rows: Sequence[NewExecution]) -> list[Queued]:
+    """Record executions (a known one is left alone); return those new or still ``queued``.
+
+    An execution found still queued may have lost its command to a crash between this
+    commit and the emit; the caller emits it again when it handles a redelivery. The
+    version is the row's: a definition applied in between does not change what runs.
+    """
+    if not rows:
+        return []
+    cur = await conn.execute(
+        _NEW_EXECUTIONS.statement().encode(),
+        (
+            _NEW_EXECUTIONS.parameter([msgspec.structs.astuple(r) for r in rows]),
+            id_array(r.id for r in rows),
+        ),
+    )
+    return [Queued(*row) for row in await cur.fetchall()]
+
+
+class State(msgspec.Struct, frozen=True):
+    """Where an execution stands: its status, last error and completed steps."""
+
+    status: str
+    last_error: str | None
+    done: frozenset[int]
+
+
+async def states(conn: AsyncConnection[Any], ids: Sequence[str]) -> dict[str, State]:
+    """The state of each execution that exists."""
+    cur = await conn.execute(
+        "SELECT e.id::text, e.status, e.last_error,"
+        " coalesce(array_agg(s.step) FILTER (WHERE s.status = 'completed'), '{}')"
+        " FROM workflow_executions e LEFT JOIN execution_steps s ON s.execution_id = e.id"
+        " WHERE e.id = ANY(%s::uuid[]) GROUP BY e.id",
+        (id_array(ids),),
+    )
+    return {row[0]: State(row[1], row[2], frozenset(row[3])) for row in await cur.fetchall()}
+
+
+async def mark_running(conn: AsyncConnection[Any], ids: Sequence[str]) -> None:
+    """Count a delivery of each execution and show it running."""
+    await conn.execute(
+        "UPDATE workflow_executions SET status = 'running', attempts = attempts + 1,"
+        " updated_at = now() WHERE id = ANY(%s::uuid[])",
+        (id_array(ids),),
+    )
+
+
+_COMPLETED_STEPS = Batched(
+    "INSERT INTO execution_steps (execution_id, step, action, status, attempts)"
+    " SELECT execution_id, step, action, 'completed', 1 FROM {rows}"
+    " ON CONFLICT (execution_id, step) DO UPDATE SET status = 'completed',"
+    " attempts = execution_steps.attempts + 1, error = NULL, updated_at = now()",
+    ("execution_id uuid", "step int", "action text"),
+)
+
+
+async def complete_steps(conn: AsyncConnection[Any], steps: Sequence[tuple[str, int, str]]) -> None:
+    """Mark (execution, step, action) completed; runs in the transaction of their effects."""
+    if steps:
+        await conn.execute(
+            _COMPLETED_STEPS.statement().encode(), (_COMPLETED_STEPS.parameter(steps),)
+        )
+
+
+async def fail_step(
+    conn: AsyncConnection[Any], execution_id: str, step: int, action: str, error: str
+) -> None:
+    """Record a failed try of a step."""
+    await conn.execute(
+        "INSERT INTO execution_steps (execution_id, step, action, status, attempts, error)"
+        " VALUES (%s, %s, %s, 'failed', 1, %s)"
+        " ON CONFLICT (execution_id, step) DO UPDATE SET status = 'failed',"
+        " attempts = execution_steps.attempts + 1, error = excluded.error, updated_at = now()",
+        (execution_id, step, action, error),
+    )
+
+
+async def finish(
+    conn: AsyncConnection[Any], ids: Sequence[str]
+) -> list[tuple[str, datetime | None]]:
+    """Mark executions completed; return (id, event time) of each for latency metrics."""
+    cur = await conn.execute(
+        "UPDATE workflow_executions SET status = 'completed', last_error = NULL,"
+        " updated_at = now(), finished_at = now() WHERE id = ANY(%s::uuid[])"
+        " RETURNING id::text, event_occurred_at",
+        (id_array(ids),),
+    )
+    return [(row[0], row[1]) for row in await cur.fetchall()]
+
+
+async def set_failed(
+    conn: AsyncConnection[Any], execution_id: str, status: Status, error: str
+) -> None:
+    """Record a failed delivery: ``retrying`` or ``dead_lettered``, with the error."""
+    finished = "now()" if status in TERMINAL else "NULL"
+    await conn.execute(
+        f"UPDATE workflow_executions SET status = %s, last_error = %s, updated_at = now(),"
+        f" finished_at = {finished} WHERE id = %s".encode(),
+        (status, error, execution_id),
+    )
+
+
+_SELECT = (
+    "SELECT e.id::text, e.workflow_name, e.workflow_version, e.event_id, e.entity_type,"
+    " e.entity_id, e.tenant, e.status, e.attempts, e.last_error, e.created_at, e.updated_at,"
+    " e.finished_at, jsonb_array_length(w.definition -> 'actions') AS total_steps"
+    " FROM workflow_executions e JOIN workflows w"
+    " ON w.name = e.workflow_name AND w.version = e.workflow_version"
+)
+
+
+async def list_executions(
+    conn: AsyncConnection[Any],
+    *,
+    status: str | None = None,
+    entity_id: str | None = None,
+    workflow: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[Execution]:
+    """Executions, newest first, filtered."""
+    where, params = ["true"], []
+    for column, value in (
+        ("e.status", status),
+        ("e.entity_id", entity_id),
+        ("e.workflow_name", workflow),
+    ):
+        if value is not None:
+            where.append(f"{column} = %s")
+            params.append(value)
+    query = (
+        f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY e.created_at DESC, e.id LIMIT %s OFFSET %s"
+    )
+    async with conn.cursor(row_factory=class_row(Execution)) as cur:
+        await cur.execute(query.encode(), [*params, limit, offset])
+        return await cur.fetchall()
+
+
+async def get_execution(
+    conn: AsyncConnection[Any], execution_id: str, *, with_steps: bool = True
+) -> Execution | None:
+    """One execution, with its recorded steps unless ``with_steps`` is false."""
+    async with conn.cursor(row_factory=class_row(Execution)) as cur:
+        await cur.execute(f"{_SELECT} WHERE e.id::text = %s".encode(), (execution_id,))
+        execution = await cur.fetchone()
+    if execution is None or not with_steps:
+        return execution
+    async with conn.cursor(row_factory=class_row(Step)) as cur:
+        await cur.execute(
+            "SELECT step, action, status, attempts, error, updated_at FROM execution_steps"
+            " WHERE execution_id = %s ORDER BY step",
+            (execution.id,),
+        )
+        steps = await cur.fetchall()
+    return msgspec.structs.replace(execution, steps=steps)
+
+
+async def count_by_status(conn: AsyncConnection[Any]) -> dict[str, int]:
+    """How many executions are in each status."""
+    cur = await conn.execute("SELECT status, count(*) FROM workflow_executions GROUP BY status")
+    return {row[0]: int(row[1]) for row in await cur.fetchall()}

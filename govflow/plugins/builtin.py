@@ -1,0 +1,198 @@
+"""The five actions govflow ships: approvals, tasks, assignments, webhooks, status changes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Annotated
+
+import msgspec
+
+from govflow.db.batch import Batched
+from govflow.plugins import webhook
+from govflow.plugins.registry import ActionType, StepContext
+from govflow.schemas.codec import encode
+from govflow.schemas.errors import PermanentError
+from govflow.schemas.events import Change, Event
+
+Text = Annotated[str, msgspec.Meta(min_length=1)]
+
+_IDEMPOTENT = " ON CONFLICT (execution_id, step) DO NOTHING"
+APPROVALS = Batched(
+    "INSERT INTO approvals (execution_id, step, entity_id, approvers, due_at)"
+    " SELECT execution_id, step, entity_id, approvers, due_at FROM {rows}" + _IDEMPOTENT,
+    ("execution_id uuid", "step int", "entity_id text", "approvers jsonb", "due_at timestamptz"),
+)
+TASKS = Batched(
+    "INSERT INTO tasks (execution_id, step, entity_id, title, assignee)"
+    " SELECT execution_id, step, entity_id, title, assignee FROM {rows}" + _IDEMPOTENT,
+    ("execution_id uuid", "step int", "entity_id text", "title text", "assignee text"),
+)
+ASSIGNMENTS = Batched(
+    "INSERT INTO assignments (execution_id, step, entity_id, assignee)"
+    " SELECT execution_id, step, entity_id, assignee FROM {rows}" + _IDEMPOTENT,
+    ("execution_id uuid", "step int", "entity_id text", "assignee text"),
+)
+NOTIFICATIONS = Batched(
+    "INSERT INTO notifications (execution_id, step, webhook, message, idempotency_key, response_status)"
+    " SELECT execution_id, step, webhook, message, idempotency_key, response_status FROM {rows}"
+    + _IDEMPOTENT,
+    (
+        "execution_id uuid",
+        "step int",
+        "webhook text",
+        "message text",
+        "idempotency_key text",
+        "response_status int",
+    ),
+)
+# Queued before STATUS_CHANGES, so the guard sees only the changes an earlier try committed.
+CHAINED_EVENTS = Batched(
+    "INSERT INTO outbox (event) SELECT r.event FROM {rows} WHERE NOT EXISTS (SELECT 1 FROM"
+    " status_changes s WHERE s.execution_id = r.execution_id AND s.step = r.step)",
+    ("event jsonb", "execution_id uuid", "step int"),
+)
+STATUS_CHANGES = Batched(
+    "INSERT INTO status_changes (execution_id, step, entity_type, entity_id, from_status, to_status,"
+    " event_id) SELECT execution_id, step, entity_type, entity_id, from_status, to_status, event_id"
+    " FROM {rows}" + _IDEMPOTENT,
+    ("execution_id uuid", "step int", "entity_type text", "entity_id text", "from_status text",
+     "to_status text", "event_id text"),
+)  # fmt: skip
+
+
+class CreateApproval(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Ask ``approvers`` to approve the entity within ``due_in_days``."""
+
+    approvers: Annotated[list[str], msgspec.Meta(min_length=1)]
+    due_in_days: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+async def create_approval(ctx: StepContext, p: CreateApproval) -> None:
+    due = ctx.now + timedelta(days=p.due_in_days) if p.due_in_days is not None else None
+    ctx.effects.add(
+        APPROVALS,
+        (ctx.command.execution_id, ctx.step, ctx.event.entity_id, p.approvers, due),
+    )
+
+
+class CreateTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Open a task titled ``title`` (a template) for ``assignee``."""
+
+    title: Text
+    assignee: str | None = None
+
+
+async def create_task(ctx: StepContext, p: CreateTask) -> None:
+    assignee = ctx.render(p.assignee) if p.assignee else None
+    ctx.effects.add(
+        TASKS,
+        (ctx.command.execution_id, ctx.step, ctx.event.entity_id, ctx.render(p.title), assignee),
+    )
+
+
+class Assign(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Assign the entity to ``assignee``."""
+
+    assignee: Text
+
+
+async def assign(ctx: StepContext, p: Assign) -> None:
+    ctx.effects.add(
+        ASSIGNMENTS,
+        (ctx.command.execution_id, ctx.step, ctx.event.entity_id, ctx.render(p.assignee)),
+    )
+
+
+class Notify(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """POST ``message`` to ``webhook``, signed, with an Idempotency-Key."""
+
+    webhook: Text
+    message: str = ""
+
+
+async def notify(ctx: StepContext, p: Notify) -> None:
+    url, message = ctx.render(p.webhook), ctx.render(p.message)
+    body = encode(
+        {
+            "execution_id": ctx.command.execution_id,
+            "workflow": ctx.command.workflow_name,
+            "step": ctx.step,
+            "event_id": ctx.event.id,
+            "event_type": ctx.event.type,
+            "tenant": ctx.event.tenant,
+            "entity_id": ctx.event.entity_id,
+            "message": message,
+        }
+    )
+    status = await webhook.deliver(
+        ctx.http,
+        url,
+        body,
+        idempotency_key=ctx.idempotency_key,
+        secret=ctx.settings.webhook_secret,
+        allowed=ctx.settings.allowed_hosts(),
+    )
+    ctx.effects.add(
+        NOTIFICATIONS,
+        (
+            ctx.command.execution_id,
+            ctx.step,
+            url,
+            message,
+            ctx.idempotency_key,
+            status,
+        ),
+    )
+
+
+class ChangeStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Move the entity to status ``to`` and publish the ``status_changed`` event."""
+
+    to: Text
+
+
+# Chained events get ids derived from the step, so a replayed step publishes the same id.
+_CHAIN_NAMESPACE = uuid.UUID("2f7d9a4c-8e51-4b6a-b0c3-5d1e9f8a7b24")
+
+
+async def change_status(ctx: StepContext, p: ChangeStatus) -> None:
+    event = ctx.event
+    depth = event.depth + 1
+    if depth > ctx.settings.max_chain_depth:
+        raise PermanentError(
+            f"workflow chain deeper than {ctx.settings.max_chain_depth} stopped at event {event.id}"
+        )
+    before = event.data.get("status")
+    to = ctx.render(p.to)
+    chained = Event(
+        id=str(uuid.uuid5(_CHAIN_NAMESPACE, ctx.idempotency_key)),
+        type=f"{event.entity}.status_changed",  # type: ignore[arg-type]  # entity is one of three
+        tenant=event.tenant,
+        entity_id=event.entity_id,
+        occurred_at=ctx.now,
+        actor=f"workflow:{ctx.command.workflow_name}",
+        data={**event.data, "status": to},
+        changes={"status": Change(from_=before, to=to)},
+        depth=depth,
+        causation_id=event.id,
+    )
+    # The chained event leaves through the outbox, committed with the step: published
+    # once the transaction commits, never lost to a crash in between.
+    ctx.effects.add(
+        CHAINED_EVENTS,
+        (chained, ctx.command.execution_id, ctx.step),
+    )
+    ctx.effects.add(
+        STATUS_CHANGES,
+        (ctx.command.execution_id, ctx.step, event.entity, event.entity_id, before, to, chained.id),
+    )
+
+
+BUILTIN: tuple[ActionType[msgspec.Struct], ...] = (
+    ActionType("create_approval", CreateApproval, create_approval),  # type: ignore[arg-type]
+    ActionType("create_task", CreateTask, create_task),  # type: ignore[arg-type]
+    ActionType("assign", Assign, assign),  # type: ignore[arg-type]
+    ActionType("notify", Notify, notify),  # type: ignore[arg-type]
+    ActionType("change_status", ChangeStatus, change_status),  # type: ignore[arg-type]
+)

@@ -1,0 +1,289 @@
+"""``govflow run``: every role's workers in one process, stopped gracefully.
+
+With one partition (the default): one ``GroupConsumer`` per (role, concurrency slot), all
+sharing one Redis client, one Postgres pool and one webhook client; plus the retry mover,
+the janitor and, with the ``relay`` role, the outbox relay.
+
+With ``GOVFLOW_PARTITIONS`` above 1, partitions are leased (``consumers.partitions``): per
+role, the worker holds a fair share of the partitions, one consumer on each, and
+``--concurrency`` does not apply; the retry mover and the janitor tend the partitions
+held here. The Redis URL may name a Redis Cluster node (``consumers.cluster``); a cluster
+needs at least 2 partitions, since one partition's keys carry no hash tag.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, cast
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from govflow.consumers.actions import ActionRunner
+from govflow.consumers.definitions import Definitions
+from govflow.consumers.janitor import Janitor
+from govflow.consumers.loop import BLOCK_MS, UNAVAILABLE, GroupConsumer, Handler
+from govflow.consumers.ordering import Ordering
+from govflow.consumers.outcomes import RetryPolicy
+from govflow.consumers.partitions import PartitionLease, PartitionLeases
+from govflow.consumers.retry import RetryMover
+from govflow.consumers.streams import RedisClient, Streams
+from govflow.consumers.triggers import TriggerMatcher
+from govflow.core.backoff import Backoff
+from govflow.core.connect import connect
+from govflow.db.pool import open_pool
+from govflow.operations.lag import LagGauges
+from govflow.plugins import webhook
+from govflow.schemas.errors import ConfigError
+from govflow.schemas.keys import GROUP_OF
+from govflow.schemas.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+ROLES = frozenset({"triggers", "actions", "relay"})
+
+
+class Service(Protocol):
+    """Something the worker runs until it is told to stop."""
+
+    async def run(self) -> None:
+        """Work until ``stop()``."""
+        ...
+
+    def stop(self) -> None:
+        """Finish what is in hand and return from ``run()``."""
+        ...
+
+
+def parse_roles(values: Iterable[str]) -> frozenset[str]:
+    """``all`` or any of triggers, actions, relay (repeated or comma-separated).
+
+    Raises:
+        ConfigError: an unknown role.
+    """
+    roles = {r.strip() for v in values for r in v.split(",") if r.strip()} or {"all"}
+    if "all" in roles:
+        return ROLES
+    unknown = roles - ROLES
+    if unknown:
+        raise ConfigError(
+            f"unknown role {', '.join(sorted(unknown))}: use all, triggers, actions or relay"
+        )
+    return frozenset(roles)
+
+
+async def redis_client(url: str) -> RedisClient:
+    """A client whose socket timeout stays above the blocking read's (a cluster's too)."""
+    return await connect(
+        url,
+        socket_timeout=BLOCK_MS / 1000 + 10,
+        socket_connect_timeout=5,
+        health_check_interval=15,
+        retry_on_timeout=False,
+    )
+
+
+class Worker:
+    """The workers of some roles, with an explicit ``stop()`` (Temporal's shape)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        roles: frozenset[str],
+        concurrency: int = 1,
+        *,
+        lag_gauges: bool = True,
+    ) -> None:
+        if settings.redis_url is None or settings.database_url is None:
+            raise ConfigError("the worker needs both a Redis URL and a database URL")
+        self.settings = settings
+        self.roles = roles
+        self.concurrency = concurrency
+        # The lag gauges read every partition of the deployment every few seconds: only
+        # worth it where something scrapes this process's metrics.
+        self.lag_gauges = lag_gauges
+        self.keys = settings.keys()
+        self._services: list[Service] = []
+        self._stop = anyio.Event()
+
+    def stop(self) -> None:
+        """Stop taking work; what is in hand finishes within the grace period."""
+        self._stop.set()
+
+    @property
+    def leases(self) -> list[PartitionLeases]:
+        """The partition leases of each group (none with one partition)."""
+        return [s for s in self._services if isinstance(s, PartitionLeases)]
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until ``stop()``; signals readiness once every consumer is started."""
+        assert self.settings.redis_url is not None
+        assert self.settings.database_url is not None
+        redis = await self._connect(self.settings.redis_url)
+        if redis is None:
+            return  # stopped before Redis answered
+        if isinstance(redis, RedisCluster) and self.keys.partitions == 1:
+            await redis.aclose()
+            raise ConfigError(
+                "the Redis URL names a Redis Cluster: set GOVFLOW_PARTITIONS >= 2 (one "
+                "partition's keys have no hash tag, so they cannot share a slot)"
+            )
+        pool = await self._open_pool()
+        if pool is None:
+            await redis.aclose()
+            return  # stopped before Postgres answered
+        try:
+            async with webhook.client(self.settings.webhook_timeout) as http:
+                self._services = self._build(redis, pool, http)
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tg:
+                        for service in self._services:
+                            tg.start_soon(service.run)
+                        log.info(
+                            "worker.started", roles=sorted(self.roles), concurrency=self.concurrency
+                        )
+                        task_status.started()
+                        await self._stop.wait()
+                        log.info("worker.stopping", grace_s=self.settings.shutdown_grace)
+                        for service in self._services:
+                            service.stop()
+                        scope.deadline = anyio.current_time() + self.settings.shutdown_grace
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+                await redis.aclose()
+            log.info("worker.stopped")
+
+    async def _open_pool(self) -> AsyncConnectionPool[Any] | None:
+        """The Postgres pool, or None when ``stop()`` comes first (Postgres still away)."""
+        assert self.settings.database_url is not None
+        async with anyio.create_task_group() as tg:
+
+            async def cancel_on_stop() -> None:
+                await self._stop.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(cancel_on_stop)
+            pool = await open_pool(self.settings.database_url, max_size=self._pool_size())
+            tg.cancel_scope.cancel()
+            return pool
+        return None
+
+    def _pool_size(self) -> int:
+        """A connection for every consumer that may hold one, and a few for the services.
+
+        With partitions a worker runs one consumer per partition it holds, up to all of
+        them when it is alone, whatever ``--concurrency`` says.
+        """
+        consumers_per_role = self.concurrency if self.keys.partitions == 1 else self.keys.partitions
+        return 2 * consumers_per_role + 4
+
+    async def _connect(self, url: str) -> RedisClient | None:
+        """Connect (asking whether it is a cluster), waiting for Redis while it is away."""
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                return await redis_client(url)
+            except UNAVAILABLE as e:
+                log.warning("redis.unavailable", error=str(e))
+                with anyio.move_on_after(backoff.next_delay()):
+                    await self._stop.wait()
+        return None
+
+    def _build(self, redis: RedisClient, pool: Any, http: Any) -> list[Service]:
+        settings, keys = self.settings, self.keys
+        streams = Streams(redis)
+        definitions = Definitions(pool)
+        policy = RetryPolicy(settings.max_attempts, settings.backoff_base)
+        handlers: list[Handler] = []
+        if "triggers" in self.roles:
+            handlers.append(TriggerMatcher(redis, pool, keys, definitions))
+        if "actions" in self.roles:
+            handlers.append(ActionRunner(pool, definitions, policy, settings, http))
+        ordering = Ordering(definitions)
+        name = f"{socket.gethostname()}-{os.getpid()}"
+        services: list[Service] = []
+        leases: list[PartitionLeases] = []
+        if keys.partitions == 1:
+            services += [
+                GroupConsumer(
+                    streams=streams, pool=pool, keys=keys, partition=0, handler=h,
+                    consumer=f"{name}-{i}", policy=policy, ordering=ordering,
+                    batch_size=settings.batch_size, claim_idle_s=settings.claim_idle,
+                )
+                for h in handlers
+                for i in range(self.concurrency)
+            ]  # fmt: skip
+        else:
+            worker_id = f"{name}-{secrets.token_hex(3)}"  # a restarted pid is a new worker
+
+            def consumer_of(handler: Handler) -> Callable[[int, PartitionLease], GroupConsumer]:
+                return lambda p, lease: GroupConsumer(
+                    streams=streams, pool=pool, keys=keys, partition=p, handler=handler,
+                    consumer=worker_id, policy=policy, ordering=ordering, lease=lease,
+                    block_ms=lease.block_ms, batch_size=settings.batch_size,
+                    claim_idle_s=settings.claim_idle,
+                )  # fmt: skip
+
+            leases = [
+                PartitionLeases(
+                    redis, keys, GROUP_OF[h.role], worker_id, settings.lease_ttl, consumer_of(h)
+                )
+                for h in handlers
+            ]
+            services += leases
+        held = (lambda: sorted(set().union(*(x.owned() for x in leases)))) if leases else None
+        if handlers:
+            services.append(RetryMover(streams, keys, partitions=held))
+            services.append(
+                Janitor(
+                    streams,
+                    keys,
+                    retention=settings.retention,
+                    consumer_gc_s=max(300.0, 10 * settings.claim_idle),
+                    partitions=held,
+                )
+            )
+        if self.lag_gauges:
+            services.append(LagGauges(redis, pool, keys))
+        if "relay" in self.roles:
+            from govflow.producers.relay import Relay
+
+            # Typed for one server; a cluster client has the same commands.
+            services.append(Relay(cast("Redis", redis), pool, keys))
+        return services
+
+
+async def run_workers(
+    settings: Settings,
+    roles: frozenset[str],
+    concurrency: int = 1,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+) -> None:
+    """Run the workers until SIGTERM or SIGINT, then finish the work in hand and return.
+
+    The signals are caught from the start: one that arrives while the worker is still
+    connecting stops it there, with exit status 0 like any other stop.
+    """
+    worker = Worker(settings, roles, concurrency, lag_gauges=metrics_port is not None)
+    async with anyio.create_task_group() as tg:
+        # Open before the worker starts, closed after the first signal: a second one
+        # takes the default action and ends the process without waiting for the grace.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            if metrics_port is not None:
+                from prometheus_client import start_http_server
+
+                start_http_server(metrics_port, addr=metrics_host)
+            tg.start_soon(worker.run)
+            async for _ in signals:
+                worker.stop()
+                break

@@ -1,0 +1,39 @@
+"""Workflow-execution commands: what the trigger matcher puts on ``{prefix}:commands``."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+import msgspec
+
+from govflow.schemas.events import Event
+
+# The namespace of execution ids: uuid5(event id + workflow name) makes the id of an
+# execution known before its row exists, so a redelivered event finds the same one.
+_EXECUTION_NAMESPACE = uuid.UUID("6c1f7d4e-3b0a-4f2e-9a51-0c9e7f3d2b18")
+
+
+# Checked when a command is decoded: one id Postgres cannot read as a uuid would fail the
+# whole batch's statement, so it is refused here, as the poison entry it is.
+ExecutionId = Annotated[
+    str,
+    msgspec.Meta(pattern=r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$"),
+]
+
+
+class RunWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag="run", tag_field="command"):
+    """Run the actions of one workflow version for one event."""
+
+    execution_id: ExecutionId
+    workflow_name: str
+    workflow_version: int
+    event: Event
+
+
+Command = RunWorkflow
+
+
+def execution_id(event_id: str, workflow_name: str) -> str:
+    """The deterministic id of the execution of ``workflow_name`` for ``event_id``."""
+    return str(uuid.uuid5(_EXECUTION_NAMESPACE, f"{event_id}\x1f{workflow_name}"))

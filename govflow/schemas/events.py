@@ -1,0 +1,96 @@
+"""The domain event: what policy services publish to ``{prefix}:events``."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+ENTITIES = ("policy", "assessment", "evidence")
+EventType = Literal[
+    "policy.created",
+    "policy.updated",
+    "policy.status_changed",
+    "policy.deleted",
+    "assessment.created",
+    "assessment.updated",
+    "assessment.status_changed",
+    "assessment.deleted",
+    "evidence.created",
+    "evidence.updated",
+    "evidence.status_changed",
+    "evidence.deleted",
+]
+# The columns these go to are Postgres text, which cannot hold NUL: refuse it at the edge,
+# or one such event fails the trigger matcher's whole batch again and again.
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[^\x00]*$")]
+
+
+class Change(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One field's value before and after the change."""
+
+    from_: Any = msgspec.field(default=None, name="from")
+    to: Any = None
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """A change to a policy, an assessment or a piece of evidence.
+
+    ``id`` is the producer's choice and the event's identity: publishing the same id twice
+    runs each matched workflow once. ``depth`` counts the ``change_status`` actions that
+    led to this event, so that chains of workflows stop.
+    """
+
+    id: NonEmpty
+    type: EventType
+    tenant: NonEmpty
+    entity_id: NonEmpty
+    occurred_at: datetime
+    actor: str | None = None
+    data: dict[str, Any] = {}
+    changes: dict[str, Change] = {}
+    schema_version: Literal[1] = 1
+    depth: Annotated[int, msgspec.Meta(ge=0)] = 0
+    causation_id: str | None = None
+
+    @property
+    def entity(self) -> str:
+        """The entity kind: ``policy``, ``assessment`` or ``evidence``."""
+        return self.type.partition(".")[0]
+
+    @property
+    def change(self) -> str:
+        """The change: ``created``, ``updated``, ``status_changed`` or ``deleted``."""
+        return self.type.partition(".")[2]
+
+
+def new_event(
+    type: str,
+    entity_id: str,
+    *,
+    tenant: str = "default",
+    data: dict[str, Any] | None = None,
+    changes: dict[str, Change] | None = None,
+    actor: str | None = None,
+    id: str | None = None,
+    depth: int = 0,
+    causation_id: str | None = None,
+) -> Event:
+    """Build an event with a fresh id and the current time, validated like a decoded one."""
+    raw = {
+        "id": id or str(uuid.uuid4()),
+        "type": type,
+        "tenant": tenant,
+        "entity_id": entity_id,
+        "occurred_at": datetime.now(UTC),
+        "actor": actor,
+        "data": data or {},
+        "changes": changes or {},
+        "depth": depth,
+        "causation_id": causation_id,
+    }
+    from govflow.schemas.codec import convert_event
+
+    return convert_event(raw)

@@ -1,0 +1,114 @@
+"""One frozen settings object, read from the environment at the edge of the program.
+
+Nothing below the command line reads ``os.environ``: it receives a ``Settings``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated
+
+import msgspec
+
+from govflow.schemas.errors import ConfigError
+from govflow.schemas.keys import Keys
+
+_ENV_PREFIX = "GOVFLOW_"
+SCOPES = frozenset({"publish", "read", "operate"})
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every knob of govflow; the environment names are ``GOVFLOW_`` + the upper-cased field."""
+
+    redis_url: str | None = None  # None: the embedded Redis
+    database_url: str | None = None  # None: the embedded Postgres
+    data_dir: str = ".govflow"
+    prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]+$")] = "govflow"
+    max_attempts: Positive = 5
+    backoff_base: Seconds = 2.0
+    claim_idle: Seconds = 30.0
+    api_tokens: str = ""
+    webhook_secret: str = ""
+    webhook_timeout: Seconds = 10.0
+    webhook_allowed_hosts: str = ""  # space-separated; empty: every host
+    partitions: Positive = 1
+    lease_ttl: Seconds = 10.0  # a partition's lease (partitions > 1); renewed every third
+    batch_size: Positive = 200
+    retention: Annotated[int, msgspec.Meta(ge=0)] = 10_000  # acknowledged entries kept
+    shutdown_grace: Seconds = 30.0
+    max_chain_depth: Positive = 8
+
+    def __post_init__(self) -> None:
+        for url, schemes in (
+            (self.redis_url, ("redis://", "rediss://", "unix://")),
+            (self.database_url, ("postgresql://", "postgres://")),
+        ):
+            if url is not None and not url.startswith(schemes):
+                raise ConfigError(f"{url.split(':', 1)[0]!r} is not one of {', '.join(schemes)}")
+        parse_tokens(self.api_tokens)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
+        """Read ``GOVFLOW_*`` (and ``REDIS_URL`` / ``DATABASE_URL``) into settings.
+
+        Raises:
+            ConfigError: an unknown ``GOVFLOW_`` variable or a value of the wrong type.
+        """
+        raw: dict[str, object] = {
+            key.removeprefix(_ENV_PREFIX).lower(): value
+            for key, value in env.items()
+            if key.startswith(_ENV_PREFIX) and value != ""
+        }
+        for fallback in ("redis_url", "database_url"):
+            if fallback not in raw and env.get(fallback.upper()):
+                raw[fallback] = env[fallback.upper()]
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"invalid setting: {_env_name(str(e))}") from e
+
+    def keys(self) -> Keys:
+        """The Redis key names of this deployment (its prefix and partitions)."""
+        return Keys(self.prefix, self.partitions)
+
+    def tokens(self) -> dict[str, frozenset[str]]:
+        """Map each API token to its scopes."""
+        return parse_tokens(self.api_tokens)
+
+    def allowed_hosts(self) -> frozenset[str]:
+        """The webhook hosts an operator allows; empty means every host."""
+        return frozenset(self.webhook_allowed_hosts.split())
+
+
+def parse_tokens(spec: str) -> dict[str, frozenset[str]]:
+    """Parse ``token:scope[,scope] ...``.
+
+    Raises:
+        ConfigError: a token without scopes or with an unknown scope.
+    """
+    tokens: dict[str, frozenset[str]] = {}
+    for item in spec.split():
+        token, _, scopes = item.rpartition(":")
+        wanted = frozenset(scopes.split(","))
+        if not token or not wanted <= SCOPES:
+            raise ConfigError(
+                "GOVFLOW_API_TOKENS takes 'token:scope[,scope]' items with scopes "
+                f"{', '.join(sorted(SCOPES))}"
+            )
+        tokens[token] = wanted
+    return tokens
+
+
+def _env_name(message: str) -> str:
+    """Turn msgspec's ``at `$.max_attempts``` into the variable a person sets."""
+    head, sep, path = message.partition(" - at `$.")
+    if not sep:
+        head, sep, path = message.rpartition(" `")
+        field = path.strip("`")
+        return f"{head} `{_ENV_PREFIX}{field.upper()}`" if sep else message
+    return f"{_ENV_PREFIX}{path.rstrip('`').upper()}: {head}"

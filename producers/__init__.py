@@ -1,6 +1,0 @@
-"""Producers: publish events to the stream directly, or through the transactional outbox."""
-
-from producers.publish import DEFAULT_RETRY, Publisher, PublishRetry, SyncPublisher
-from schemas.errors import PublishError
-
-__all__ = ["DEFAULT_RETRY", "PublishError", "PublishRetry", "Publisher", "SyncPublisher"]
