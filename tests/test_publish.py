@@ -12,6 +12,7 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
+from govflow.core.connect import split_flag
 from govflow.producers import Publisher, PublishError, PublishRetry, SyncPublisher
 from govflow.runtime.embedded import REDIS_SERVER
 from govflow.schemas.codec import decode_event
@@ -109,6 +110,22 @@ def test_a_cluster_flag_in_the_url_is_understood(
     with SyncPublisher.from_url(f"{redis_server_url}{separator}cluster=no", Keys(prefix)) as p:
         event_id = p.publish(policy())
     assert [decode_event(f[b"event"]).id for f in fields_of(sync_redis.xrange(f"{prefix}:events"))] == [event_id]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("url", "plain", "flag"),
+    [
+        ("unix:///run/redis.sock", "unix:///run/redis.sock", None),
+        ("unix:///run/redis.sock?cluster=no", "unix:///run/redis.sock", False),
+        ("unix:///run/redis.sock?db=2&cluster=no", "unix:///run/redis.sock?db=2", False),
+        ("redis://u:p%40ss@h:6379/0?cluster=yes&ssl_cert_reqs=none", "redis://u:p%40ss@h:6379/0?ssl_cert_reqs=none", True),
+        ("rediss://h/0?CLUSTER=1", "rediss://h/0?CLUSTER=1", None),
+    ],
+)  # fmt: skip
+def test_the_cluster_flag_leaves_the_rest_of_the_url_as_written(
+    url: str, plain: str, flag: bool | None
+) -> None:
+    assert split_flag(url) == (plain, flag)
 
 
 def test_sync_publisher_over_a_given_client(sync_redis: SyncRedis, prefix: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import traceback
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus
 
 import structlog
 from redis import exceptions as redis_errors
@@ -59,15 +59,25 @@ def _raised_by_a_connection(error: BaseException) -> bool:
 def split_flag(url: str) -> tuple[str, bool | None]:
     """The URL without its ``cluster`` query parameter, and what that parameter said.
 
+    Only the query changes: the rest is kept as written. (``urlunsplit`` would turn
+    ``unix:///path`` into ``unix:/path``, which redis-py refuses.)
+
     Raises:
         ConfigError: a ``cluster`` value that is neither yes nor no.
     """
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    values = [v.lower() for k, v in query if k == _FLAG]
-    rest = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != _FLAG])))
+    base, _, fragment = url.partition("#")
+    head, _, query = base.partition("?")
+    kept = []
+    values = []
+    for param in query.split("&") if query else []:
+        key, _, value = param.partition("=")
+        if unquote_plus(key) == _FLAG:
+            values.append(unquote_plus(value).lower())
+        else:
+            kept.append(param)
     if not values:
-        return rest, None
+        return url, None
+    rest = head + ("?" + "&".join(kept) if kept else "") + ("#" + fragment if fragment else "")
     if values[-1] in _YES:
         return rest, True
     if values[-1] in _NO:
