@@ -439,6 +439,55 @@ def test_pods_run_commands_the_cli_accepts_with_known_settings(
     assert roles == {"triggers", "actions", "relay"}
 
 
+def service_links(manifests: list[dict[str, Any]], cluster_ip: str) -> dict[str, str]:
+    """What the kubelet adds to a pod's environment for the Services of its namespace.
+
+    As ``pkg/kubelet/envvars`` does it: a Service without a cluster IP adds nothing; the
+    name is upper-cased with ``-`` made ``_``; IPv6 addresses are bracketed in URLs.
+    """
+    host = f"[{cluster_ip}]" if ":" in cluster_ip else cluster_ip
+    env: dict[str, str] = {}
+    for name, service in of_kind(manifests, "Service").items():
+        spec = service["spec"]
+        if spec.get("clusterIP") == "None" or spec.get("type") == "ExternalName":
+            continue
+        svc = name.upper().replace("-", "_")
+        ports = spec["ports"]
+        env[f"{svc}_SERVICE_HOST"] = cluster_ip
+        env[f"{svc}_SERVICE_PORT"] = str(ports[0]["port"])
+        for port in ports:
+            if "name" in port:
+                env[f"{svc}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(
+                    port["port"]
+                )
+        for i, port in enumerate(ports):
+            protocol = port.get("protocol", "TCP")
+            link = f"{protocol.lower()}://{host}:{port['port']}"
+            if i == 0:
+                env[f"{svc}_PORT"] = link
+            each = f"{svc}_PORT_{port['port']}_{protocol.upper()}"
+            env[each] = link
+            env[f"{each}_PROTO"] = protocol.lower()
+            env[f"{each}_PORT"] = str(port["port"])
+            env[f"{each}_ADDR"] = cluster_ip
+    return env
+
+
+@pytest.mark.parametrize("cluster_ip", ["10.96.14.7", "fd00:10:96::e7"])
+def test_pods_start_with_what_kubernetes_adds_for_services(
+    manifests: list[dict[str, Any]], cluster_ip: str
+) -> None:
+    """Were service links on (they are off), govflow would still read its settings."""
+    links = service_links(manifests, cluster_ip)
+    assert "GOVFLOW_API_PORT" in links, "the check needs a Service named govflow-…"
+    for where, pod in pod_specs(manifests):
+        assert pod.get("enableServiceLinks") is False, f"{where}: set enableServiceLinks: false"
+        for container in pod["containers"]:
+            env = container_env(container, manifests)
+            # A container's own env wins over the Service variables, as in the kubelet.
+            assert Settings.from_env({**links, **env}) == Settings.from_env(env), where
+
+
 def test_jobs_restart_as_jobs_must(manifests: list[dict[str, Any]]) -> None:
     jobs = of_kind(manifests, "Job")
     assert "govflow-migrate" in jobs

@@ -74,6 +74,72 @@ def test_an_unknown_govflow_variable_is_refused_by_name():
         Settings.from_env({"GOVFLOW_MAX_ATEMPTS": "7"})
 
 
+def test_a_misspelt_setting_is_told_the_nearest_real_name():
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"GOVFLOW_MAX_ATEMPTS": "7"})
+    assert str(caught.value) == (
+        "unknown setting GOVFLOW_MAX_ATEMPTS; did you mean GOVFLOW_MAX_ATTEMPTS?"
+    )
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"GOVFLOW_FLAVOUR": "mint", "GOVFLOW_REDIS_UR": "redis://r/0"})
+    assert str(caught.value) == (
+        "unknown setting GOVFLOW_FLAVOUR; unknown setting GOVFLOW_REDIS_UR; "
+        "did you mean GOVFLOW_REDIS_URL?"
+    )
+
+
+# What the kubelet gives every pod of the namespace for a Service `govflow-api` with one
+# named port, and for a Service `govflow` (its names start GOVFLOW_ too) with two.
+SERVICE_LINKS = {
+    "GOVFLOW_API_SERVICE_HOST": "10.96.4.20",
+    "GOVFLOW_API_SERVICE_PORT": "80",
+    "GOVFLOW_API_SERVICE_PORT_HTTP": "80",
+    "GOVFLOW_API_PORT": "tcp://10.96.4.20:80",
+    "GOVFLOW_API_PORT_80_TCP": "tcp://10.96.4.20:80",
+    "GOVFLOW_API_PORT_80_TCP_PROTO": "tcp",
+    "GOVFLOW_API_PORT_80_TCP_PORT": "80",
+    "GOVFLOW_API_PORT_80_TCP_ADDR": "10.96.4.20",
+    "GOVFLOW_SERVICE_HOST": "fd00:10:96::7",
+    "GOVFLOW_SERVICE_PORT": "9100",
+    "GOVFLOW_SERVICE_PORT_METRICS": "9100",
+    "GOVFLOW_SERVICE_PORT_OTLP_GRPC": "4317",
+    "GOVFLOW_PORT": "tcp://[fd00:10:96::7]:9100",
+    "GOVFLOW_PORT_9100_TCP": "tcp://[fd00:10:96::7]:9100",
+    "GOVFLOW_PORT_9100_TCP_PROTO": "tcp",
+    "GOVFLOW_PORT_9100_TCP_PORT": "9100",
+    "GOVFLOW_PORT_9100_TCP_ADDR": "fd00:10:96::7",
+    "GOVFLOW_PORT_4317_UDP": "udp://[fd00:10:96::7]:4317",
+    "GOVFLOW_PORT_4317_UDP_PROTO": "udp",
+    "GOVFLOW_PORT_4317_UDP_PORT": "4317",
+    "GOVFLOW_PORT_4317_UDP_ADDR": "fd00:10:96::7",
+}
+
+
+def test_the_names_kubernetes_gives_a_pod_for_services_are_ignored():
+    settings = Settings.from_env({**SERVICE_LINKS, "GOVFLOW_PREFIX": "acme"})
+    assert settings == Settings(prefix="acme")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GOVFLOW_API_PORT", "8000"),  # Kubernetes writes tcp://ip:port here
+        ("GOVFLOW_METRICS_PORT", "9100"),
+        ("GOVFLOW_API_SERVICE_HOST", "api.example.org"),  # a cluster IP, never a name
+        ("GOVFLOW_API_SERVICE_PORT", "http"),
+        ("GOVFLOW_API_PORT_80_HTTP", "tcp://10.96.4.20:80"),
+        ("GOVFLOW_API_PORT_80_TCP_PROTO", "http"),
+        ("GOVFLOW_API_PORT_80_TCP_HOST", "10.96.4.20"),
+        ("GOVFLOW_API_SERVICE_ADDR", "10.96.4.20"),
+        ("GOVFLOW_API_HOST", "10.96.4.20"),
+        ("GOVFLOW__SERVICE_HOST", "10.96.4.20"),
+    ],
+)
+def test_names_only_like_a_service_link_are_still_refused(name, value):
+    with pytest.raises(ConfigError, match=f"unknown setting {name}"):
+        Settings.from_env({name: value})
+
+
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [

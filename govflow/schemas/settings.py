@@ -5,12 +5,14 @@ Nothing below the command line reads ``os.environ``: it receives a ``Settings``.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from typing import Annotated
 
 import msgspec
 
+from govflow.schemas._service_links import is_service_link
 from govflow.schemas.errors import ConfigError
 from govflow.schemas.keys import Keys
 
@@ -55,14 +57,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
         """Read ``GOVFLOW_*`` (and ``REDIS_URL`` / ``DATABASE_URL``) into settings.
 
+        The names Kubernetes gives a pod for a Service called ``govflow-…``
+        (``GOVFLOW_API_SERVICE_HOST`` and the like) are not settings, and are ignored.
+
         Raises:
             ConfigError: an unknown ``GOVFLOW_`` variable or a value of the wrong type.
         """
-        raw: dict[str, object] = {
-            key.removeprefix(_ENV_PREFIX).lower(): value
-            for key, value in env.items()
-            if key.startswith(_ENV_PREFIX) and value != ""
-        }
+        raw: dict[str, object] = {}
+        unknown: list[str] = []
+        for key, value in sorted(env.items()):
+            if not key.startswith(_ENV_PREFIX) or value == "":
+                continue
+            field = key.removeprefix(_ENV_PREFIX).lower()
+            if field in cls.__struct_fields__:
+                raw[field] = value
+            elif not is_service_link(key, value):
+                unknown.append(key)
+        if unknown:
+            raise ConfigError("; ".join(_unknown(key, cls.__struct_fields__) for key in unknown))
         for fallback in ("redis_url", "database_url"):
             if fallback not in raw and env.get(fallback.upper()):
                 raw[fallback] = env[fallback.upper()]
@@ -102,6 +114,14 @@ def parse_tokens(spec: str) -> dict[str, frozenset[str]]:
             )
         tokens[token] = wanted
     return tokens
+
+
+def _unknown(name: str, fields: tuple[str, ...]) -> str:
+    """Say that ``name`` is no setting, and which one it may have meant."""
+    field = name.removeprefix(_ENV_PREFIX).lower()
+    near = difflib.get_close_matches(field, fields, n=1)
+    hint = f"; did you mean {_ENV_PREFIX}{near[0].upper()}?" if near else ""
+    return f"unknown setting {name}{hint}"
 
 
 def _env_name(message: str) -> str:
