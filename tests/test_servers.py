@@ -15,12 +15,8 @@ import pytest
 import redis as redis_sync
 import structlog
 
-from govflow.runtime.embedded import (
-    SOCKET_PATH_MAX,
-    embedded_postgres,
-    embedded_redis,
-    resolve_urls,
-)
+from govflow.cli.context import resolved
+from govflow.runtime.embedded import SOCKET_PATH_MAX, embedded_postgres, embedded_redis
 from govflow.schemas.settings import Settings
 from tests._servers import (
     POSTGRES_IMAGE,
@@ -150,9 +146,10 @@ class TestEmbeddedPostgres:
 _CHILD = """
 import json, sys
 from pathlib import Path
-from govflow.runtime.embedded import embedded_urls
-with embedded_urls(Path(sys.argv[1])) as urls:
-    print(json.dumps(urls))
+from govflow.runtime.embedded import embedded_postgres, embedded_redis
+data_dir = Path(sys.argv[1])
+with embedded_redis(data_dir) as redis_url, embedded_postgres(data_dir) as database_url:
+    print(json.dumps([redis_url, database_url]))
 """
 
 
@@ -175,21 +172,27 @@ def test_another_process_reuses_the_servers_and_leaves_them_running(data_dir):
 
 
 @pytest.mark.slow
-def test_resolve_urls_fills_only_what_is_missing_and_says_so(data_dir):
+def test_resolved_starts_only_the_missing_servers_and_says_so(data_dir):
     configured = Settings(database_url="postgresql://db.invalid/app", data_dir=str(data_dir))
-    with structlog.testing.capture_logs() as logs, resolve_urls(configured) as settings:
+    with structlog.testing.capture_logs() as logs, resolved(configured) as settings:
         assert settings.database_url == configured.database_url
         assert settings.redis_url is not None
         assert redis_answers(settings.redis_url)
-    [started] = [e for e in logs if e["event"] == "embedded.started"]
-    assert started["data_dir"] == str(data_dir.resolve())
-    assert started["postgres"] == "configured"
-    assert started["redis"] == settings.redis_url
+    [using] = [e for e in logs if e["event"] == "embedded.using"]
+    assert using["data_dir"] == str(data_dir.resolve())
+    assert using["servers"] == ["redis_url"]
     assert not redis_answers(settings.redis_url)
 
 
-def test_resolve_urls_starts_nothing_when_both_are_configured():
+def test_resolved_starts_nothing_the_command_does_not_need(data_dir):
+    configured = Settings(redis_url="redis://r.invalid:6379/0", data_dir=str(data_dir))
+    with structlog.testing.capture_logs() as logs, resolved(configured, database=False) as s:
+        assert s is configured
+    assert logs == []
+
+
+def test_resolved_starts_nothing_when_both_are_configured():
     configured = Settings(redis_url="redis://r.invalid:6379/0", database_url="postgres://d/x")
-    with structlog.testing.capture_logs() as logs, resolve_urls(configured) as settings:
+    with structlog.testing.capture_logs() as logs, resolved(configured) as settings:
         assert settings is configured
     assert logs == []

@@ -24,18 +24,8 @@ workflow that says so (events are matched after they are ordered, so the simple 
 holds back a little more than it must); and any entry that carries a hold token, so a
 definition changed mid-way cannot strand the entries parked behind it.
 
-What it costs (one worker, 8 leased partitions, Redis 7.0 and Postgres on the same
-2-core machine while other test suites kept its load between 8 and 12, so the absolute
-rates are low and noisy; medians of two sets of runs, without -> with ordering):
-
-- 3,000 events over 3,000 entities (each round is the whole batch): 292 -> 417 and
-  850 -> 614 events/s, no cost this machine can tell from its noise; the extra work
-  is one decode of each entry and one HMGET per batch.
-- 3,000 events over 300 entities, ten each, interleaved: 365 -> 221 and 486 -> 377
-  events/s, 20 to 40 % less: a batch of 200 then needs about six rounds, each its own
-  Postgres transaction.
-
-A retry costs other entities nothing: only the held entity waits.
+A retry costs other entities nothing: only the held entity waits. What ordering costs in
+throughput, as measured: benchmarks/README.md, "Per-entity order".
 """
 
 from __future__ import annotations

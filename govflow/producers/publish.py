@@ -14,11 +14,9 @@ the ``XADD`` commands it sends ``WAIT 1 <timeout>`` on the same connection (on a
 every primary it wrote to) and raises ``PublishError`` unless that many replicas
 acknowledged them in time; publishing again is safe, since an event id runs once. WAIT is
 not consensus: a failover can still pick a replica that had not caught up (Redis' own
-caveat). What is at stake is the replication lag: on loopback (tests/cluster, four tasks
-publishing to a shard whose primary is SIGKILLed) it stayed under a millisecond, and
-neither way lost an acknowledged event in the six failovers measured (190 to 700 events
-acknowledged through each); across a network the window is that network's lag, and WAIT
-is what closes it.
+caveat). What is at stake is the replication lag; across a network the window is that
+network's lag, and WAIT is what closes it (measured on loopback: benchmarks/README.md,
+"Waiting for a replica").
 """
 
 from __future__ import annotations

@@ -196,7 +196,6 @@ class Relay:
         """Publish batches until ``stop()``; Redis failures are retried here, lock kept."""
         self._set_state("leading")
         log.info("relay.leading")
-        await self._note_idmp()
         backoff = Backoff()
         next_cleanup = 0.0
         while not self._stopping:
@@ -251,25 +250,14 @@ class Relay:
 
     async def _xadd(self, rows: Sequence[Row]) -> list[Any]:
         """``XADD`` every row in one pipeline; a refused command comes back as its error."""
-        # Redis 8.6 adds XADD IDMP <producer> <iid>: with the outbox row id as the iid, a
-        # relay killed between XADD and marking would not append a second copy. The
-        # servers govflow is tested on (6.2, 7.0) lack it, so it is not used; see
-        # _note_idmp. The copies are harmless anyway: the pipeline runs an event id once.
+        # A relay killed between XADD and marking appends a second copy on its next try:
+        # harmless, the pipeline runs an event id once (docs/REDIS.md: what newer servers
+        # could do instead).
         async with self._redis.pipeline(transaction=False) as pipe:
             for _, event, entity_id in rows:
                 stream = self._keys.events(self._keys.partition_of(entity_id))
                 pipe.xadd(stream, {EVENT_FIELD: _compact(event)})
             return await pipe.execute(raise_on_error=False)
-
-    async def _note_idmp(self) -> None:
-        """Log when Redis could deduplicate the relay's XADDs itself (8.6+: IDMP)."""
-        try:
-            info = await self._redis.info("server")
-        except redis_errors.RedisError:
-            return  # the first batch will say what is wrong
-        version = str(info.get("redis_version", ""))
-        if _version(version) >= (8, 6):
-            log.info("relay.idmp_available", redis_version=version, used=False)
 
     async def _delete_old(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Delete published rows older than the retention, in chunks."""
@@ -362,8 +350,3 @@ async def _resolve(param: Any) -> Any:
 def _compact(event: str) -> str:
     """The row's JSON without the spaces ``jsonb`` output adds; numbers kept verbatim."""
     return msgspec.json.format(event, indent=-1)
-
-
-def _version(text: str) -> tuple[int, ...]:
-    """``"7.0.15"`` as ``(7, 0, 15)``; whatever does not parse counts as 0."""
-    return tuple(int(part) if part.isdigit() else 0 for part in text.split("."))
