@@ -1,7 +1,7 @@
 """``govflow run`` as a real process, killed with SIGKILL or stopped with SIGTERM mid-burst.
 
 SPEC: no event that Redis accepted is lost, whenever a worker dies; every step's effect
-happens once; SIGTERM finishes the work in hand and exits 0.
+happens once; SIGTERM or SIGINT finishes the work in hand and exits 0.
 """
 
 from __future__ import annotations
@@ -133,8 +133,22 @@ async def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
     )
 
 
-async def test_sigterm_finishes_the_work_in_hand_and_exits_0(
-    make_settings: Any, redis: Redis, pool: AsyncConnectionPool[Any], tmp_path: Path
+@pytest.mark.parametrize(
+    "signals",
+    [
+        [signal.SIGTERM],
+        [signal.SIGINT],
+        # Ctrl-C under `uv run`: the terminal's copy, and the one uv passes on at once.
+        [signal.SIGINT, signal.SIGINT],
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGINT-twice-at-once"],
+)
+async def test_a_stop_signal_finishes_the_work_in_hand_and_exits_0(
+    make_settings: Any,
+    redis: Redis,
+    pool: AsyncConnectionPool[Any],
+    tmp_path: Path,
+    signals: list[signal.Signals],
 ) -> None:
     settings = make_settings(claim_idle=2.0)
     keys = Keys(settings.prefix)
@@ -144,11 +158,12 @@ async def test_sigterm_finishes_the_work_in_hand_and_exits_0(
     log = tmp_path / "worker.log"
     proc = await worker_at_work(settings, pool, log, done=total // 50)
     try:
-        proc.send_signal(signal.SIGTERM)
+        for signum in signals:
+            proc.send_signal(signum)
         try:
             code = await anyio.to_thread.run_sync(lambda: proc.wait(30))
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the worker did not exit within 30 s of SIGTERM:\n{tail(log)}")
+            pytest.fail(f"the worker did not exit within 30 s of {signals}:\n{tail(log)}")
     finally:
         stop_process(proc)
     assert code == 0, tail(log)
@@ -176,7 +191,7 @@ async def test_sigterm_finishes_the_work_in_hand_and_exits_0(
     assert await scalar(pool, "SELECT max(attempts) FROM workflow_executions") == 1
     assert await scalar(pool, "SELECT count(*) FROM execution_steps WHERE attempts <> 1") == 0
     assert await scalar(pool, "SELECT count(*) FROM dead_letters") == 0
-    print(f"\nSIGTERM at {done_at_stop}/{total} completed")
+    print(f"\n{signals[0].name} at {done_at_stop}/{total} completed")
 
 
 async def test_metrics_are_served_where_metrics_host_says(

@@ -272,7 +272,10 @@ def run(
         str, typer.Option(help="The address /metrics listens on (0.0.0.0 in a container).")
     ] = "127.0.0.1",
 ) -> None:
-    """Run the workers until SIGTERM, which finishes the work in hand and exits 0."""
+    """Run the workers until SIGTERM or SIGINT (Ctrl-C): the work in hand finishes, exit 0.
+
+    A second signal, a second or more after the first, stops at once (exit 128 + signal).
+    """
     from govflow.runtime.worker import (  # the workers' imports: only for `run`
         parse_roles,
         run_workers,
@@ -280,8 +283,8 @@ def run(
 
     roles = parse_roles(role or ["all"])
 
-    async def workers(settings: Settings) -> None:
-        await run_workers(
+    async def workers(settings: Settings) -> int:
+        return await run_workers(
             settings,
             roles=roles,
             concurrency=concurrency,
@@ -289,7 +292,8 @@ def run(
             metrics_host=metrics_host,
         )
 
-    run_async(workers)
+    if status := run_async(workers):
+        raise typer.Exit(status)
 
 
 @app.command()

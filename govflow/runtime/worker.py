@@ -262,28 +262,48 @@ class Worker:
         return services
 
 
+# A signal again within this many seconds of the first is the same request: Ctrl-C reaches
+# every process of the terminal's group, and `uv run` may pass its own copy on to govflow.
+REPEAT_WINDOW_S = 1.0
+
+
 async def run_workers(
     settings: Settings,
     roles: frozenset[str],
     concurrency: int = 1,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
-) -> None:
-    """Run the workers until SIGTERM or SIGINT, then finish the work in hand and return.
+) -> int:
+    """Run the workers until SIGTERM or SIGINT, then finish the work in hand; return 0.
 
-    The signals are caught from the start: one that arrives while the worker is still
-    connecting stops it there, with exit status 0 like any other stop.
+    Both signals stop the same way, and are caught from the start: one that arrives while
+    the worker is still connecting stops it there. Another signal, later than
+    ``REPEAT_WINDOW_S`` after the first, stops at once: the work in hand is left pending
+    for another worker to claim, and the status returned is 128 + that signal's number.
     """
     worker = Worker(settings, roles, concurrency, lag_gauges=metrics_port is not None)
-    async with anyio.create_task_group() as tg:
-        # Open before the worker starts, closed after the first signal: a second one
-        # takes the default action and ends the process without waiting for the grace.
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            if metrics_port is not None:
-                from prometheus_client import start_http_server
+    at_once: list[int] = []
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
 
-                start_http_server(metrics_port, addr=metrics_host)
-            tg.start_soon(worker.run)
-            async for _ in signals:
-                worker.stop()
-                break
+            start_http_server(metrics_port, addr=metrics_host)
+        async with anyio.create_task_group() as tg:
+
+            async def stop_on_signals() -> None:
+                first: float | None = None
+                async for signum in signals:
+                    name, now = signal.Signals(signum).name, anyio.current_time()
+                    if first is None:
+                        first = now
+                        log.info("worker.signal", signal=name, hint="again to stop at once")
+                        worker.stop()
+                    elif now - first >= REPEAT_WINDOW_S:
+                        log.warning("worker.stopping_at_once", signal=name)
+                        at_once.append(signum)
+                        tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_on_signals)
+            await worker.run()
+            tg.cancel_scope.cancel()
+    return 128 + at_once[0] if at_once else 0
