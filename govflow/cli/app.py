@@ -15,6 +15,7 @@ import functools
 import os
 import re
 import sys
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ import typer
 from redis import exceptions as redis_errors
 from rich.table import Table
 
+from govflow.cli import config as config_cli
 from govflow.cli import dlq as dlq_cli
 from govflow.cli import executions
 from govflow.cli import lag as lag_cli
@@ -39,6 +41,7 @@ from govflow.schemas.codec import decode_workflow, encode, json_schemas
 from govflow.schemas.errors import ConfigError, GovflowError, InvalidEntryError, UnavailableError
 from govflow.schemas.events import Change, Event, new_event
 from govflow.schemas.settings import Settings
+from govflow.schemas.templates import check_workflow
 from govflow.schemas.workflows import Workflow
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+")
@@ -64,7 +67,6 @@ def _help_without_command(ctx: typer.Context) -> None:
 app = typer.Typer(
     name="govflow",
     help="Run governance workflows from domain events.",
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 workflows_app = typer.Typer(
@@ -75,6 +77,13 @@ app.command("lag")(lag_cli.lag)
 app.add_typer(dlq_cli.app, name="dlq")
 app.add_typer(executions.app, name="executions")
 app.command("serve")(serve)
+app.command("config")(config_cli.config)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"govflow {package_version('govflow')}")
+        raise typer.Exit
 
 
 @app.callback(invoke_without_command=True)
@@ -98,6 +107,12 @@ def _global_options(
             help="debug, info, warning or error.", show_default="info for run, else warning"
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     """Run governance workflows from domain events."""
     # A one-shot command's stderr is for its error; the workers say what they do.
@@ -144,7 +159,17 @@ def workflows_apply(
 
 
 def _read_definitions(files: list[Path]) -> list[tuple[Path, Workflow]]:
-    """Read and validate every file; on any error print one line per bad file and exit 2."""
+    """Read and validate every file; on any error print one line per problem and exit 2."""
+    workflows, errors = _check_definitions(files)
+    if errors:
+        for error in errors:
+            _print_error(error)
+        raise typer.Exit(2)
+    return workflows
+
+
+def _check_definitions(files: list[Path]) -> tuple[list[tuple[Path, Workflow]], list[str]]:
+    """Read and validate every file: the definitions, and the errors; warnings go to stderr."""
     workflows: list[tuple[Path, Workflow]] = []
     errors: list[str] = []
     first_file: dict[str, Path] = {}
@@ -161,15 +186,32 @@ def _read_definitions(files: list[Path]) -> list[tuple[Path, Workflow]]:
         except InvalidEntryError as e:
             errors.append(e.reason)
             continue
+        # So would a misspelt template field or a webhook URL that is not one.
+        findings = check_workflow(wf, source=str(path))
+        for warning in findings.warnings:
+            _print_error(f"warning: {warning}")
+        if findings.errors:
+            errors.extend(findings.errors)
+            continue
         if (earlier := first_file.setdefault(wf.name, path)) != path:
             errors.append(f"{path}: defines {wf.name!r}, as {earlier} does")
             continue
         workflows.append((path, wf))
+    return workflows, errors
+
+
+@workflows_app.command("validate")
+def workflows_validate(
+    files: Annotated[list[Path], typer.Argument(help="YAML or JSON definitions.")],
+) -> None:
+    """Check definitions as `apply` does, and apply nothing; exit 1 when one is invalid."""
+    workflows, errors = _check_definitions(files)
+    for error in errors:
+        _print_error(error)
+    for path, wf in workflows:
+        console.print(f"{path}: {wf.name} is valid", markup=False)
     if errors:
-        for error in errors:
-            _print_error(error)
-        raise typer.Exit(2)
-    return workflows
+        raise typer.Exit(1)
 
 
 async def _apply(

@@ -28,9 +28,14 @@ T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
-# Not on a terminal, rich would squeeze tables into 80 columns.
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+# Not on a terminal, rich would squeeze tables into 80 columns: 160 there, unless COLUMNS
+# says otherwise. Every human listing fits 80.
+console = Console(
+    highlight=False,
+    soft_wrap=True,
+    width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160,
+)
 
 
 # The settings given as global flags (``govflow --prefix x ...``); one command per process.
@@ -40,6 +45,11 @@ _global_flags: dict[str, object] = {}
 def set_global_flags(**flags: object) -> None:
     """Record the global flags; ``None`` leaves the environment's value."""
     _global_flags.update(flags)
+
+
+def global_flags() -> dict[str, object]:
+    """The global flags given on the command line; ``None`` for one left out."""
+    return dict(_global_flags)
 
 
 def load_settings(**overrides: object) -> Settings:
