@@ -9,7 +9,16 @@ outbox), ``govflow.plugins`` (the action plug-in API), ``govflow.schemas`` (the 
 formats).
 """
 
+from govflow.plugins import action
 from govflow.producers import Publisher, PublishError, PublishRetry, SyncPublisher
 from govflow.schemas.events import Event, new_event
 
-__all__ = ["Event", "PublishError", "PublishRetry", "Publisher", "SyncPublisher", "new_event"]
+__all__ = [
+    "Event",
+    "PublishError",
+    "PublishRetry",
+    "Publisher",
+    "SyncPublisher",
+    "action",
+    "new_event",
+]

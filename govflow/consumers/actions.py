@@ -25,7 +25,8 @@ from govflow.consumers.outcomes import ACK, EntryIds, Outcome, RetryPolicy, dead
 from govflow.consumers.streams import REPLAY_FIELD, Entry, command_of
 from govflow.core import metrics
 from govflow.db import executions
-from govflow.plugins.registry import Effects, StepContext, registry
+from govflow.plugins import Effects, StepContext
+from govflow.plugins.registry import registry
 from govflow.schemas.commands import RunWorkflow
 from govflow.schemas.errors import InvalidEntryError, PermanentError
 from govflow.schemas.keys import Role
@@ -71,6 +72,8 @@ class ActionRunner:
         self._policy = policy
         self._settings = settings
         self._http = http
+        # Loaded here, so that a plug-in that fails to load stops the worker at start.
+        self._actions = registry()
 
     async def handle(self, batch: Sequence[Entry]) -> list[Outcome]:
         """Run a batch of commands; return each entry's outcome."""
@@ -207,7 +210,7 @@ class ActionRunner:
         effects: Effects,
         now: datetime,
     ) -> None:
-        action_type = registry().get(action)
+        action_type = self._actions.get(action)
         if action_type is None:
             raise PermanentError(f"step {step}: unknown action {action!r}")
         try:
@@ -219,11 +222,13 @@ class ActionRunner:
             step=step,
             now=now,
             conn=conn,
-            effects=effects,
+            effects=Effects(),
             http=self._http,
             settings=self._settings,
         )
         await action_type.run(ctx, parsed)
+        # Only a step that returned joins the batch: rows queued by a failed try are dropped.
+        effects.take(ctx.effects)
 
 
 def _ids(command: RunWorkflow) -> EntryIds:

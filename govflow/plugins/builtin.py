@@ -1,4 +1,8 @@
-"""The five actions govflow ships: approvals, tasks, assignments, webhooks, status changes."""
+"""The five actions govflow ships: approvals, tasks, assignments, webhooks, status changes.
+
+They are declared and installed as a plug-in's are: with ``@action`` and an entry point in
+govflow's pyproject.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,8 @@ from typing import Annotated
 
 import msgspec
 
-from govflow.db.batch import Batched
-from govflow.plugins import webhook
-from govflow.plugins.registry import ActionType, StepContext
+from govflow.plugins import Batched, PermanentError, StepContext, action, webhook
 from govflow.schemas.codec import encode
-from govflow.schemas.errors import PermanentError
 from govflow.schemas.events import Change, Event
 
 Text = Annotated[str, msgspec.Meta(min_length=1)]
@@ -68,6 +69,7 @@ class CreateApproval(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     due_in_days: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
+@action("create_approval")
 async def create_approval(ctx: StepContext, p: CreateApproval) -> None:
     due = ctx.now + timedelta(days=p.due_in_days) if p.due_in_days is not None else None
     ctx.effects.add(
@@ -83,6 +85,7 @@ class CreateTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     assignee: str | None = None
 
 
+@action("create_task")
 async def create_task(ctx: StepContext, p: CreateTask) -> None:
     assignee = ctx.render(p.assignee) if p.assignee else None
     ctx.effects.add(
@@ -97,6 +100,7 @@ class Assign(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     assignee: Text
 
 
+@action("assign")
 async def assign(ctx: StepContext, p: Assign) -> None:
     ctx.effects.add(
         ASSIGNMENTS,
@@ -111,6 +115,7 @@ class Notify(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     message: str = ""
 
 
+@action("notify")
 async def notify(ctx: StepContext, p: Notify) -> None:
     url, message = ctx.render(p.webhook), ctx.render(p.message)
     body = encode(
@@ -156,6 +161,7 @@ class ChangeStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 _CHAIN_NAMESPACE = uuid.UUID("2f7d9a4c-8e51-4b6a-b0c3-5d1e9f8a7b24")
 
 
+@action("change_status")
 async def change_status(ctx: StepContext, p: ChangeStatus) -> None:
     event = ctx.event
     depth = event.depth + 1
@@ -187,12 +193,3 @@ async def change_status(ctx: StepContext, p: ChangeStatus) -> None:
         STATUS_CHANGES,
         (ctx.command.execution_id, ctx.step, event.entity, event.entity_id, before, to, chained.id),
     )
-
-
-BUILTIN: tuple[ActionType[msgspec.Struct], ...] = (
-    ActionType("create_approval", CreateApproval, create_approval),  # type: ignore[arg-type]
-    ActionType("create_task", CreateTask, create_task),  # type: ignore[arg-type]
-    ActionType("assign", Assign, assign),  # type: ignore[arg-type]
-    ActionType("notify", Notify, notify),  # type: ignore[arg-type]
-    ActionType("change_status", ChangeStatus, change_status),  # type: ignore[arg-type]
-)

@@ -1,0 +1,156 @@
+"""What an action is: the ``@action`` decorator, the context a step runs in, its effects.
+
+``govflow.plugins`` re-exports this; the built-in actions use it as a plug-in does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, Generic, TypeVar, get_type_hints
+
+import httpx
+import msgspec
+from psycopg import AsyncConnection
+
+from govflow.consumers.matching import MISSING, lookup
+from govflow.db.batch import Batched
+from govflow.schemas.commands import RunWorkflow
+from govflow.schemas.errors import InvalidEntryError
+from govflow.schemas.events import Event
+from govflow.schemas.settings import Settings
+
+P = TypeVar("P", bound=msgspec.Struct)
+
+
+class Effects:
+    """Effect rows gathered over a batch, written in the batch's transaction.
+
+    A ``Batched`` statement runs once over all its rows; a plain SQL string runs
+    with ``executemany``. Every statement must be idempotent on (execution_id, step): a
+    redelivered command that replays a step writes nothing new.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[Batched | str, list[tuple[Any, ...]]] = {}
+
+    def add(self, statement: Batched | str, row: tuple[Any, ...]) -> None:
+        """Queue one row for ``statement``."""
+        self.rows.setdefault(statement, []).append(row)
+
+    def take(self, other: Effects) -> None:
+        """Move every row queued in ``other`` to the end of this batch's."""
+        for statement, rows in other.rows.items():
+            self.rows.setdefault(statement, []).extend(rows)
+        other.rows.clear()
+
+    async def flush(self, conn: AsyncConnection[Any]) -> None:
+        """Write every queued row, statement by statement in the order first queued."""
+        async with conn.cursor() as cur:
+            for statement, rows in self.rows.items():
+                if isinstance(statement, Batched):
+                    await cur.execute(statement.statement().encode(), (statement.parameter(rows),))
+                else:
+                    await cur.executemany(statement.encode(), rows)
+        self.rows.clear()
+
+
+class StepContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What an action sees of the step it runs."""
+
+    command: RunWorkflow
+    step: int
+    now: datetime
+    conn: AsyncConnection[Any]  # the batch's open transaction, for actions with their own SQL
+    effects: Effects
+    http: httpx.AsyncClient
+    settings: Settings
+
+    @property
+    def event(self) -> Event:
+        """The event that started the execution."""
+        return self.command.event
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same for every try of this step: ``<execution id>:<step>``."""
+        return f"{self.command.execution_id}:{self.step}"
+
+    def render(self, template: str) -> str:
+        """Fill ``{data.title}``-style fields from the event."""
+        return render(template, self.event)
+
+
+class ActionType(msgspec.Struct, Generic[P], frozen=True):
+    """An action: its parameters' Struct and the coroutine that carries it out."""
+
+    name: str
+    params: type[P]
+    run: Callable[[StepContext, P], Awaitable[None]]
+
+    async def __call__(self, ctx: StepContext, params: P) -> None:
+        """Run the action, as the decorated function would (for a plug-in's own tests)."""
+        await self.run(ctx, params)
+
+    def parse(self, raw: dict[str, Any]) -> P:
+        """Validate a step's parameters.
+
+        Raises:
+            InvalidEntryError: the parameters do not fit the action.
+        """
+        try:
+            return msgspec.convert(raw, self.params)
+        except msgspec.ValidationError as e:
+            raise InvalidEntryError(f"action {self.name}: {e}") from e
+
+
+def action(name: str) -> Callable[[Callable[[StepContext, P], Awaitable[None]]], ActionType[P]]:
+    """Declare the action ``name``; its parameters are the Struct the second argument names.
+
+    ::
+
+        @action("send_sms")
+        async def send_sms(ctx: StepContext, params: SmsParams) -> None: ...
+
+    Raises:
+        TypeError: the function is not ``async def f(ctx: StepContext, params: SomeStruct)``.
+    """
+
+    def declare(run: Callable[[StepContext, P], Awaitable[None]]) -> ActionType[P]:
+        return ActionType(name, _params_of(name, run), run)
+
+    return declare
+
+
+def _params_of(name: str, run: Callable[..., Any]) -> type[Any]:
+    """The Struct annotated on the second parameter of ``run``."""
+    usage = f"action {name}: write `async def f(ctx: StepContext, params: SomeStruct) -> None`"
+    if not inspect.iscoroutinefunction(run):
+        raise TypeError(f"{usage}; {run.__qualname__} is not async")
+    parameters = list(inspect.signature(run).parameters)
+    if len(parameters) != 2:
+        raise TypeError(f"{usage}; {run.__qualname__} takes {len(parameters)} arguments")
+    try:
+        hints = get_type_hints(run)
+    except NameError as e:  # an annotation imported only under TYPE_CHECKING
+        raise TypeError(f"{usage}; {run.__qualname__}: {e}") from e
+    params = hints.get(parameters[1])
+    if not (isinstance(params, type) and issubclass(params, msgspec.Struct)):
+        raise TypeError(f"{usage}; {parameters[1]} is annotated {params!r}, not a Struct")
+    return params
+
+
+_FIELD = re.compile(r"\{([A-Za-z_][\w.]*)\}")
+
+
+def render(template: str, event: Event) -> str:
+    """Replace each ``{dotted.path}`` with that value of the event; a missing one with ''."""
+    source = msgspec.to_builtins(event)
+
+    def value_of(match: re.Match[str]) -> str:
+        value = lookup(source, match.group(1))
+        return "" if value is MISSING or value is None else str(value)
+
+    return _FIELD.sub(value_of, template)
