@@ -18,6 +18,7 @@ import structlog
 
 from govflow.consumers.loop import UNAVAILABLE
 from govflow.consumers.streams import RedisClient, Streams
+from govflow.core.service import run_every
 from govflow.schemas.keys import Keys
 
 log = structlog.get_logger(__name__)
@@ -93,17 +94,18 @@ class Janitor:
 
     async def run(self) -> None:
         """Sweep every ``every_s`` until stopped."""
-        while not self._stopped.is_set():
-            try:
-                await self.sweep()
-            except UNAVAILABLE as e:
-                log.warning("janitor.sweep_failed", error=str(e))
-            except Exception:
-                # Housekeeping must never stop the worker (redis-py's cluster client can
-                # raise AttributeError mid-failover); the next sweep tries again.
-                log.exception("janitor.sweep_failed")
-            with anyio.move_on_after(self._every_s):
-                await self._stopped.wait()
+        await run_every(self._every_s, self._tick, self._stopped)
+
+    async def _tick(self) -> None:
+        """One sweep; a failure is logged, and the next sweep tries again."""
+        try:
+            await self.sweep()
+        except UNAVAILABLE as e:
+            log.warning("janitor.sweep_failed", error=str(e))
+        except Exception:
+            # Housekeeping must never stop the worker (redis-py's cluster client can
+            # raise AttributeError mid-failover); the next sweep tries again.
+            log.exception("janitor.sweep_failed")
 
     async def sweep(self) -> None:
         """One pass: trim each stream, then retire idle consumers with nothing pending."""

@@ -11,6 +11,7 @@ from govflow.consumers.loop import UNAVAILABLE
 from govflow.consumers.streams import Streams
 from govflow.core import metrics
 from govflow.core.backoff import Backoff
+from govflow.core.service import run_every
 from govflow.schemas.keys import Keys
 
 log = structlog.get_logger(__name__)
@@ -37,33 +38,34 @@ class RetryMover:
         # With leased partitions, only the ones this worker holds (others move their own).
         self._partitions = partitions or keys.all_partitions
         self._poll_s = poll_s
-        self._stopping = False
+        self._backoff = Backoff()
+        self._stopped = anyio.Event()
 
     def stop(self) -> None:
         """Stop after the current pass."""
-        self._stopping = True
+        self._stopped.set()
 
     async def run(self) -> None:
-        """Move due retries until stopped."""
-        backoff = Backoff()
-        while not self._stopping:
-            try:
-                for p in self._partitions():
-                    moved = await self._streams.move_due(
-                        self._keys.retry(p), self._keys.events(p), self._keys.commands(p)
-                    )
-                    if moved:
-                        metrics.RETRIES_MOVED.inc(moved)
-                        log.info("retry.moved", partition=p, count=moved)
-            except UNAVAILABLE as e:
-                log.warning("retry.move_failed", error=str(e))
-                await anyio.sleep(backoff.next_delay())
-                continue
-            except Exception:
-                # Moving must never stop the worker (redis-py's cluster client can raise
-                # AttributeError mid-failover); the retries stay in their set meanwhile.
-                log.exception("retry.move_failed")
-                await anyio.sleep(backoff.next_delay())
-                continue
-            backoff.reset()
-            await anyio.sleep(self._poll_s)
+        """Move due retries every ``poll_s`` until stopped."""
+        await run_every(self._poll_s, self._move, self._stopped)
+
+    async def _move(self) -> float | None:
+        """One pass over the partitions; after a failure, the backoff delay to wait."""
+        try:
+            for p in self._partitions():
+                moved = await self._streams.move_due(
+                    self._keys.retry(p), self._keys.events(p), self._keys.commands(p)
+                )
+                if moved:
+                    metrics.RETRIES_MOVED.inc(moved)
+                    log.info("retry.moved", partition=p, count=moved)
+        except UNAVAILABLE as e:
+            log.warning("retry.move_failed", error=str(e))
+            return self._backoff.next_delay()
+        except Exception:
+            # Moving must never stop the worker (redis-py's cluster client can raise
+            # AttributeError mid-failover); the retries stay in their set meanwhile.
+            log.exception("retry.move_failed")
+            return self._backoff.next_delay()
+        self._backoff.reset()
+        return None

@@ -34,6 +34,7 @@ from redis import exceptions as redis_errors
 
 from govflow.consumers.streams import RedisClient
 from govflow.core import metrics
+from govflow.core.service import run_every
 from govflow.db import dead_letters, outbox
 from govflow.producers import metrics as producer_metrics
 from govflow.schemas.keys import GROUP_OF, Keys, Role
@@ -370,10 +371,10 @@ class LagGauges:
 
     async def run(self) -> None:
         """Refresh until stopped; a failed refresh keeps the last values."""
-        while not self._stopped.is_set():
-            try:
-                export_gauges(await read_lag(self._redis, self._pool, self._keys))
-            except Exception as e:  # noqa: BLE001 - metrics must never stop the workers
-                log.warning("lag.refresh_failed", error=f"{type(e).__name__}: {e}")
-            with anyio.move_on_after(self._every_s):
-                await self._stopped.wait()
+        await run_every(self._every_s, self._refresh, self._stopped)
+
+    async def _refresh(self) -> None:
+        try:
+            export_gauges(await read_lag(self._redis, self._pool, self._keys))
+        except Exception as e:  # noqa: BLE001 - metrics must never stop the workers
+            log.warning("lag.refresh_failed", error=f"{type(e).__name__}: {e}")

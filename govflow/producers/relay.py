@@ -39,6 +39,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from govflow.core.backoff import Backoff
+from govflow.core.service import run_every, wait_stopped
 from govflow.db import outbox
 from govflow.producers import metrics
 from govflow.schemas.keys import Keys
@@ -113,8 +114,7 @@ class Relay:
         self._poll_s = poll_s
         self._retention_s = retention_s
         self._cleanup_every_s = max(1.0, min(60.0, retention_s / 10))
-        self._stopping = False
-        self._stopped: anyio.Event | None = None  # made in run(): anyio needs a running loop
+        self._stopped = anyio.Event()
         self._wake: anyio.Event | None = None
         self.state: State = "connecting"
         self.published = 0  # rows this relay published (and marked)
@@ -126,16 +126,13 @@ class Relay:
 
     def stop(self) -> None:
         """Stop: the batch in hand is finished (or left unmarked), then ``run()`` returns."""
-        self._stopping = True
-        if self._stopped is not None:
-            self._stopped.set()
+        self._stopped.set()
         self._wake_up()
 
     async def run(self) -> None:
         """Lead when the lock is free, stand by when it is not, until ``stop()``."""
-        self._stopped = anyio.Event()
         self._wake = anyio.Event()
-        if self._stopping:
+        if self._stopped.is_set():
             return
         log.info("relay.started", batch_size=self._batch_size, poll_s=self._poll_s)
         async with anyio.create_task_group() as tg:
@@ -152,7 +149,7 @@ class Relay:
     async def _serve(self) -> None:
         """Connect, win the lock, publish; start over with backoff when Postgres fails."""
         backoff = Backoff()
-        while not self._stopping:
+        while not self._stopped.is_set():
             try:
                 conn = await self._connect()
             except PG_UNAVAILABLE as e:
@@ -180,7 +177,7 @@ class Relay:
     async def _campaign(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         """Try the lock every ``LOCK_POLL_S`` until it is ours; ``False`` when stopping."""
         announced = False
-        while not self._stopping:
+        while not self._stopped.is_set():
             cur = await conn.execute(_TRY_LOCK, (LOCK_KEY,))
             row = await cur.fetchone()
             if row is not None and row[0]:
@@ -198,7 +195,7 @@ class Relay:
         log.info("relay.leading")
         backoff = Backoff()
         next_cleanup = 0.0
-        while not self._stopping:
+        while not self._stopped.is_set():
             self._wake = anyio.Event()  # a commit from now on wakes the wait below
             try:
                 published = await self._publish_batch(conn)
@@ -262,7 +259,7 @@ class Relay:
     async def _delete_old(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Delete published rows older than the retention, in chunks."""
         deleted = 0
-        while not self._stopping:
+        while not self._stopped.is_set():
             cur = await conn.execute(_DELETE_OLD, (self._retention_s, DELETE_CHUNK))
             deleted += cur.rowcount
             if cur.rowcount < DELETE_CHUNK:
@@ -297,16 +294,17 @@ class Relay:
 
     async def _report(self) -> None:
         """Set the backlog gauges every ``METRICS_EVERY_S``, leader or standby."""
-        while not self._stopping:
-            try:
-                async with self._pool.connection(timeout=METRICS_EVERY_S) as conn:
-                    waiting, oldest_age = await outbox.backlog(conn)
-            except (*PG_UNAVAILABLE, psycopg.Error) as e:
-                log.debug("relay.backlog_failed", error=str(e))
-            else:
-                metrics.OUTBOX_WAITING.set(waiting)
-                metrics.OUTBOX_OLDEST_AGE.set(oldest_age or 0.0)
-            await self._sleep(METRICS_EVERY_S)
+        await run_every(METRICS_EVERY_S, self._report_backlog, self._stopped)
+
+    async def _report_backlog(self) -> None:
+        try:
+            async with self._pool.connection(timeout=METRICS_EVERY_S) as conn:
+                waiting, oldest_age = await outbox.backlog(conn)
+        except (*PG_UNAVAILABLE, psycopg.Error) as e:
+            log.debug("relay.backlog_failed", error=str(e))
+        else:
+            metrics.OUTBOX_WAITING.set(waiting)
+            metrics.OUTBOX_OLDEST_AGE.set(oldest_age or 0.0)
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         """A connection of the relay's own, to the pool's database, in autocommit."""
@@ -332,9 +330,7 @@ class Relay:
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but return at once on ``stop()``."""
-        assert self._stopped is not None
-        with anyio.move_on_after(seconds):
-            await self._stopped.wait()
+        await wait_stopped(self._stopped, seconds)
 
     def _failed(self, server: str, event: str, error: Exception, **fields: Any) -> None:
         metrics.RELAY_ERRORS.labels(server).inc()
