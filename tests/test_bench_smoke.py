@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from benchmarks import peers
-from benchmarks.run import main
+from benchmarks.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ import pytest
 
 from govflow.schemas.codec import (
     MAX_ENTRY_BYTES,
-    convert_event,
     decode_command,
     decode_event,
     decode_workflow,
@@ -19,9 +18,9 @@ from govflow.schemas.codec import (
 )
 from govflow.schemas.commands import RunWorkflow, execution_id
 from govflow.schemas.errors import InvalidEntryError
-from govflow.schemas.events import Change, new_event
+from govflow.schemas.events import Change, convert_event, new_event
 
-SPEC_EVENT: dict[str, Any] = {
+EXAMPLE_EVENT: dict[str, Any] = {
     "id": "0b6f6c9e-6a55-4f4e-9d7c-1f0e3f1b2a11",
     "type": "policy.status_changed",
     "tenant": "acme",
@@ -33,7 +32,7 @@ SPEC_EVENT: dict[str, Any] = {
     "schema_version": 1,
 }
 
-SPEC_WORKFLOW = """\
+EXAMPLE_WORKFLOW = """\
 name: high-risk-policy-approval
 entity: policy
 trigger: status_change
@@ -53,7 +52,7 @@ actions:
 
 
 def event_json(**changes: Any) -> bytes:
-    return json.dumps({**SPEC_EVENT, **changes}).encode()
+    return json.dumps({**EXAMPLE_EVENT, **changes}).encode()
 
 
 def reason_of(raw: bytes | str) -> str:
@@ -93,7 +92,7 @@ class TestEvents:
 
     @pytest.mark.parametrize("field", ["id", "type", "tenant", "entity_id", "occurred_at"])
     def test_missing_field(self, field):
-        raw = json.dumps({k: v for k, v in SPEC_EVENT.items() if k != field})
+        raw = json.dumps({k: v for k, v in EXAMPLE_EVENT.items() if k != field})
         assert f"missing required field `{field}`" in reason_of(raw)
 
     @pytest.mark.parametrize(
@@ -125,11 +124,11 @@ class TestEvents:
         assert len(decode_event(raw).data["blob"]) == MAX_ENTRY_BYTES - len(short)
 
     def test_unknown_fields_are_ignored_for_forward_compatibility(self):
-        assert decode_event(event_json(added_in_v2=True)).id == SPEC_EVENT["id"]
+        assert decode_event(event_json(added_in_v2=True)).id == EXAMPLE_EVENT["id"]
 
     def test_convert_event_validates_parsed_data(self):
         with pytest.raises(InvalidEntryError, match=r"at `\$.type`"):
-            convert_event({**SPEC_EVENT, "type": "nope"})
+            convert_event({**EXAMPLE_EVENT, "type": "nope"})
 
 
 class TestCommands:
@@ -165,7 +164,7 @@ class TestCommands:
 
 class TestWorkflows:
     def test_the_spec_example_is_valid(self):
-        workflow = decode_workflow(SPEC_WORKFLOW)
+        workflow = decode_workflow(EXAMPLE_WORKFLOW)
         assert workflow.name == "high-risk-policy-approval"
         assert [kind for kind, _ in workflow.steps()] == [
             "create_approval",
@@ -178,8 +177,8 @@ class TestWorkflows:
         assert workflow.when[2].changed == "owner"
 
     def test_json_is_accepted_too(self):
-        as_json = json.dumps(msgspec.to_builtins(decode_workflow(SPEC_WORKFLOW)))
-        assert decode_workflow(as_json) == decode_workflow(SPEC_WORKFLOW)
+        as_json = json.dumps(msgspec.to_builtins(decode_workflow(EXAMPLE_WORKFLOW)))
+        assert decode_workflow(as_json) == decode_workflow(EXAMPLE_WORKFLOW)
 
     def test_aliases_are_refused_before_they_expand(self):
         # Nine levels of nine aliases: 9**9 strings from a few hundred bytes.

@@ -73,7 +73,8 @@ from govflow.db import dead_letters, executions, views
 from govflow.db.dead_letters import Selection
 from govflow.operations import dlq, lag
 from govflow.producers.publish import Publisher
-from govflow.schemas.codec import MAX_ENTRY_BYTES, convert_event, encode
+from govflow.schemas.events import convert_event
+from govflow.schemas.codec import MAX_ENTRY_BYTES, encode
 from govflow.schemas.errors import InvalidEntryError
 from govflow.schemas.settings import Settings
 

@@ -5,19 +5,25 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import anyio
 import uvicorn
 
-from govflow.cli.serve import say
+from govflow.api.app import create_app
 from govflow.schemas.settings import Settings
 
 
-async def serve_on(sock: socket.socket, settings: Settings) -> None:
-    """Serve the API on an already-listening socket until SIGINT or SIGTERM."""
-    from govflow.api.app import create_app  # Litestar's imports: only when serving
+async def serve_on(
+    sock: socket.socket, settings: Settings, *, announce: Callable[[str], None]
+) -> None:
+    """Serve the API on an already-listening socket until SIGINT or SIGTERM.
 
+    Args:
+        sock: the listening socket.
+        settings: the settings, with both URLs set.
+        announce: told the URL served, once the app is built and just before serving.
+    """
     config = uvicorn.Config(
         create_app(settings),
         log_config=None,  # govflow's logging set-up stays in charge
@@ -28,7 +34,7 @@ async def serve_on(sock: socket.socket, settings: Settings) -> None:
     )
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    say(f"serving the API and the dashboard on http://{shown}:{port}/ (Ctrl-C stops)")
+    announce(f"http://{shown}:{port}/")
     server = _Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signal, server)

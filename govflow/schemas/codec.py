@@ -1,7 +1,8 @@
 """Encoders and decoders of the wire formats, each built once.
 
-Only ``decode_*`` turns a ``msgspec`` error into ``InvalidEntryError``: the one typed
-error every caller handles, with a reason a person can read.
+Only ``decode_*`` here (and ``convert_event`` beside the ``Event`` it builds) turn a
+``msgspec`` error into ``InvalidEntryError``: the one typed error every caller handles,
+with a reason a person can read.
 """
 
 from __future__ import annotations
@@ -46,18 +47,6 @@ def decode_command(raw: bytes | str) -> Command:
         InvalidEntryError: the command is malformed.
     """
     return _decode(COMMAND_DECODER, raw, "command")
-
-
-def convert_event(raw: dict[str, Any]) -> Event:
-    """Validate already-parsed data as an event (the HTTP API, the CLI, the library).
-
-    Raises:
-        InvalidEntryError: a missing or mistyped field, an unknown type.
-    """
-    try:
-        return msgspec.convert(raw, Event)
-    except msgspec.ValidationError as e:
-        raise InvalidEntryError(f"invalid event: {e}") from e
 
 
 class _AliasRefusedError(yaml.YAMLError):

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from govflow.schemas.errors import InvalidEntryError
+
 ENTITIES = ("policy", "assessment", "evidence")
 EventType = Literal[
     "policy.created",
@@ -91,6 +93,16 @@ def new_event(
         "depth": depth,
         "causation_id": causation_id,
     }
-    from govflow.schemas.codec import convert_event
-
     return convert_event(raw)
+
+
+def convert_event(raw: dict[str, Any]) -> Event:
+    """Validate already-parsed data as an event (the HTTP API, the CLI, the library).
+
+    Raises:
+        InvalidEntryError: a missing or mistyped field, an unknown type.
+    """
+    try:
+        return msgspec.convert(raw, Event)
+    except msgspec.ValidationError as e:
+        raise InvalidEntryError(f"invalid event: {e}") from e

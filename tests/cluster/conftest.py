@@ -1,6 +1,6 @@
 """Fixtures of the Redis Cluster tests: one 6-node cluster per session, a prefix per test.
 
-The cluster is real (``servers.py``): ``redis-server --cluster-enabled yes`` six times on
+The cluster is real (``benchmarks/cluster.py``): ``redis-server --cluster-enabled yes`` six times on
 free loopback ports, joined by ``redis-cli --cluster create``; it stops at the end of the
 session. Postgres comes from the suite's ``database_url`` fixture.
 """
@@ -17,10 +17,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from benchmarks.cluster import Cluster, running_cluster
 from govflow.consumers.streams import RedisClient
 from govflow.core.connect import connect
 from govflow.schemas.settings import Settings
-from tests.cluster.servers import Cluster, running_cluster
 
 PARTITIONS = 8
 # Short, so takeovers and rebalancing happen within seconds; long enough that a busy

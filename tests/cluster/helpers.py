@@ -12,15 +12,6 @@ from govflow.schemas.settings import Settings
 from tests.pipeline_helpers import GOVFLOW, worker_env
 
 
-async def lease_owners(redis: RedisClient, keys: Keys, group: str) -> list[str | None]:
-    """The value of each partition's lease key for ``group`` (None: free)."""
-    pipe = redis.pipeline(transaction=False)
-    for p in keys.all_partitions():
-        pipe.get(keys.lease(group, p))
-    values: list[bytes | None] = await pipe.execute()
-    return [v.decode() if v is not None else None for v in values]
-
-
 async def drained(redis: RedisClient, keys: Keys) -> bool:
     """Whether every partition's streams are delivered and acknowledged, and nothing waits."""
     for p in keys.all_partitions():

@@ -18,13 +18,13 @@ import msgspec
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from benchmarks.cluster import Cluster, running_cluster
 from govflow.operations.lag import read_lag
 from govflow.producers.publish import SyncPublisher
 from govflow.runtime.connections import redis_client
 from govflow.schemas.events import new_event
 from govflow.schemas.keys import Keys
 from govflow.schemas.settings import Settings
-from tests.cluster.servers import Cluster, running_cluster
 from tests.pipeline_helpers import apply, running_worker, statuses, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster, pytest.mark.slow]

@@ -23,6 +23,7 @@ import msgspec
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from benchmarks.cluster import Cluster, lease_owners
 from govflow.consumers.streams import HOLD_FIELD, Fence, HandOver, Hold, RedisClient, Streams
 from govflow.producers.publish import Publisher, PublishRetry
 from govflow.runtime.worker import Worker
@@ -31,13 +32,7 @@ from govflow.schemas.events import Change, Event, new_event
 from govflow.schemas.keys import Keys
 from govflow.schemas.settings import Settings
 from tests.cluster.conftest import PARTITIONS
-from tests.cluster.helpers import (
-    drained,
-    lease_owners,
-    pid_of,
-    start_worker_process,
-)
-from tests.cluster.servers import Cluster
+from tests.cluster.helpers import drained, pid_of, start_worker_process
 from tests.pipeline_helpers import apply, fetch, running_worker, statuses, terminate, wait_for
 from tests.webhook_server import Reply, serve
 
