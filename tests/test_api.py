@@ -31,9 +31,10 @@ from redis.asyncio import Redis
 
 from govflow.api.app import create_app
 from govflow.api.auth import TokenAuth
-from govflow.db import dead_letters
+from govflow.db import dead_letters, views
 from govflow.operations import lag
 from govflow.producers.publish import Publisher
+from govflow.schemas import codec
 from govflow.schemas.events import Event, new_event
 from govflow.schemas.keys import Keys
 from govflow.schemas.settings import Settings
@@ -268,6 +269,13 @@ async def test_an_execution_shows_step_n_of_m(api: Api, pool: AsyncConnectionPoo
         (3, "create_approval", "pending"),
     ]
     assert body["steps"][1]["error"] == "webhook answered 503"
+    # The step-count fields ``govflow executions show --json`` has always had, and what it
+    # prints: the same view, the same bytes.
+    assert (body["completed_steps"], body["total_steps"]) == (1, 3)
+    assert [s["of"] for s in body["steps"]] == [3, 3, 3]
+    async with pool.connection() as conn:
+        view = await views.read_execution(conn, retrying)
+    assert response.content == codec.encode(view)
 
     body = (await api.client.get(f"/executions/{completed}", headers=bearer("admin"))).json()
     assert body["progress"] == {"step": 3, "of": 3, "completed": 3, "text": "step 3 of 3"}

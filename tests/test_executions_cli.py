@@ -10,10 +10,11 @@ import anyio
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from govflow.cli.executions import execution_detail
 from govflow.db import executions
 from govflow.db.executions import NewExecution
+from govflow.db.views import read_execution
 from govflow.db.workflows import apply_workflow
+from govflow.schemas import codec
 from govflow.schemas.codec import decode_workflow
 from govflow.schemas.commands import execution_id
 from tests.ops_helpers import govflow, govflow_env
@@ -58,11 +59,12 @@ async def make_executions(pool: AsyncConnectionPool[Any]) -> tuple[str, str, str
 async def test_detail_lists_every_step_of_the_version(pool: AsyncConnectionPool[Any]) -> None:
     _, dead, queued = await make_executions(pool)
     async with pool.connection() as conn:
-        detail = await execution_detail(conn, dead)
-        fresh = await execution_detail(conn, queued)
-        missing = await execution_detail(conn, execution_id("nope", "review"))
+        detail = await read_execution(conn, dead)
+        fresh = await read_execution(conn, queued)
+        missing = await read_execution(conn, execution_id("nope", "review"))
     assert detail is not None
     assert (detail.status, detail.completed_steps, detail.total_steps) == ("dead_lettered", 1, 3)
+    assert (detail.progress.step, detail.progress.text) == (2, "step 2 of 3")
     assert [(s.step, s.of, s.action, s.status, s.attempts, s.error) for s in detail.steps] == [
         (1, 3, "create_task", "completed", 1, None),
         (2, 3, "assign", "failed", 1, "step 2: boom"),
@@ -92,14 +94,26 @@ async def test_the_executions_commands(
             "--workflow", "review", "--json",
         )  # fmt: skip
         tg.start_soon(run, "show", "show", dead)
+        tg.start_soon(run, "show_json", "show", dead, "--json")
         tg.start_soon(run, "missing", "show", "no-such-id")
 
-    for name in ("list", "show"):
+    for name in ("list", "show", "show_json"):
         assert results[name].returncode == 0, results[name].stderr
 
     [row] = json.loads(results["list"].stdout)
     assert (row["id"], row["status"], row["last_error"]) == (dead, "dead_lettered", "step 2: boom")
     assert (row["workflow_name"], row["entity_id"], row["total_steps"]) == ("review", "POL-1", 3)
+
+    # What GET /executions/{id} answers, byte for byte (tests/test_api.py holds the API to it).
+    async with pool.connection() as conn:
+        view = await read_execution(conn, dead)
+    assert results["show_json"].stdout == codec.encode(view) + b"\n"
+    shown = json.loads(results["show_json"].stdout)
+    assert (shown["completed_steps"], shown["total_steps"], shown["progress"]["text"]) == (
+        1,
+        3,
+        "step 2 of 3",
+    )
 
     text = results["show"].stdout.decode()
     assert f"execution {dead}: review v1 for policy POL-1 (tenant acme)" in text

@@ -62,9 +62,7 @@ from govflow.api.models import (
     DeadLetterPage,
     EventIn,
     ExecutionPage,
-    ExecutionView,
     Health,
-    Progress,
     Stats,
 )
 from govflow.consumers.streams import RedisClient
@@ -298,10 +296,8 @@ async def list_executions(
         found = await executions.list_executions(
             conn, status=status, entity_id=entity_id, workflow=workflow, limit=limit, offset=offset
         )
-        plans = await views.step_plans(conn, [e.id for e in found])
-    return ExecutionPage(
-        executions=[_view(e, plans.get(e.id, [])) for e in found], limit=limit, offset=offset
-    )
+        page = await views.read_executions(conn, found)
+    return ExecutionPage(executions=page, limit=limit, offset=offset)
 
 
 @get(
@@ -314,29 +310,17 @@ async def list_executions(
         404: ResponseSpec(None, description="No such execution"),
     },
 )
-async def show_execution(gf: Deps, execution_id: FromPath[str]) -> ExecutionView:
-    """One execution: step n of m, and the status of each step."""
+async def show_execution(gf: Deps, execution_id: FromPath[str]) -> views.ExecutionView:
+    """One execution: step n of m, and the status of each step (as ``executions show --json``)."""
     try:
         key = str(uuid.UUID(execution_id))
     except ValueError as e:
         raise NotFoundException(f"no execution {execution_id!r}: ids are UUIDs") from e
     async with gf.pool.connection() as conn:
-        found = await executions.get_execution(conn, key, with_steps=False)  # step_plans has them
-        if found is None:
-            raise NotFoundException(f"no execution {key}")
-        plans = await views.step_plans(conn, [key])
-    return _view(found, plans.get(key, []))
-
-
-def _view(e: executions.Execution, plan: list[views.PlannedStep]) -> ExecutionView:
-    completed = sum(1 for s in plan if s.status == "completed")
-    total = len(plan)
-    at = next((s.step for s in plan if s.status != "completed"), total)
-    return ExecutionView(
-        **executions.columns(e),
-        progress=Progress(step=at, of=total, completed=completed, text=f"step {at} of {total}"),
-        steps=plan,
-    )
+        found = await views.read_execution(conn, key)
+    if found is None:
+        raise NotFoundException(f"no execution {key}")
+    return found
 
 
 # Lag, stats, dead letters ---------------------------------------------------------------

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from govflow.db import dead_letters, views
-from govflow.db.executions import ExecutionRow
 from govflow.schemas.events import Change, EventType, NonEmpty
 
 
@@ -37,26 +36,10 @@ class Accepted(msgspec.Struct, frozen=True):
     id: str
 
 
-class Progress(msgspec.Struct, frozen=True, kw_only=True):
-    """How far an execution got: it is at ``step`` of ``of``; ``completed`` are done."""
-
-    step: int
-    of: int
-    completed: int
-    text: str
-
-
-class ExecutionView(ExecutionRow, frozen=True, kw_only=True):
-    """An execution, its progress and every step of its workflow version."""
-
-    progress: Progress
-    steps: list[views.PlannedStep]
-
-
 class ExecutionPage(msgspec.Struct, frozen=True, kw_only=True):
     """One page of executions, newest first."""
 
-    executions: list[ExecutionView]
+    executions: list[views.ExecutionView]
     limit: int
     offset: int
 

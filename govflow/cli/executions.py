@@ -1,62 +1,24 @@
 """``govflow executions``: what ran, for which event, and how far each execution got.
 
-``execution_detail`` gives an execution with every step of its workflow version, those
-not started yet included ("step 2 of 5"); the HTTP API shows the same.
+``show --json`` prints the view ``GET /executions/{id}`` answers (``db.views.read_execution``):
+the execution with every step of its workflow version, those not started yet included
+("step 2 of 5").
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
-import msgspec
 import typer
-from psycopg import AsyncConnection
 from rich.table import Table
 from rich.text import Text
 
 from govflow.cli.context import JsonFlag, console, print_json, run_async
 from govflow.db import executions, views
-from govflow.db.executions import Execution, ExecutionRow
+from govflow.db.executions import Execution
 from govflow.runtime.connections import database_pool
 from govflow.schemas.errors import GovflowError
 from govflow.schemas.settings import Settings
-
-
-class StepProgress(msgspec.Struct, frozen=True, kw_only=True):
-    """One step of an execution: ``step`` of ``of``, and where it stands."""
-
-    step: int
-    of: int
-    action: str
-    status: str  # pending (not started), running, failed or completed
-    attempts: int
-    error: str | None
-    updated_at: datetime | None
-
-
-class ExecutionDetail(ExecutionRow, frozen=True, kw_only=True):
-    """An execution with every step of its workflow version."""
-
-    completed_steps: int
-    total_steps: int
-    steps: list[StepProgress]
-
-
-async def execution_detail(conn: AsyncConnection[Any], execution_id: str) -> ExecutionDetail | None:
-    """One execution with all its steps, or ``None`` when there is no such execution."""
-    execution = await executions.get_execution(conn, execution_id, with_steps=False)
-    if execution is None:
-        return None
-    plan = (await views.step_plans(conn, [execution.id])).get(execution.id, [])
-    steps = [StepProgress(of=len(plan), **msgspec.structs.asdict(s)) for s in plan]
-    return ExecutionDetail(
-        **executions.columns(execution),
-        completed_steps=sum(1 for s in steps if s.status == "completed"),
-        total_steps=len(plan),
-        steps=steps,
-    )
-
 
 app = typer.Typer(help="List executions and show one with its steps.")
 
@@ -108,9 +70,9 @@ def show_command(
 ) -> None:
     """Show one execution: its event, status, and each step of its workflow."""
 
-    async def body(settings: Settings) -> ExecutionDetail | None:
+    async def body(settings: Settings) -> views.ExecutionView | None:
         async with database_pool(settings, max_size=1) as pool, pool.connection() as conn:
-            return await execution_detail(conn, execution_id)
+            return await views.read_execution(conn, execution_id)
 
     detail = run_async(body, redis=False)
     if detail is None:

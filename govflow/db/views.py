@@ -1,4 +1,9 @@
-"""Read-only queries behind the HTTP API and the dashboard: step plans and throughput."""
+"""Read-only queries behind the HTTP API, the CLI and the dashboard.
+
+``read_execution`` builds the one view of an execution that ``GET /executions/{id}``
+answers and ``govflow executions show --json`` prints: its columns, its progress ("step 2
+of 3") and every step of its workflow version, those not started yet included.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +15,20 @@ import msgspec
 from psycopg import AsyncConnection
 from psycopg.rows import kwargs_row
 
+from govflow.db import executions
 from govflow.db.batch import id_array
+from govflow.db.executions import ExecutionRow
 
 
 class PlannedStep(msgspec.Struct, frozen=True, kw_only=True):
-    """One action of an execution's workflow version, and how far it got.
+    """One action of an execution's workflow version: ``step`` of ``of``, and how far it got.
 
     ``status`` is ``pending`` for a step that has not been tried yet, else the step row's
     (``running``, ``failed`` or ``completed``).
     """
 
     step: int
+    of: int  # the steps of the version
     action: str
     status: str
     attempts: int
@@ -28,11 +36,64 @@ class PlannedStep(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime | None
 
 
+class Progress(msgspec.Struct, frozen=True, kw_only=True):
+    """How far an execution got: it is at ``step`` of ``of``; ``completed`` are done."""
+
+    step: int
+    of: int
+    completed: int
+    text: str
+
+
+class ExecutionView(ExecutionRow, frozen=True, kw_only=True):
+    """An execution, its progress and every step of its workflow version.
+
+    ``completed_steps`` and ``total_steps`` say again what ``progress`` says: both
+    shapes were read before the CLI and the API shared this view, so it keeps both.
+    """
+
+    progress: Progress
+    completed_steps: int
+    total_steps: int
+    steps: list[PlannedStep]
+
+
 class Bucket(msgspec.Struct, frozen=True):
     """Executions that completed in the ``seconds`` starting at ``start``."""
 
     start: datetime
     completed: int
+
+
+def execution_view(execution: ExecutionRow, plan: Sequence[PlannedStep]) -> ExecutionView:
+    """The view of ``execution``, from the plan ``step_plans`` gives for it."""
+    completed = sum(1 for s in plan if s.status == "completed")
+    total = len(plan)
+    at = next((s.step for s in plan if s.status != "completed"), total)
+    return ExecutionView(
+        **executions.columns(execution),
+        progress=Progress(step=at, of=total, completed=completed, text=f"step {at} of {total}"),
+        completed_steps=completed,
+        total_steps=total,
+        steps=list(plan),
+    )
+
+
+async def read_execution(conn: AsyncConnection[Any], execution_id: str) -> ExecutionView | None:
+    """The view of one execution, or ``None`` when there is no such execution."""
+    # Without its recorded steps: the plan has them, the ones not started included.
+    found = await executions.get_execution(conn, execution_id, with_steps=False)
+    if found is None:
+        return None
+    return (await read_executions(conn, [found]))[0]
+
+
+async def read_executions(
+    conn: AsyncConnection[Any], found: Sequence[ExecutionRow]
+) -> list[ExecutionView]:
+    """The views of executions already read, in their order."""
+    plans = await step_plans(conn, [e.id for e in found])
+    return [execution_view(e, plans.get(e.id, [])) for e in found]
 
 
 async def step_plans(
@@ -43,6 +104,7 @@ async def step_plans(
         return {}
     query = (
         "SELECT e.id::text AS execution_id, a.step::int AS step,"
+        " jsonb_array_length(w.definition -> 'actions') AS \"of\","
         " (SELECT k FROM jsonb_object_keys(a.action) AS k LIMIT 1) AS action,"
         " coalesce(s.status, 'pending') AS status, coalesce(s.attempts, 0) AS attempts,"
         " s.error, s.updated_at"
