@@ -28,14 +28,17 @@ ifneq ($(examples),)
 endif
 	@echo
 	@echo "govflow is starting. With no GOVFLOW_REDIS_URL / GOVFLOW_DATABASE_URL set, the embedded"
-	@echo "Redis and Postgres keep their data in $${GOVFLOW_DATA_DIR:-.govflow}/. In another terminal:"
-	@echo "  uv run govflow publish policy.created --entity-id P1 --data '{\"status\":\"draft\"}'"
-	@echo "  uv run govflow lag --watch          # streams, groups, pending, dead letters"
-	@echo "  uv run govflow executions list      # what ran, step by step"
-	@echo "  uv run govflow serve                # dashboard, HTTP API and /metrics"
-	@echo "Ctrl-C finishes the work in hand and stops."
+	@echo "Redis and Postgres keep their data in $${GOVFLOW_DATA_DIR:-.govflow}/. In another terminal,"
+	@echo "in this folder:"
+	@echo "  source .venv/bin/activate      # or write .venv/bin/govflow each time"
+	@echo "  govflow publish policy.created --entity-id P1 --data '{\"title\":\"Access control\",\"owner\":\"user-17\"}'"
+	@echo "  govflow lag --watch            # streams, groups, pending, dead letters"
+	@echo "  govflow executions list        # what ran, step by step"
+	@echo "  govflow serve                  # dashboard, HTTP API and /metrics"
+	@echo "Ctrl-C finishes the work in hand and stops (a second Ctrl-C: at once)."
 	@echo
-	uv run govflow run --role all
+	@# 130: stopped at once by a second Ctrl-C, as asked.
+	uv run govflow run --role all || [ $$? -eq 130 ]
 
 test: install
 	uv run pytest

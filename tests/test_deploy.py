@@ -31,7 +31,10 @@ import yaml
 from typer.core import TyperGroup
 
 from govflow.cli.app import app
+from govflow.consumers.matching import matches
 from govflow.runtime.worker import parse_roles
+from govflow.schemas.codec import decode_workflow
+from govflow.schemas.events import Change, new_event
 from govflow.schemas.keys import GROUP_OF
 from govflow.schemas.settings import Settings
 
@@ -676,3 +679,35 @@ def test_settings_names_are_what_the_checks_above_rely_on() -> None:
     with pytest.raises(AssertionError, match="govflow refuses"):
         check_command(["govflow", "run", "--concurrency", "many"])
     assert msgspec.structs.asdict(check_settings({}, "empty")) == msgspec.structs.asdict(Settings())
+
+
+# --- the README's first steps -----------------------------------------------------------
+
+
+def readme_second_terminal() -> list[list[str]]:
+    """The commands the README gives for a second terminal, each as argv."""
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"In a second terminal.*?```sh\n(.*?)```", readme, re.DOTALL)
+    assert found, "the README gives no commands for a second terminal"
+    lines = found.group(1).replace("\\\n", " ").splitlines()
+    return [argv for line in lines if (argv := shlex.split(line, comments=True))]
+
+
+def test_the_readme_second_terminal_needs_no_uv_and_its_first_event_runs_a_workflow() -> None:
+    commands = readme_second_terminal()
+    # uv is on PATH only inside make: the second terminal uses the venv make installed.
+    assert commands[0] == ["source", ".venv/bin/activate"]
+    assert all(argv[0] == "govflow" for argv in commands[1:]), commands
+    for argv in commands[1:]:
+        check_command(argv)
+    publish = next(argv for argv in commands if argv[:2] == ["govflow", "publish"])
+    ctx = check_command(publish)
+    assert ctx is not None
+    event = new_event(
+        ctx.params["type"],
+        ctx.params["entity_id"],
+        data=json.loads(ctx.params["data"]),
+        changes=msgspec.json.decode(ctx.params["changes"], type=dict[str, Change]),
+    )
+    examples = [decode_workflow(p.read_bytes(), str(p)) for p in DEPLOY.glob("examples/*.yaml")]
+    assert [wf.name for wf in examples if matches(wf, event)] == ["high-risk-policy-approval"]
