@@ -1,6 +1,6 @@
-"""govflow's side of the benchmark: publish with ``producers.publish``, run worker processes.
+"""govflow's side of the benchmark: publish with ``govflow.Publisher``, run worker processes.
 
-Each worker process is ``govflow run --role triggers,actions`` (``python -m ops.cli``), as a
+Each worker process is ``govflow run --role triggers,actions`` (``python -m govflow.cli``), as a
 user runs it: JSON logs at ``info`` on stderr, ``--concurrency`` consumers per group. So
 govflow is measured as separate processes, like every peer.
 """

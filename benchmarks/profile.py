@@ -34,16 +34,29 @@ def wrap(out: Path) -> Callable[[int], list[str]]:
     return command
 
 
+# The subpackages of govflow: a frame in one of them is govflow's own code.
+GOVFLOW_ROOMS = (
+    "schemas",
+    "db",
+    "core",
+    "plugins",
+    "consumers",
+    "producers",
+    "cli",
+    "api",
+    "runtime",
+    "operations",
+)
 # What a frame's file belongs to, for the "where the time goes" view; first match wins.
 CATEGORIES = (
-    ("logging (structlog, ops/log.py)", ("structlog/", "ops/log.py", "/logging/")),
+    ("logging (structlog, runtime/log.py)", ("structlog/", "govflow/runtime/log.py", "/logging/")),
     ("Redis client (redis-py, hiredis)", ("redis/", "hiredis")),
     ("Postgres client (psycopg, pool)", ("psycopg",)),
-    ("JSON codec (msgspec, schemas/codec.py)", ("msgspec", "schemas/codec.py")),
+    ("JSON codec (msgspec, schemas/codec.py)", ("msgspec", "govflow/schemas/codec.py")),
     ("metrics (prometheus_client)", ("prometheus_client",)),
     ("event loop (asyncio, anyio, selectors)", ("asyncio/", "anyio/", "selectors.py")),
-    ("govflow's own code", ("consumers/", "db/", "schemas/", "ops/", "producers/")),
-)
+    ("govflow's own code", tuple(f"govflow/{room}/" for room in GOVFLOW_ROOMS)),
+)  # fmt: skip
 # Samples outside the running event loop are start-up (imports) or shutdown.
 LOOP_FRAME = "run_forever"
 

@@ -45,8 +45,8 @@ COMPOSE = DEPLOY / "compose.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 
 SETTING_NAMES = frozenset(f"GOVFLOW_{name.upper()}" for name in Settings.__struct_fields__)
-# Commands SPEC promises that the deploy files run before the CLI has them (`serve`:
-# issue 4). Once a command is registered, its arguments are checked like the others'.
+# Commands the deploy files may run before the CLI has them. Once a command is
+# registered, its arguments are checked like the others'.
 NOT_YET_BUILT = frozenset({"serve"})
 BUILD_TOOLS = ("build-essential", "gcc", "g++", "clang", "make", "cmake", "python3-dev")
 DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}

@@ -1,7 +1,7 @@
 """Bad input, generated: decoders, the events stream under a running worker, workflow files.
 
-SPEC: an entry that is not an event "goes to the dead-letter stream with the reason, and
-the group keeps flowing"; a poison entry never blocks its group. Hypothesis generates the
+README.md, "Guarantees": an entry that is not an event goes to the dead-letter stream with
+the reason, and the group keeps flowing; a poison entry never blocks its group. Hypothesis generates the
 input; every decoder may answer only with a value or ``InvalidEntryError``, and a worker
 process fed anything at all stays up and dead-letters what it cannot run, with a reason.
 """

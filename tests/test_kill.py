@@ -1,6 +1,6 @@
 """``govflow run`` as a real process, killed with SIGKILL or stopped with SIGTERM mid-burst.
 
-SPEC: no event that Redis accepted is lost, whenever a worker dies; every step's effect
+README.md, "Guarantees": no event that Redis accepted is lost, whenever a worker dies; every step's effect
 happens once; SIGTERM or SIGINT finishes the work in hand and exits 0.
 """
 

@@ -84,7 +84,7 @@ async def make_known_state(redis: Redis, pool: AsyncConnectionPool[Any], keys: K
 
 
 def expected_document(keys: Keys) -> dict[str, Any]:
-    """SPEC's document for the known state, ages and idle times left out."""
+    """The ``govflow lag --json`` document for the known state, ages and idle times left out."""
     return {
         "groups": [
             {

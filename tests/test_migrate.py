@@ -10,7 +10,7 @@ from govflow.db.migrate import migrate, migration_files
 
 pytestmark = pytest.mark.anyio
 
-# SPEC "Postgres": the tables other services read, with their key columns.
+# The tables other services read, with their key columns (README.md, "Guarantees").
 CONTRACT = {
     "workflows": {"name", "version", "entity", "trigger", "definition", "enabled"},
     "workflow_executions": {

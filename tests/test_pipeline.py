@@ -2,7 +2,7 @@
 
 Each test applies workflow definitions, publishes events with the library, runs a real
 ``Worker`` (or ``govflow run`` as a subprocess) and checks the rows in Postgres and what
-is left in Redis. See SPEC "Guarantees".
+is left in Redis. The guarantees are listed in README.md, "Guarantees".
 """
 
 from __future__ import annotations

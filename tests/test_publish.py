@@ -1,4 +1,4 @@
-"""The publisher library: SPEC's wire format, partitions, retries, and a typed error."""
+"""The publisher library: the wire format, partitions, retries, and a typed error."""
 
 from __future__ import annotations
 

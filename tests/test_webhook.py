@@ -1,6 +1,6 @@
 """The ``notify`` action against a real HTTP server: retries, signatures, permanent failures.
 
-SPEC: a webhook is delivered at least once, always with the same ``Idempotency-Key``, and
+README.md, "Guarantees": a webhook is delivered at least once, always with the same ``Idempotency-Key``, and
 signed with HMAC-SHA256; a 4xx is permanent; a timeout, a connection error or a 5xx is
 retried.
 """

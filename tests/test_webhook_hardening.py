@@ -1,4 +1,4 @@
-"""Webhook delivery against receivers that misbehave: hardening of ``consumers.webhook``.
+"""Webhook delivery against receivers that misbehave: hardening of ``govflow.plugins.webhook``.
 
 tests/test_webhook.py covers retries, signatures, 4xx and redirects through the pipeline;
 here the delivery itself meets a host that never accepts the connection, one that drips

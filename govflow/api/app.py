@@ -5,7 +5,7 @@ Postgres pool and closes them; the pool opens without waiting, so the API starts
 ``/healthz`` says 503) while Postgres is away, and every other answer that needs a server
 that is down is a 503 naming it, never a 500.
 
-Routes and who may call them (see ``ops/api_auth.py``):
+Routes and who may call them (see ``govflow/api/auth.py``):
 
 ============================================ ========= ==================================
 ``POST /events``                              publish   202 ``{"id": ...}``
@@ -71,9 +71,9 @@ from govflow.db import dead_letters, executions, views
 from govflow.db.dead_letters import Selection
 from govflow.operations import dlq, lag
 from govflow.producers.publish import Publisher
-from govflow.schemas.events import convert_event
 from govflow.schemas.codec import MAX_ENTRY_BYTES, encode
 from govflow.schemas.errors import InvalidEntryError
+from govflow.schemas.events import convert_event
 from govflow.schemas.settings import Settings
 
 log = structlog.get_logger(__name__)

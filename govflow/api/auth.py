@@ -8,9 +8,10 @@ Answers:
 
 - no token, a malformed header or an unknown token: 401 with ``WWW-Authenticate: Bearer``;
 - a known token without the scope: 403 (``error="insufficient_scope"``);
-- no tokens configured at all: writes (``publish``, ``operate``) are refused with 403, as
-  SPEC says; reads are open to loopback clients only, so ``govflow serve`` on a laptop
-  shows its dashboard with nothing to set up, and any other client gets 403.
+- no tokens configured at all: writes (``publish``, ``operate``) are refused with 403
+  (README.md, "The HTTP API and the dashboard"); reads are open to loopback clients
+  only, so ``govflow serve`` on a laptop shows its dashboard with nothing to set up, and
+  any other client gets 403.
 
 A token never reaches a log line or a response. The actor a replay is recorded under is
 ``api:`` and the first 8 hex digits of the token's SHA-256: an operator can tell which

@@ -1,6 +1,6 @@
 """The ``govflow`` command line: one entry point, and one line on stderr per error.
 
-Every command reads its settings through ``ops.context`` (the environment, then the global
+Every command reads its settings through ``govflow.cli.context`` (the environment, then the global
 flags, then its own) and runs its async body with ``run_async``. To add a group of
 commands, make a ``typer.Typer()`` in its own module and ``app.add_typer`` it below.
 
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     except GovflowError as e:
         _print_error(str(e))
         status = 1
-    except Exception as e:  # noqa: BLE001 - SPEC: a sentence, never a traceback
+    except Exception as e:  # noqa: BLE001 - an error is a sentence, never a traceback
         _print_error(f"unexpected {type(e).__name__}: {e} (a bug in govflow; please report it)")
         status = 1
     sys.exit(status if isinstance(status, int) else 0)

@@ -1,4 +1,4 @@
-"""``govflow dlq``: list, show, replay and purge dead letters (the logic is ops/dlq.py)."""
+"""``govflow dlq``: list, show, replay and purge dead letters (the logic is operations/dlq.py)."""
 
 from __future__ import annotations
 

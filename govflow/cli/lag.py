@@ -1,4 +1,4 @@
-"""``govflow lag``: the report of ops/lag.py as a table, as JSON, or redrawn in place."""
+"""``govflow lag``: the report of operations/lag.py as a table, as JSON, or redrawn in place."""
 
 from __future__ import annotations
 

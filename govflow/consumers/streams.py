@@ -28,7 +28,7 @@ from govflow.schemas.keys import Role
 
 # The field that carries the attempt number of a retried or replayed entry; the
 # delivery counter of XPENDING is lost when an entry is added anew.
-# SPEC's wire fields: the event of an events entry, the command of a commands entry.
+# The one field of each entry: the event of an events entry, the command of a commands entry.
 EVENT_FIELD = b"event"
 COMMAND_FIELD = b"command"
 ATTEMPT_FIELD = b"attempt"

@@ -36,7 +36,7 @@ CLAIMED = Counter(
 )
 RETRIES_MOVED = Counter("govflow_retries_moved_total", "Retries put back on their stream when due.")
 
-# Set every few seconds from `govflow lag`'s report (ops/lag.py); they describe Redis and
+# Set every few seconds from `govflow lag`'s report (govflow/operations/lag.py); they describe Redis and
 # Postgres, not the process, so aggregate them across workers with `max`, not `sum`.
 STREAM_LENGTH = Gauge(
     "govflow_stream_length", "Entries in the stream: retained history, not backlog.", ["stream"]

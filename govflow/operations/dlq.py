@@ -14,8 +14,8 @@ workflow) once and skips each completed step, so the second copy changes nothing
 
 The action workers run a command whose execution is ``dead_lettered`` again only when
 its entry carries ``replay_of``; the steps already completed are skipped
-(consumers/actions.py). A dry run reads the same state to say what would run
-(ops/replay_plan.py). The commands are in ops/dlq_cli.py.
+(govflow/consumers/actions.py). A dry run reads the same state to say what would run
+(govflow/operations/replay_plan.py). The commands are in govflow/cli/dlq.py.
 """
 
 from __future__ import annotations

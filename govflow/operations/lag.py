@@ -1,7 +1,7 @@
 """How far behind each consumer group is: in entries, and in seconds.
 
-``read_lag`` reports, per stream and group, SPEC's figures plus whether the lag in
-entries is exact (``lag_valid``). Redis 7 reports a group's ``lag`` in ``XINFO GROUPS``
+``read_lag`` reports, per stream and group, what ``govflow lag`` shows, plus whether the
+lag in entries is exact (``lag_valid``). Redis 7 reports a group's ``lag`` in ``XINFO GROUPS``
 but reports NULL after an entry ahead of the group was deleted or trimmed, and Redis 6.2
 has no such field at all (exporters then show 0, as if nothing waited). In both cases
 govflow counts the entries after the group's last-delivered id itself, inside Redis and
@@ -19,7 +19,7 @@ will have to deliver.
 
 This module reads Redis replies itself (``XINFO`` is read nowhere on the hot path); the
 Prometheus gauges are set by ``export_gauges``, every few seconds by ``LagGauges`` in
-each worker. The ``govflow lag`` command is in ops/lag_cli.py.
+each worker. The ``govflow lag`` command is in govflow/cli/lag.py.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class ConsumerLag(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
 
 class GroupLag(msgspec.Struct, frozen=True, kw_only=True):
-    """One group of one stream (SPEC's ``govflow lag --json`` element)."""
+    """One group of one stream (an element of ``govflow lag --json``)."""
 
     stream: str
     group: str

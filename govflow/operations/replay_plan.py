@@ -4,7 +4,7 @@ Definitions may have changed since an entry failed, and steps may have completed
 An event letter is matched against the enabled definitions as the trigger matcher would
 match it: a new execution runs every step, a ``queued`` one has its command emitted
 again, any other is left alone. A command letter runs its own workflow version, skipping
-the steps its execution already completed (consumers/actions.py).
+the steps its execution already completed (govflow/consumers/actions.py).
 """
 
 from __future__ import annotations

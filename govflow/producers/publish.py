@@ -146,7 +146,7 @@ class Publisher:
     async def connect(cls, url: str, keys: Keys, **options: Unpack[PublisherOptions]) -> Publisher:
         """Make a publisher with its own client of the server or cluster at ``url``.
 
-        The server is asked whether it is a Redis Cluster node (``consumers.cluster``).
+        The server is asked whether it is a Redis Cluster node (``govflow.core.connect``).
         Close the publisher with ``aclose()``.
 
         Raises:
@@ -334,7 +334,7 @@ class SyncPublisher:
 
 
 def _entries(keys: Keys, events: list[Event]) -> list[tuple[str, dict[FieldT, EncodableT]]]:
-    """The (stream, fields) of each event: SPEC's wire format, one ``event`` field."""
+    """The (stream, fields) of each event: the wire format, one ``event`` field."""
     return [
         (keys.events(keys.partition_of(event.entity_id)), {"event": encode(event)})
         for event in events

@@ -1,6 +1,6 @@
 """Connections for the operator commands: a Redis client and a small Postgres pool.
 
-The Redis URL may name a single server or a Redis Cluster node (``consumers.cluster``).
+The Redis URL may name a single server or a Redis Cluster node (``govflow.core.connect``).
 
 ``govflow lag``, ``dlq`` and ``executions`` open these once per run; the HTTP API keeps
 its own for the life of the server and calls the same functions with them.

@@ -7,7 +7,7 @@ the janitor and, with the ``relay`` role, the outbox relay.
 With ``GOVFLOW_PARTITIONS`` above 1, partitions are leased (``consumers.partitions``): per
 role, the worker holds a fair share of the partitions, one consumer on each, and
 ``--concurrency`` does not apply; the retry mover and the janitor tend the partitions
-held here. The Redis URL may name a Redis Cluster node (``consumers.cluster``); a cluster
+held here. The Redis URL may name a Redis Cluster node (``govflow.core.connect``); a cluster
 needs at least 2 partitions, since one partition's keys carry no hash tag.
 """
 

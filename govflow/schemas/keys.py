@@ -1,12 +1,12 @@
 """The names of govflow's Redis keys, and which partition an entity belongs to.
 
-With one partition (the default) the keys are SPEC's: ``{prefix}:events``,
+With one partition (the default) the keys are ``{prefix}:events``,
 ``{prefix}:commands``, ``{prefix}:retry`` and ``{prefix}:dead``. With ``N`` partitions
 each key gets a Redis Cluster hash tag, ``{prefix}:events:{p3}``: a partition's streams,
 retry set, dead-letter stream and lease share one slot, so every Lua script and
 multi-key command stays inside it, while partitions spread across shards. With one
 partition the names have no tag and land in different slots: a worker refuses to run on a
-Redis Cluster with one partition (``ops.worker``).
+Redis Cluster with one partition (``govflow.runtime.worker``).
 """
 
 from __future__ import annotations

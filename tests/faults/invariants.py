@@ -1,4 +1,4 @@
-"""The invariant checker: what SPEC's guarantees mean, read back from Postgres and Redis.
+"""The invariant checker: what govflow's guarantees (README.md) mean, read back from the servers.
 
 It trusts nothing of govflow's own code or schema: it reads the tables and the streams with
 its own queries and compares them with what the test says it published. Given the

@@ -5,8 +5,8 @@ other engineers' runs, so nothing here touches them. These servers live in a tem
 directory of their own and restart on the same port with the same data, so that a client
 configured once sees "the same server, back again".
 
-Redis runs with ``appendonly yes`` and ``appendfsync always``: SPEC promises that an entry
-Redis acknowledged survives a restart only with AOF on. Postgres runs with ``fsync=off``:
+Redis runs with ``appendonly yes`` and ``appendfsync always``: an entry Redis acknowledged
+survives a restart only with AOF on (README.md, "Guarantees"). Postgres runs with ``fsync=off``:
 the tests kill processes, never the machine, so the page cache keeps every committed
 write and the runs stay quick on a busy machine.
 """
@@ -168,7 +168,7 @@ def _as_postgres_user() -> dict[str, object]:
     if os.geteuid() != 0:
         return {}
     with warnings.catch_warnings():
-        # platformdirs warns on import when XDG_RUNTIME_DIR is unset (as ops/embedded.py says).
+        # platformdirs warns on import when XDG_RUNTIME_DIR is unset (as govflow/runtime/embedded.py says).
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         from pgserver.utils import ensure_user_exists
 

@@ -1,7 +1,7 @@
 """Worker processes that die: SIGKILL at random instants, and SIGTERM in the middle of a burst.
 
-SPEC: "No event that Redis accepted is lost: a worker killed at any instant ... delays
-work, and loses none of it"; "SIGTERM finishes the work in hand and exits 0".
+README.md, "Guarantees": no event that Redis accepted is lost, a worker killed at any
+instant delays work and loses none of it; SIGTERM finishes the work in hand and exits 0.
 """
 
 from __future__ import annotations

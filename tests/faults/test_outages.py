@@ -1,8 +1,8 @@
 """Servers that go away: Redis killed and restarted, Postgres stopped and restarted, and
 connections cut in the middle of a command by a proxy.
 
-SPEC: "a Redis restart with AOF on, or Postgres going away for a while delays work, and
-loses none of it". The workers and the producer are never restarted here: they must
+README.md, "Guarantees": a Redis restart with AOF on, or Postgres going away for a while,
+delays work and loses none of it. The workers and the producer are never restarted here: they must
 reconnect by themselves.
 """
 

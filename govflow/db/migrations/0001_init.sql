@@ -1,5 +1,5 @@
--- govflow's schema: the tables of SPEC "Postgres" and the unique keys that make every
--- effect exactly-once.
+-- govflow's schema: the tables other services read (README.md, "Guarantees") and the
+-- unique keys that make every effect exactly-once.
 
 CREATE TABLE workflows (
     name        text        NOT NULL,
