@@ -24,7 +24,8 @@ import msgspec
 import psycopg
 import typer
 from redis import exceptions as redis_errors
-from rich.table import Table
+from rich.table import Column
+from rich.text import Text
 
 from govflow.cli import config as config_cli
 from govflow.cli import dlq as dlq_cli
@@ -32,6 +33,7 @@ from govflow.cli import executions
 from govflow.cli import lag as lag_cli
 from govflow.cli.context import JsonFlag, console, print_json, run_async, set_global_flags
 from govflow.cli.serve import serve
+from govflow.cli.tables import listing_table
 from govflow.db import migrate as db_migrate
 from govflow.db.workflows import WorkflowVersion, apply_workflow, list_workflows
 from govflow.producers.publish import Publisher
@@ -237,16 +239,22 @@ def workflows_list(
     if as_json:
         print_json(rows)
         return
-    table = Table("name", "version", "entity", "trigger", "enabled", "actions", "created")
+    table = listing_table(
+        Column("name", overflow="fold", ratio=2),
+        Column("version", justify="right", no_wrap=True),
+        Column("on", overflow="fold", ratio=1),
+        Column("enabled", no_wrap=True),
+        Column("actions", overflow="fold", ratio=2),
+        Column("created", no_wrap=True),
+    )
     for row in rows:
         table.add_row(
-            row.name,
+            Text(row.name),
             str(row.version),
-            row.entity,
-            row.trigger,
+            Text(f"{row.entity} {row.trigger}"),
             "yes" if row.enabled else "no",
-            ", ".join(action for action, _ in row.definition.steps()),
-            f"{row.created_at:%Y-%m-%d %H:%M:%S}",
+            Text(", ".join(action for action, _ in row.definition.steps())),
+            f"{row.created_at:%Y-%m-%d %H:%M}",
         )
     console.print(table)
 

@@ -10,11 +10,11 @@ import os
 from typing import Any
 
 import msgspec
-from rich import box
-from rich.table import Table
+from rich.table import Column
 from rich.text import Text
 
 from govflow.cli.context import JsonFlag, console, global_flags, load_settings, print_json
+from govflow.cli.tables import listing_table
 from govflow.runtime.log import MASK, redact_url, value_is_secret
 
 # Shown for a URL left unset: a command then looks for the embedded servers.
@@ -70,10 +70,11 @@ def config(as_json: JsonFlag = False) -> None:
     if as_json:
         print_json({s.name: s.value for s in found})
         return
-    table = Table(box=box.SIMPLE_HEAD)
-    table.add_column("setting", no_wrap=True)
-    table.add_column("value", overflow="fold")
-    table.add_column("from", no_wrap=True)
+    table = listing_table(
+        Column("setting", no_wrap=True),
+        Column("value", overflow="fold", ratio=1),
+        Column("from", no_wrap=True),
+    )
     for s in found:
         shown = UNSET_URL if s.value is None and s.name.endswith("_url") else s.value
         table.add_row(s.env, Text(str(shown) if shown != "" else "(empty)"), s.source)

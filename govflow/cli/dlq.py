@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 import msgspec
 import typer
-from rich.markup import escape
-from rich.table import Table
+from rich.table import Column
 from rich.text import Text
 
 from govflow.cli.context import JsonFlag, console, print_json, run_async
+from govflow.cli.tables import fields_table, listing_table, one_line, rest_of
 from govflow.db.dead_letters import DeadLetter, Selection
 from govflow.operations.dlq import (
     PurgeReport,
@@ -77,16 +77,21 @@ def list_command(
     if not letters:
         console.print("no dead letters" if include_done else "no open dead letters")
         return
-    table = Table("id", "dead-lettered", "stream", "event type", "attempts", "error", "state")
+    # The error is cut to one line: `dlq show ID` prints all of it. The columns beside
+    # it take 6 + 14 + 5 + 8 characters and 2 between each.
+    width = rest_of(console.width, 6 + 14 + 5 + 8 + 4 * 2)
+    table = listing_table(
+        Column("id", justify="right", no_wrap=True),
+        Column("dead-lettered", no_wrap=True),
+        Column("stream / event / error", overflow="fold", ratio=1),
+        Column("tries", justify="right", no_wrap=True),
+        Column("state", overflow="fold", max_width=8),
+    )
     for d in letters:
+        cell = Text(f"{d.stream}  {d.event_type or '-'}\n")
+        cell.append(one_line(d.error, width), style="red")
         table.add_row(
-            str(d.id),
-            when(d.created_at),
-            Text(d.stream),
-            Text(d.event_type or "-"),
-            str(d.attempts),
-            Text(d.error if len(d.error) <= 100 else d.error[:99] + "…"),
-            Text(_state(d)),
+            str(d.id), f"{d.created_at:%m-%d %H:%M:%S}", cell, str(d.attempts), _short_state(d)
         )
     console.print(table)
 
@@ -120,11 +125,11 @@ def show_command(
     ]
     if letter.replay_reason:
         rows.append(("replay reason", letter.replay_reason))
-    for name, value in rows:
-        console.print(f"[bold]{name:>14}[/bold]  {escape(value)}")
-    console.print(f"[bold]{'payload':>14}[/bold]")
+    rows.append(("payload", ""))
+    console.print(fields_table(rows))
     for field, value in letter.payload.items():
-        console.print(f"  {field}: {_pretty(value)}".replace("\n", "\n  "), markup=False)
+        text = f"  {field}: {_pretty(value)}".replace("\n", "\n  ")
+        console.print(text, markup=False, soft_wrap=False, overflow="fold")
 
 
 @app.command("replay")
@@ -235,6 +240,13 @@ def _fail_on_unknown(skipped: Sequence[Skipped]) -> None:
     unknown = [str(s.id) for s in skipped if s.why == "no such dead letter"]
     if unknown:
         raise GovflowError(f"no dead letter with id {', '.join(unknown)}")
+
+
+def _short_state(letter: DeadLetter) -> str:
+    """``open``, ``replayed`` or ``purged``: `dlq show` says by whom and when."""
+    if letter.purged_at is not None:
+        return "purged"
+    return "open" if letter.replayed_at is None else "replayed"
 
 
 def _state(letter: DeadLetter) -> str:

@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from govflow.cli.context import JsonFlag, console, print_json, run_async
+from govflow.cli.tables import listing_table, one_line, rest_of, short_id
 from govflow.db import executions, views
 from govflow.db.executions import Execution
+from govflow.db.id_prefix import resolve_execution_id
 from govflow.runtime.connections import database_pool
 from govflow.schemas.errors import GovflowError
 from govflow.schemas.settings import Settings
@@ -49,30 +51,38 @@ def list_command(
     if not rows:
         console.print("no executions")
         return
-    table = Table("id", "workflow", "entity", "status", "attempts", "created", "last error")
+    # Names fold, never cut; the last error is cut to one line: `show` prints all of it.
+    # The columns beside it take 8 + 13 + 5 + 14 characters and 2 between each.
+    width = rest_of(console.width, 8 + 13 + 5 + 14 + 4 * 2)
+    table = listing_table(
+        Column("id", no_wrap=True),
+        Column("workflow / entity / last error", overflow="fold", ratio=1),
+        Column("status", no_wrap=True, min_width=13),
+        Column("tries", justify="right", no_wrap=True),
+        Column("created", no_wrap=True),
+    )
     for e in rows:
+        cell = Text(f"{e.workflow_name} v{e.workflow_version}\n{e.entity_type} {e.entity_id}")
+        if e.last_error:
+            cell.append(f"\n{one_line(e.last_error, width)}", style="red")
         table.add_row(
-            e.id,
-            f"{e.workflow_name} v{e.workflow_version}",
-            Text(f"{e.entity_type} {e.entity_id}"),
-            e.status,
-            str(e.attempts),
-            f"{e.created_at:%Y-%m-%d %H:%M:%S}",
-            Text(e.last_error or ""),
+            short_id(e.id), cell, e.status, str(e.attempts), f"{e.created_at:%m-%d %H:%M:%S}"
         )
     console.print(table)
 
 
 @app.command("show")
 def show_command(
-    execution_id: Annotated[str, typer.Argument(metavar="ID", help="The execution id.")],
+    execution_id: Annotated[
+        str, typer.Argument(metavar="ID", help="The execution id, or its first characters.")
+    ],
     as_json: JsonFlag = False,
 ) -> None:
     """Show one execution: its event, status, and each step of its workflow."""
 
     async def body(settings: Settings) -> views.ExecutionView | None:
         async with database_pool(settings, max_size=1) as pool, pool.connection() as conn:
-            return await views.read_execution(conn, execution_id)
+            return await views.read_execution(conn, await resolve_execution_id(conn, execution_id))
 
     detail = run_async(body, redis=False)
     if detail is None:
@@ -80,21 +90,30 @@ def show_command(
     if as_json:
         print_json(detail)
         return
+    # Wrapped to the terminal: an 80-column one folds the long lines, never cuts them.
     console.print(
         f"execution {detail.id}: {detail.workflow_name} v{detail.workflow_version}"
         f" for {detail.entity_type} {detail.entity_id} (tenant {detail.tenant})",
         markup=False,
+        soft_wrap=False,
     )
     console.print(
         f"event {detail.event_id}; {detail.status}, {detail.completed_steps} of"
         f" {detail.total_steps} steps completed, {detail.attempts} deliveries",
         markup=False,
+        soft_wrap=False,
     )
     if detail.last_error:
-        console.print(f"last error: {detail.last_error}", markup=False)
-    table = Table("step", "action", "status", "attempts", "error")
+        console.print(f"last error: {detail.last_error}", markup=False, soft_wrap=False)
+    table = Table(
+        Column("step", no_wrap=True),
+        Column("action", overflow="fold"),
+        Column("status", no_wrap=True),
+        Column("tries", justify="right", no_wrap=True),
+        Column("error", overflow="fold", ratio=1),
+    )
     for s in detail.steps:
         table.add_row(
-            f"{s.step} of {s.of}", s.action, s.status, str(s.attempts), Text(s.error or "")
+            f"{s.step} of {s.of}", Text(s.action), s.status, str(s.attempts), Text(s.error or "")
         )
     console.print(table)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import signal
-from collections.abc import Sequence
 from typing import Annotated
 
 import anyio
@@ -12,28 +11,35 @@ import typer
 from rich.console import Group as RenderGroup
 from rich.console import RenderableType
 from rich.live import Live
-from rich.table import Table
+from rich.table import Column
 from rich.text import Text
 
 from govflow.cli.context import JsonFlag, console, print_json, run_async
-from govflow.operations.lag import ConsumerLag, LagReport, read_lag
+from govflow.cli.tables import listing_table
+from govflow.operations.lag import LagReport, read_lag
 from govflow.runtime.connections import database_pool, redis_client
 from govflow.schemas.errors import ConfigError
 from govflow.schemas.settings import Settings
 
 
 def render(report: LagReport) -> RenderableType:
-    """The report as a table of groups and a line of totals."""
-    table = Table(
-        "stream",
-        "group",
-        "length",
-        "lag",
-        "pending",
-        "oldest pending",
-        "oldest undelivered",
-        "parked",
-        "consumers",
+    """The report as a table of groups, one of their consumers, and a line of totals."""
+    parked = any(g.held_entities for g in report.groups)
+    table = listing_table(
+        Column("stream", overflow="fold", ratio=1),
+        Column("group", overflow="fold"),
+        Column("length", justify="right", no_wrap=True),
+        Column("lag", justify="right", no_wrap=True),
+        Column("pending", justify="right", no_wrap=True),
+        Column("oldest\npending", justify="right", no_wrap=True),
+        Column("oldest\nundelivered", justify="right", no_wrap=True),
+        *([Column("parked\n(held)", justify="right", no_wrap=True)] if parked else []),
+    )
+    consumers = listing_table(
+        Column("group", overflow="fold"),
+        Column("consumer", overflow="fold", ratio=1),
+        Column("pending", justify="right", no_wrap=True),
+        Column("idle", justify="right", no_wrap=True),
     )
     for g in report.groups:
         table.add_row(
@@ -44,9 +50,10 @@ def render(report: LagReport) -> RenderableType:
             str(g.pending),
             format_age(g.oldest_pending_age_s),
             format_age(g.oldest_undelivered_age_s),
-            f"{g.parked} ({g.held_entities} held)" if g.held_entities else "0",
-            Text(_consumers(g.consumers)),
+            *([f"{g.parked} ({g.held_entities})"] if parked else []),
         )
+        for c in g.consumers:
+            consumers.add_row(Text(g.group), Text(c.name), str(c.pending), format_age(c.idle_s))
     totals = [
         f"retries scheduled: {report.retry_scheduled}",
         f"dead letters: {report.dead_letters}",
@@ -60,18 +67,15 @@ def render(report: LagReport) -> RenderableType:
                 else ""
             )
         )
-    parts: list[RenderableType] = [table, Text("   ".join(totals))]
+    parts: list[RenderableType] = [table]
+    if consumers.row_count:
+        parts.extend([Text(""), consumers])
+    else:
+        parts.append(Text("no consumers", style="dim"))
+    parts.extend([Text(""), Text("   ".join(totals))])
     if any(not g.lag_valid for g in report.groups):
         parts.append(Text("~ an estimate: too many entries to count", style="dim"))
     return RenderGroup(*parts)
-
-
-def _consumers(consumers: Sequence[ConsumerLag]) -> str:
-    if not consumers:
-        return "-"
-    return "\n".join(
-        f"{c.name}: {c.pending} pending, idle {format_age(c.idle_s)}" for c in consumers
-    )
 
 
 def format_age(seconds: float | None) -> str:
