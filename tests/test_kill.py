@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +196,101 @@ async def test_a_stop_signal_finishes_the_work_in_hand_and_exits_0(
     assert await scalar(pool, "SELECT count(*) FROM execution_steps WHERE attempts <> 1") == 0
     assert await scalar(pool, "SELECT count(*) FROM dead_letters") == 0
     print(f"\n{signals[0].name} at {done_at_stop}/{total} completed")
+
+
+SLOW_NOTICE = """
+name: slow-notice
+entity: policy
+trigger: create
+actions:
+  - notify: {webhook: "URL", message: "{data.title} is new"}
+"""
+
+
+@contextmanager
+def held_webhook() -> Iterator[tuple[str, threading.Event, threading.Event]]:
+    """A webhook receiver that holds each request until released: (url, arrived, release)."""
+    arrived, release = threading.Event(), threading.Event()
+
+    class Hold(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            arrived.set()
+            release.wait(60)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hold)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/hook", arrived, release
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+async def worker_holding_a_webhook(
+    settings: Settings,
+    pool: AsyncConnectionPool[Any],
+    redis: Redis,
+    url: str,
+    log: Path,
+    arrived: threading.Event,
+) -> subprocess.Popen[bytes]:
+    """``govflow run``, once its one action (a webhook held by the receiver) is in hand."""
+    await apply(pool, SLOW_NOTICE.replace("URL", url))
+    await publish(redis, Keys(settings.prefix), events(1))
+    with log.open("wb") as stderr:
+        proc = start_cli_worker(settings, stderr=stderr, GOVFLOW_WEBHOOK_TIMEOUT="60")
+    if not await anyio.to_thread.run_sync(lambda: arrived.wait(60)):
+        stop_process(proc)
+        pytest.fail(f"the webhook was not called:\n{tail(log)}")
+    return proc
+
+
+async def test_sigint_waits_for_the_webhook_in_hand_then_exits_0(
+    make_settings: Any, redis: Redis, pool: AsyncConnectionPool[Any], tmp_path: Path
+) -> None:
+    settings, log = make_settings(), tmp_path / "worker.log"
+    with held_webhook() as (url, arrived, release):
+        proc = await worker_holding_a_webhook(settings, pool, redis, url, log, arrived)
+        try:
+            proc.send_signal(signal.SIGINT)
+            await anyio.sleep(1.5)
+            assert proc.poll() is None, f"the worker did not wait for its webhook:\n{tail(log)}"
+            release.set()
+            code = await anyio.to_thread.run_sync(lambda: proc.wait(30))
+        finally:
+            stop_process(proc)
+    assert code == 0, tail(log)
+    assert await statuses(pool) == {"completed": 1}
+    assert await stream_state(redis, Keys(settings.prefix)) == NOTHING_LEFT
+
+
+async def test_a_second_sigint_later_stops_at_once_with_130(
+    make_settings: Any, redis: Redis, pool: AsyncConnectionPool[Any], tmp_path: Path
+) -> None:
+    settings, log = make_settings(), tmp_path / "worker.log"
+    with held_webhook() as (url, arrived, _):
+        proc = await worker_holding_a_webhook(settings, pool, redis, url, log, arrived)
+        try:
+            proc.send_signal(signal.SIGINT)
+            await anyio.sleep(1.5)  # past the window in which a copy of the first one counts
+            proc.send_signal(signal.SIGINT)
+            code = await anyio.to_thread.run_sync(lambda: proc.wait(15))
+        finally:
+            stop_process(proc)
+    assert code == 130, tail(log)
+    assert "worker.stopping_at_once" in log.read_text()
+    assert "Traceback" not in log.read_text()
+    # The action was in hand, not done: it stays pending for another worker to claim.
+    assert (await stream_state(redis, Keys(settings.prefix)))["actions_pending"] == 1
 
 
 async def test_metrics_are_served_where_metrics_host_says(
