@@ -29,7 +29,7 @@ from rich.text import Text
 
 from govflow.cli import config as config_cli
 from govflow.cli import dlq as dlq_cli
-from govflow.cli import executions
+from govflow.cli import executions, outcome
 from govflow.cli import lag as lag_cli
 from govflow.cli.context import JsonFlag, console, print_json, run_async, set_global_flags
 from govflow.cli.serve import serve
@@ -277,8 +277,18 @@ def publish(
     ] = "{}",
     actor: Annotated[str | None, typer.Option(help="Who made the change.")] = None,
     id: Annotated[str | None, typer.Option(help="The event id; a new UUID when absent.")] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Then print the executions it caused by workflow, or why it matched none.",
+        ),
+    ] = False,
+    wait_timeout: Annotated[
+        float, typer.Option("--wait-timeout", min=0, help="Seconds --wait waits at most.")
+    ] = 10.0,
 ) -> None:
-    """Publish one event to the stream and print its id."""
+    """Publish one event to the stream and print its id (with --wait, what it caused)."""
     event = new_event(
         type,
         entity_id,
@@ -288,7 +298,22 @@ def publish(
         actor=actor,
         id=id,
     )
-    console.print(run_async(functools.partial(_publish, event), database=False))
+    if not wait:
+        console.print(run_async(functools.partial(_publish, event), database=False))
+        return
+    caused = run_async(functools.partial(_publish_and_wait, event, wait_timeout))
+    console.print(caused.event_id, markup=False)
+    for line in outcome.lines(caused, wait_timeout):
+        console.print(line, markup=False)
+
+
+async def _publish_and_wait(event: Event, timeout_s: float, settings: Settings) -> outcome.Outcome:
+    async with await psycopg.AsyncConnection.connect(
+        _database_url(settings), connect_timeout=10, autocommit=True
+    ) as conn:
+        return await outcome.publish_and_wait(
+            functools.partial(_publish, event, settings), conn, event, timeout_s
+        )
 
 
 async def _publish(event: Event, settings: Settings) -> str:
