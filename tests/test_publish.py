@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from govflow.core.connect import split_flag
 from govflow.producers import Publisher, PublishError, PublishRetry, SyncPublisher
-from govflow.runtime.embedded import REDIS_SERVER
+from govflow.runtime.embedded import redis_server_binary
 from govflow.schemas.codec import decode_event
 from govflow.schemas.events import Event, new_event
 from govflow.schemas.keys import Keys
@@ -218,12 +218,13 @@ def test_wrong_password_is_not_retried(redis_server_url: str) -> None:
 @pytest.mark.slow
 def test_publish_retries_until_redis_comes_up() -> None:
     port = closed_port()
+    binary = str(redis_server_binary())
     server: list[subprocess.Popen[bytes]] = []
 
     def start() -> None:
         server.append(
             subprocess.Popen(
-                [str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

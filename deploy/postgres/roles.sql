@@ -64,6 +64,8 @@ BEGIN
             ('notifications',       'SELECT, INSERT',                 'govflow_worker'),
             ('status_changes',      'SELECT, INSERT',                 'govflow_worker'),
             ('dead_letters',        'SELECT, INSERT',                 'govflow_worker'),
+            -- the prefix `govflow migrate` recorded, which every process checks
+            ('deployment',          'SELECT',                         'govflow_worker'),
             -- the relay publishes the outbox, marks its rows and deletes old ones
             ('outbox',              'SELECT, INSERT, UPDATE, DELETE', 'govflow_worker'),
             -- govflow_reader and govflow_operator: everything, read-only
@@ -78,6 +80,7 @@ BEGIN
             ('dead_letters',        'SELECT', 'govflow_reader, govflow_operator'),
             ('outbox',              'SELECT', 'govflow_reader, govflow_operator'),
             ('schema_migrations',   'SELECT', 'govflow_reader, govflow_operator'),
+            ('deployment',          'SELECT', 'govflow_reader, govflow_operator'),
             -- govflow_operator: a replay or a purge is recorded on its dead letter
             ('dead_letters',
              'UPDATE (replayed_at, replayed_by, replay_reason, replay_count, purged_at, purged_by)',

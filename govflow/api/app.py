@@ -104,12 +104,19 @@ class Resources:
         self.database_url = settings.database_url
         self._redis: RedisClient | None = None
         self._pool: AsyncConnectionPool[Any] | None = None
+        self._publisher: Publisher | None = None
 
     @property
     def redis(self) -> RedisClient:
         """The Redis client (bytes replies)."""
         assert self._redis is not None, "used outside the app's lifespan"
         return self._redis
+
+    @property
+    def publisher(self) -> Publisher:
+        """The publisher of ``POST /events``: one, so it checks the partitions once."""
+        assert self._publisher is not None, "used outside the app's lifespan"
+        return self._publisher
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
@@ -121,6 +128,7 @@ class Resources:
     async def opened(self) -> AsyncIterator[None]:
         """Open the client and the pool for the life of the app; close both after."""
         self._redis = await _redis_client(self.redis_url)
+        self._publisher = Publisher(self._redis, self.keys)
         self._pool = AsyncConnectionPool(
             self.database_url,
             min_size=1,
@@ -250,7 +258,7 @@ async def publish_event(request: Request[Any, Any, Any], gf: Deps) -> Accepted:
         raise HTTPException(
             status_code=413, detail=f"the event is over the {MAX_ENTRY_BYTES} byte limit"
         )
-    await Publisher(gf.redis, gf.keys).publish(event)
+    await gf.publisher.publish(event)
     return Accepted(event.id)
 
 

@@ -34,6 +34,7 @@ from govflow.cli import lag as lag_cli
 from govflow.cli.context import JsonFlag, console, print_json, run_async, set_global_flags
 from govflow.cli.serve import serve
 from govflow.cli.tables import listing_table
+from govflow.core import deployment
 from govflow.db import migrate as db_migrate
 from govflow.db.workflows import WorkflowVersion, apply_workflow, list_workflows
 from govflow.producers.publish import Publisher
@@ -132,12 +133,18 @@ def _global_options(
 @app.command()
 def migrate() -> None:
     """Create or upgrade the database schema; safe to run twice, and concurrently."""
-    applied = run_async(_migrate, redis=False)
+    applied = run_async(_migrate, redis=False, start=True)
     console.print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
 
 
 async def _migrate(settings: Settings) -> list[str]:
-    return await db_migrate.migrate(_database_url(settings))
+    applied = await db_migrate.migrate(_database_url(settings))
+    # The database is this deployment's from now on: another prefix is refused.
+    async with await psycopg.AsyncConnection.connect(
+        _database_url(settings), autocommit=True, connect_timeout=10
+    ) as conn:
+        await deployment.record_prefix(conn, settings.prefix)
+    return applied
 
 
 @workflows_app.command("apply")
@@ -147,7 +154,7 @@ def workflows_apply(
 ) -> None:
     """Validate every file, then register each changed definition as a new version."""
     workflows = _read_definitions(files)
-    results = run_async(functools.partial(_apply, workflows), redis=False)
+    results = run_async(functools.partial(_apply, workflows), redis=False, start=True)
     if as_json:
         print_json(
             [
@@ -367,7 +374,7 @@ def run(
             metrics_host=metrics_host,
         )
 
-    if status := run_async(workers):
+    if status := run_async(workers, start=True, check=False):
         raise typer.Exit(status)
 
 

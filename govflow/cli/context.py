@@ -1,8 +1,9 @@
 """What every command needs: its settings, the servers' URLs, a way to run async code.
 
 A command module stays short by calling ``run_async(fn)``: the settings come from the
-environment and the global flags, missing URLs from the embedded servers, and ``fn`` runs
-under ``anyio.run``. Output goes through ``print_json`` (``--json``) or ``console``.
+environment and the global flags, missing URLs from the running embedded servers (or, for
+``run``, ``serve``, ``migrate`` and ``workflows apply``, from ones they start), and ``fn``
+runs under ``anyio.run``. Output goes through ``print_json`` (``--json``) or ``console``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import structlog
 import typer
 from rich.console import Console
 
-from govflow.runtime import embedded
+from govflow.core import deployment
+from govflow.runtime import embedded, local_servers
 from govflow.schemas.codec import encode
 from govflow.schemas.settings import Settings
 
@@ -55,39 +57,70 @@ def global_flags() -> dict[str, object]:
 def load_settings(**overrides: object) -> Settings:
     """Read the settings from the environment, the global flags, then ``overrides``.
 
+    With no ``GOVFLOW_DATA_DIR`` nor ``--data-dir``, the data directory is the ``.govflow``
+    folder found in the current folder or a parent, else ``.govflow`` here
+    (``runtime.local_servers``); either way an absolute path.
+
     Raises:
         ConfigError: an unknown ``GOVFLOW_`` variable or a value of the wrong type.
     """
-    return Settings.from_env(os.environ, **{**_global_flags, **overrides})
+    flags = {**_global_flags, **overrides}
+    configured = flags.get("data_dir") or os.environ.get("GOVFLOW_DATA_DIR")
+    data_dir = (
+        Path(str(configured)).expanduser().resolve()
+        if configured
+        else local_servers.default_data_dir(Path.cwd())
+    )
+    return Settings.from_env(os.environ, **{**flags, "data_dir": str(data_dir)})
 
 
 @contextlib.contextmanager
 def resolved(
-    settings: Settings, *, redis: bool = True, database: bool = True
+    settings: Settings, *, redis: bool = True, database: bool = True, start: bool = False
 ) -> Iterator[Settings]:
     """Yield ``settings`` with the URLs a command needs, from embedded servers where unset.
 
-    Only the servers a command needs start: ``govflow publish`` with a Redis URL and no
-    database URL starts no Postgres. The servers started here stop when the block exits.
+    A command that may start the servers (``start``: ``run``, ``serve``, and the set-up
+    commands ``migrate`` and ``workflows apply``) starts or reuses the ones under the data
+    directory, records them there for the others while the block runs, and stops those it
+    started when the block exits. Any other command uses the servers a running process
+    recorded (``runtime.local_servers``), and never starts one. Only the servers a command
+    needs are looked for: ``govflow publish`` needs no Postgres.
 
     Args:
         settings: the configured settings; a URL set there is used as it is.
         redis: the command talks to Redis.
         database: the command talks to Postgres.
+        start: the command may start the embedded servers.
+
+    Raises:
+        NoServersError: a command that may not start them found none running.
+        EmbeddedMissingError: no URL is set and the ``govflow[embedded]`` extra is missing.
     """
-    start_redis = redis and settings.redis_url is None
-    start_postgres = database and settings.database_url is None
-    if not (start_redis or start_postgres):
+    want_redis = redis and settings.redis_url is None
+    want_postgres = database and settings.database_url is None
+    if not (want_redis or want_postgres):
         yield settings
         return
-    data_dir = Path(settings.data_dir).resolve()
-    urls: dict[str, str] = {}
+    data_dir = Path(settings.data_dir)
+    if not start:
+        urls = local_servers.running_urls(data_dir, redis=want_redis, database=want_postgres)
+        log.info("embedded.found", data_dir=str(data_dir), servers=sorted(urls))
+        yield msgspec.structs.replace(settings, **urls)
+        return
+    embedded.require_installed()
+    urls = {}
     with contextlib.ExitStack() as stack:
-        if start_redis:
+        if want_redis:
             urls["redis_url"] = stack.enter_context(embedded.embedded_redis(data_dir))
-        if start_postgres:
+        if want_postgres:
             urls["database_url"] = stack.enter_context(embedded.embedded_postgres(data_dir))
         log.info("embedded.using", data_dir=str(data_dir), servers=sorted(urls))
+        stack.enter_context(
+            local_servers.announced(
+                data_dir, redis_url=urls.get("redis_url"), database_url=urls.get("database_url")
+            )
+        )
         yield msgspec.structs.replace(settings, **urls)
 
 
@@ -96,18 +129,30 @@ def run_async(
     *,
     redis: bool = True,
     database: bool = True,
+    start: bool = False,
+    check: bool = True,
     **overrides: object,
 ) -> T:
     """Run ``fn(settings)`` under ``anyio.run``, with the servers the command needs.
 
     Args:
         fn: the command's body.
-        redis: the command talks to Redis (an embedded one starts when no URL is set).
+        redis: the command talks to Redis (with no URL set: the running embedded one).
         database: the command talks to Postgres (likewise).
+        start: with no URL set, start the embedded servers rather than find running ones.
+        check: refuse a database another deployment recorded before ``fn`` runs
+            (``core.deployment``); the worker and the API check on their own.
         overrides: settings the command's own flags set.
     """
-    with resolved(load_settings(**overrides), redis=redis, database=database) as settings:
-        return anyio.run(fn, settings)
+    configured = load_settings(**overrides)
+    with resolved(configured, redis=redis, database=database, start=start) as settings:
+
+        async def body(settings: Settings) -> T:
+            if check and database and settings.database_url is not None:
+                await deployment.check_prefix_at(settings.database_url, settings.prefix)
+            return await fn(settings)
+
+        return anyio.run(body, settings)
 
 
 def print_json(value: Any) -> None:

@@ -5,7 +5,9 @@ its entity. A lost connection or a timeout is retried a few times with exponenti
 backoff and jitter; then the call raises ``PublishError``. Retrying an ``XADD`` whose reply
 was lost can append the event twice: harmless, because the pipeline runs each event id
 once. The publisher never trims the stream: trimming below what every group has
-acknowledged is the workers' job.
+acknowledged is the workers' job. Before its first write a publisher compares its partition
+count with the one the workers recorded (``core.deployment``) and raises
+``DeploymentMismatchError``, a ``ConfigError``, when they differ.
 
 Redis replicates asynchronously: an ``XADD`` the primary acknowledged can be lost when the
 primary dies before its replica got it and the replica takes over (a Redis Cluster
@@ -40,6 +42,7 @@ from redis.cluster import RedisCluster as SyncRedisCluster
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
+from govflow.core import deployment
 from govflow.core.connect import connect, split_flag, unprobed
 from govflow.schemas.codec import encode
 from govflow.schemas.errors import PublishError
@@ -132,6 +135,7 @@ class Publisher:
         self._owns_client = owns_client
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = wait_timeout_ms
+        self._partitions_checked = False  # against the deployment's (core.deployment)
 
     @classmethod
     def from_url(cls, url: str, keys: Keys, **options: Unpack[PublisherOptions]) -> Publisher:
@@ -151,8 +155,21 @@ class Publisher:
 
         Raises:
             redis.exceptions.ConnectionError: nothing answers at ``url``.
+            DeploymentMismatchError: the deployment records another partition count.
         """
-        return cls(await connect(url, **_CLIENT_OPTIONS), keys, owns_client=True, **options)
+        publisher = cls(await connect(url, **_CLIENT_OPTIONS), keys, owns_client=True, **options)
+        try:
+            await publisher._check_partitions()
+        except BaseException:
+            await publisher.aclose()
+            raise
+        return publisher
+
+    async def _check_partitions(self) -> None:
+        """Compare the partition count with the deployment's, once per publisher."""
+        if not self._partitions_checked:
+            await deployment.check_partitions(self._client, self._keys)
+            self._partitions_checked = True
 
     async def publish(self, event: Event) -> str:
         """Append one event to its partition's stream and return the event id.
@@ -174,6 +191,7 @@ class Publisher:
         delays = self._retry.delays()
         for attempt in range(1, self._retry.attempts + 1):
             try:
+                await self._check_partitions()
                 async with self._client.pipeline(transaction=False) as pipe:
                     for stream, fields in entries:
                         pipe.xadd(stream, fields)
@@ -255,6 +273,7 @@ class SyncPublisher:
         self._keys = keys
         self._retry = retry
         self._owns_client = owns_client
+        self._partitions_checked = False  # against the deployment's (core.deployment)
 
     @classmethod
     def from_url(
@@ -302,6 +321,9 @@ class SyncPublisher:
         delays = self._retry.delays()
         for attempt in range(1, self._retry.attempts + 1):
             try:
+                if not self._partitions_checked:
+                    deployment.check_partitions_sync(self._client, self._keys)
+                    self._partitions_checked = True
                 with self._client.pipeline(transaction=False) as pipe:
                     for stream, fields in entries:
                         pipe.xadd(stream, fields)

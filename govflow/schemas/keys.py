@@ -55,6 +55,13 @@ class Keys(msgspec.Struct, frozen=True):
         """The key whose holder owns a partition for one group (``consumers.partitions``)."""
         return self._key(f"lease:{group}", partition)
 
+    def meta(self) -> str:
+        """The hash of what the deployment records about itself (its partition count).
+
+        Read and written alone, never with another key, so it needs no hash tag.
+        """
+        return f"{self.prefix}:meta"
+
     def workers(self, group: str) -> str:
         """The sorted set of the workers of a group, scored by their last heartbeat (ms)."""
         return f"{self.prefix}:workers:{group}"
