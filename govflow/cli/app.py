@@ -37,9 +37,11 @@ from govflow.cli.tables import listing_table
 from govflow.core import deployment
 from govflow.db import migrate as db_migrate
 from govflow.db.workflows import WorkflowVersion, apply_workflow, list_workflows
+from govflow.plugins.registry import check_actions
 from govflow.producers.publish import Publisher
 from govflow.runtime.embedded import EmbeddedServerError
 from govflow.runtime.log import MASK, configure_logging, redact_url
+from govflow.runtime.worker import parse_roles, run_workers
 from govflow.schemas.codec import decode_workflow, encode, json_schemas
 from govflow.schemas.errors import ConfigError, GovflowError, InvalidEntryError, UnavailableError
 from govflow.schemas.events import Change, Event, new_event
@@ -182,8 +184,6 @@ def _check_definitions(files: list[Path]) -> tuple[list[tuple[Path, Workflow]], 
     workflows: list[tuple[Path, Workflow]] = []
     errors: list[str] = []
     first_file: dict[str, Path] = {}
-    from govflow.plugins.registry import check_actions  # the action types: only `apply` needs them
-
     for path in files:
         try:
             wf = decode_workflow(path.read_bytes(), source=str(path))
@@ -358,11 +358,6 @@ def run(
 
     A second signal, a second or more after the first, stops at once (exit 128 + signal).
     """
-    from govflow.runtime.worker import (  # the workers' imports: only for `run`
-        parse_roles,
-        run_workers,
-    )
-
     roles = parse_roles(role or ["all"])
 
     async def workers(settings: Settings) -> int:

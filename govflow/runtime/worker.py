@@ -23,6 +23,7 @@ from typing import Any, Protocol, cast
 import anyio
 import structlog
 from anyio.abc import TaskStatus
+from prometheus_client import start_http_server
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -43,6 +44,7 @@ from govflow.core.connect import connect
 from govflow.db.pool import open_pool
 from govflow.operations.lag import LagGauges
 from govflow.plugins import webhook
+from govflow.producers.relay import Relay
 from govflow.schemas.errors import ConfigError
 from govflow.schemas.keys import GROUP_OF
 from govflow.schemas.settings import Settings
@@ -258,8 +260,6 @@ class Worker:
         if self.lag_gauges:
             services.append(LagGauges(redis, pool, keys))
         if "relay" in self.roles:
-            from govflow.producers.relay import Relay
-
             # Typed for one server; a cluster client has the same commands.
             services.append(Relay(cast("Redis", redis), pool, keys))
         return services
@@ -288,8 +288,6 @@ async def run_workers(
     at_once: list[int] = []
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         if metrics_port is not None:
-            from prometheus_client import start_http_server
-
             start_http_server(metrics_port, addr=metrics_host)
         async with anyio.create_task_group() as tg:
 
