@@ -10,10 +10,17 @@ formats).
 """
 
 from govflow.plugins import action
-from govflow.producers import Publisher, PublishError, PublishRetry, SyncPublisher
+from govflow.producers import (
+    DeploymentMismatchError,
+    Publisher,
+    PublishError,
+    PublishRetry,
+    SyncPublisher,
+)
 from govflow.schemas.events import Event, new_event
 
 __all__ = [
+    "DeploymentMismatchError",
     "Event",
     "PublishError",
     "PublishRetry",

