@@ -120,8 +120,8 @@ class TestOneDatabasePerPrefix:
         assert first.returncode == 0, first.stderr
         with psycopg.connect(empty_database_url) as conn:
             assert conn.execute("SELECT prefix FROM deployment").fetchall() == [(prefix,)]
+            dbname = conn.info.dbname
 
-        dbname = empty_database_url.rsplit("/", 1)[1]
         expected = (
             f"govflow: database {dbname} belongs to deployment {prefix!r}; "
             "GOVFLOW_PREFIX=other needs a database of its own"
