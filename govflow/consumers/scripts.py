@@ -1,8 +1,8 @@
 """The Lua scripts that make each hand-over between keys atomic, and how to call them.
 
-Each script has a name that says what it does and a function of the same name that
-builds its call from keyword arguments (``ScriptCall``), so no caller lays out KEYS and
-ARGV by position; ``Streams`` runs the calls.
+Each script has a name that says what it does and a function of that name, in lower
+case, that builds its call from keyword arguments (``ScriptCall``), so no caller lays out
+KEYS and ARGV by position; ``Streams`` runs the calls.
 
 Every script touches keys of one partition only (they share a hash tag), so they run
 unchanged on Redis Cluster. Each one acknowledges first and acts only when its XACK
@@ -22,8 +22,9 @@ arrive while it is held are parked behind it (``parked`` list, oldest first), no
 when the entry in front ends (acknowledged or dead-lettered), the next parked one goes
 back on the stream as the new entry in front, or the hold is lifted.
 
-On Redis 8.2+ ``XACKDEL`` and on 8.8 ``XNACK`` would shorten ``RETRY``; the servers this
-project tests on (6.2 embedded, 7.0 in CI) have neither, so they are not used.
+On Redis 8.2+ ``XACKDEL`` and on 8.8 ``XNACK`` would shorten ``ACK_AND_SCHEDULE_RETRY``;
+the servers this project tests on (6.2 embedded, 7.0 in CI) have neither, so they are
+not used.
 """
 
 from __future__ import annotations
