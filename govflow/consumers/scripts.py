@@ -22,9 +22,7 @@ arrive while it is held are parked behind it (``parked`` list, oldest first), no
 when the entry in front ends (acknowledged or dead-lettered), the next parked one goes
 back on the stream as the new entry in front, or the hold is lifted.
 
-On Redis 8.2+ ``XACKDEL`` and on 8.8 ``XNACK`` would shorten ``ACK_AND_SCHEDULE_RETRY``;
-the servers this project tests on (6.2 embedded, 7.0 in CI) have neither, so they are
-not used.
+The scripts use only commands Redis 6.2 has; docs/REDIS.md lists what newer servers offer.
 """
 
 from __future__ import annotations
