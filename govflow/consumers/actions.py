@@ -20,10 +20,10 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from govflow.consumers.definitions import Definitions
-from govflow.consumers.loop import UNAVAILABLE
 from govflow.consumers.outcomes import ACK, EntryIds, Outcome, RetryPolicy, dead
 from govflow.consumers.streams import REPLAY_FIELD, Entry, command_of
 from govflow.core import metrics
+from govflow.core.unavailable import UNAVAILABLE
 from govflow.db import executions
 from govflow.plugins import Effects, StepContext
 from govflow.plugins.registry import registry

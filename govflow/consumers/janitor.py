@@ -16,9 +16,9 @@ from typing import Any
 import anyio
 import structlog
 
-from govflow.consumers.loop import UNAVAILABLE
 from govflow.consumers.streams import RedisClient, Streams
 from govflow.core.service import run_every
+from govflow.core.unavailable import UNAVAILABLE
 from govflow.schemas.keys import Keys
 
 log = structlog.get_logger(__name__)

@@ -31,19 +31,37 @@ throughput, as measured: benchmarks/README.md, "Per-entity order".
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from govflow.consumers.definitions import Definitions
-from govflow.consumers.streams import HOLD_FIELD, Entry, Hold, command_of, event_of
+from govflow.consumers.outcomes import Outcome
+from govflow.consumers.settle import Verdict
+from govflow.consumers.streams import HOLD_FIELD, Entry, Hold, Streams, command_of, event_of
 from govflow.schemas.errors import InvalidEntryError
-from govflow.schemas.keys import Role
+from govflow.schemas.keys import GROUP_OF, Keys, Role
 
 
 class Ordering:
-    """Decide which entries of a batch keep their entity's order, from the definitions."""
+    """Decide which entries of a batch keep their entity's order, from the definitions.
 
-    def __init__(self, definitions: Definitions) -> None:
+    The consumer's ordering layer: with it, a batch some of whose entries keep their
+    entity's order runs in rounds (``Sequencer``); any other batch runs as it would
+    without it, in one go.
+    """
+
+    def __init__(self, definitions: Definitions, streams: Streams, keys: Keys) -> None:
         self._definitions = definitions
+        self._streams = streams
+        self._keys = keys
+
+    async def rounds(self, role: Role, partition: int, batch: Sequence[Entry]) -> Sequencer | None:
+        """The rounds to run ``batch`` in, or None when none of its entries keeps an order."""
+        holds = await self.holds(role, batch)
+        entities = sorted({h.entity for h in holds if h is not None})
+        if not entities:
+            return None
+        held = self._keys.held(GROUP_OF[role], partition)
+        return Sequencer(holds, await self._streams.holders(held, entities))
 
     async def holds(self, role: Role, batch: Sequence[Entry]) -> list[Hold | None]:
         """For each entry, the entity whose order it keeps and its token, or None."""
@@ -104,6 +122,23 @@ class Sequencer:
             else:
                 self._queues.setdefault(hold.entity, deque()).append(index)
         self._ready += [queue.popleft() for queue in self._queues.values()]
+
+    async def run(
+        self, batch: Sequence[Entry], handle: Callable[[list[Entry]], Awaitable[list[Outcome]]]
+    ) -> list[Verdict]:
+        """Handle ``batch`` round by round; an entry never run is parked behind its entity."""
+        outcomes: dict[int, Outcome] = {}
+        while part := self.next_round():
+            found = await handle([batch[i] for i in part])
+            for index, outcome in zip(part, found, strict=True):
+                outcomes[index] = outcome
+                self.ended(index, outcome.kind)
+        return [
+            Verdict(
+                entry=entry, outcome=outcomes.get(i), hold=self.holds[i], front=i in self.fronts
+            )
+            for i, entry in enumerate(batch)
+        ]
 
     def next_round(self) -> list[int]:
         """The entries to run now, in batch order; empty when the batch is done."""

@@ -39,22 +39,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 import structlog
 from anyio.abc import TaskGroup
-from redis import exceptions as redis_errors
 
 from govflow.consumers import scripts
-from govflow.consumers.loop import BLOCK_MS, UNAVAILABLE, GroupConsumer
-from govflow.consumers.streams import RedisClient
+from govflow.consumers.streams import BLOCK_MS, Entry, RedisClient, Streams
+from govflow.core.unavailable import REDIS_FAILED, UNAVAILABLE
 from govflow.schemas.keys import Keys
 
 log = structlog.get_logger(__name__)
 
 RELEASE_TIMEOUT_S = 5.0  # a lease not deleted by then lapses on its own
-# Whatever Redis (or the cluster client) answers instead of a reply.
-REDIS_FAILED = (*UNAVAILABLE, redis_errors.RedisError)
+UNREADABLE_POLL_S = 0.1  # how often a consumer whose lease awaits renewal looks again
 
 
 class PartitionLease:
@@ -78,13 +77,74 @@ class PartitionLease:
         return time.monotonic() >= self.renewed_at + self.ttl_s
 
 
-ConsumerFactory = Callable[[int, PartitionLease], GroupConsumer]
+class PlainReads(Protocol):
+    """A consumer's own reads, which the partition layer wraps."""
+
+    async def next(self) -> list[Entry]:
+        """New entries, or entries idle long enough to claim."""
+        ...
+
+    async def take_over(self) -> list[Entry]:
+        """Entries pending for other consumers, whatever their idle time, oldest first."""
+        ...
+
+
+class LeasedReads:
+    """The partition layer of a consumer's reads: read only what the lease allows.
+
+    A read starts only while the lease is safely valid. A new owner first takes over
+    every entry left pending by earlier owners (in id order, before reading anything
+    new): the lease says they are gone, so there is no idle time to wait for. It does so
+    again after a failed read: after a failover the new primary may show entries
+    delivered and never acknowledged, and an owner runs those first, to keep its
+    entities' order.
+    """
+
+    def __init__(self, reads: PlainReads, lease: PartitionLease, stream: str) -> None:
+        self._reads = reads
+        self._lease = lease
+        self._stream = stream
+        self._taking_over = True
+
+    async def next(self) -> list[Entry]:
+        """The next batch: taken over, claimed or read; none while the lease is not safe."""
+        if not self._lease.readable():
+            await anyio.sleep(UNREADABLE_POLL_S)  # renewed soon, or this consumer stops
+            return []
+        if self._taking_over:
+            taken = await self._reads.take_over()
+            if taken:
+                log.info("consumer.took_over", stream=self._stream, count=len(taken))
+                return taken
+            self._taking_over = False
+        return await self._reads.next()
+
+    def failed(self) -> None:
+        """A read failed (perhaps a failover): take over what is pending first."""
+        self._taking_over = True
+
+
+class PartitionConsumer(Protocol):
+    """The consumer of one partition (``consumers.loop.GroupConsumer``)."""
+
+    fenced: bool  # it stopped because another worker holds the lease
+
+    async def run(self) -> None:
+        """Consume until stopped or fenced."""
+        ...
+
+    def stop(self) -> None:
+        """Stop after the batch in hand."""
+        ...
+
+
+ConsumerFactory = Callable[[int, PartitionLease], PartitionConsumer]
 
 
 class _Owned:
     """A partition this worker holds, and its consumer."""
 
-    def __init__(self, consumer: GroupConsumer, lease: PartitionLease) -> None:
+    def __init__(self, consumer: PartitionConsumer, lease: PartitionLease) -> None:
         self.consumer = consumer
         self.lease = lease
         self.leaving = False  # given up or lost: the consumer is stopping
@@ -118,9 +178,7 @@ class PartitionLeases:
         self._ttl_s = ttl_s
         self._ttl_ms = int(ttl_s * 1000)
         self._make_consumer = make_consumer
-        self._renew = redis.register_script(scripts.LEASE_RENEW)
-        self._release = redis.register_script(scripts.LEASE_RELEASE)
-        self._heartbeat = redis.register_script(scripts.HEARTBEAT)
+        self._streams = Streams(redis)
         self._owned: dict[int, _Owned] = {}
         self._stopped = anyio.Event()
         self._emptied = anyio.Event()  # set when no consumer runs any more, once stopping
@@ -163,14 +221,18 @@ class PartitionLeases:
                     await self._emptied.wait()
         with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
             try:
-                await self._heartbeat(keys=[self._members], args=[self.worker_id, self._ttl_ms, 1])
+                await self._streams.run(self._beat_call(leaving=True))
             except UNAVAILABLE:
                 pass  # the membership entry lapses on its own
         log.info("partitions.left", group=self.group, worker=self.worker_id)
 
-    @property
-    def _members(self) -> str:
-        return self._keys.workers(self.group)
+    def _beat_call(self, *, leaving: bool = False) -> scripts.ScriptCall:
+        return scripts.beat(
+            members=self._keys.workers(self.group),
+            worker=self.worker_id,
+            ttl_ms=self._ttl_ms,
+            leaving=leaving,
+        )
 
     async def _beat(self, tg: TaskGroup) -> None:
         """Renew what is held, then (if the membership answers) take or give up partitions.
@@ -180,9 +242,7 @@ class PartitionLeases:
         """
         await self._renew_all()
         try:
-            raw: list[bytes] = await self._heartbeat(
-                keys=[self._members], args=[self.worker_id, self._ttl_ms, 0]
-            )
+            raw: list[bytes] = await self._streams.run(self._beat_call())
         except UNAVAILABLE as e:
             log.warning("partitions.beat_failed", group=self.group, error=str(e))
             return
@@ -215,8 +275,12 @@ class PartitionLeases:
         for p, owned in list(self._owned.items()):
             sent = time.monotonic()
             try:
-                renewed = await self._renew(
-                    keys=[self._keys.lease(self.group, p)], args=[self.worker_id, self._ttl_ms]
+                renewed = await self._streams.run(
+                    scripts.renew_lease(
+                        lease=self._keys.lease(self.group, p),
+                        owner=self.worker_id,
+                        ttl_ms=self._ttl_ms,
+                    )
                 )
             except REDIS_FAILED as e:
                 log.warning("partition.renew_failed", group=self.group, partition=p, error=str(e))
@@ -252,8 +316,10 @@ class PartitionLeases:
                 self._emptied.set()
             with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
                 try:
-                    await self._release(
-                        keys=[self._keys.lease(self.group, p)], args=[self.worker_id]
+                    await self._streams.run(
+                        scripts.release_lease(
+                            lease=self._keys.lease(self.group, p), owner=self.worker_id
+                        )
                     )
                 except UNAVAILABLE:
                     pass  # it lapses within a ttl

@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterable
 import anyio
 import structlog
 
-from govflow.consumers.loop import UNAVAILABLE
 from govflow.consumers.streams import Streams
 from govflow.core import metrics
 from govflow.core.backoff import Backoff
 from govflow.core.service import run_every
+from govflow.core.unavailable import UNAVAILABLE
 from govflow.schemas.keys import Keys
 
 log = structlog.get_logger(__name__)

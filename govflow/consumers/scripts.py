@@ -1,4 +1,8 @@
-"""The Lua scripts that make each hand-over between keys atomic.
+"""The Lua scripts that make each hand-over between keys atomic, and how to call them.
+
+Each script has a name that says what it does and a function of that name, in lower
+case, that builds its call from keyword arguments (``ScriptCall``), so no caller lays out
+KEYS and ARGV by position; ``Streams`` runs the calls.
 
 Every script touches keys of one partition only (they share a hash tag), so they run
 unchanged on Redis Cluster. Each one acknowledges first and acts only when its XACK
@@ -23,6 +27,13 @@ The scripts use only commands Redis 6.2 has; docs/REDIS.md lists what newer serv
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+import msgspec
+
+from govflow.schemas.codec import encode
+from govflow.schemas.keys import Role
+
 # Shared by the hand-over scripts. A parked member is JSON {"hold": token, "fields": [...]}.
 _FENCE_AND_RELEASE = """
 local function fenced(lease, owner)
@@ -43,7 +54,7 @@ end
 
 # KEYS: stream, lease, held, parked. ARGV: group, owner, entity, token, entry ids.
 # Returns how many the XACK removed, or -1 when fenced.
-ACK = (
+ACKNOWLEDGE = (
     _FENCE_AND_RELEASE
     + """
 if fenced(KEYS[2], ARGV[2]) then return -1 end
@@ -55,7 +66,7 @@ return n
 
 # KEYS: stream, retry set, lease, held. ARGV: group, owner, entry id, due time (ms),
 # member, entity, token. The entity (if any) is held by this entry unless already held.
-RETRY = (
+ACK_AND_SCHEDULE_RETRY = (
     _FENCE_AND_RELEASE
     + """
 if fenced(KEYS[3], ARGV[2]) then return -1 end
@@ -72,7 +83,7 @@ return 0
 
 # KEYS: stream, dead-letter stream, lease, held, parked. ARGV: group, owner, entry id,
 # entity, token, then the dead letter's field/value pairs.
-DEAD_LETTER = (
+ACK_AND_DEAD_LETTER = (
     _FENCE_AND_RELEASE
     + """
 if fenced(KEYS[3], ARGV[2]) then return -1 end
@@ -88,7 +99,7 @@ return 0
 # KEYS: stream, lease, held, parked. ARGV: group, owner, entry id, entity, token, member.
 # Parks the entry behind its entity's hold; with no hold (it ended meanwhile) the entry
 # goes back on the stream in front instead. No attempt is counted either way.
-PARK = (
+ACK_AND_PARK = (
     _FENCE_AND_RELEASE
     + """
 if fenced(KEYS[2], ARGV[2]) then return -1 end
@@ -107,7 +118,7 @@ return 0
 
 # KEYS: retry set, events stream, commands stream. ARGV: now (ms), how many at most.
 # A member is JSON: {"to": "events"|"commands", "fields": [field, value, ...]}.
-MOVE_DUE = """
+MOVE_DUE_RETRIES = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(due) do
   local m = cjson.decode(member)
@@ -122,7 +133,7 @@ return #due
 # KEYS: stream. ARGV: group, consumer, entry ids. Renews the lease on the entries the
 # consumer still owns (XCLAIM JUSTID resets the idle time without counting a delivery)
 # and returns them; an entry another consumer claimed meanwhile is left alone.
-RENEW = """
+RENEW_PENDING = """
 local kept = {}
 for i = 3, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
@@ -136,7 +147,7 @@ return kept
 
 # KEYS: stream. ARGV: group, consumer. XGROUP DELCONSUMER drops a consumer's pending
 # entries, so it runs only when there are none.
-RETIRE_CONSUMER = """
+RETIRE_IDLE_CONSUMER = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
   redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
   return 1
@@ -145,7 +156,7 @@ return 0
 """
 
 # KEYS: lease. ARGV: owner, ttl (ms). Extends the lease only while ``owner`` holds it.
-LEASE_RENEW = """
+RENEW_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
@@ -153,7 +164,7 @@ return 0
 """
 
 # KEYS: lease. ARGV: owner. Gives the lease up only if ``owner`` still holds it.
-LEASE_RELEASE = """
+RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
@@ -162,7 +173,7 @@ return 0
 
 # KEYS: members. ARGV: worker id, ttl (ms), '1' to leave. Scores by the server's clock, so
 # workers on hosts whose clocks disagree still agree on who is alive; returns the live ones.
-HEARTBEAT = """
+BEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[3] == '1' then
@@ -174,3 +185,165 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 redis.call('PEXPIRE', KEYS[1], 10 * tonumber(ARGV[2]))
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
+
+
+class ScriptCall(msgspec.Struct, frozen=True):
+    """One call of a script: its source, then its KEYS and ARGV in the script's order."""
+
+    lua: str
+    keys: list[str]
+    args: list[str | int | bytes]
+
+
+class Fence(msgspec.Struct, frozen=True):
+    """The lease a hand-over requires: ``key`` held by ``owner``."""
+
+    key: str
+    owner: str
+
+
+class EntityOrder(msgspec.Struct, frozen=True, kw_only=True):
+    """The entity whose order an entry keeps, its token, and the keys that record both.
+
+    Attributes:
+        held: the partition's hash of held entities (entity -> token of the one in front).
+        parked: the entity's list of entries parked behind the one in front.
+    """
+
+    entity: str
+    token: str
+    held: str
+    parked: str
+
+
+def _fence(stream: str, fence: Fence | None) -> tuple[str, str]:
+    """The lease key and owner; without a fence, owner ``''`` skips the check.
+
+    A key the script never reads still has to share the stream's slot: the stream's own.
+    """
+    return (fence.key, fence.owner) if fence is not None else (stream, "")
+
+
+def _order(stream: str, order: EntityOrder | None) -> tuple[str, str, str, str]:
+    """held, parked, entity, token; entity ``''`` leaves the (stream-named) keys alone."""
+    if order is None:
+        return stream, stream, "", ""
+    return order.held, order.parked, order.entity, order.token
+
+
+def acknowledge(
+    *,
+    stream: str,
+    group: str,
+    ids: Sequence[str],
+    fence: Fence | None,
+    order: EntityOrder | None = None,
+) -> ScriptCall:
+    """XACK ``ids``; when one was removed and is in front of its entity, release the next."""
+    lease, owner = _fence(stream, fence)
+    held, parked, entity, token = _order(stream, order)
+    return ScriptCall(
+        ACKNOWLEDGE, [stream, lease, held, parked], [group, owner, entity, token, *ids]
+    )
+
+
+def ack_and_schedule_retry(
+    *,
+    stream: str,
+    group: str,
+    entry_id: str,
+    retry_set: str,
+    due_ms: int,
+    to: Role,
+    fields: Mapping[bytes, bytes],
+    fence: Fence | None,
+    order: EntityOrder | None = None,
+) -> ScriptCall:
+    """XACK the entry and, if that removed it, schedule it to go back on ``to`` at ``due_ms``."""
+    lease, owner = _fence(stream, fence)
+    held, _, entity, token = _order(stream, order)
+    member = encode({"to": to, "id": entry_id, "fields": _flat(fields)})
+    return ScriptCall(
+        ACK_AND_SCHEDULE_RETRY,
+        [stream, retry_set, lease, held],
+        [group, owner, entry_id, due_ms, member, entity, token],
+    )
+
+
+def ack_and_dead_letter(
+    *,
+    stream: str,
+    group: str,
+    entry_id: str,
+    dead_stream: str,
+    letter: Mapping[str, str],
+    fence: Fence | None,
+    order: EntityOrder | None = None,
+) -> ScriptCall:
+    """XACK the entry and, if that removed it, add ``letter`` to the dead-letter stream."""
+    lease, owner = _fence(stream, fence)
+    held, parked, entity, token = _order(stream, order)
+    flat = [x for kv in letter.items() for x in kv]
+    return ScriptCall(
+        ACK_AND_DEAD_LETTER,
+        [stream, dead_stream, lease, held, parked],
+        [group, owner, entry_id, entity, token, *flat],
+    )
+
+
+def ack_and_park(
+    *,
+    stream: str,
+    group: str,
+    entry_id: str,
+    fields: Mapping[bytes, bytes],
+    fence: Fence | None,
+    order: EntityOrder,
+) -> ScriptCall:
+    """XACK the entry and, if that removed it, park it behind its entity's hold."""
+    lease, owner = _fence(stream, fence)
+    member = encode({"hold": order.token, "fields": _flat(fields)})
+    return ScriptCall(
+        ACK_AND_PARK,
+        [stream, lease, order.held, order.parked],
+        [group, owner, entry_id, order.entity, order.token, member],
+    )
+
+
+def move_due_retries(
+    *, retry_set: str, events: str, commands: str, now_ms: int, limit: int
+) -> ScriptCall:
+    """Put up to ``limit`` retries due by ``now_ms`` back on their streams."""
+    return ScriptCall(MOVE_DUE_RETRIES, [retry_set, events, commands], [now_ms, limit])
+
+
+def renew_pending(*, stream: str, group: str, consumer: str, ids: Sequence[str]) -> ScriptCall:
+    """Reset the idle time of those of ``ids`` that ``consumer`` still owns; list them."""
+    return ScriptCall(RENEW_PENDING, [stream], [group, consumer, *ids])
+
+
+def retire_idle_consumer(*, stream: str, group: str, consumer: str) -> ScriptCall:
+    """Delete ``consumer`` from its group if nothing is pending for it."""
+    return ScriptCall(RETIRE_IDLE_CONSUMER, [stream], [group, consumer])
+
+
+def renew_lease(*, lease: str, owner: str, ttl_ms: int) -> ScriptCall:
+    """Extend ``lease`` by ``ttl_ms`` if ``owner`` holds it."""
+    return ScriptCall(RENEW_LEASE, [lease], [owner, ttl_ms])
+
+
+def release_lease(*, lease: str, owner: str) -> ScriptCall:
+    """Delete ``lease`` if ``owner`` holds it."""
+    return ScriptCall(RELEASE_LEASE, [lease], [owner])
+
+
+def beat(*, members: str, worker: str, ttl_ms: int, leaving: bool = False) -> ScriptCall:
+    """Say ``worker`` is alive (or leaving) in ``members``; list the live members."""
+    return ScriptCall(BEAT, [members], [worker, ttl_ms, 1 if leaving else 0])
+
+
+def _flat(fields: Mapping[bytes, bytes]) -> list[str]:
+    flat: list[str] = []
+    for k, v in fields.items():
+        flat += [k.decode(errors="replace"), v.decode(errors="replace")]
+    return flat

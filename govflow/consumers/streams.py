@@ -10,8 +10,8 @@ NOSCRIPT: after a restart or a failover, whose new primary has an empty script c
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeAlias
+from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 import msgspec
 from redis import exceptions as redis_errors
@@ -20,11 +20,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from govflow.consumers import scripts
-from govflow.schemas.codec import decode_command, decode_event, encode
+from govflow.schemas.codec import decode_command, decode_event
 from govflow.schemas.commands import RunWorkflow
 from govflow.schemas.errors import GroupMissingError, InvalidEntryError
 from govflow.schemas.events import Event
-from govflow.schemas.keys import Role
 
 # The field that carries the attempt number of a retried or replayed entry; the
 # delivery counter of XPENDING is lost when an entry is added anew.
@@ -40,8 +39,7 @@ MAX_ATTEMPT = 1_000_000
 # The field that carries the token of an entry that keeps its entity's order, once it was
 # retried or parked (``consumers.ordering``): the id it was first published under.
 HOLD_FIELD = b"hold"
-# XACK ids per script call: Lua's unpack() has a limit of a few thousand values.
-_ACK_CHUNK = 1000
+BLOCK_MS = 1000  # how long a read waits: below the client's socket timeout (redis-py#3138)
 
 RedisClient: TypeAlias = Redis | RedisCluster
 
@@ -92,13 +90,6 @@ def _field_of(entry: Entry, name: bytes) -> bytes:
     return raw
 
 
-class Fence(msgspec.Struct, frozen=True):
-    """The lease a hand-over requires: ``key`` held by ``owner`` (``""``: none required)."""
-
-    key: str
-    owner: str = ""
-
-
 class Hold(msgspec.Struct, frozen=True):
     """An entry that keeps its entity's order: the entity, and the entry's token."""
 
@@ -106,35 +97,12 @@ class Hold(msgspec.Struct, frozen=True):
     token: str
 
 
-class HandOver(msgspec.Struct, frozen=True, kw_only=True):
-    """Where one entry goes: acknowledged, retried, dead-lettered or parked.
-
-    ``hold`` names the entity whose order the entry keeps: set on every retry, dead letter
-    and park of such an entry, and on the acknowledgement of the one in front.
-    """
-
-    entry_id: str
-    kind: Literal["ack", "retry", "dead", "park"]
-    hold: Hold | None = None
-    target: str = ""  # retry: the retry set; dead: the dead-letter stream
-    due: float = 0.0  # retry: when, in seconds since the epoch
-    role: Role = "events"  # retry: the stream it goes back to
-    fields: dict[bytes, bytes] = {}  # retry, park: the fields it goes back with
-    record: dict[str, str] = {}  # dead: the fields of the dead letter
-
-
 class Streams:
     """Typed stream operations over one Redis or Redis Cluster client (replies as bytes)."""
 
     def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
-        self._ack = redis.register_script(scripts.ACK)
-        self._retry = redis.register_script(scripts.RETRY)
-        self._dead = redis.register_script(scripts.DEAD_LETTER)
-        self._park = redis.register_script(scripts.PARK)
-        self._move_due = redis.register_script(scripts.MOVE_DUE)
-        self._renew = redis.register_script(scripts.RENEW)
-        self._retire = redis.register_script(scripts.RETIRE_CONSUMER)
+        self._scripts: dict[str, AsyncScript] = {}
 
     async def ensure_group(self, stream: str, group: str) -> None:
         """Create the group at the start of the stream (so nothing published before is missed)."""
@@ -210,109 +178,43 @@ class Streams:
         """Reset the idle time of the entries ``consumer`` still owns; return those."""
         if not ids:
             return set()
-        kept = await self._renew(keys=[stream], args=[group, consumer, *ids])
+        call = scripts.renew_pending(stream=stream, group=group, consumer=consumer, ids=ids)
+        kept: list[bytes] = await self.run(call)
         return {i.decode() for i in kept}
 
-    async def finish(
-        self,
-        stream: str,
-        group: str,
-        items: Sequence[HandOver],
-        *,
-        fence: Fence,
-        held: str,
-        parked: Callable[[str], str],
-    ) -> bool:
-        """Hand each entry over, in order, in one round trip; False when fenced.
+    async def run(self, call: scripts.ScriptCall) -> Any:
+        """Run one script call (loading the script if the server has lost it)."""
+        return await self._script(call.lua)(keys=call.keys, args=call.args)
 
-        Fenced means another worker holds the partition's lease: nothing more was handed
-        over, and what is left stays pending for the new owner.
+    async def run_in_order(self, calls: Sequence[scripts.ScriptCall]) -> list[Any]:
+        """Run script calls in order in one round trip; return their replies.
 
-        Args:
-            stream: the stream the entries were read from.
-            group: their consumer group.
-            items: what becomes of each entry; kept in order, so a retry that holds an
-                entity comes before the entries parked behind it.
-            fence: the lease the hand-over requires.
-            held: the partition's hash of held entities.
-            parked: the parked list of an entity.
+        Every call that settles an entry acts only if its XACK removed the entry, so when
+        a server that lost its scripts refuses some, sending them all again once they are
+        loaded changes nothing twice.
         """
-        args = (stream, group, items, fence, held, parked)
         try:
-            results = await self._send(*args)
+            return await self._send(calls)
         except redis_errors.NoScriptError:
-            # Every script call before the failure acted only if its XACK did, so sending
-            # them all again once the scripts are loaded changes nothing twice.
-            await self._load_scripts()
-            results = await self._send(*args)
-        return all(r != -1 for r in results)
+            # On a cluster SCRIPT LOAD goes to every primary.
+            for lua in dict.fromkeys(c.lua for c in calls):
+                await self.redis.script_load(lua)
+            return await self._send(calls)
 
-    async def _send(
-        self,
-        stream: str,
-        group: str,
-        items: Sequence[HandOver],
-        fence: Fence,
-        held: str,
-        parked: Callable[[str], str],
-    ) -> list[Any]:
+    async def _send(self, calls: Sequence[scripts.ScriptCall]) -> list[Any]:
+        # redis-py refuses EVALSHA in a cluster pipeline: send the raw command instead.
         pipe = self.redis.pipeline(transaction=False)
-        plain = [i.entry_id for i in items if i.kind == "ack" and i.hold is None]
-        for start in range(0, len(plain), _ACK_CHUNK):
-            ids = plain[start : start + _ACK_CHUNK]
-            _queue(
-                pipe, self._ack, [stream, fence.key, held, held], [group, fence.owner, "", "", *ids]
-            )
-        for item in items:
-            if item.kind != "ack" or item.hold is not None:
-                _queue(pipe, *self._hand_over(stream, group, item, fence, held, parked))
+        for call in calls:
+            sha = self._script(call.lua).sha
+            pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
         results: list[Any] = await pipe.execute()
         return results
 
-    def _hand_over(
-        self,
-        stream: str,
-        group: str,
-        item: HandOver,
-        fence: Fence,
-        held: str,
-        parked: Callable[[str], str],
-    ) -> tuple[AsyncScript, list[str], list[Any]]:
-        entity, token = (item.hold.entity, item.hold.token) if item.hold else ("", "")
-        parked_key = parked(entity) if entity else held  # a key of the slot, never touched
-        owner = fence.owner
-        if item.kind == "ack":
-            return (
-                self._ack,
-                [stream, fence.key, held, parked_key],
-                [group, owner, entity, token, item.entry_id],
-            )
-        if item.kind == "retry":
-            member = encode({"to": item.role, "id": item.entry_id, "fields": _flat(item.fields)})
-            due_ms = int(item.due * 1000)
-            return (
-                self._retry,
-                [stream, item.target, fence.key, held],
-                [group, owner, item.entry_id, due_ms, member, entity, token],
-            )
-        if item.kind == "dead":
-            flat = [x for kv in item.record.items() for x in kv]
-            return (
-                self._dead,
-                [stream, item.target, fence.key, held, parked_key],
-                [group, owner, item.entry_id, entity, token, *flat],
-            )
-        member = encode({"hold": token, "fields": _flat(item.fields)})
-        return (
-            self._park,
-            [stream, fence.key, held, parked_key],
-            [group, owner, item.entry_id, entity, token, member],
-        )
-
-    async def _load_scripts(self) -> None:
-        """Load every script (on a cluster, on every primary: SCRIPT LOAD goes to all)."""
-        for script in (self._ack, self._retry, self._dead, self._park):
-            await self.redis.script_load(script.script)
+    def _script(self, lua: str) -> AsyncScript:
+        script = self._scripts.get(lua)
+        if script is None:
+            script = self._scripts[lua] = self.redis.register_script(lua)
+        return script
 
     async def holders(self, held: str, entities: Sequence[str]) -> dict[str, str]:
         """The token of the entry in front of each held entity among ``entities``."""
@@ -323,13 +225,20 @@ class Streams:
 
     async def move_due(self, retry_key: str, events: str, commands: str, limit: int = 500) -> int:
         """Put retries whose time has come back on their stream; return how many."""
-        now_ms = int(time.time() * 1000)
-        moved: int = await self._move_due(keys=[retry_key, events, commands], args=[now_ms, limit])
+        call = scripts.move_due_retries(
+            retry_set=retry_key,
+            events=events,
+            commands=commands,
+            now_ms=int(time.time() * 1000),
+            limit=limit,
+        )
+        moved: int = await self.run(call)
         return moved
 
     async def retire(self, stream: str, group: str, consumer: str) -> bool:
         """Remove a consumer from its group if, and only if, it has nothing pending."""
-        return bool(await self._retire(keys=[stream], args=[group, consumer]))
+        call = scripts.retire_idle_consumer(stream=stream, group=group, consumer=consumer)
+        return bool(await self.run(call))
 
     async def consumers(self, stream: str, group: str) -> list[dict[str, Any]]:
         """XINFO CONSUMERS, with text keys and names."""
@@ -358,15 +267,3 @@ def attempt_of(fields: dict[bytes, bytes]) -> int:
         return min(max(1, int(fields.get(ATTEMPT_FIELD, b"1"))), MAX_ATTEMPT)
     except ValueError:
         return 1
-
-
-def _flat(fields: dict[bytes, bytes]) -> list[str]:
-    flat: list[str] = []
-    for k, v in fields.items():
-        flat += [k.decode(errors="replace"), v.decode(errors="replace")]
-    return flat
-
-
-def _queue(pipe: Any, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> None:
-    """Queue a script call on a pipeline, the same way for Redis and Redis Cluster."""
-    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)

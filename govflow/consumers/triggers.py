@@ -11,10 +11,10 @@ import structlog
 from psycopg_pool import AsyncConnectionPool
 
 from govflow.consumers.definitions import Definitions
-from govflow.consumers.loop import UNAVAILABLE
 from govflow.consumers.matching import matches
 from govflow.consumers.outcomes import Outcome, dead
 from govflow.consumers.streams import COMMAND_FIELD, REPLAY_FIELD, Entry, RedisClient, event_of
+from govflow.core.unavailable import UNAVAILABLE
 from govflow.db import executions
 from govflow.db.executions import NewExecution
 from govflow.schemas.codec import encode

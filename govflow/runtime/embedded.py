@@ -25,8 +25,8 @@ from pathlib import Path
 
 import structlog
 from redis import Redis
-from redis import exceptions as redis_errors
 
+from govflow.core.unavailable import REDIS_NOT_ANSWERING
 from govflow.schemas.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -37,13 +37,6 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 # Run as root, pgserver runs Postgres as this OS user, and adds it when it is missing.
 PGSERVER_OS_USER = "pgserver"
-
-# What a Redis that is not (yet) there looks like to a client.
-_NOT_ANSWERING = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-)
 
 
 class EmbeddedServerError(RuntimeError):
@@ -114,7 +107,7 @@ def _pings(url: str) -> bool:
     client = Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
     try:
         return bool(client.ping())
-    except _NOT_ANSWERING:
+    except REDIS_NOT_ANSWERING:
         return False
     finally:
         client.close()
@@ -205,7 +198,7 @@ def _stop_redis(url: str, process: subprocess.Popen[bytes]) -> None:
     try:
         # SHUTDOWN fsyncs the AOF; the connection then closes, which redis-py expects.
         client.shutdown()
-    except _NOT_ANSWERING:
+    except REDIS_NOT_ANSWERING:
         pass  # already gone (killed, or shut down by an operator)
     finally:
         client.close()

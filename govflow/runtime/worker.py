@@ -31,16 +31,17 @@ from redis.asyncio.cluster import RedisCluster
 from govflow.consumers.actions import ActionRunner
 from govflow.consumers.definitions import Definitions
 from govflow.consumers.janitor import Janitor
-from govflow.consumers.loop import BLOCK_MS, UNAVAILABLE, GroupConsumer, Handler
+from govflow.consumers.loop import GroupConsumer, Handler
 from govflow.consumers.ordering import Ordering
 from govflow.consumers.outcomes import RetryPolicy
 from govflow.consumers.partitions import PartitionLease, PartitionLeases
 from govflow.consumers.retry import RetryMover
-from govflow.consumers.streams import RedisClient, Streams
+from govflow.consumers.streams import BLOCK_MS, RedisClient, Streams
 from govflow.consumers.triggers import TriggerMatcher
 from govflow.core import deployment
 from govflow.core.backoff import Backoff
 from govflow.core.connect import connect
+from govflow.core.unavailable import UNAVAILABLE
 from govflow.db.pool import open_pool
 from govflow.operations.lag import LagGauges
 from govflow.plugins import webhook
@@ -213,7 +214,7 @@ class Worker:
             handlers.append(TriggerMatcher(redis, pool, keys, definitions))
         if "actions" in self.roles:
             handlers.append(ActionRunner(pool, definitions, policy, settings, http))
-        ordering = Ordering(definitions)
+        ordering = Ordering(definitions, streams, keys)
         name = f"{socket.gethostname()}-{os.getpid()}"
         services: list[Service] = []
         leases: list[PartitionLeases] = []
@@ -234,8 +235,7 @@ class Worker:
                 return lambda p, lease: GroupConsumer(
                     streams=streams, pool=pool, keys=keys, partition=p, handler=handler,
                     consumer=worker_id, policy=policy, ordering=ordering, lease=lease,
-                    block_ms=lease.block_ms, batch_size=settings.batch_size,
-                    claim_idle_s=settings.claim_idle,
+                    batch_size=settings.batch_size, claim_idle_s=settings.claim_idle,
                 )  # fmt: skip
 
             leases = [

@@ -24,7 +24,9 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from benchmarks.cluster import Cluster, lease_owners
-from govflow.consumers.streams import HOLD_FIELD, Fence, HandOver, Hold, RedisClient, Streams
+from govflow.consumers import scripts
+from govflow.consumers.scripts import EntityOrder, Fence
+from govflow.consumers.streams import HOLD_FIELD, RedisClient, Streams
 from govflow.producers.publish import Publisher, PublishRetry
 from govflow.runtime.worker import Worker
 from govflow.schemas.errors import ConfigError, PublishError
@@ -58,48 +60,49 @@ async def test_hand_overs_are_fenced_and_keep_holds_on_a_cluster(
     def parked(entity: str) -> str:
         return keys.parked(group, entity, p)
 
+    def order(entity: str, token: str) -> EntityOrder:
+        return EntityOrder(entity=entity, token=token, held=held, parked=parked(entity))
+
     # A server that forgot the scripts (a restart, a failover) is given them again.
     for node in redis_cluster.alive():
         with node.client() as client:
             client.script_flush()
-    hold = Hold("POL-1", batch[1].id)
-    accepted = await streams.finish(
-        stream,
-        group,
+    hold = order("POL-1", batch[1].id)
+    replies = await streams.run_in_order(
         [
-            HandOver(entry_id=batch[0].id, kind="ack"),
-            HandOver(
+            scripts.acknowledge(stream=stream, group=group, ids=[batch[0].id], fence=fence),
+            scripts.ack_and_schedule_retry(
+                stream=stream,
+                group=group,
                 entry_id=batch[1].id,
-                kind="retry",
-                hold=hold,
-                target=keys.retry(p),
-                due=time.time() + 60,
-                role="commands",
+                retry_set=keys.retry(p),
+                due_ms=int((time.time() + 60) * 1000),
+                to="commands",
                 fields={**batch[1].fields, HOLD_FIELD: hold.token.encode()},
+                fence=fence,
+                order=hold,
             ),
-            HandOver(
+            scripts.ack_and_park(
+                stream=stream,
+                group=group,
                 entry_id=batch[2].id,
-                kind="park",
-                hold=Hold("POL-1", batch[2].id),
                 fields={**batch[2].fields, HOLD_FIELD: batch[2].id.encode()},
+                fence=fence,
+                order=order("POL-1", batch[2].id),
             ),
-        ],
-        fence=fence,
-        held=held,
-        parked=parked,
+        ]
     )
-    assert accepted
+    assert replies == [1, 1, 1]
     assert await streams.holders(held, ["POL-1", "POL-2"]) == {"POL-1": batch[1].id}
     assert await cluster_redis.llen(parked("POL-1")) == 1
     assert await cluster_redis.zcard(keys.retry(p)) == 1
 
     # Another worker takes the lease: the last entry cannot be acknowledged by w1.
     await cluster_redis.set(lease, "w2")
-    fenced = await streams.finish(
-        stream, group, [HandOver(entry_id=batch[3].id, kind="ack")], fence=fence, held=held,
-        parked=parked,
-    )  # fmt: skip
-    assert not fenced
+    fenced = await streams.run_in_order(
+        [scripts.acknowledge(stream=stream, group=group, ids=[batch[3].id], fence=fence)]
+    )
+    assert fenced == [-1]
     pending: Any = await cluster_redis.xpending(stream, group)
     assert pending["pending"] == 1
 
@@ -109,15 +112,19 @@ async def test_hand_overs_are_fenced_and_keep_holds_on_a_cluster(
     added: Any = await cluster_redis.xadd(stream, {"command": "c1", "hold": hold.token})
     retried = added.decode()
     await streams.read(stream, group, "w1", 10, 100)
-    assert await streams.finish(
-        stream,
-        group,
-        [HandOver(entry_id=retried, kind="dead", hold=hold, target=keys.dead(p),
-                  record={"error": "gave up"})],
-        fence=fence,
-        held=held,
-        parked=parked,
-    )  # fmt: skip
+    assert await streams.run_in_order(
+        [
+            scripts.ack_and_dead_letter(
+                stream=stream,
+                group=group,
+                entry_id=retried,
+                dead_stream=keys.dead(p),
+                letter={"error": "gave up"},
+                fence=fence,
+                order=hold,
+            )
+        ]
+    ) == [1]
     assert await cluster_redis.xlen(keys.dead(p)) == 1
     assert await streams.holders(held, ["POL-1"]) == {"POL-1": batch[2].id}
     released = await streams.read(stream, group, "w1", 10, 100)

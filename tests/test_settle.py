@@ -1,0 +1,74 @@
+"""``consumers.settle``: each entry's fate, carried out once, and refused when fenced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from govflow.consumers.outcomes import ACK, Outcome, RetryPolicy, dead
+from govflow.consumers.scripts import Fence
+from govflow.consumers.settle import Settler, Verdict
+from govflow.consumers.streams import ATTEMPT_FIELD, Streams
+from govflow.db import dead_letters
+from govflow.schemas.keys import Keys
+
+pytestmark = pytest.mark.anyio
+
+GROUP = "actions"
+
+
+async def test_an_entry_is_acknowledged_retried_or_dead_lettered_once(
+    redis: Redis, pool: AsyncConnectionPool[Any], prefix: str
+) -> None:
+    keys = Keys(prefix, 1)
+    streams = Streams(redis)
+    stream = keys.commands()
+    await streams.ensure_group(stream, GROUP)
+    for i in range(3):
+        await redis.xadd(stream, {"command": f"c{i}"})
+    batch = await streams.read(stream, GROUP, "w1", 10, 100)
+    settler = Settler(
+        streams=streams, pool=pool, keys=keys, role="commands", partition=0,
+        policy=RetryPolicy(), fence=None, stopping=lambda: False,
+    )  # fmt: skip
+    verdicts = [
+        Verdict(entry=batch[0], outcome=ACK),
+        Verdict(entry=batch[1], outcome=Outcome(kind="retry", reason="boom", cause="error")),
+        Verdict(entry=batch[2], outcome=dead("gave up", "permanent_error")),
+    ]
+
+    assert await settler.settle(verdicts)
+    # Settling the same entries again (a claim after a crash) changes nothing.
+    assert await settler.settle(verdicts)
+
+    pending: Any = await redis.xpending(stream, GROUP)
+    assert pending["pending"] == 0
+    retries: Any = await redis.zrange(keys.retry(), 0, -1)
+    assert len(retries) == 1
+    assert f'"{ATTEMPT_FIELD.decode()}","2"'.encode() in retries[0]
+    assert await redis.xlen(keys.dead()) == 1
+    async with pool.connection() as conn:
+        assert await dead_letters.count_open(conn) == 1
+
+
+async def test_a_settlement_is_refused_once_another_worker_holds_the_lease(
+    redis: Redis, pool: AsyncConnectionPool[Any], prefix: str
+) -> None:
+    keys = Keys(prefix, 1)
+    streams = Streams(redis)
+    stream, lease = keys.commands(), keys.lease(GROUP)
+    await streams.ensure_group(stream, GROUP)
+    await redis.xadd(stream, {"command": "c"})
+    batch = await streams.read(stream, GROUP, "w1", 10, 100)
+    await redis.set(lease, "w2")
+    settler = Settler(
+        streams=streams, pool=pool, keys=keys, role="commands", partition=0,
+        policy=RetryPolicy(), fence=Fence(lease, "w1"), stopping=lambda: False,
+    )  # fmt: skip
+
+    assert not await settler.settle([Verdict(entry=batch[0], outcome=ACK)])
+    pending: Any = await redis.xpending(stream, GROUP)
+    assert pending["pending"] == 1  # left for the lease's holder to take over
