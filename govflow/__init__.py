@@ -9,7 +9,8 @@ outbox), ``govflow.plugins`` (the action plug-in API), ``govflow.schemas`` (the 
 formats).
 """
 
-from govflow.plugins import action
+from typing import TYPE_CHECKING
+
 from govflow.producers import (
     DeploymentMismatchError,
     Publisher,
@@ -18,6 +19,19 @@ from govflow.producers import (
     SyncPublisher,
 )
 from govflow.schemas.events import Event, new_event
+
+if TYPE_CHECKING:
+    from govflow.plugins import action
+
+
+def __getattr__(name: str) -> object:
+    # The plug-in API brings psycopg and httpx with it (about half a second): a service
+    # that only publishes should not pay for them, so ``action`` is imported when asked for.
+    if name == "action":
+        from govflow.plugins import action
+
+        return action
+    raise AttributeError(f"module 'govflow' has no attribute {name!r}")
 
 __all__ = [
     "DeploymentMismatchError",
