@@ -104,9 +104,11 @@ async def test_the_executions_commands(
     assert (row["id"], row["status"], row["last_error"]) == (dead, "dead_lettered", "step 2: boom")
     assert (row["workflow_name"], row["entity_id"], row["total_steps"]) == ("review", "POL-1", 3)
 
-    # What GET /executions/{id} answers, byte for byte (tests/test_api.py holds the API to it).
+    # What GET /executions/{id} answers, byte for byte (tests/test_api.py holds the API to it);
+    # the list holds the same view, as GET /executions does.
     async with pool.connection() as conn:
         view = await read_execution(conn, dead)
+    assert results["list"].stdout == codec.encode([view]) + b"\n"
     assert results["show_json"].stdout == codec.encode(view) + b"\n"
     shown = json.loads(results["show_json"].stdout)
     assert (shown["completed_steps"], shown["total_steps"], shown["progress"]["text"]) == (

@@ -1,6 +1,7 @@
 """``govflow executions``: what ran, for which event, and how far each execution got.
 
-``show --json`` prints the view ``GET /executions/{id}`` answers (``db.views.read_execution``):
+``list --json`` and ``show --json`` print the views ``GET /executions`` and
+``GET /executions/{id}`` answer (``db.views``):
 the execution with every step of its workflow version, those not started yet included
 ("step 2 of 5").
 """
@@ -16,7 +17,6 @@ from rich.text import Text
 from govflow.cli.context import JsonFlag, console, print_json, run_async
 from govflow.cli.tables import listing_table, one_line, rest_of, short_id
 from govflow.db import executions, views
-from govflow.db.executions import Execution
 from govflow.db.id_prefix import resolve_execution_id
 from govflow.runtime.connections import database_pool
 from govflow.schemas.errors import GovflowError
@@ -38,11 +38,12 @@ def list_command(
 ) -> None:
     """List executions, newest first."""
 
-    async def body(settings: Settings) -> list[Execution]:
+    async def body(settings: Settings) -> list[views.ExecutionView]:
         async with database_pool(settings, max_size=1) as pool, pool.connection() as conn:
-            return await executions.list_executions(
+            found = await executions.list_executions(
                 conn, status=status, entity_id=entity_id, workflow=workflow, limit=limit
             )
+            return await views.read_executions(conn, found)
 
     rows = run_async(body, redis=False)
     if as_json:
