@@ -33,6 +33,7 @@ def __getattr__(name: str) -> object:
         return action
     raise AttributeError(f"module 'govflow' has no attribute {name!r}")
 
+
 __all__ = [
     "DeploymentMismatchError",
     "Event",
