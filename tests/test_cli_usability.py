@@ -53,7 +53,8 @@ def test_version() -> None:
 
 
 def test_shell_completion() -> None:
-    script = offline("--show-completion", "bash")
+    # Named, not detected: a CI job has no parent shell for Typer to detect.
+    script = offline("--show-completion", "bash", _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
     assert script.returncode == 0, script.stderr
     assert "_GOVFLOW_COMPLETE" in script.stdout
     words = offline(_GOVFLOW_COMPLETE="complete_bash", COMP_WORDS="govflow wor", COMP_CWORD="1")
