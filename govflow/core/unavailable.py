@@ -72,7 +72,7 @@ def is_unavailable(error: BaseException) -> bool:
     An error raised by an action's code reaches here as ``ActionFailedError``, never an
     outage, whatever it wraps.
     """
-    if isinstance(error, ActionFailedError | REDIS_REFUSED) or not isinstance(error, UNAVAILABLE):
+    if isinstance(error, (ActionFailedError, *REDIS_REFUSED)) or not isinstance(error, UNAVAILABLE):
         return False
     if isinstance(error, psycopg.OperationalError) and not isinstance(error, PoolTimeout):
         state = error.sqlstate
