@@ -54,8 +54,9 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+")
 
 # Errors a person fixes by changing an argument, a file or a setting: exit 2.
 BAD_INPUT = (ConfigError, InvalidEntryError, msgspec.ValidationError)
-# A server that cannot be reached, or refuses us: exit 1.
-UNAVAILABLE = (
+# A server that cannot be reached (``core.unavailable``), or that refuses what we ask:
+# exit 1 with the server's own words. Not a retry decision: a command tries once.
+SERVER_ERRORS = (
     UnavailableError,
     EmbeddedServerError,
     redis_errors.RedisError,
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     except BAD_INPUT as e:
         _print_error(str(e))
         status = 2
-    except UNAVAILABLE as e:
+    except SERVER_ERRORS as e:
         _print_error(_describe(e))
         status = 1
     except GovflowError as e:
