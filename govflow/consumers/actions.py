@@ -239,16 +239,15 @@ class ActionRunner:
     async def _perform(self, w: Work, ready: MemoryObjectSendStream[Work]) -> None:
         """Run ``w``'s I/O steps in order, stopping at the first that fails; then hand it on."""
         async with ready:
-            if w.failure is None:
-                for step in w.steps:
-                    if not step.action.io:
-                        continue
-                    try:
-                        async with self._io_slots:
-                            step.performed = await self._call(w, step, None)
-                    except STEP_ERRORS as e:
-                        w.failure = StepFailure(step.number, step.action.name, e)
-                        break
+            for step in w.steps:  # all before any step found unable to run
+                if not step.action.io:
+                    continue
+                try:
+                    async with self._io_slots:
+                        step.performed = await self._call(w, step, None)
+                except STEP_ERRORS as e:
+                    w.failure = StepFailure(step.number, step.action.name, e)
+                    break
             # Closed only when recording failed, and this task is being cancelled then.
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await ready.send(w)

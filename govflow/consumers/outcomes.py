@@ -65,8 +65,10 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     def after_failure(
         self, attempt: int, error: str, *, delay: float | None = None, **ids: Unpack[EntryIds]
     ) -> Outcome:
-        """Retry a failed delivery (after ``delay`` if given), or dead-letter it once attempts
-        are exhausted."""
+        """Retry a failed delivery, or dead-letter it once attempts are exhausted.
+
+        ``delay``: the seconds the failure asked to wait (``RetryLater``, ``Retry-After``).
+        """
         if self.exhausted(attempt):
             return dead(
                 f"{error} (attempt {attempt} of {self.max_attempts})", "attempts_exhausted", **ids
