@@ -257,3 +257,9 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+
+
+async def retry_due(redis: Redis, keys: Keys) -> list[float]:
+    """When each retry scheduled in partition 0 is due (Unix seconds), soonest first."""
+    scored = await redis.zrange(keys.retry(), 0, -1, withscores=True)
+    return [float(entry[1]) / 1000 for entry in scored]

@@ -267,3 +267,34 @@ class TestJsonSchema:
             "delete",
         }
         assert "actions" in workflow["required"]
+
+
+class TestStepTimeouts:
+    """A step's own ``timeout:``: read by govflow, not passed to the action, in the schema."""
+
+    DEFINITION = """
+name: timed
+entity: policy
+trigger: create
+actions:
+  - notify: {webhook: "https://hooks.example.org/x", timeout: TIMEOUT}
+  - create_task: {title: t}
+"""
+
+    @pytest.mark.parametrize(
+        ("written", "seconds"), [("30s", 30.0), ("1.5m", 90.0), ("250ms", 0.25), ("2", 2.0)]
+    )
+    def test_a_step_timeout_is_a_duration(self, written: str, seconds: float) -> None:
+        wf = decode_workflow(self.DEFINITION.replace("TIMEOUT", written))
+        assert wf.timeouts() == [seconds, None]
+        assert wf.steps()[0] == ("notify", {"webhook": "https://hooks.example.org/x"})
+
+    @pytest.mark.parametrize("written", ["soon", "-5s", "0", "true"])
+    def test_a_bad_step_timeout_is_refused(self, written: str) -> None:
+        with pytest.raises(InvalidEntryError, match="action 1: timeout"):
+            decode_workflow(self.DEFINITION.replace("TIMEOUT", written))
+
+    def test_the_schema_shows_the_step_timeout(self) -> None:
+        actions = json_schemas()["$defs"]["Workflow"]["properties"]["actions"]
+        timeout = actions["items"]["additionalProperties"]["properties"]["timeout"]
+        assert {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)?$"} in timeout["anyOf"]

@@ -42,7 +42,7 @@ BODY = b'{"hello": "world"}'
 async def deliver(url: str, allowed: frozenset[str] = frozenset()) -> int:
     async with webhook.client(TIMEOUT) as http:
         return await webhook.deliver(
-            http, url, BODY, idempotency_key="exec:1", secret="s", allowed=allowed
+            http, url, BODY, idempotency_key="exec:1", keys=("s",), allowed=allowed
         )
 
 

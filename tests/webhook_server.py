@@ -17,11 +17,14 @@ import msgspec
 
 
 class Reply(msgspec.Struct, frozen=True):
-    """What the server does with one request: wait ``delay`` s, then answer ``status``."""
+    """What the server does with one request: wait ``delay`` s (or, with ``hold``, until the
+    test calls ``release()``), then answer ``status`` with ``headers``."""
 
     status: int = 200
     delay: float = 0.0
     location: str | None = None
+    headers: dict[str, str] = {}
+    hold: bool = False
 
 
 class Received(msgspec.Struct, frozen=True):
@@ -30,6 +33,7 @@ class Received(msgspec.Struct, frozen=True):
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = 0.0  # when it arrived (time.time())
 
 
 class WebhookServer:
@@ -39,7 +43,12 @@ class WebhookServer:
         self.received: list[Received] = []
         self._plans: dict[str, list[Reply]] = {}
         self._lock = threading.Lock()
+        self._released = threading.Event()
         self.port = 0
+
+    def release(self) -> None:
+        """Let every held request (``Reply(hold=True)``) be answered, now and from now on."""
+        self._released.set()
 
     def plan(self, path: str, *replies: Reply) -> str:
         """Answer requests to ``path`` with ``replies`` in turn, the last one forever."""
@@ -71,13 +80,18 @@ def serve() -> Iterator[WebhookServer]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
-            received = Received(self.path, dict(self.headers.items()), self.rfile.read(length))
+            body = self.rfile.read(length)
+            received = Received(self.path, dict(self.headers.items()), body, time.time())
             reply = server._next(received)
             time.sleep(reply.delay)  # a slow receiver: the client may have given up by now
+            if reply.hold:
+                server._released.wait(30)
             try:
                 self.send_response(reply.status)
                 if reply.location is not None:
                     self.send_header("Location", reply.location)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
             except OSError:

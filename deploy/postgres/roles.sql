@@ -66,6 +66,8 @@ BEGIN
             ('dead_letters',        'SELECT, INSERT',                 'govflow_worker'),
             -- the prefix `govflow migrate` recorded, which every process checks
             ('deployment',          'SELECT',                         'govflow_worker'),
+            -- the keys that sign webhooks
+            ('webhook_keys',        'SELECT',                         'govflow_worker'),
             -- the relay publishes the outbox, marks its rows and deletes old ones
             ('outbox',              'SELECT, INSERT, UPDATE, DELETE', 'govflow_worker'),
             -- govflow_reader and govflow_operator: everything, read-only
@@ -95,6 +97,10 @@ BEGIN
                            grant_.privileges, grant_.tbl, grant_.grantees);
         END IF;
     END LOOP;
+    -- Signing keys are secrets: not for reporting (the default privileges granted it).
+    IF to_regclass('public.webhook_keys') IS NOT NULL THEN
+        REVOKE ALL ON public.webhook_keys FROM govflow_reader, govflow_operator;
+    END IF;
     -- The bigserial ids of the rows the worker and the producers insert.
     IF to_regclass('public.dead_letters_id_seq') IS NOT NULL THEN
         GRANT USAGE ON SEQUENCE public.dead_letters_id_seq TO govflow_worker;

@@ -54,7 +54,7 @@ from redis import exceptions as redis_errors
 
 from govflow.api import dashboard
 from govflow.api.auth import TokenAuth, principal_of, scope_guard
-from govflow.api.errors import REDIS_UNAVAILABLE, error_response, invalid, short
+from govflow.api.errors import error_response, invalid, short
 from govflow.api.models import (
     EVENT_IN,
     REPLAY_REQUEST,
@@ -67,6 +67,7 @@ from govflow.api.models import (
 )
 from govflow.consumers.streams import RedisClient
 from govflow.core.connect import connect, unprobed
+from govflow.core.unavailable import UNAVAILABLE, is_unavailable
 from govflow.db import dead_letters, executions, views
 from govflow.db.dead_letters import Selection
 from govflow.operations import dlq, lag
@@ -159,7 +160,9 @@ async def _redis_client(url: str) -> RedisClient:
     }  # fmt: skip
     try:
         return await connect(url, **options)
-    except (*REDIS_UNAVAILABLE, OSError) as e:
+    except UNAVAILABLE as e:
+        if not is_unavailable(e):
+            raise
         log.warning("api.redis_unavailable", error=str(e))
         return unprobed(url, **options)
 

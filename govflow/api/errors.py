@@ -13,23 +13,13 @@ import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 from psycopg_pool import PoolTimeout
-from redis import exceptions as redis_errors
 
+from govflow.core.unavailable import is_unavailable
 from govflow.runtime.log import redact_url
-from govflow.schemas.errors import PublishError
 
 log = structlog.get_logger(__name__)
 
 _MISSING = re.compile(r"missing required field `([^`]+)`")
-
-# Redis cannot answer now: a server away, a cluster mid-failover or not reachable at all.
-REDIS_UNAVAILABLE = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.ClusterDownError,
-    redis_errors.TryAgainError,
-    redis_errors.RedisClusterException,
-)
 
 
 def invalid(what: str, message: str) -> HTTPException:
@@ -56,10 +46,9 @@ def error_response(request: Request[Any, Any, Any], error: Exception) -> Respons
             None,
             None,
         )
-    elif isinstance(error, PoolTimeout | psycopg.OperationalError):
-        status, detail, headers, extra = 503, "Postgres is unavailable", {"Retry-After": "5"}, None
-    elif isinstance(error, (PublishError, *REDIS_UNAVAILABLE)):
-        status, detail, headers, extra = 503, "Redis is unavailable", {"Retry-After": "5"}, None
+    elif is_unavailable(error):
+        server = "Postgres" if isinstance(error, PoolTimeout | psycopg.Error) else "Redis"
+        status, detail, headers, extra = 503, f"{server} is unavailable", {"Retry-After": "5"}, None
     else:
         log.error(
             "api.error",

@@ -31,6 +31,7 @@ from govflow.cli import config as config_cli
 from govflow.cli import dlq as dlq_cli
 from govflow.cli import executions, outcome
 from govflow.cli import lag as lag_cli
+from govflow.cli import webhooks as webhooks_cli
 from govflow.cli.context import JsonFlag, console, print_json, run_async, set_global_flags
 from govflow.cli.serve import serve
 from govflow.cli.tables import listing_table
@@ -53,8 +54,9 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+")
 
 # Errors a person fixes by changing an argument, a file or a setting: exit 2.
 BAD_INPUT = (ConfigError, InvalidEntryError, msgspec.ValidationError)
-# A server that cannot be reached, or refuses us: exit 1.
-UNAVAILABLE = (
+# A server that cannot be reached (``core.unavailable``), or that refuses what we ask:
+# exit 1 with the server's own words. Not a retry decision: a command tries once.
+SERVER_ERRORS = (
     UnavailableError,
     EmbeddedServerError,
     redis_errors.RedisError,
@@ -81,6 +83,7 @@ app.add_typer(workflows_app, name="workflows", invoke_without_command=True)
 app.command("lag")(lag_cli.lag)
 app.add_typer(dlq_cli.app, name="dlq")
 app.add_typer(executions.app, name="executions")
+app.add_typer(webhooks_cli.app, name="webhooks")
 app.command("serve")(serve)
 app.command("config")(config_cli.config)
 
@@ -447,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     except BAD_INPUT as e:
         _print_error(str(e))
         status = 2
-    except UNAVAILABLE as e:
+    except SERVER_ERRORS as e:
         _print_error(_describe(e))
         status = 1
     except GovflowError as e:

@@ -1,21 +1,43 @@
 """The action workers (group ``actions``): run each execution's steps, once each.
 
-A batch of commands runs in one Postgres transaction: every step's effect rows and its
-``execution_steps`` row are written together with one ``executemany`` per statement, and
-the entries are acknowledged only after the commit. A redelivered command finds its
-completed steps and skips them, so no effect happens twice.
+A batch runs in three moves, and no transaction stays open while the outside world is
+called:
+
+1. **start**: one short transaction finds each execution's finished steps and shows the
+   rest ``running``.
+2. **perform**: every execution's I/O steps (webhooks, ``@action(..., io=True)``) run
+   concurrently, outside any transaction, within a per-worker and a per-host bound and
+   each within its time limit.
+3. **record**: as executions finish performing, their database steps run and every
+   step's effect rows and status are written, a few executions to one short
+   transaction (whatever is ready together commits together). So a database-only
+   execution commits at once, never behind a slow receiver, and ``finished_at`` is the
+   time of that short commit.
+
+The entries are acknowledged only after the whole batch is recorded. A redelivered command
+finds its completed steps and skips them, so no database effect happens twice; a webhook
+performed but not recorded (a crash, an outage) is sent again with the same
+``Idempotency-Key``.
+
+Where an exception comes from decides what it means (``core.unavailable``): one raised
+by an action's code is that step's failure (``ActionFailedError``) and counts an attempt;
+one raised by govflow's own reads and writes may mean a server is unavailable, and then
+the batch is held.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import httpx
 import msgspec
 import psycopg
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
@@ -23,35 +45,57 @@ from govflow.consumers.definitions import Definitions
 from govflow.consumers.outcomes import ACK, EntryIds, Outcome, RetryPolicy, dead
 from govflow.consumers.streams import REPLAY_FIELD, Entry, command_of
 from govflow.core import metrics
-from govflow.core.unavailable import UNAVAILABLE
-from govflow.db import executions
-from govflow.plugins import Effects, StepContext
+from govflow.core.unavailable import is_unavailable
+from govflow.db import executions, webhook_keys
+from govflow.plugins import ActionType, Effects, StepContext
+from govflow.plugins.hosts import HostSlots
 from govflow.plugins.registry import registry
 from govflow.schemas.commands import RunWorkflow
-from govflow.schemas.errors import InvalidEntryError, PermanentError
+from govflow.schemas.errors import (
+    ActionFailedError,
+    InvalidEntryError,
+    PermanentError,
+    RetryLater,
+)
 from govflow.schemas.keys import Role
 from govflow.schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
 
+# How often a worker re-reads the signing keys, so a rotation reaches every worker.
+KEYS_REFRESH_S = 30.0
+# What a step's own code may raise to end the step: a failure, never an outage.
+STEP_ERRORS = (ActionFailedError, PermanentError, RetryLater)
+
+
+class Step(msgspec.Struct):
+    """One step still to run: its action, parameters, time limit, and effects once performed."""
+
+    number: int
+    action: ActionType[Any]
+    params: Any
+    timeout: float
+    performed: Effects | None = None
+
+
+class StepFailure(msgspec.Struct, frozen=True):
+    """The step an execution failed at, and why."""
+
+    step: int
+    action: str
+    error: Exception
+
 
 class Work(msgspec.Struct):
-    """A command to run, where its outcome goes, and the steps already done."""
+    """A command to run, its steps, and what became of it."""
 
     index: int
     entry: Entry
     command: RunWorkflow
     done: frozenset[int] = frozenset()
-
-
-class Failure(msgspec.Struct, frozen=True):
-    """A step that failed, and the status its execution moves to."""
-
-    execution_id: str
-    step: int
-    action: str
-    status: executions.Status
-    error: str
+    steps: list[Step] = []
+    failure: StepFailure | None = None  # an I/O step's, or a step that cannot run
+    outcome: Outcome | None = None
 
 
 class ActionRunner:
@@ -74,6 +118,10 @@ class ActionRunner:
         self._http = http
         # Loaded here, so that a plug-in that fails to load stops the worker at start.
         self._actions = registry()
+        self._io_slots = anyio.CapacityLimiter(settings.io_concurrency)
+        self._hosts = HostSlots(settings.webhook_host_concurrency)
+        self._keys: tuple[str, ...] = tuple(settings.webhook_secret.split())
+        self._keys_loaded_at = float("-inf")
 
     async def handle(self, batch: Sequence[Entry]) -> list[Outcome]:
         """Run a batch of commands; return each entry's outcome."""
@@ -98,17 +146,13 @@ class ActionRunner:
             return outcomes
         async with self._pool.connection() as conn:
             work = await self._start(conn, work, outcomes)
-            try:
-                async with conn.transaction():
-                    await self._run(conn, work, outcomes)
-            except UNAVAILABLE:
-                raise
-            except psycopg.Error:
-                # One command's SQL failed and aborted the batch's transaction: run each
-                # alone, so that only the bad one fails.
-                log.warning("batch.split", size=len(work), exc_info=True)
-                for item in work:
-                    await self._run_alone(conn, item, outcomes)
+            await self._load_keys(conn)
+        for w in work:
+            await self._plan(w)
+        await self._perform_and_record(work)
+        for w in work:
+            assert w.outcome is not None  # every execution performed is recorded
+            outcomes[w.index] = w.outcome
         return outcomes
 
     async def _start(
@@ -138,97 +182,200 @@ class ActionRunner:
             await executions.mark_running(conn, [w.command.execution_id for w in runnable])
         return runnable
 
-    async def _run_alone(
-        self, conn: AsyncConnection[Any], item: Work, outcomes: list[Outcome]
-    ) -> None:
+    async def _load_keys(self, conn: AsyncConnection[Any]) -> None:
+        """Re-read the signing keys kept in Postgres, when no key is set and they are stale."""
+        if self._settings.webhook_secret or (
+            anyio.current_time() - self._keys_loaded_at < KEYS_REFRESH_S
+        ):
+            return
+        self._keys = tuple(await webhook_keys.signing(conn, self._settings.webhook_key_grace))
+        self._keys_loaded_at = anyio.current_time()
+
+    async def _plan(self, w: Work) -> None:
+        """The steps left to run, each parsed; a step that cannot run is the failure."""
+        command = w.command
+        try:
+            wf = await self._definitions.version(command.workflow_name, command.workflow_version)
+        except PermanentError as e:  # the definition is gone
+            w.failure = StepFailure(0, "", e)
+            return
+        timeouts = wf.definition.timeouts()
+        for number, (name, raw) in enumerate(wf.definition.steps(), start=1):
+            if number in w.done:
+                continue
+            action_type = self._actions.get(name)
+            if action_type is None:
+                unknown = PermanentError(f"step {number}: unknown action {name!r}")
+                w.failure = StepFailure(number, name, unknown)
+                return
+            try:
+                params = action_type.parse(raw)
+            except InvalidEntryError as e:
+                w.failure = StepFailure(number, name, PermanentError(f"step {number}: {e.reason}"))
+                return
+            timeout = timeouts[number - 1] or self._settings.step_timeout
+            w.steps.append(Step(number, action_type, params, timeout))
+
+    async def _perform_and_record(self, work: list[Work]) -> None:
+        """Perform every execution's I/O steps; record each execution once it is performed.
+
+        Raises:
+            Exception: what recording raised (a server unavailable: the batch is held).
+        """
+        send, receive = anyio.create_memory_object_stream[Work](len(work))
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            async with send:
+                for w in work:
+                    tg.start_soon(self._perform, w, send.clone())
+            try:
+                await self._record_as_ready(receive)
+            except Exception as e:  # noqa: BLE001 - raised below, unwrapped by the task group
+                error = e
+                tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    async def _perform(self, w: Work, ready: MemoryObjectSendStream[Work]) -> None:
+        """Run ``w``'s I/O steps in order, stopping at the first that fails; then hand it on."""
+        async with ready:
+            for step in w.steps:  # all before any step found unable to run
+                if not step.action.io:
+                    continue
+                try:
+                    async with self._io_slots:
+                        step.performed = await self._call(w, step, None)
+                except STEP_ERRORS as e:
+                    w.failure = StepFailure(step.number, step.action.name, e)
+                    break
+            # Closed only when recording failed, and this task is being cancelled then.
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await ready.send(w)
+
+    async def _record_as_ready(self, ready: MemoryObjectReceiveStream[Work]) -> None:
+        """Record executions as they are performed: whatever is ready commits together."""
+        async with ready:
+            async for first in ready:
+                group = [first]
+                while True:
+                    try:
+                        group.append(ready.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._record(group)
+
+    async def _record(self, group: list[Work]) -> None:
+        """Write a group's effects and statuses in one transaction; alone after a refusal."""
+        async with self._pool.connection() as conn:
+            try:
+                async with conn.transaction():
+                    await self._write(conn, group)
+            except psycopg.Error as e:
+                if is_unavailable(e):
+                    raise
+                # One command's SQL failed and aborted the transaction: write each alone,
+                # so that only the bad one fails. Webhooks already performed are not resent.
+                log.warning("batch.split", size=len(group), exc_info=True)
+                for w in group:
+                    await self._write_alone(conn, w)
+
+    async def _write_alone(self, conn: AsyncConnection[Any], w: Work) -> None:
         try:
             async with conn.transaction():
-                await self._run(conn, [item], outcomes)
-        except UNAVAILABLE:
-            raise
+                await self._write(conn, [w])
         except psycopg.Error as e:
-            outcome = self._policy.after_failure(
-                item.entry.attempt, f"database error: {e}", **_ids(item.command)
-            )
-            outcomes[item.index] = outcome
+            if is_unavailable(e):
+                raise
+            outcome = w.outcome
+            if outcome is None or outcome.kind == "ack":  # govflow's own write was refused
+                outcome = self._policy.after_failure(
+                    w.entry.attempt, f"database error: {e}", **_ids(w.command)
+                )
+            w.outcome = outcome
             async with conn.transaction():
                 await executions.set_failed(
-                    conn, item.command.execution_id, _status(outcome), outcome.reason
+                    conn, w.command.execution_id, _status(outcome), outcome.reason
                 )
 
-    async def _run(
-        self, conn: AsyncConnection[Any], work: list[Work], outcomes: list[Outcome]
-    ) -> None:
-        """Run the steps of every command, then write their effects and statuses."""
+    async def _write(self, conn: AsyncConnection[Any], group: list[Work]) -> None:
+        """Run the database steps, then write every effect and status of ``group``."""
         effects = Effects()
         done: list[tuple[str, int, str]] = []
-        failures: list[Failure] = []
+        failures: list[tuple[Work, StepFailure]] = []
         completed: list[str] = []
-        now = datetime.now(UTC)
-        for w in work:
-            ids = _ids(w.command)
-            step, action = 0, ""
-            try:
-                wf = await self._definitions.version(
-                    w.command.workflow_name, w.command.workflow_version
-                )
-                for step, (action, params) in enumerate(wf.definition.steps(), start=1):
-                    if step in w.done:
-                        continue
-                    await self._run_step(conn, w.command, step, action, params, effects, now)
-                    done.append((w.command.execution_id, step, action))
-            except (*UNAVAILABLE, psycopg.Error):
-                raise
-            except PermanentError as e:
-                outcomes[w.index] = dead(str(e), "permanent_error", **ids)
-            except Exception as e:  # noqa: BLE001 - any other failure of an action is retried
-                outcomes[w.index] = self._policy.after_failure(w.entry.attempt, _describe(e), **ids)
-            else:
+        for w in group:
+            failure = w.failure
+            for step in w.steps:
+                if failure is not None and step.number >= failure.step:
+                    break
+                try:
+                    step_effects = step.performed
+                    if step_effects is None:
+                        step_effects = await self._call(w, step, conn)
+                except STEP_ERRORS as e:
+                    failure = StepFailure(step.number, step.action.name, e)
+                    break
+                effects.extend(step_effects)
+                done.append((w.command.execution_id, step.number, step.action.name))
+            if failure is None:
+                w.outcome = Outcome(kind="ack", **_ids(w.command))
                 completed.append(w.command.execution_id)
-                outcomes[w.index] = Outcome(kind="ack", **ids)
-                continue
-            outcome = outcomes[w.index]
-            failures.append(
-                Failure(w.command.execution_id, step, action, _status(outcome), outcome.reason)
-            )
+            else:
+                w.outcome = self._outcome(w, failure.error)
+                failures.append((w, failure))
         await effects.flush(conn)
         await executions.complete_steps(conn, done)
-        for f in failures:
+        for w, f in failures:
+            assert w.outcome is not None
+            reason, execution_id = w.outcome.reason, w.command.execution_id
             if f.step:
-                await executions.fail_step(conn, f.execution_id, f.step, f.action, f.error)
-            await executions.set_failed(conn, f.execution_id, f.status, f.error)
+                await executions.fail_step(conn, execution_id, f.step, f.action, reason)
+            await executions.set_failed(conn, execution_id, _status(w.outcome), reason)
         finished = await executions.finish(conn, completed)
-        metrics.observe_completed(finished, now)
+        metrics.observe_completed(finished, datetime.now(UTC))
 
-    async def _run_step(
-        self,
-        conn: AsyncConnection[Any],
-        command: RunWorkflow,
-        step: int,
-        action: str,
-        params: dict[str, Any],
-        effects: Effects,
-        now: datetime,
-    ) -> None:
-        action_type = self._actions.get(action)
-        if action_type is None:
-            raise PermanentError(f"step {step}: unknown action {action!r}")
-        try:
-            parsed = action_type.parse(params)
-        except InvalidEntryError as e:
-            raise PermanentError(f"step {step}: {e.reason}") from e
+    async def _call(self, w: Work, step: Step, conn: AsyncConnection[Any] | None) -> Effects:
+        """Run one step's action within its time limit; return the rows it queued.
+
+        Raises:
+            PermanentError: the action said no other try can help.
+            RetryLater: the action asked to be tried again after a delay.
+            ActionFailedError: anything else the action raised, or it ran out of time.
+        """
         ctx = StepContext(
-            command=command,
-            step=step,
-            now=now,
-            conn=conn,
+            command=w.command,
+            step=step.number,
+            now=datetime.now(UTC),
+            transaction=conn,
             effects=Effects(),
             http=self._http,
             settings=self._settings,
+            hosts=self._hosts,
+            signing_keys=self._keys,
         )
-        await action_type.run(ctx, parsed)
-        # Only a step that returned joins the batch: rows queued by a failed try are dropped.
-        effects.take(ctx.effects)
+        try:
+            with anyio.move_on_after(step.timeout) as limit:
+                await step.action.run(ctx, step.params)
+        except (PermanentError, RetryLater):
+            raise
+        except Exception as e:
+            raise ActionFailedError(_describe(e)) from e
+        if limit.cancelled_caught:
+            raise ActionFailedError(
+                f"step {step.number} ({step.action.name}) took longer than {step.timeout:g} s"
+            )
+        return ctx.effects
+
+    def _outcome(self, w: Work, error: Exception) -> Outcome:
+        ids = _ids(w.command)
+        if isinstance(error, PermanentError):
+            return dead(str(error), "permanent_error", **ids)
+        if isinstance(error, RetryLater):
+            return self._policy.after_failure(
+                w.entry.attempt, error.reason, delay=error.seconds, **ids
+            )
+        reason = error.reason if isinstance(error, ActionFailedError) else str(error)
+        return self._policy.after_failure(w.entry.attempt, reason, **ids)
 
 
 def _ids(command: RunWorkflow) -> EntryIds:

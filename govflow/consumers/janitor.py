@@ -18,7 +18,7 @@ import structlog
 
 from govflow.consumers.streams import RedisClient, Streams
 from govflow.core.service import run_every
-from govflow.core.unavailable import UNAVAILABLE
+from govflow.core.unavailable import is_unavailable
 from govflow.schemas.keys import Keys
 
 log = structlog.get_logger(__name__)
@@ -100,12 +100,13 @@ class Janitor:
         """One sweep; a failure is logged, and the next sweep tries again."""
         try:
             await self.sweep()
-        except UNAVAILABLE as e:
-            log.warning("janitor.sweep_failed", error=str(e))
-        except Exception:
+        except Exception as e:
             # Housekeeping must never stop the worker (redis-py's cluster client can
             # raise AttributeError mid-failover); the next sweep tries again.
-            log.exception("janitor.sweep_failed")
+            if is_unavailable(e):
+                log.warning("janitor.sweep_failed", error=str(e))
+            else:
+                log.exception("janitor.sweep_failed")
 
     async def sweep(self) -> None:
         """One pass: trim each stream, then retire idle consumers with nothing pending."""

@@ -40,7 +40,7 @@ from govflow.consumers.settle import Settler, Verdict
 from govflow.consumers.streams import BLOCK_MS, Entry, Streams
 from govflow.core import metrics
 from govflow.core.backoff import Backoff
-from govflow.core.unavailable import UNAVAILABLE, GaveUpError, until_available
+from govflow.core.unavailable import UNAVAILABLE, GaveUpError, is_unavailable, until_available
 from govflow.schemas.errors import GroupMissingError
 from govflow.schemas.keys import GROUP_OF, Keys, Role
 
@@ -74,6 +74,8 @@ class GroupConsumer:
     """Read one stream as one consumer of its group until ``stop()``.
 
     Args:
+        hold_max_s: how long a batch is held while a server is unavailable before the
+            attempt counts as failed.
         lease: the partition's lease, when partitions are leased (the partition layer).
         ordering: which entries keep their entity's order (the ordering layer).
     """
@@ -90,6 +92,7 @@ class GroupConsumer:
         policy: RetryPolicy,
         batch_size: int,
         claim_idle_s: float,
+        hold_max_s: float = float("inf"),
         lease: PartitionLease | None = None,
         ordering: Ordering | None = None,
     ) -> None:
@@ -100,6 +103,7 @@ class GroupConsumer:
         self.group = GROUP_OF[handler.role]
         self._policy = policy
         self._renew_every = claim_idle_s / 3
+        self._hold_max_s = hold_max_s
         self._ordering = ordering
         self._partition = partition
         reads = GroupReads(
@@ -141,13 +145,12 @@ class GroupConsumer:
             log.warning("consumer.group_missing", stream=self.stream, group=self.group)
             await self._until_available(self._ensure_group)
             return []
-        except UNAVAILABLE as e:
-            log.warning("consumer.read_failed", stream=self.stream, error=str(e))
-            self._reads.failed()
-            await anyio.sleep(self._backoff.next_delay())
-            return []
-        except Exception:
-            log.exception("consumer.read_error", stream=self.stream)
+        except Exception as e:
+            if is_unavailable(e):
+                log.warning("consumer.read_failed", stream=self.stream, error=str(e))
+                self._reads.failed()
+            else:
+                log.exception("consumer.read_error", stream=self.stream)
             await anyio.sleep(self._backoff.next_delay())
             return []
         self._backoff.reset()
@@ -169,10 +172,10 @@ class GroupConsumer:
                 settled = await self._settler.settle(verdicts)
         except GaveUpError:
             return  # whoever claims the entries finds the committed work and settles them
-        except UNAVAILABLE as e:
-            log.warning("batch.unfinished", stream=self.stream, error=str(e))
-            return
-        except Exception:
+        except Exception as e:
+            if is_unavailable(e):
+                log.warning("batch.unfinished", stream=self.stream, error=str(e))
+                return
             log.exception("batch.unfinished", stream=self.stream, size=len(batch))
             await anyio.sleep(self._backoff.next_delay())
             return
@@ -203,18 +206,28 @@ class GroupConsumer:
             GaveUpError: stopping while a server is unavailable.
         """
         backoff = Backoff()
+        held_since = time.monotonic()
         while True:
             try:
                 return await self._handler.handle(batch)
-            except UNAVAILABLE as e:
+            except Exception as e:
+                if not is_unavailable(e):
+                    log.exception("batch.failed", stream=self.stream, size=len(batch))
+                    return self._failed(batch, f"{type(e).__name__}: {e}")
                 if self._stopping:
                     raise GaveUpError(str(e)) from e
+                held = time.monotonic() - held_since
+                if held >= self._hold_max_s:
+                    # An outage this long, or an error mistaken for one: the attempt counts,
+                    # so that no batch is held for good.
+                    log.warning("batch.held_too_long", stream=self.stream, held_s=round(held))
+                    return self._failed(batch, f"a server was unavailable for {held:.0f} s: {e}")
                 log.warning("batch.held", stream=self.stream, size=len(batch), error=str(e))
                 await anyio.sleep(backoff.next_delay())
-            except Exception as e:
-                log.exception("batch.failed", stream=self.stream, size=len(batch))
-                reason = f"{type(e).__name__}: {e}"
-                return [self._policy.after_failure(entry.attempt, reason) for entry in batch]
+
+    def _failed(self, batch: list[Entry], reason: str) -> list[Outcome]:
+        """Every entry of the batch failed this attempt with ``reason``."""
+        return [self._policy.after_failure(entry.attempt, reason) for entry in batch]
 
     async def _keep_pending(self, ids: list[str]) -> None:
         """Renew the idle time of the entries in hand until the batch is done."""

@@ -22,6 +22,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     event_id: str | None = None
     event_type: str | None = None
     execution_id: str | None = None
+    delay: float | None = None  # a retry's delay, when the action asked for one
 
 
 ACK = Outcome(kind="ack")
@@ -45,19 +46,31 @@ class RetryPolicy(msgspec.Struct, frozen=True):
 
     max_attempts: int = 5
     backoff_base: float = 2.0
+    backoff_max: float = 3600.0
 
     def delay(self, attempt: int) -> float:
         """Seconds before the retry that follows failed ``attempt`` (2, 4, 8, ... ±20%)."""
         return float(self.backoff_base * 2 ** (attempt - 1) * random.uniform(0.8, 1.2))
 
+    def retry_delay(self, outcome: Outcome, attempt: int) -> float:
+        """The delay ``outcome`` asked for (capped at ``backoff_max``), else the backoff's."""
+        if outcome.delay is None:
+            return self.delay(attempt)
+        return min(max(outcome.delay, 0.0), self.backoff_max)
+
     def exhausted(self, attempt: int) -> bool:
         """Whether a failure of ``attempt`` is the last one allowed."""
         return attempt >= self.max_attempts
 
-    def after_failure(self, attempt: int, error: str, **ids: Unpack[EntryIds]) -> Outcome:
-        """Retry a failed delivery, or dead-letter it once attempts are exhausted."""
+    def after_failure(
+        self, attempt: int, error: str, *, delay: float | None = None, **ids: Unpack[EntryIds]
+    ) -> Outcome:
+        """Retry a failed delivery, or dead-letter it once attempts are exhausted.
+
+        ``delay``: the seconds the failure asked to wait (``RetryLater``, ``Retry-After``).
+        """
         if self.exhausted(attempt):
             return dead(
                 f"{error} (attempt {attempt} of {self.max_attempts})", "attempts_exhausted", **ids
             )
-        return Outcome(kind="retry", reason=error, cause="error", **ids)
+        return Outcome(kind="retry", reason=error, cause="error", delay=delay, **ids)

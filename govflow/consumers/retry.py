@@ -11,7 +11,7 @@ from govflow.consumers.streams import Streams
 from govflow.core import metrics
 from govflow.core.backoff import Backoff
 from govflow.core.service import run_every
-from govflow.core.unavailable import UNAVAILABLE
+from govflow.core.unavailable import is_unavailable
 from govflow.schemas.keys import Keys
 
 log = structlog.get_logger(__name__)
@@ -59,13 +59,13 @@ class RetryMover:
                 if moved:
                     metrics.RETRIES_MOVED.inc(moved)
                     log.info("retry.moved", partition=p, count=moved)
-        except UNAVAILABLE as e:
-            log.warning("retry.move_failed", error=str(e))
-            return self._backoff.next_delay()
-        except Exception:
+        except Exception as e:
             # Moving must never stop the worker (redis-py's cluster client can raise
             # AttributeError mid-failover); the retries stay in their set meanwhile.
-            log.exception("retry.move_failed")
+            if is_unavailable(e):
+                log.warning("retry.move_failed", error=str(e))
+            else:
+                log.exception("retry.move_failed")
             return self._backoff.next_delay()
         self._backoff.reset()
         return None

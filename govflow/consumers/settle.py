@@ -164,7 +164,7 @@ class Settler:
                 order=order if verdict.front else None,  # only the one in front releases
             )
         if outcome.kind == "retry":
-            due = time.time() + self._policy.delay(entry.attempt)
+            due = time.time() + self._policy.retry_delay(outcome, entry.attempt)
             return scripts.ack_and_schedule_retry(
                 stream=self.stream,
                 group=self.group,

@@ -14,7 +14,7 @@ from govflow.consumers.definitions import Definitions
 from govflow.consumers.matching import matches
 from govflow.consumers.outcomes import Outcome, dead
 from govflow.consumers.streams import COMMAND_FIELD, REPLAY_FIELD, Entry, RedisClient, event_of
-from govflow.core.unavailable import UNAVAILABLE
+from govflow.core.unavailable import is_unavailable
 from govflow.db import executions
 from govflow.db.executions import NewExecution
 from govflow.schemas.codec import encode
@@ -75,9 +75,9 @@ class TriggerMatcher:
         self._unsent |= ids
         try:
             await self._record_and_emit(found, redelivered)
-        except UNAVAILABLE:
-            raise
-        except psycopg.Error:
+        except psycopg.Error as e:
+            if is_unavailable(e):
+                raise
             # One event's row was refused and took the batch's transaction with it: record
             # each event alone, so that only the bad one is dead-lettered.
             log.warning("batch.split", size=len(events), exc_info=True)
@@ -85,9 +85,9 @@ class TriggerMatcher:
                 try:
                     alone = {k: v for k, v in found.items() if v[0] == index}
                     await self._record_and_emit(alone, redelivered)
-                except UNAVAILABLE:
-                    raise
                 except psycopg.Error as e:
+                    if is_unavailable(e):
+                        raise
                     outcomes[index] = dead(f"Postgres refused the event: {e}", "invalid_entry")
         # Every command went out (an unexpected error instead sends the entries to the
         # retry set under new ids; their stale ids here are harmless).

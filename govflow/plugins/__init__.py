@@ -8,13 +8,14 @@ A package adds an action with ``@action`` and an entry point in the group
     @action("send_sms")
     async def send_sms(ctx: StepContext, params: SmsParams) -> None: ...
 
-Any exception other than ``PermanentError`` means "try the step again later".
+Any exception other than ``PermanentError`` means "try the step again later";
+``RetryLater(seconds)`` says when.
 """
 
 from govflow.db.batch import Batched
 from govflow.plugins._api import ActionType, Effects, StepContext, action
 from govflow.plugins.registry import PluginError
-from govflow.schemas.errors import PermanentError
+from govflow.schemas.errors import PermanentError, RetryLater
 
 __all__ = [
     "ActionType",
@@ -22,6 +23,7 @@ __all__ = [
     "Effects",
     "PermanentError",
     "PluginError",
+    "RetryLater",
     "StepContext",
     "action",
 ]

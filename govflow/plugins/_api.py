@@ -17,8 +17,9 @@ from psycopg import AsyncConnection
 
 from govflow.consumers.matching import MISSING, lookup
 from govflow.db.batch import Batched
+from govflow.plugins.hosts import HostSlots
 from govflow.schemas.commands import RunWorkflow
-from govflow.schemas.errors import InvalidEntryError
+from govflow.schemas.errors import InvalidEntryError, PermanentError
 from govflow.schemas.events import Event
 from govflow.schemas.settings import Settings
 
@@ -40,11 +41,10 @@ class Effects:
         """Queue one row for ``statement``."""
         self.rows.setdefault(statement, []).append(row)
 
-    def take(self, other: Effects) -> None:
-        """Move every row queued in ``other`` to the end of this batch's."""
+    def extend(self, other: Effects) -> None:
+        """Queue every row queued in ``other`` too, after this batch's."""
         for statement, rows in other.rows.items():
             self.rows.setdefault(statement, []).extend(rows)
-        other.rows.clear()
 
     async def flush(self, conn: AsyncConnection[Any]) -> None:
         """Write every queued row, statement by statement in the order first queued."""
@@ -58,15 +58,38 @@ class Effects:
 
 
 class StepContext(msgspec.Struct, frozen=True, kw_only=True):
-    """What an action sees of the step it runs."""
+    """What an action sees of the step it runs.
+
+    Attributes:
+        transaction: the batch's open transaction; None for an I/O action, which runs
+            before it (``@action(..., io=True)``).
+        hosts: one slot per request in flight to a host, shared by the worker.
+        signing_keys: the webhook signing keys, the newest first.
+    """
 
     command: RunWorkflow
     step: int
     now: datetime
-    conn: AsyncConnection[Any]  # the batch's open transaction, for actions with their own SQL
+    transaction: AsyncConnection[Any] | None
     effects: Effects
     http: httpx.AsyncClient
     settings: Settings
+    hosts: HostSlots
+    signing_keys: tuple[str, ...] = ()
+
+    @property
+    def conn(self) -> AsyncConnection[Any]:
+        """The batch's open transaction, for an action with SQL of its own.
+
+        Raises:
+            PermanentError: the action is an I/O action, which runs outside the transaction.
+        """
+        if self.transaction is None:
+            raise PermanentError(
+                f"step {self.step}: an I/O action (io=True) runs outside the transaction and has"
+                " no ctx.conn; queue its rows with ctx.effects"
+            )
+        return self.transaction
 
     @property
     def event(self) -> Event:
@@ -84,11 +107,18 @@ class StepContext(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ActionType(msgspec.Struct, Generic[P], frozen=True):
-    """An action: its parameters' Struct and the coroutine that carries it out."""
+    """An action: its parameters' Struct and the coroutine that carries it out.
+
+    ``io`` marks an action that talks to the outside world (a webhook, an SMTP server):
+    it runs before the batch's transaction, concurrently with the batch's other I/O steps,
+    and its queued rows are written in the transaction afterwards. Any other action runs
+    inside the transaction, with ``ctx.conn``.
+    """
 
     name: str
     params: type[P]
     run: Callable[[StepContext, P], Awaitable[None]]
+    io: bool = False
 
     async def __call__(self, ctx: StepContext, params: P) -> None:
         """Run the action, as the decorated function would (for a plug-in's own tests)."""
@@ -106,12 +136,15 @@ class ActionType(msgspec.Struct, Generic[P], frozen=True):
             raise InvalidEntryError(f"action {self.name}: {e}") from e
 
 
-def action(name: str) -> Callable[[Callable[[StepContext, P], Awaitable[None]]], ActionType[P]]:
+def action(
+    name: str, *, io: bool = False
+) -> Callable[[Callable[[StepContext, P], Awaitable[None]]], ActionType[P]]:
     """Declare the action ``name``; its parameters are the Struct the second argument names.
 
+    ``io=True``: the action calls the outside world, so it runs outside the transaction.
     ::
 
-        @action("send_sms")
+        @action("send_sms", io=True)
         async def send_sms(ctx: StepContext, params: SmsParams) -> None: ...
 
     Raises:
@@ -119,7 +152,7 @@ def action(name: str) -> Callable[[Callable[[StepContext, P], Awaitable[None]]],
     """
 
     def declare(run: Callable[[StepContext, P], Awaitable[None]]) -> ActionType[P]:
-        return ActionType(name, _params_of(name, run), run)
+        return ActionType(name, _params_of(name, run), run, io)
 
     return declare
 

@@ -115,7 +115,7 @@ class Notify(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     message: str = ""
 
 
-@action("notify")
+@action("notify", io=True)
 async def notify(ctx: StepContext, p: Notify) -> None:
     url, message = ctx.render(p.webhook), ctx.render(p.message)
     body = encode(
@@ -130,14 +130,15 @@ async def notify(ctx: StepContext, p: Notify) -> None:
             "message": message,
         }
     )
-    status = await webhook.deliver(
-        ctx.http,
-        url,
-        body,
-        idempotency_key=ctx.idempotency_key,
-        secret=ctx.settings.webhook_secret,
-        allowed=ctx.settings.allowed_hosts(),
-    )
+    async with ctx.hosts.slot(url):
+        status = await webhook.deliver(
+            ctx.http,
+            url,
+            body,
+            idempotency_key=ctx.idempotency_key,
+            keys=ctx.signing_keys,
+            allowed=ctx.settings.allowed_hosts(),
+        )
     ctx.effects.add(
         NOTIFICATIONS,
         (

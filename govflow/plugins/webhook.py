@@ -6,27 +6,46 @@ two, so an answer dripped a byte at a time cannot hold a worker for long. Of the
 no more than 64 KiB is read: the status says everything, and a receiver that streams an
 endless body has still answered. Redirects stay on the same origin (scheme, host and
 port), within the operator's allow-list.
+
+Every delivery is signed: ``X-Govflow-Signature: sha256=<hex HMAC-SHA256 of the body>``,
+one signature per signing key, comma-separated, the newest key's first (two while a
+rotated key is still valid). 408, 425, 429 and 5xx answers are retried, after the
+receiver's ``Retry-After`` when it sends one; any other 4xx is permanent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
 import anyio
 import httpx
 
-from govflow.schemas.errors import PermanentError
+from govflow.schemas.errors import PermanentError, RetryLater
 
 SIGNATURE_HEADER = "X-Govflow-Signature"
 MAX_REDIRECTS = 3
 MAX_BODY_READ = 64 * 1024
+# Answers that another try may get past: a time-out, "too early", "too many requests".
+RETRIED_4XX = frozenset({408, 425, 429})
+
+
+class WebhookRetryError(RuntimeError):
+    """The receiver answered with a status worth another try (408, 425, 429, 5xx, 3xx)."""
 
 
 def sign(secret: str, body: bytes) -> str:
-    """The signature header's value: ``sha256=<hex HMAC-SHA256 of the body>``."""
+    """One signature: ``sha256=<hex HMAC-SHA256 of the body>``."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def signature(keys: Sequence[str], body: bytes) -> str:
+    """The signature header's value: one signature per key, comma-separated, in order."""
+    return ",".join(sign(key, body) for key in keys if key)
 
 
 def check_host(url: str, allowed: frozenset[str]) -> None:
@@ -53,33 +72,58 @@ async def deliver(
     body: bytes,
     *,
     idempotency_key: str,
-    secret: str,
+    keys: Sequence[str],
     allowed: frozenset[str],
 ) -> int:
-    """POST ``body`` and return the status code.
+    """POST ``body``, signed with each of ``keys``, and return the status code.
 
     Redirects are followed only within the same origin, and the whole delivery gets the
-    client's connect and read time-outs together, in all. A 4xx is permanent; a 5xx, a
-    timeout or a connection error raises something else, which means "retry".
+    client's connect and read time-outs together, in all.
 
     Raises:
-        PermanentError: a 4xx, a redirect elsewhere, or a refused URL.
+        PermanentError: a 4xx other than 408, 425 and 429, a redirect elsewhere, a refused
+            URL, or no signing key.
+        RetryLater: a retried status with a ``Retry-After`` the receiver asked for.
+        WebhookRetryError: a retried status without one.
         httpx.HTTPError: a time-out or a connection error (retried).
     """
-    headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
-    if secret:  # a signature under an empty key would prove nothing
-        headers[SIGNATURE_HEADER] = sign(secret, body)
+    if not any(keys):  # a signature under an empty key would prove nothing
+        raise PermanentError("no webhook signing key: run `govflow migrate`")
+    headers = {
+        "Content-Type": "application/json",
+        "Idempotency-Key": idempotency_key,
+        SIGNATURE_HEADER: signature(keys, body),
+    }
     # A connection, then an answer: each may take its own time-out, the two no more.
     total = (client.timeout.connect or 0.0) + (client.timeout.read or 0.0) or None
     with anyio.move_on_after(total) as deadline:
-        status = await _post(client, url, body, headers, allowed)
+        status, retry_after = await _post(client, url, body, headers, allowed)
     if deadline.cancelled_caught:
         raise httpx.ReadTimeout(f"webhook took longer than {total} s in all")
-    if 400 <= status < 500:
+    if status < 300:
+        return status
+    if 400 <= status < 500 and status not in RETRIED_4XX:
         raise PermanentError(f"webhook answered {status}")
-    if status >= 300:
-        raise RuntimeError(f"webhook answered {status}")
-    return status
+    delay = retry_after_seconds(retry_after)
+    if delay is not None and status >= 400:
+        raise RetryLater(delay, f"webhook answered {status}, Retry-After {delay:g} s")
+    raise WebhookRetryError(f"webhook answered {status}")
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """The delay a ``Retry-After`` header asks for: seconds, or an HTTP date; None if unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 async def _post(
@@ -88,17 +132,18 @@ async def _post(
     body: bytes,
     headers: dict[str, str],
     allowed: frozenset[str],
-) -> int:
-    """POST, following redirects within the origin; the status of the last answer."""
+) -> tuple[int, str | None]:
+    """POST, following redirects within the origin; the last answer's status and Retry-After."""
     origin = _origin(url)
     for _ in range(MAX_REDIRECTS + 1):
         check_host(url, allowed)
         async with client.stream("POST", url, content=body, headers=headers) as response:
             status, redirect = response.status_code, response.is_redirect
             location = response.headers.get("location", "")
+            retry_after = response.headers.get("retry-after")
             await _skim(response)
         if not redirect:
-            return status
+            return status, retry_after
         target = urljoin(url, location)
         if _origin(target) != origin:
             where = urlsplit(target)

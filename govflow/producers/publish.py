@@ -44,6 +44,7 @@ from redis.typing import EncodableT, FieldT
 
 from govflow.core import deployment
 from govflow.core.connect import connect, split_flag, unprobed
+from govflow.core.unavailable import is_unavailable
 from govflow.schemas.codec import encode
 from govflow.schemas.errors import PublishError
 from govflow.schemas.events import Event
@@ -51,21 +52,8 @@ from govflow.schemas.keys import Keys
 
 log = structlog.get_logger(__name__)
 
-# Failures another attempt can fix: a dropped or refused connection, a timeout, a server
-# still loading its data after a restart (a ConnectionError), a replica promoted late, a
-# cluster mid-failover or with no node reachable yet.
-RETRYABLE = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.ReadOnlyError,
-    redis_errors.ClusterDownError,
-    redis_errors.TryAgainError,
-    redis_errors.RedisClusterException,
-)
 # What a publish attempt can raise from Redis or from redis-py's cluster client.
 FAILED = (redis_errors.RedisError, redis_errors.RedisClusterException)
-# ConnectionError subclasses that no retry fixes: wrong credentials or ACL.
-NOT_RETRYABLE = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
 
 # Connection settings of the clients ``from_url`` makes: fail fast, and leave retrying
 # to the publisher's own policy rather than compounding it with redis-py's.
@@ -365,7 +353,7 @@ def _entries(keys: Keys, events: list[Event]) -> list[tuple[str, dict[FieldT, En
 
 def _next_delay(error: Exception, delays: Iterator[float]) -> float | None:
     """The pause before the next attempt, or ``None`` when this error is final."""
-    if isinstance(error, NOT_RETRYABLE) or not isinstance(error, RETRYABLE):
+    if not is_unavailable(error):  # wrong credentials, a refused command: no wait fixes it
         return None
     return next(delays, None)
 

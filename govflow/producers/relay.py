@@ -34,12 +34,13 @@ import anyio
 import msgspec
 import psycopg
 import structlog
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from govflow.core.backoff import Backoff
 from govflow.core.service import run_every, wait_stopped
+from govflow.core.unavailable import UNAVAILABLE, is_unavailable
 from govflow.db import outbox
 from govflow.producers import metrics
 from govflow.schemas.keys import Keys
@@ -54,8 +55,6 @@ METRICS_EVERY_S = 2.0
 DELETE_CHUNK = 10_000
 EVENT_FIELD = "event"
 
-# Postgres cannot be reached, or our connection to it broke.
-PG_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError)
 
 # Each relay session tells the server to notice a vanished client: a dead leader's
 # backend then exits (and its lock is released) even while it waits on a row lock or
@@ -152,7 +151,9 @@ class Relay:
         while not self._stopped.is_set():
             try:
                 conn = await self._connect()
-            except PG_UNAVAILABLE as e:
+            except UNAVAILABLE as e:
+                if not is_unavailable(e):
+                    raise
                 self._failed("postgres", "relay.connect_failed", e)
                 await self._sleep(backoff.next_delay())
                 continue
@@ -160,11 +161,12 @@ class Relay:
                 if await self._campaign(conn):
                     backoff.reset()
                     await self._lead(conn)
-            except PG_UNAVAILABLE as e:
-                self._failed("postgres", "relay.connection_lost", e, leading=self.leading)
-            except Exception:  # a bug must not stop the relay for good: log it, start over
-                metrics.RELAY_ERRORS.labels("relay").inc()
-                log.exception("relay.failed", leading=self.leading)
+            except Exception as e:  # a bug must not stop the relay for good: log it, start over
+                if is_unavailable(e) and not isinstance(e, redis_errors.RedisError):
+                    self._failed("postgres", "relay.connection_lost", e, leading=self.leading)
+                else:
+                    metrics.RELAY_ERRORS.labels("relay").inc()
+                    log.exception("relay.failed", leading=self.leading)
             else:
                 continue  # stopping
             finally:
@@ -275,7 +277,9 @@ class Relay:
         while True:
             try:
                 conn = await self._connect()
-            except PG_UNAVAILABLE as e:
+            except UNAVAILABLE as e:
+                if not is_unavailable(e):
+                    raise
                 log.warning("relay.listen_failed", error=str(e))
                 await anyio.sleep(backoff.next_delay())
                 continue
@@ -300,7 +304,7 @@ class Relay:
         try:
             async with self._pool.connection(timeout=METRICS_EVERY_S) as conn:
                 waiting, oldest_age = await outbox.backlog(conn)
-        except (*PG_UNAVAILABLE, psycopg.Error) as e:
+        except (*UNAVAILABLE, psycopg.Error) as e:
             log.debug("relay.backlog_failed", error=str(e))
         else:
             metrics.OUTBOX_WAITING.set(waiting)

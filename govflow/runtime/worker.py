@@ -41,7 +41,7 @@ from govflow.consumers.triggers import TriggerMatcher
 from govflow.core import deployment
 from govflow.core.backoff import Backoff
 from govflow.core.connect import connect
-from govflow.core.unavailable import UNAVAILABLE
+from govflow.core.unavailable import UNAVAILABLE, is_unavailable
 from govflow.db.pool import open_pool
 from govflow.operations.lag import LagGauges
 from govflow.plugins import webhook
@@ -199,6 +199,8 @@ class Worker:
             try:
                 return await redis_client(url)
             except UNAVAILABLE as e:
+                if not is_unavailable(e):
+                    raise
                 log.warning("redis.unavailable", error=str(e))
                 with anyio.move_on_after(backoff.next_delay()):
                     await self._stop.wait()
@@ -208,7 +210,7 @@ class Worker:
         settings, keys = self.settings, self.keys
         streams = Streams(redis)
         definitions = Definitions(pool)
-        policy = RetryPolicy(settings.max_attempts, settings.backoff_base)
+        policy = RetryPolicy(settings.max_attempts, settings.backoff_base, settings.backoff_max)
         handlers: list[Handler] = []
         if "triggers" in self.roles:
             handlers.append(TriggerMatcher(redis, pool, keys, definitions))
@@ -224,6 +226,7 @@ class Worker:
                     streams=streams, pool=pool, keys=keys, partition=0, handler=h,
                     consumer=f"{name}-{i}", policy=policy, ordering=ordering,
                     batch_size=settings.batch_size, claim_idle_s=settings.claim_idle,
+                    hold_max_s=settings.hold_max,
                 )
                 for h in handlers
                 for i in range(self.concurrency)
@@ -236,6 +239,7 @@ class Worker:
                     streams=streams, pool=pool, keys=keys, partition=p, handler=handler,
                     consumer=worker_id, policy=policy, ordering=ordering, lease=lease,
                     batch_size=settings.batch_size, claim_idle_s=settings.claim_idle,
+                    hold_max_s=settings.hold_max,
                 )  # fmt: skip
 
             leases = [

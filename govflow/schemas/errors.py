@@ -31,6 +31,30 @@ class PermanentError(GovflowError):
     """A failure that another attempt cannot fix (a webhook 4xx, a chain too deep)."""
 
 
+class ActionFailedError(GovflowError):
+    """An action's own code raised: the step failed, and the attempt counts.
+
+    Whatever it wraps (an ``OSError``, a ``psycopg.OperationalError``) is the action's
+    failure, not an outage of govflow's servers.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RetryLater(Exception):  # noqa: N818 - a request to the runtime, not an error
+    """Raised by an action: try this step again after ``seconds`` (capped by the backoff cap).
+
+    The attempt counts, as any failure's does.
+    """
+
+    def __init__(self, seconds: float, reason: str = "") -> None:
+        super().__init__(reason or f"retry requested in {seconds:g} s")
+        self.seconds = seconds
+        self.reason = str(self)
+
+
 class UnavailableError(GovflowError):
     """Redis or Postgres cannot be reached; the work in hand waits for it."""
 

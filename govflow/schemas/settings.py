@@ -32,11 +32,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]+$")] = "govflow"
     max_attempts: Positive = 5
     backoff_base: Seconds = 2.0
+    backoff_max: Seconds = 3600.0  # the longest delay a retry may ask for (Retry-After)
     claim_idle: Seconds = 30.0
     api_tokens: str = ""
     webhook_secret: str = ""
     webhook_timeout: Seconds = 10.0
     webhook_allowed_hosts: str = ""  # space-separated; empty: every host
+    webhook_host_concurrency: Positive = 8  # webhooks in flight to one host, per worker
+    webhook_key_grace: Seconds = 86_400.0  # a rotated-out signing key still signs this long
+    step_timeout: Seconds = 60.0  # a step's time limit, unless its definition sets one
+    io_concurrency: Positive = 64  # I/O steps (webhooks) in flight per worker
+    hold_max: Seconds = 600.0  # a batch held for an unavailable server, before it counts
     partitions: Positive = 1
     lease_ttl: Seconds = 10.0  # a partition's lease (partitions > 1); renewed every third
     batch_size: Positive = 200

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from govflow.schemas.durations import DURATION_JSON_SCHEMA, parse_duration
+
 Trigger = Literal["create", "update", "status_change", "delete"]
 Entity = Literal["policy", "assessment", "evidence"]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_.\-]{0,127}$")]
@@ -36,6 +38,25 @@ class Condition(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
             raise ValueError(f"condition on `{self.field}` needs exactly one of `equals`, `in`")
 
 
+# Keys of a step that govflow reads itself; the rest are the action's parameters.
+STEP_OPTIONS = frozenset({"timeout"})
+# A step's parameters, and the options every step takes (shown in ``govflow schema``).
+StepParams = Annotated[
+    dict[str, Any],
+    msgspec.Meta(
+        extra_json_schema={
+            "properties": {
+                "timeout": {
+                    **DURATION_JSON_SCHEMA,
+                    "description": "the step's time limit (ms, s, m, h or d; a number is seconds);"
+                    " default GOVFLOW_STEP_TIMEOUT",
+                }
+            }
+        }
+    ),
+]
+
+
 class Workflow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A workflow definition as written in a YAML or JSON file."""
 
@@ -43,7 +64,7 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     entity: Entity
     trigger: Trigger
     when: list[Condition] = []
-    actions: Annotated[list[dict[str, dict[str, Any]]], msgspec.Meta(min_length=1)]
+    actions: Annotated[list[dict[str, StepParams]], msgspec.Meta(min_length=1)]
     enabled: bool = True
     ordering: Literal["entity", "none"] = "none"
 
@@ -51,10 +72,27 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for step, action in enumerate(self.actions, start=1):
             if len(action) != 1:
                 raise ValueError(f"action {step} must name exactly one action type")
+            params = next(iter(action.values()))
+            if "timeout" in params:
+                try:
+                    parse_duration(params["timeout"])
+                except ValueError as e:
+                    raise ValueError(f"action {step}: timeout: {e}") from None
 
     def steps(self) -> list[tuple[str, dict[str, Any]]]:
-        """The actions as (type, parameters), in the order they run."""
-        return [next(iter(action.items())) for action in self.actions]
+        """The actions as (type, parameters), in the order they run; step options left out."""
+        return [
+            (name, {k: v for k, v in params.items() if k not in STEP_OPTIONS})
+            for name, params in (next(iter(action.items())) for action in self.actions)
+        ]
+
+    def timeouts(self) -> list[float | None]:
+        """Each step's own time limit in seconds, or None for the default."""
+        limits: list[float | None] = []
+        for action in self.actions:
+            limit = next(iter(action.values())).get("timeout")
+            limits.append(None if limit is None else parse_duration(limit))
+        return limits
 
 
 class StoredWorkflow(msgspec.Struct, frozen=True, kw_only=True):
