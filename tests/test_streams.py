@@ -33,3 +33,27 @@ async def test_a_claim_sweep_goes_on_where_the_last_one_stopped(redis: Redis, pr
     assert cursor == "0-0"
     pending: Any = await redis.xpending_range(stream, GROUP, ids[-1], ids[-1], 1)
     assert pending[0]["consumer"] == b"me"
+
+
+@pytest.mark.parametrize("delete", ["xdel", "maxlen"])
+async def test_a_claim_sweep_skips_entries_deleted_while_pending(
+    any_redis: Redis, prefix: str, delete: str
+) -> None:
+    """On 6.2 and on 7: the live entry is claimed, the deleted one acknowledged, no error."""
+    stream = f"{prefix}:commands"
+    first: Any = await any_redis.xadd(stream, {"n": "0"})
+    second: Any = await any_redis.xadd(stream, {"n": "1"})
+    await any_redis.xgroup_create(stream, GROUP, id="0")
+    await any_redis.xreadgroup(GROUP, "gone", {stream: ">"}, count=2)
+    if delete == "xdel":
+        await any_redis.xdel(stream, first)
+    else:  # a producer trimming the stream as it adds
+        await any_redis.xadd(stream, {"n": "2"}, maxlen=2, approximate=False)
+    streams = Streams(any_redis)
+
+    for _ in range(2):  # and again: the deleted entry is no longer pending
+        claimed, cursor = await streams.claim_idle(stream, GROUP, "me", 0, COUNT)
+        assert cursor == "0-0"
+        assert [e.id for e in claimed] == [second.decode()]
+    pending: Any = await any_redis.xpending_range(stream, GROUP, "-", "+", 10)
+    assert [(p["message_id"], p["consumer"]) for p in pending] == [(second, b"me")]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import msgspec
+import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -24,6 +25,8 @@ from govflow.schemas.codec import decode_command, decode_event
 from govflow.schemas.commands import RunWorkflow
 from govflow.schemas.errors import GroupMissingError, InvalidEntryError
 from govflow.schemas.events import Event
+
+log = structlog.get_logger(__name__)
 
 # The field that carries the attempt number of a retried or replayed entry; the
 # delivery counter of XPENDING is lost when an entry is added anew.
@@ -155,12 +158,12 @@ class Streams:
             stream, group, consumer, min_idle_ms, start, count=count
         )  # fmt: skip
         cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        # Redis 7 adds a third element, the ids it found deleted; 6.2 has two.
-        claimed: list[tuple[bytes, dict[bytes, bytes] | None]] = reply[1]
-        live = [(i, f) for i, f in claimed if f]
-        gone = [i for i, f in claimed if not f]
-        if gone:  # trimmed or deleted while pending: nothing left to run
-            await self.redis.xack(stream, group, *gone)
+        # Entries trimmed or deleted while pending: Redis 7 drops them from the pending
+        # list and names them in a third element; 6.2 claims them and answers nil.
+        claimed: list[tuple[bytes | None, dict[bytes, bytes] | None]] = reply[1]
+        live = [(i, f) for i, f in claimed if i is not None and f]
+        if len(live) < len(claimed):
+            await self._ack_deleted(stream, group, consumer, start, cursor, len(claimed))
         if not live:
             return [], cursor
         pipe = self.redis.pipeline(transaction=False)
@@ -173,6 +176,31 @@ class Streams:
             attempt = attempt_of(fields) + deliveries - 1
             entries.append(Entry(stream, entry_id.decode(), fields, attempt))
         return entries, cursor
+
+    async def _ack_deleted(
+        self, stream: str, group: str, consumer: str, start: str, cursor: str, count: int
+    ) -> None:
+        """Acknowledge the entries a sweep claimed that no longer exist: nothing left to run.
+
+        On 6.2 the reply does not name them, so look for them among what ``consumer``
+        holds in the range the sweep covered (an entry that exists is left alone: it may
+        be in hand here).
+        """
+        end = "+" if cursor == "0-0" else f"({cursor}"
+        held: Any = await self.redis.xpending_range(
+            stream, group, start, end, 10 * count, consumername=consumer
+        )
+        ids = [p["message_id"] for p in held]
+        if not ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(stream, entry_id, entry_id, count=1)
+        found = await pipe.execute()
+        gone = [entry_id for entry_id, rows in zip(ids, found, strict=True) if not rows]
+        if gone:
+            await self.redis.xack(stream, group, *gone)
+            log.info("claim.deleted_acknowledged", stream=stream, count=len(gone))
 
     async def renew(self, stream: str, group: str, consumer: str, ids: Sequence[str]) -> set[str]:
         """Reset the idle time of the entries ``consumer`` still owns; return those."""
