@@ -41,16 +41,22 @@ def dead(reason: str, cause: str, **ids: Unpack[EntryIds]) -> Outcome:
     return Outcome(kind="dead", reason=reason, cause=cause, **ids)
 
 
+# Past this many doublings every delay is at its cap anyway (2**64 seconds is far above
+# any cap), and the power stays a float that cannot overflow.
+_MAX_DOUBLINGS = 64
+
+
 class RetryPolicy(msgspec.Struct, frozen=True):
-    """Exponential backoff with jitter, up to ``max_attempts`` deliveries."""
+    """Exponential backoff with jitter, capped, up to ``max_attempts`` deliveries."""
 
     max_attempts: int = 5
     backoff_base: float = 2.0
     backoff_max: float = 3600.0
 
     def delay(self, attempt: int) -> float:
-        """Seconds before the retry that follows failed ``attempt`` (2, 4, 8, ... ±20%)."""
-        return float(self.backoff_base * 2 ** (attempt - 1) * random.uniform(0.8, 1.2))
+        """Seconds before the retry that follows failed ``attempt`` (2, 4, 8, ... ±20%, capped)."""
+        doublings = min(max(attempt - 1, 0), _MAX_DOUBLINGS)
+        return min(self.backoff_base * 2.0**doublings * random.uniform(0.8, 1.2), self.backoff_max)
 
     def retry_delay(self, outcome: Outcome, attempt: int) -> float:
         """The delay ``outcome`` asked for (capped at ``backoff_max``), else the backoff's."""

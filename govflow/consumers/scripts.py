@@ -64,14 +64,26 @@ return n
 """
 )
 
-# KEYS: stream, retry set, lease, held. ARGV: group, owner, entry id, due time (ms),
-# member, entity, token. The entity (if any) is held by this entry unless already held.
+# The Redis server's clock in milliseconds. Retries are scheduled and moved by this one
+# clock, so workers and movers on hosts whose clocks disagree still agree on what is due.
+# A script that reads TIME and then writes is replicated by its effects (the default from
+# Redis 5; govflow needs 6.2).
+_SERVER_NOW = """
+local function server_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# KEYS: stream, retry set, lease, held. ARGV: group, owner, entry id, delay (ms), member,
+# entity, token. The entity (if any) is held by this entry unless already held.
 ACK_AND_SCHEDULE_RETRY = (
     _FENCE_AND_RELEASE
+    + _SERVER_NOW
     + """
 if fenced(KEYS[3], ARGV[2]) then return -1 end
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[3]) == 1 then
-  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+  redis.call('ZADD', KEYS[2], server_now_ms() + tonumber(ARGV[4]), ARGV[5])
   if ARGV[6] ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[6]) == 0 then
     redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
   end
@@ -116,10 +128,12 @@ return 0
 """
 )
 
-# KEYS: retry set, events stream, commands stream. ARGV: now (ms), how many at most.
+# KEYS: retry set, events stream, commands stream. ARGV: how many at most.
 # A member is JSON: {"to": "events"|"commands", "fields": [field, value, ...]}.
-MOVE_DUE_RETRIES = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+MOVE_DUE_RETRIES = (
+    _SERVER_NOW
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', server_now_ms(), 'LIMIT', 0, ARGV[1])
 for _, member in ipairs(due) do
   local m = cjson.decode(member)
   local stream = KEYS[2]
@@ -129,6 +143,7 @@ for _, member in ipairs(due) do
 end
 return #due
 """
+)
 
 # KEYS: stream. ARGV: group, consumer, entry ids. Renews the lease on the entries the
 # consumer still owns (XCLAIM JUSTID resets the idle time without counting a delivery)
@@ -253,20 +268,23 @@ def ack_and_schedule_retry(
     group: str,
     entry_id: str,
     retry_set: str,
-    due_ms: int,
+    delay_ms: int,
     to: Role,
     fields: Mapping[bytes, bytes],
     fence: Fence | None,
     order: EntityOrder | None = None,
 ) -> ScriptCall:
-    """XACK the entry and, if that removed it, schedule it to go back on ``to`` at ``due_ms``."""
+    """XACK the entry and, if that removed it, schedule it to go back on ``to`` in ``delay_ms``.
+
+    The due time is the Redis server's clock plus the delay, the clock the mover reads.
+    """
     lease, owner = _fence(stream, fence)
     held, _, entity, token = _order(stream, order)
     member = encode({"to": to, "id": entry_id, "fields": _flat(fields)})
     return ScriptCall(
         ACK_AND_SCHEDULE_RETRY,
         [stream, retry_set, lease, held],
-        [group, owner, entry_id, due_ms, member, entity, token],
+        [group, owner, entry_id, delay_ms, member, entity, token],
     )
 
 
@@ -310,11 +328,9 @@ def ack_and_park(
     )
 
 
-def move_due_retries(
-    *, retry_set: str, events: str, commands: str, now_ms: int, limit: int
-) -> ScriptCall:
-    """Put up to ``limit`` retries due by ``now_ms`` back on their streams."""
-    return ScriptCall(MOVE_DUE_RETRIES, [retry_set, events, commands], [now_ms, limit])
+def move_due_retries(*, retry_set: str, events: str, commands: str, limit: int) -> ScriptCall:
+    """Put up to ``limit`` retries due by the Redis server's clock back on their streams."""
+    return ScriptCall(MOVE_DUE_RETRIES, [retry_set, events, commands], [limit])
 
 
 def renew_pending(*, stream: str, group: str, consumer: str, ids: Sequence[str]) -> ScriptCall:

@@ -12,7 +12,6 @@ changes nothing; and each is fenced on the partition's lease when one is held.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -164,14 +163,13 @@ class Settler:
                 order=order if verdict.front else None,  # only the one in front releases
             )
         if outcome.kind == "retry":
-            due = time.time() + self._policy.retry_delay(outcome, entry.attempt)
             return scripts.ack_and_schedule_retry(
                 stream=self.stream,
                 group=self.group,
                 fence=self._fence,
                 entry_id=entry.id,
                 retry_set=self._keys.retry(self._partition),
-                due_ms=int(due * 1000),
+                delay_ms=int(self._policy.retry_delay(outcome, entry.attempt) * 1000),
                 to=self._role,
                 fields={**entry.fields, ATTEMPT_FIELD: str(entry.attempt + 1).encode(), **token},
                 order=order,

@@ -9,7 +9,6 @@ NOSCRIPT: after a restart or a failover, whose new primary has an empty script c
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
@@ -257,7 +256,6 @@ class Streams:
             retry_set=retry_key,
             events=events,
             commands=commands,
-            now_ms=int(time.time() * 1000),
             limit=limit,
         )
         moved: int = await self.run(call)

@@ -32,7 +32,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]+$")] = "govflow"
     max_attempts: Positive = 5
     backoff_base: Seconds = 2.0
-    backoff_max: Seconds = 3600.0  # the longest delay a retry may ask for (Retry-After)
+    backoff_max: Seconds = 3600.0  # the longest wait before a retry (backoff, Retry-After)
     claim_idle: Seconds = 30.0
     api_tokens: str = ""
     webhook_secret: str = ""
@@ -58,6 +58,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             if url is not None and not url.startswith(schemes):
                 raise ConfigError(f"{url.split(':', 1)[0]!r} is not one of {', '.join(schemes)}")
         parse_tokens(self.api_tokens)
+        if self.backoff_max < self.backoff_base:
+            raise ConfigError(
+                f"GOVFLOW_BACKOFF_MAX ({self.backoff_max:g}) is shorter than "
+                f"GOVFLOW_BACKOFF_BASE ({self.backoff_base:g})"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: object) -> Settings:

@@ -76,7 +76,7 @@ async def test_hand_overs_are_fenced_and_keep_holds_on_a_cluster(
                 group=group,
                 entry_id=batch[1].id,
                 retry_set=keys.retry(p),
-                due_ms=int((time.time() + 60) * 1000),
+                delay_ms=60_000,
                 to="commands",
                 fields={**batch[1].fields, HOLD_FIELD: hold.token.encode()},
                 fence=fence,
