@@ -56,6 +56,7 @@ BEGIN
         SELECT * FROM (VALUES
             -- govflow_worker
             ('workflows',           'SELECT',                         'govflow_worker'),
+            ('workflow_generation', 'SELECT',                         'govflow_worker'),
             ('workflow_executions', 'SELECT, INSERT, UPDATE',         'govflow_worker'),
             ('execution_steps',     'SELECT, INSERT, UPDATE',         'govflow_worker'),
             ('approvals',           'SELECT, INSERT',                 'govflow_worker'),
@@ -72,6 +73,7 @@ BEGIN
             ('outbox',              'SELECT, INSERT, UPDATE, DELETE', 'govflow_worker'),
             -- govflow_reader and govflow_operator: everything, read-only
             ('workflows',           'SELECT', 'govflow_reader, govflow_operator'),
+            ('workflow_generation', 'SELECT', 'govflow_reader, govflow_operator'),
             ('workflow_executions', 'SELECT', 'govflow_reader, govflow_operator'),
             ('execution_steps',     'SELECT', 'govflow_reader, govflow_operator'),
             ('approvals',           'SELECT', 'govflow_reader, govflow_operator'),

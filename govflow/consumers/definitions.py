@@ -1,4 +1,4 @@
-"""Workflow definitions as the workers see them: cached, and fresh within seconds."""
+"""Workflow definitions as the workers see them: reloaded as soon as they change."""
 
 from __future__ import annotations
 
@@ -11,30 +11,34 @@ from govflow.db import workflows
 from govflow.schemas.errors import PermanentError
 from govflow.schemas.workflows import StoredWorkflow
 
-REFRESH_S = 2.0
-
 
 class Definitions:
-    """The enabled definitions (re-read every ``REFRESH_S``) and any version by number."""
+    """The enabled definitions, as of the last change committed, and any version by number.
 
-    def __init__(self, pool: AsyncConnectionPool[Any], refresh_s: float = REFRESH_S) -> None:
+    Every ``enabled()`` reads the workflows' generation (one row) and reloads the
+    definitions only when it moved: an event read after ``govflow workflows apply``
+    committed is matched against what was applied.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
         self._pool = pool
-        self._refresh_s = refresh_s
         self._enabled: list[StoredWorkflow] = []
-        self._loaded_at = float("-inf")
+        self._generation: int | None = None
         self._versions: dict[tuple[str, int], StoredWorkflow] = {}
         self._lock = anyio.Lock()
 
     async def enabled(self) -> list[StoredWorkflow]:
         """The latest enabled version of every workflow."""
-        async with self._lock:
-            if anyio.current_time() - self._loaded_at >= self._refresh_s:
-                async with self._pool.connection() as conn:
-                    self._enabled = await workflows.enabled_latest(conn)
-                self._loaded_at = anyio.current_time()
+        async with self._lock, self._pool.connection() as conn:
+            generation = await workflows.generation(conn)
+            if generation != self._generation:
+                # A change committed between these two reads is seen by the second and
+                # reloaded again next time: never older than the generation read.
+                self._enabled = await workflows.enabled_latest(conn)
+                self._generation = generation
                 for wf in self._enabled:
                     self._versions[(wf.name, wf.version)] = wf
-            return self._enabled
+        return self._enabled
 
     async def version(self, name: str, version: int) -> StoredWorkflow:
         """One version of a definition; versions never change, so it is cached for good.

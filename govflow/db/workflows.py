@@ -90,6 +90,13 @@ async def enabled_latest(conn: AsyncConnection[Any]) -> list[StoredWorkflow]:
     return [row.stored() for row in await list_workflows(conn) if row.enabled]
 
 
+async def generation(conn: AsyncConnection[Any]) -> int:
+    """The counter every change to the workflows table moves on (in its transaction)."""
+    cur = await conn.execute("SELECT generation FROM workflow_generation")
+    row = await cur.fetchone()
+    return 0 if row is None else int(row[0])
+
+
 async def get_version(conn: AsyncConnection[Any], name: str, version: int) -> StoredWorkflow | None:
     """One version of one workflow, or ``None`` when there is no such version."""
     cur = await conn.execute(
