@@ -1,5 +1,8 @@
 """The outbox relay: publish committed ``outbox`` rows to the event streams, in id order.
 
+Order. A row is published only once no transaction can still commit a lower id
+(``producers.frontier``): a row that commits late is held back behind, never overtaken.
+
 Leadership. Only one relay per database publishes: the one whose dedicated connection
 holds a session advisory lock (``LOCK_KEY``). The others stand by and try the lock every
 ``LOCK_POLL_S``; when the leader's connection dies, Postgres releases its lock and a
@@ -43,6 +46,8 @@ from govflow.core.service import run_every, wait_stopped
 from govflow.core.unavailable import UNAVAILABLE, is_unavailable
 from govflow.db import outbox
 from govflow.producers import metrics
+from govflow.producers.frontier import MAX_WAIT_S as ORDER_WAIT_S
+from govflow.producers.frontier import Frontier
 from govflow.schemas.keys import Keys
 
 log = structlog.get_logger(__name__)
@@ -68,7 +73,7 @@ _SESSION_SETTINGS = (
 _TRY_LOCK = "SELECT pg_try_advisory_lock(%s)"
 _SELECT_BATCH = (
     "SELECT id, event::text, coalesce(event ->> 'entity_id', '') FROM outbox"
-    " WHERE published_at IS NULL ORDER BY id LIMIT %s"
+    " WHERE published_at IS NULL AND id <= %s ORDER BY id LIMIT %s"
 )
 _MARK = "UPDATE outbox SET published_at = now() WHERE id = ANY(%s::bigint[])"
 _DELETE_OLD = (
@@ -92,6 +97,8 @@ class Relay:
         poll_s: the longest wait between two looks at the table when no notification
             comes.
         retention_s: published rows older than this are deleted, now and then.
+        order_wait_s: the longest rows wait behind an open transaction holding a lower
+            id (``producers.frontier``).
     """
 
     def __init__(
@@ -103,6 +110,7 @@ class Relay:
         batch_size: int = 500,
         poll_s: float = 1.0,
         retention_s: float = 3600.0,
+        order_wait_s: float = ORDER_WAIT_S,
     ) -> None:
         if batch_size < 1 or poll_s <= 0 or retention_s < 0:
             raise ValueError("batch_size must be >= 1, poll_s > 0 and retention_s >= 0")
@@ -117,6 +125,7 @@ class Relay:
         self._wake: anyio.Event | None = None
         self.state: State = "connecting"
         self.published = 0  # rows this relay published (and marked)
+        self._frontier = Frontier(order_wait_s)
 
     @property
     def leading(self) -> bool:
@@ -227,8 +236,9 @@ class Relay:
                 failure are marked, the others wait for the next try.
         """
         failure: Exception | None = None
+        up_to = await self._frontier.advance(conn)
         async with conn.transaction():
-            cur = await conn.execute(_SELECT_BATCH, (self._batch_size,))
+            cur = await conn.execute(_SELECT_BATCH, (up_to, self._batch_size))
             rows: list[Row] = await cur.fetchall()
             if not rows:
                 return 0
