@@ -29,6 +29,12 @@ periodic claim (``GOVFLOW_CLAIM_IDLE``), possibly after newer entries of the sam
 And a primary's failover can roll group state back (replication is asynchronous): the
 consumer then runs first whatever the new primary shows as delivered and unacknowledged.
 
+Leases follow health. A worker that cannot reach Redis stops renewing, and gives its
+partitions up once their leases may have lapsed. One that reaches Redis but not Postgres
+(``healthy`` says so, ``core.health``: no answer for longer than a lease) gives every
+partition up and leaves the membership, so the workers that remain count one fewer and
+take its share; it joins again once Postgres answers.
+
 Rebalancing takes a few lease periods: a joining worker is seen at the others' next beat
 (``ttl / 3``), which stop their surplus consumers; the newcomer takes them at its own next
 beat. A dead worker's partitions wait for its leases to lapse (``ttl``).
@@ -160,6 +166,8 @@ class PartitionLeases:
         worker_id: this worker's identity, unique in the deployment: the lease's value.
         ttl_s: how long a lease lasts without renewal.
         make_consumer: builds the consumer of a partition once its lease is taken.
+        healthy: whether this worker can do the work (it reaches Postgres); while it
+            says no, the worker holds no partition and is not counted as a member.
     """
 
     def __init__(
@@ -170,6 +178,7 @@ class PartitionLeases:
         worker_id: str,
         ttl_s: float,
         make_consumer: ConsumerFactory,
+        healthy: Callable[[], bool] = lambda: True,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -178,6 +187,7 @@ class PartitionLeases:
         self._ttl_s = ttl_s
         self._ttl_ms = int(ttl_s * 1000)
         self._make_consumer = make_consumer
+        self._healthy = healthy
         self._streams = Streams(redis)
         self._owned: dict[int, _Owned] = {}
         self._stopped = anyio.Event()
@@ -241,6 +251,14 @@ class PartitionLeases:
         the partitions of the others, so each call stands alone.
         """
         await self._renew_all()
+        if not self._healthy():
+            for p, owned in list(self._owned.items()):
+                self._leave(p, owned, "partition.unhealthy")
+            try:  # counted out, so that the others take this worker's share
+                await self._streams.run(self._beat_call(leaving=True))
+            except UNAVAILABLE:
+                pass  # the membership entry lapses on its own
+            return
         try:
             raw: list[bytes] = await self._streams.run(self._beat_call())
         except UNAVAILABLE as e:

@@ -2,24 +2,61 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 from psycopg_pool import AsyncConnectionPool
+from psycopg_pool.base import AttemptWithBackoff
+
+# The longest wait between two attempts to reconnect. psycopg_pool doubles it without a
+# bound (1, 2, 4, ... s until ``reconnect_timeout``), so after a long outage a worker
+# would go on waiting long after Postgres came back.
+RECONNECT_MAX_S = 2.0
+# How long a caller waits for a connection before the pool says Postgres is unavailable
+# (psycopg_pool's default is 30 s). A consumer holding a batch learns of an outage within
+# this, and so can stop when asked: a worker giving its partitions up waits for that.
+CONNECTION_WAIT_S = 5.0
 
 
-async def open_pool(database_url: str, *, max_size: int = 10) -> AsyncConnectionPool:
+class _CappedAttempt(AttemptWithBackoff):
+    """psycopg_pool's reconnection backoff, each delay at most ``RECONNECT_MAX_S``."""
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, RECONNECT_MAX_S)
+
+
+class Pool(AsyncConnectionPool[Any]):
+    """An ``AsyncConnectionPool`` whose reconnection backoff is capped.
+
+    It hands its own attempt to psycopg_pool's ``_add_connection`` (psycopg_pool 3.2 and
+    3.3 start every reconnection there; ``tests/test_pool.py`` checks that the cap holds).
+    """
+
+    async def _add_connection(
+        self, attempt: AttemptWithBackoff | None, growing: bool = False
+    ) -> None:
+        if attempt is None:
+            attempt = _CappedAttempt(timeout=self.reconnect_timeout)
+        await super()._add_connection(attempt, growing=growing)
+
+
+async def open_pool(database_url: str, *, max_size: int = 10) -> AsyncConnectionPool[Any]:
     """Open a pool and wait for its first connection.
 
     The pool checks a connection before lending it, so a Postgres restart costs one failed
-    check rather than a failed transaction.
+    check rather than a failed transaction; it tries to reconnect at least every
+    ``RECONNECT_MAX_S`` while Postgres is away.
     """
-    pool = AsyncConnectionPool(
+    pool = Pool(
         database_url,
         min_size=1,
         max_size=max_size,
         open=False,
-        check=AsyncConnectionPool.check_connection,
+        check=Pool.check_connection,
         kwargs={"autocommit": False},
         reconnect_timeout=3600,
+        timeout=CONNECTION_WAIT_S,
     )
     try:
         await pool.open(wait=True, timeout=30)

@@ -41,6 +41,7 @@ from govflow.consumers.triggers import TriggerMatcher
 from govflow.core import deployment
 from govflow.core.backoff import Backoff
 from govflow.core.connect import connect
+from govflow.core.health import PostgresHealth
 from govflow.core.unavailable import UNAVAILABLE, is_unavailable
 from govflow.db.pool import open_pool
 from govflow.operations.lag import LagGauges
@@ -233,6 +234,9 @@ class Worker:
             ]  # fmt: skip
         else:
             worker_id = f"{name}-{secrets.token_hex(3)}"  # a restarted pid is a new worker
+            # Postgres out of reach for longer than a lease: give the partitions up.
+            health = PostgresHealth(pool, interval=settings.lease_ttl / 3)
+            services.append(health)
 
             def consumer_of(handler: Handler) -> Callable[[int, PartitionLease], GroupConsumer]:
                 return lambda p, lease: GroupConsumer(
@@ -244,7 +248,13 @@ class Worker:
 
             leases = [
                 PartitionLeases(
-                    redis, keys, GROUP_OF[h.role], worker_id, settings.lease_ttl, consumer_of(h)
+                    redis,
+                    keys,
+                    GROUP_OF[h.role],
+                    worker_id,
+                    settings.lease_ttl,
+                    consumer_of(h),
+                    healthy=lambda: health.reached_within(settings.lease_ttl),
                 )
                 for h in handlers
             ]

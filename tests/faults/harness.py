@@ -291,13 +291,14 @@ async def run_check(
     database_url: str,
     expected: Expected,
     deliveries: Callable[[], Mapping[str, Sequence[bytes]]] | None = None,
+    keys: Keys | None = None,
 ) -> Report:
-    """One pass of the invariant checker with fresh connections."""
+    """One pass of the invariant checker with fresh connections (one partition by default)."""
     redis = Redis.from_url(redis_url, socket_timeout=10)
     try:
         async with await AsyncConnection.connect(database_url, autocommit=True) as conn:
             return await check(
-                redis, conn, Keys(PREFIX), expected, deliveries() if deliveries else None
+                redis, conn, keys or Keys(PREFIX), expected, deliveries() if deliveries else None
             )
     finally:
         await redis.aclose()
@@ -310,12 +311,13 @@ async def settle(
     *,
     within: float,
     deliveries: Callable[[], Mapping[str, Sequence[bytes]]] | None = None,
+    keys: Keys | None = None,
 ) -> Report:
     """Check until every invariant holds, or ``within`` seconds pass; return the last report."""
     deadline = time.monotonic() + within
     while True:
         try:
-            report = await run_check(redis_url, database_url, expected, deliveries)
+            report = await run_check(redis_url, database_url, expected, deliveries, keys)
         except (OSError, psycopg.OperationalError) as e:  # a server still coming back
             report = Report(problems=[f"checker could not read: {e}"])
         if report.ok or time.monotonic() > deadline:

@@ -5,7 +5,9 @@ own loop is doing. ``cut_mid_command("request")`` lets the next chunk a client s
 the server only in part (half a command: the server never runs it), then aborts every
 connection; ``cut_mid_command("reply")`` does the same to the next reply (the server ran
 the command, the client never learns it did: the harder case). ``cut_all()`` aborts every
-connection at once, wherever they are.
+connection at once, wherever they are. ``link_down()`` cuts every connection and refuses
+new ones (each is aborted as soon as it is accepted) until ``link_up()``: the server is out
+of reach for the clients behind this proxy only.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Proxy:
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._armed: Direction | None = None
         self._fired: asyncio.Event | None = None
+        self._down = False
 
     def start(self) -> None:
         """Listen on a free port (``self.port``) and start forwarding."""
@@ -50,6 +53,15 @@ class Proxy:
     def cut_all(self) -> int:
         """Abort every open connection now; return how many."""
         return asyncio.run_coroutine_threadsafe(self._abort_all(), self._loop).result(10)
+
+    def link_down(self) -> int:
+        """Cut every connection and refuse new ones until ``link_up()``; return how many."""
+        self._down = True
+        return self.cut_all()
+
+    def link_up(self) -> None:
+        """Forward new connections again."""
+        self._down = False
 
     def cut_mid_command(self, direction: Direction, within: float = 5.0) -> bool:
         """Cut inside the next chunk sent in ``direction``; False when none came ``within``."""
@@ -88,6 +100,9 @@ class Proxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self._down:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
