@@ -1,7 +1,7 @@
 """The outbox frontier: the highest row id the relay may publish without breaking id order.
 
 Every outbox row draws its id while its transaction holds a shared advisory lock
-(``ORDER_LOCK_KEY``, taken by the id's default: migration ``0004_outbox_order.sql``) and
+(``ORDER_LOCK_KEY``, taken by the id's default: migration ``0005_outbox_order.sql``) and
 keeps it until the transaction ends. So, once the relay has read the last id drawn, ``L``,
 and then the transactions holding that lock, every id up to ``L`` belongs to one of them
 or to a transaction already ended; when none of them holds the lock any longer, each row
@@ -25,7 +25,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-ORDER_LOCK_KEY = int.from_bytes(b"govflowo", "big")  # the key 0004_outbox_order.sql takes
+ORDER_LOCK_KEY = int.from_bytes(b"govflowo", "big")  # the key 0005_outbox_order.sql takes
 MAX_WAIT_S = 60.0
 
 _LAST_DRAWN = "SELECT coalesce(pg_sequence_last_value('outbox_id_seq'), 0)"
