@@ -30,7 +30,7 @@ class Pool(AsyncConnectionPool[Any]):
     """An ``AsyncConnectionPool`` whose reconnection backoff is capped.
 
     It hands its own attempt to psycopg_pool's ``_add_connection`` (psycopg_pool 3.2 and
-    3.3 start every reconnection there; ``tests/test_pool.py`` checks that the cap holds).
+    3.3 start every reconnection there; ``tests/faults/test_health.py`` checks the cap holds).
     """
 
     async def _add_connection(
