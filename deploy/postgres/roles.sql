@@ -65,6 +65,8 @@ BEGIN
             ('notifications',       'SELECT, INSERT',                 'govflow_worker'),
             ('status_changes',      'SELECT, INSERT',                 'govflow_worker'),
             ('dead_letters',        'SELECT, INSERT',                 'govflow_worker'),
+            -- the events the trigger matcher took; the reconciler deletes old ones
+            ('received_events',     'SELECT, INSERT, DELETE',         'govflow_worker'),
             -- the prefix `govflow migrate` recorded, which every process checks
             ('deployment',          'SELECT',                         'govflow_worker'),
             -- the keys that sign webhooks
@@ -82,6 +84,7 @@ BEGIN
             ('notifications',       'SELECT', 'govflow_reader, govflow_operator'),
             ('status_changes',      'SELECT', 'govflow_reader, govflow_operator'),
             ('dead_letters',        'SELECT', 'govflow_reader, govflow_operator'),
+            ('received_events',     'SELECT', 'govflow_reader, govflow_operator'),
             ('outbox',              'SELECT', 'govflow_reader, govflow_operator'),
             ('schema_migrations',   'SELECT', 'govflow_reader, govflow_operator'),
             ('deployment',          'SELECT', 'govflow_reader, govflow_operator'),

@@ -101,6 +101,7 @@ class Resources:
         if settings.redis_url is None or settings.database_url is None:
             raise ValueError("the API needs a Redis URL and a database URL")
         self.keys = settings.keys()
+        self.overdue_after_s = settings.reconcile_after
         self.redis_url = settings.redis_url
         self.database_url = settings.database_url
         self._redis: RedisClient | None = None
@@ -340,7 +341,7 @@ async def show_execution(gf: Deps, execution_id: FromPath[str]) -> views.Executi
 @get("/lag", opt={"scope": "read"}, security=SECURITY, responses={**_AUTH_ERRORS, **_UNAVAILABLE})
 async def get_lag(gf: Deps) -> lag.LagReport:
     """Per stream and group: length, lag, pending, oldest ages, consumers; retries, dead letters."""
-    return await lag.read_lag(gf.redis, gf.pool, gf.keys)
+    return await lag.read_lag(gf.redis, gf.pool, gf.keys, overdue_after_s=gf.overdue_after_s)
 
 
 @get("/stats", opt={"scope": "read"}, security=SECURITY, responses={**_AUTH_ERRORS, **_UNAVAILABLE})
@@ -426,7 +427,9 @@ async def metrics(gf: Deps) -> bytes:
     """
     try:
         with anyio.fail_after(LAG_TIMEOUT_S):
-            lag.export_gauges(await lag.read_lag(gf.redis, gf.pool, gf.keys))
+            lag.export_gauges(
+                await lag.read_lag(gf.redis, gf.pool, gf.keys, overdue_after_s=gf.overdue_after_s)
+            )
     except Exception as e:  # noqa: BLE001 - a scrape still gets the other metrics
         log.warning("metrics.lag_failed", error=short(e))
     return generate_latest(REGISTRY)

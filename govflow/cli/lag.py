@@ -57,6 +57,7 @@ def render(report: LagReport) -> RenderableType:
     totals = [
         f"retries scheduled: {report.retry_scheduled}",
         f"dead letters: {report.dead_letters}",
+        f"overdue: {report.overdue}",
     ]
     if report.outbox is not None:
         totals.append(
@@ -66,6 +67,7 @@ def render(report: LagReport) -> RenderableType:
                 if report.outbox.waiting
                 else ""
             )
+            + (f", {report.outbox.overdue} overdue" if report.outbox.overdue else "")
         )
     parts: list[RenderableType] = [table]
     if consumers.row_count:
@@ -122,12 +124,14 @@ def lag(
 
 async def _read(settings: Settings) -> LagReport:
     async with redis_client(settings) as redis, database_pool(settings, max_size=1) as pool:
-        return await read_lag(redis, pool, settings.keys())
+        return await read_lag(
+            redis, pool, settings.keys(), overdue_after_s=settings.reconcile_after
+        )
 
 
 async def _watch(interval: float, settings: Settings) -> None:
     """Redraw the report every ``interval`` seconds until SIGINT or SIGTERM; exit 0."""
-    keys = settings.keys()
+    keys, after = settings.keys(), settings.reconcile_after
     async with (
         redis_client(settings) as redis,
         database_pool(settings, max_size=1) as pool,
@@ -136,11 +140,13 @@ async def _watch(interval: float, settings: Settings) -> None:
         tg.start_soon(_cancel_on_signal, tg.cancel_scope)
         if not console.is_terminal:  # a pipe or a file: one report after the other
             while True:
-                console.print(render(await read_lag(redis, pool, keys)))
+                console.print(render(await read_lag(redis, pool, keys, overdue_after_s=after)))
                 await anyio.sleep(interval)
         with Live(console=console, auto_refresh=False, transient=False) as live:
             while True:
-                live.update(render(await read_lag(redis, pool, keys)), refresh=True)
+                live.update(
+                    render(await read_lag(redis, pool, keys, overdue_after_s=after)), refresh=True
+                )
                 await anyio.sleep(interval)
 
 

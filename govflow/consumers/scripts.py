@@ -202,6 +202,69 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 
+# KEYS: events stream, commands stream, retry set, held (triggers), held (actions).
+# ARGV: limit, triggers group, actions group, where the events and the commands not yet
+# delivered start (an XRANGE start), how many execution ids, the execution ids, how many
+# event ids, the event ids, then entity ids. Reads only. Returns {undecided (1 when a
+# place held more than `limit` entries, so not all was looked at), the execution ids
+# found, the event ids found, the entities held}.
+FIND_TRACES = """
+local limit = tonumber(ARGV[1])
+local n = tonumber(ARGV[6])
+local m = tonumber(ARGV[7 + n])
+local executions, events = {}, {}
+for i = 7, 6 + n do executions[ARGV[i]] = true end
+for i = 8 + n, 7 + n + m do events[ARGV[i]] = true end
+local found_exec, found_event, seen, undecided = {}, {}, {}, 0
+local function field(flat, name)
+  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
+end
+local function look(flat, role)
+  if role == 'commands' then
+    -- the command's own id comes before its event in the JSON: the first match is it
+    local id = string.match(field(flat, 'command') or '', '"execution_id":"([^"]+)"')
+    if id and executions[id] and not seen[id] then
+      seen[id] = true
+      table.insert(found_exec, id)
+    end
+  else
+    local ok, event = pcall(cjson.decode, field(flat, 'event') or '')
+    local id = ok and type(event) == 'table' and event['id']
+    if type(id) == 'string' and events[id] and not seen[id] then
+      seen[id] = true
+      table.insert(found_event, id)
+    end
+  end
+end
+local function scan(stream, group, start, role)
+  local entries = redis.call('XRANGE', stream, start, '+', 'COUNT', limit)
+  if #entries >= limit then undecided = 1 end
+  for _, e in ipairs(entries) do look(e[2], role) end
+  local pending = redis.pcall('XPENDING', stream, group, '-', '+', limit)
+  if pending['err'] then return end -- no group yet: nothing delivered
+  if #pending >= limit then undecided = 1 end
+  for _, p in ipairs(pending) do
+    local one = redis.call('XRANGE', stream, p[1], p[1])
+    if #one == 1 then look(one[1][2], role) end
+  end
+end
+scan(KEYS[1], ARGV[2], ARGV[4], 'events')
+scan(KEYS[2], ARGV[3], ARGV[5], 'commands')
+if redis.call('ZCARD', KEYS[3]) > limit then undecided = 1 end
+for _, member in ipairs(redis.call('ZRANGE', KEYS[3], 0, limit - 1)) do
+  local retry = cjson.decode(member)
+  look(retry['fields'], retry['to'])
+end
+local held = {}
+for i = 8 + n + m, #ARGV do
+  if redis.call('HEXISTS', KEYS[4], ARGV[i]) == 1 or redis.call('HEXISTS', KEYS[5], ARGV[i]) == 1 then
+    table.insert(held, ARGV[i])
+  end
+end
+return {undecided, found_exec, found_event, held}
+"""
+
+
 class ScriptCall(msgspec.Struct, frozen=True):
     """One call of a script: its source, then its KEYS and ARGV in the script's order."""
 
@@ -356,6 +419,33 @@ def release_lease(*, lease: str, owner: str) -> ScriptCall:
 def beat(*, members: str, worker: str, ttl_ms: int, leaving: bool = False) -> ScriptCall:
     """Say ``worker`` is alive (or leaving) in ``members``; list the live members."""
     return ScriptCall(BEAT, [members], [worker, ttl_ms, 1 if leaving else 0])
+
+
+def find_traces(
+    *,
+    streams: tuple[str, str],
+    groups: tuple[str, str],
+    starts: tuple[str, str],
+    retry_set: str,
+    held: tuple[str, str],
+    execution_ids: Sequence[str],
+    event_ids: Sequence[str],
+    entities: Sequence[str],
+    limit: int,
+) -> ScriptCall:
+    """Look for what still carries some executions and events in one partition.
+
+    ``streams``, ``groups``, ``starts`` and ``held`` each name the events side, then the
+    commands side; a start is where the entries not yet delivered to the group begin.
+    """
+    return ScriptCall(
+        FIND_TRACES,
+        [*streams, retry_set, *held],
+        [
+            limit, *groups, *starts,
+            len(execution_ids), *execution_ids, len(event_ids), *event_ids, *entities,
+        ],
+    )  # fmt: skip
 
 
 def _flat(fields: Mapping[bytes, bytes]) -> list[str]:

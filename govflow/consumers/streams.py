@@ -99,6 +99,19 @@ class Hold(msgspec.Struct, frozen=True):
     token: str
 
 
+class Traces(msgspec.Struct, frozen=True):
+    """What Redis still carries of some executions and events, in one partition.
+
+    ``undecided``: a place held more entries than were looked at, so the absence of a
+    trace proves nothing this time.
+    """
+
+    undecided: bool
+    executions: frozenset[str]
+    events: frozenset[str]
+    held: frozenset[str]  # entities whose order is held: their entries wait in parked lists
+
+
 class Streams:
     """Typed stream operations over one Redis or Redis Cluster client (replies as bytes)."""
 
@@ -261,6 +274,46 @@ class Streams:
         moved: int = await self.run(call)
         return moved
 
+    async def traces(
+        self, place: TracePlace, execution_ids: Sequence[str], event_ids: Sequence[str],
+        entities: Sequence[str], limit: int,
+    ) -> Traces:  # fmt: skip
+        """Look in one partition's streams, pending lists, retry set and holds for the
+        given executions (by their commands) and events; at most ``limit`` per place."""
+        starts = (
+            await self._undelivered_start(place.events, place.groups[0]),
+            await self._undelivered_start(place.commands, place.groups[1]),
+        )
+        call = scripts.find_traces(
+            streams=(place.events, place.commands), groups=place.groups, starts=starts,
+            retry_set=place.retry, held=place.held, execution_ids=execution_ids,
+            event_ids=event_ids, entities=entities, limit=limit,
+        )  # fmt: skip
+        undecided, executions, events, held = await self.run(call)
+        return Traces(
+            bool(undecided),
+            frozenset(_decoded(executions)),
+            frozenset(_decoded(events)),
+            frozenset(_decoded(held)),
+        )
+
+    async def _undelivered_start(self, stream: str, group: str) -> str:
+        """Where the entries ``group`` has not been delivered yet begin: an XRANGE start.
+
+        Read before the script runs: an entry delivered in between is looked at twice
+        (in the stream and in the pending list), never missed.
+        """
+        try:
+            infos: list[dict[str, Any]] = await self.redis.xinfo_groups(stream)
+        except redis_errors.ResponseError as e:
+            if "no such key" not in str(e):
+                raise
+            return "-"
+        for info in infos:
+            if _text(info["name"]) == group:
+                return f"({_text(info['last-delivered-id'])}"
+        return "-"  # no group yet: every entry is still to be delivered
+
     async def retire(self, stream: str, group: str, consumer: str) -> bool:
         """Remove a consumer from its group if, and only if, it has nothing pending."""
         call = scripts.retire_idle_consumer(stream=stream, group=group, consumer=consumer)
@@ -272,6 +325,24 @@ class Streams:
         return [
             {"name": r["name"].decode(), "pending": r["pending"], "idle": r["idle"]} for r in rows
         ]
+
+
+class TracePlace(msgspec.Struct, frozen=True, kw_only=True):
+    """The keys of one partition the reconciler looks in (they share its hash tag)."""
+
+    events: str
+    commands: str
+    groups: tuple[str, str]  # the events' group, then the commands'
+    retry: str
+    held: tuple[str, str]  # the held hashes of the events' group, then the commands'
+
+
+def _decoded(values: Sequence[bytes | str]) -> list[str]:
+    return [_text(v) for v in values]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _entries(stream: str, items: Sequence[tuple[bytes, dict[bytes, bytes] | None]]) -> list[Entry]:

@@ -13,10 +13,18 @@ from psycopg_pool import AsyncConnectionPool
 from govflow.consumers.definitions import Definitions
 from govflow.consumers.matching import matches
 from govflow.consumers.outcomes import Outcome, dead
-from govflow.consumers.streams import COMMAND_FIELD, REPLAY_FIELD, Entry, RedisClient, event_of
+from govflow.consumers.streams import (
+    COMMAND_FIELD,
+    EVENT_FIELD,
+    REPLAY_FIELD,
+    Entry,
+    RedisClient,
+    event_of,
+)
 from govflow.core.unavailable import is_unavailable
-from govflow.db import executions
-from govflow.db.executions import NewExecution
+from govflow.db import executions, reconcile
+from govflow.db.executions import NewExecution, Queued
+from govflow.db.reconcile import Received
 from govflow.schemas.codec import encode
 from govflow.schemas.commands import RunWorkflow, execution_id
 from govflow.schemas.errors import InvalidEntryError
@@ -31,6 +39,12 @@ class TriggerMatcher:
 
     The execution row commits before its command is emitted. A crash in between leaves
     the row ``queued``; the redelivered event finds it so and emits the command again.
+
+    Every event taken is recorded in ``received_events`` in the same transaction (kept
+    whole when it matched a workflow), so the reconciler knows an outbox row was taken up
+    and can emit again a command Redis lost. An event published again finds its
+    executions: those unfinished and untouched for ``stale_after_s`` get their command
+    again (Redis may have lost it), so a re-published event finishes what it started.
     """
 
     role: Role = "events"
@@ -41,8 +55,10 @@ class TriggerMatcher:
         pool: AsyncConnectionPool[Any],
         keys: Keys,
         definitions: Definitions,
+        stale_after_s: float | None = None,
     ) -> None:
         self._redis = redis
+        self._stale_after_s = stale_after_s
         self._pool = pool
         self._keys = keys
         self._definitions = definitions
@@ -55,17 +71,21 @@ class TriggerMatcher:
         """Match a batch of events; every entry is acknowledged unless it is poison."""
         outcomes: list[Outcome] = []
         events: dict[int, Event] = {}
+        taken: dict[int, Received] = {}
         for index, entry in enumerate(batch):
             try:
                 event = event_of(entry)
             except InvalidEntryError as e:
                 outcomes.append(dead(e.reason, "invalid_entry"))
+                if (identity := _identity(entry)) is not None:
+                    taken[index] = identity  # dead-lettered: taken up all the same
                 continue
             events[index] = event
             outcomes.append(Outcome(kind="ack", event_id=event.id, event_type=event.type))
         found = await self._match(events)
-        # A first delivery never re-emits a command for an execution found still queued:
-        # the delivery that recorded it emits it, or, if it crashed first, is redelivered.
+        matched = {index for index, _, _ in found.values()}
+        for index, event in events.items():
+            taken[index] = Received(event.tenant, event.id, event if index in matched else None)
         redelivered = {
             i
             for i in events
@@ -74,7 +94,7 @@ class TriggerMatcher:
         ids = {batch[i].id for i in events}
         self._unsent |= ids
         try:
-            await self._record_and_emit(found, redelivered)
+            await self._record_and_emit(found, list(taken.values()), redelivered)
         except psycopg.Error as e:
             if is_unavailable(e):
                 raise
@@ -84,7 +104,7 @@ class TriggerMatcher:
             for index in events:
                 try:
                     alone = {k: v for k, v in found.items() if v[0] == index}
-                    await self._record_and_emit(alone, redelivered)
+                    await self._record_and_emit(alone, [taken[index]], redelivered)
                 except psycopg.Error as e:
                     if is_unavailable(e):
                         raise
@@ -95,18 +115,25 @@ class TriggerMatcher:
         return outcomes
 
     async def _record_and_emit(
-        self, found: dict[str, tuple[int, NewExecution, RunWorkflow]], redelivered: set[int]
+        self,
+        found: dict[str, tuple[int, NewExecution, RunWorkflow]],
+        taken: Sequence[Received],
+        redelivered: set[int],
     ) -> None:
-        """Commit the executions, then emit the commands of the new ones (and, for a
-        redelivered event, of those still queued, with the version their row records)."""
-        if not found:
+        """Commit the executions and the events taken, then emit the commands of the new
+        executions (and of those found unfinished that may have lost theirs), with the
+        version their row records."""
+        if not found and not taken:
             return
         async with self._pool.connection() as conn, conn.transaction():
-            queued = await executions.insert_queued(conn, [row for _, row, _ in found.values()])
+            queued = await executions.insert_queued(
+                conn, [row for _, row, _ in found.values()], self._stale_after_s
+            )
+            await reconcile.record_received(conn, taken)
         pipe = self._redis.pipeline(transaction=False)
         for execution in queued:
             index, _, command = found[execution.id]
-            if not execution.new and index not in redelivered:
+            if not _emit(execution, index in redelivered):
                 continue
             if command.workflow_version != execution.workflow_version:
                 command = msgspec.structs.replace(
@@ -114,7 +141,8 @@ class TriggerMatcher:
                 )
             stream = self._keys.commands(self._keys.partition_of(command.event.entity_id))
             pipe.xadd(stream, {COMMAND_FIELD: encode(command)})
-        await pipe.execute()
+        if queued:
+            await pipe.execute()
 
     async def _match(
         self, events: dict[int, Event]
@@ -139,3 +167,26 @@ class TriggerMatcher:
                 )
                 found[exec_id] = (index, row, command)
         return found
+
+
+def _emit(execution: Queued, redelivered: bool) -> bool:
+    """Whether to emit an execution's command.
+
+    A first delivery never re-emits a command for an execution found still queued and
+    fresh: the delivery that recorded it emits it, or, if it crashed first, is redelivered.
+    """
+    if execution.new or execution.stale:
+        return True
+    return redelivered and execution.status == "queued"
+
+
+def _identity(entry: Entry) -> Received | None:
+    """The (tenant, id) of an entry that is no event, when its JSON still names them."""
+    try:
+        raw = msgspec.json.decode(entry.field(EVENT_FIELD) or b"")
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("id"), str):
+        return None
+    tenant = raw.get("tenant")
+    return Received(tenant if isinstance(tenant, str) else "", raw["id"])

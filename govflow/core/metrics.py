@@ -71,6 +71,18 @@ GROUP_PARKED = Gauge(
 )
 RETRY_SCHEDULED = Gauge("govflow_retry_scheduled", "Entries waiting in the retry sets.")
 DEAD_LETTERS_OPEN = Gauge("govflow_dead_letters_open", "Dead letters neither replayed nor purged.")
+OVERDUE = Gauge(
+    "govflow_overdue",
+    "Work untouched past GOVFLOW_RECONCILE_AFTER: unfinished executions, and outbox rows"
+    " published but not taken up; the reconciler puts back what Redis no longer carries.",
+    ["kind"],
+)
+RECONCILED = Counter(
+    "govflow_reconciled_total",
+    "Work Redis no longer carried, put back by the reconciler: commands emitted again"
+    " (execution) and outbox rows published again (outbox).",
+    ["kind"],
+)
 
 
 def observe_completed(finished: Sequence[tuple[str, datetime | None]], now: datetime) -> None:

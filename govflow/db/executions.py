@@ -75,28 +75,34 @@ _NEW_EXECUTIONS = Batched(
     " entity_type, entity_id, tenant, event_occurred_at) SELECT id, workflow_name, workflow_version,"
     " event_id, entity_type, entity_id, tenant, occurred_at FROM {rows}"
     " ON CONFLICT (event_id, workflow_name) DO NOTHING RETURNING id, workflow_version)"
-    " SELECT id::text, workflow_version, true FROM new UNION ALL"
-    " SELECT id::text, workflow_version, false FROM workflow_executions"
-    " WHERE id = ANY(%s::uuid[]) AND status = 'queued'",
+    " SELECT id::text, workflow_version, true, 'queued', false FROM new UNION ALL"
+    " SELECT id::text, workflow_version, false, status,"
+    " coalesce(updated_at < now() - make_interval(secs => %s), false) FROM workflow_executions"
+    " WHERE id = ANY(%s::uuid[]) AND status IN ('queued', 'running', 'retrying')",
     ("id uuid", "workflow_name text", "workflow_version int", "event_id text", "entity_type text",
      "entity_id text", "tenant text", "occurred_at timestamptz"),
 )  # fmt: skip
 
 
 class Queued(msgspec.Struct, frozen=True):
-    """An execution waiting for its command: just recorded, or found still queued."""
+    """An execution waiting for its command: just recorded, or found unfinished."""
 
     id: str
     workflow_version: int
     new: bool
+    status: str
+    stale: bool  # found unfinished and untouched for longer than the caller's bound
 
 
-async def insert_queued(conn: AsyncConnection[Any], rows: Sequence[NewExecution]) -> list[Queued]:
-    """Record executions (a known one is left alone); return those new or still ``queued``.
+async def insert_queued(
+    conn: AsyncConnection[Any], rows: Sequence[NewExecution], stale_after_s: float | None = None
+) -> list[Queued]:
+    """Record executions (a known one is left alone); return those new or still unfinished.
 
     An execution found still queued may have lost its command to a crash between this
-    commit and the emit; the caller emits it again when it handles a redelivery. The
-    version is the row's: a definition applied in between does not change what runs.
+    commit and the emit; one found unfinished and untouched for ``stale_after_s`` (unless
+    ``None``) may have lost it to Redis. The caller emits those again. The version is the row's: a
+    definition applied in between does not change what runs.
     """
     if not rows:
         return []
@@ -104,6 +110,7 @@ async def insert_queued(conn: AsyncConnection[Any], rows: Sequence[NewExecution]
         _NEW_EXECUTIONS.statement().encode(),
         (
             _NEW_EXECUTIONS.parameter([msgspec.structs.astuple(r) for r in rows]),
+            stale_after_s,
             id_array(r.id for r in rows),
         ),
     )

@@ -35,7 +35,7 @@ from redis import exceptions as redis_errors
 from govflow.consumers.streams import RedisClient
 from govflow.core import metrics
 from govflow.core.service import run_every
-from govflow.db import dead_letters, outbox
+from govflow.db import dead_letters, outbox, reconcile
 from govflow.producers import metrics as producer_metrics
 from govflow.schemas.keys import GROUP_OF, Keys, Role
 
@@ -47,6 +47,7 @@ log = structlog.get_logger(__name__)
 SCAN_LIMIT = 10_000
 PARKED_LIMIT = 1_000  # held entities whose parked entries are counted, per group and partition
 REFRESH_S = 5.0
+OVERDUE_AFTER_S = 120.0  # the default of GOVFLOW_RECONCILE_AFTER
 
 # KEYS: stream. ARGV: start, end, limit. Returns {how many entries in [start, end], up to
 # limit; the first one's id or nil}.
@@ -93,6 +94,9 @@ class OutboxBacklog(msgspec.Struct, frozen=True, kw_only=True):
 
     waiting: int
     oldest_age_s: float | None
+    # Published longer than the reconcile bound ago and never taken up by the trigger
+    # matcher: the reconciler publishes them again unless Redis still carries them.
+    overdue: int = 0
 
 
 class LagReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,6 +106,9 @@ class LagReport(msgspec.Struct, frozen=True, kw_only=True):
     retry_scheduled: int
     dead_letters: int  # open rows in Postgres; without a pool, the dead-letter streams' length
     outbox: OutboxBacklog | None  # None without a pool
+    # Executions queued, running or retrying and untouched for longer than the reconcile
+    # bound (GOVFLOW_RECONCILE_AFTER): slow, or lost by Redis and soon put back. 0 without a pool.
+    overdue: int = 0
 
 
 async def read_lag(
@@ -110,6 +117,7 @@ async def read_lag(
     keys: Keys,
     *,
     scan_limit: int = SCAN_LIMIT,
+    overdue_after_s: float = OVERDUE_AFTER_S,
 ) -> LagReport:
     """Measure every group of every partition's streams, the retries, dead letters and outbox.
 
@@ -120,6 +128,7 @@ async def read_lag(
         keys: the deployment's key names (every partition is read).
         scan_limit: entries counted per side of a group's last-delivered id before the
             lag becomes an estimate.
+        overdue_after_s: the reconcile bound: work untouched this long is overdue.
     """
     seconds, micros = await redis.time()
     reader = _Reader(redis, now_ms=seconds * 1000 + micros // 1000, scan_limit=scan_limit)
@@ -143,15 +152,21 @@ async def read_lag(
     counts: list[int] = await pipe.execute()
     retry_scheduled = sum(counts[: keys.partitions])
     backlog: OutboxBacklog | None = None
+    overdue = 0
     if pool is None:
         dead = sum(counts[keys.partitions :])
     else:
         async with pool.connection() as conn:
             dead = await dead_letters.count_open(conn)
             waiting, oldest = await outbox.backlog(conn)
-        backlog = OutboxBacklog(waiting=waiting, oldest_age_s=oldest)
+            overdue, outbox_overdue = await reconcile.count_overdue(conn, overdue_after_s)
+        backlog = OutboxBacklog(waiting=waiting, oldest_age_s=oldest, overdue=outbox_overdue)
     return LagReport(
-        groups=groups, retry_scheduled=retry_scheduled, dead_letters=dead, outbox=backlog
+        groups=groups,
+        retry_scheduled=retry_scheduled,
+        dead_letters=dead,
+        outbox=backlog,
+        overdue=overdue,
     )
 
 
@@ -347,6 +362,8 @@ def export_gauges(report: LagReport) -> None:
     if report.outbox is not None:
         producer_metrics.OUTBOX_WAITING.set(report.outbox.waiting)
         producer_metrics.OUTBOX_OLDEST_AGE.set(report.outbox.oldest_age_s or 0.0)
+        metrics.OVERDUE.labels("execution").set(report.overdue)
+        metrics.OVERDUE.labels("outbox").set(report.outbox.overdue)
 
 
 class LagGauges:
@@ -358,11 +375,13 @@ class LagGauges:
         pool: AsyncConnectionPool[Any] | None,
         keys: Keys,
         every_s: float = REFRESH_S,
+        overdue_after_s: float = OVERDUE_AFTER_S,
     ) -> None:
         self._redis = redis
         self._pool = pool
         self._keys = keys
         self._every_s = every_s
+        self._overdue_after_s = overdue_after_s
         self._stopped = anyio.Event()
 
     def stop(self) -> None:
@@ -375,6 +394,9 @@ class LagGauges:
 
     async def _refresh(self) -> None:
         try:
-            export_gauges(await read_lag(self._redis, self._pool, self._keys))
+            report = await read_lag(
+                self._redis, self._pool, self._keys, overdue_after_s=self._overdue_after_s
+            )
+            export_gauges(report)
         except Exception as e:  # noqa: BLE001 - metrics must never stop the workers
             log.warning("lag.refresh_failed", error=f"{type(e).__name__}: {e}")

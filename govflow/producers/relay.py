@@ -13,7 +13,9 @@ A batch. ``SELECT`` the oldest unpublished rows, ``XADD`` them in one pipeline t
 partition stream of their ``entity_id`` (field ``event``: the row's JSON, compacted, as
 it is: a row that is not a valid event is published anyway and the trigger matcher
 dead-letters it with its reason), then ``UPDATE ... SET published_at`` the rows Redis
-accepted, in one transaction. A crash between ``XADD`` and the commit publishes those
+accepted, in one transaction. Published is not forgotten: a row is kept until the
+reconciler (``consumers.reconcile``) saw its event taken up, and published again if Redis
+lost it. A crash between ``XADD`` and the commit publishes those
 rows again; the pipeline runs each event id once, so the copy is harmless. A row is
 never marked unless its ``XADD`` succeeded.
 
@@ -76,9 +78,11 @@ _SELECT_BATCH = (
     " WHERE published_at IS NULL AND id <= %s ORDER BY id LIMIT %s"
 )
 _MARK = "UPDATE outbox SET published_at = now() WHERE id = ANY(%s::bigint[])"
+# A row goes once its event is known to have been taken up (the reconciler marks it):
+# until then it is what can publish the event again should Redis lose it.
 _DELETE_OLD = (
     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
-    " WHERE published_at < clock_timestamp() - make_interval(secs => %s) LIMIT %s)"
+    " WHERE taken_at < clock_timestamp() - make_interval(secs => %s) LIMIT %s)"
 )
 
 Row = tuple[int, str, str]  # (id, event JSON, entity_id)
@@ -96,7 +100,8 @@ class Relay:
         batch_size: rows per ``SELECT`` / pipeline / ``UPDATE``.
         poll_s: the longest wait between two looks at the table when no notification
             comes.
-        retention_s: published rows older than this are deleted, now and then.
+        retention_s: rows whose event was taken up longer ago than this are deleted,
+            now and then.
         order_wait_s: the longest rows wait behind an open transaction holding a lower
             id (``producers.frontier``).
     """

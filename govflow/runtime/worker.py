@@ -2,7 +2,8 @@
 
 With one partition (the default): one ``GroupConsumer`` per (role, concurrency slot), all
 sharing one Redis client, one Postgres pool and one webhook client; plus the retry mover,
-the janitor and, with the ``relay`` role, the outbox relay.
+the janitor, the reconciler (with the ``triggers`` or ``actions`` role) and, with the
+``relay`` role, the outbox relay.
 
 With ``GOVFLOW_PARTITIONS`` above 1, partitions are leased (``consumers.partitions``): per
 role, the worker holds a fair share of the partitions, one consumer on each, and
@@ -35,6 +36,7 @@ from govflow.consumers.loop import GroupConsumer, Handler
 from govflow.consumers.ordering import Ordering
 from govflow.consumers.outcomes import RetryPolicy
 from govflow.consumers.partitions import PartitionLease, PartitionLeases
+from govflow.consumers.reconcile import Reconciler
 from govflow.consumers.retry import RetryMover
 from govflow.consumers.streams import BLOCK_MS, RedisClient, Streams
 from govflow.consumers.triggers import TriggerMatcher
@@ -214,7 +216,9 @@ class Worker:
         policy = RetryPolicy(settings.max_attempts, settings.backoff_base, settings.backoff_max)
         handlers: list[Handler] = []
         if "triggers" in self.roles:
-            handlers.append(TriggerMatcher(redis, pool, keys, definitions))
+            handlers.append(
+                TriggerMatcher(redis, pool, keys, definitions, settings.reconcile_after)
+            )
         if "actions" in self.roles:
             handlers.append(ActionRunner(pool, definitions, policy, settings, http))
         ordering = Ordering(definitions, streams, keys)
@@ -271,8 +275,11 @@ class Worker:
                     partitions=held,
                 )
             )
+            # Every worker of a stream role sweeps for lost work; a Postgres lock taken per
+            # sweep makes one of them the leader of that sweep.
+            services.append(Reconciler(streams, pool, keys, after_s=settings.reconcile_after))
         if self.lag_gauges:
-            services.append(LagGauges(redis, pool, keys))
+            services.append(LagGauges(redis, pool, keys, overdue_after_s=settings.reconcile_after))
         if "relay" in self.roles:
             # Typed for one server; a cluster client has the same commands.
             services.append(Relay(cast("Redis", redis), pool, keys))

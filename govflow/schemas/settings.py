@@ -49,6 +49,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     retention: Annotated[int, msgspec.Meta(ge=0)] = 10_000  # acknowledged entries kept
     shutdown_grace: Seconds = 30.0
     max_chain_depth: Positive = 8
+    # Work untouched this long, and that Redis no longer carries, is put back.
+    reconcile_after: Seconds = 120.0
 
     def __post_init__(self) -> None:
         for url, schemes in (
