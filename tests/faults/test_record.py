@@ -1,0 +1,142 @@
+"""Postgres is the record: Redis that loses writes it had acknowledged loses no work.
+
+A host crash with ``appendfsync everysec``, or a failover to a replica that lagged, takes
+Redis back to an older state. Modelled here by restarting Redis from a snapshot taken
+before the trigger matcher and the relay ran: the executions Postgres committed lost their
+commands, and the outbox rows marked published lost their events. With every role running
+afterwards, each of them must still finish, once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from redis.asyncio import Redis
+
+from govflow.db.outbox import enqueue
+from govflow.schemas.events import Event
+from govflow.schemas.keys import Keys
+from tests.faults.harness import (
+    PREFIX,
+    Producer,
+    Workers,
+    apply_workflows,
+    expected_of,
+    make_events,
+    record,
+    settle,
+    wait_started,
+)
+from tests.faults.servers import RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
+
+DIRECT = 300  # published to the stream, taken by the matcher, then lost by Redis
+TAKEN = 100  # outbox rows published and taken by the matcher, then lost
+UNTAKEN = 100  # outbox rows published while no matcher ran, then lost
+RECONCILE_AFTER = "3"
+
+
+async def scalar(database_url: str, query: str) -> Any:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(query.encode())
+        row = await cur.fetchone()
+        return row[0] if row else None
+
+
+async def wait_until(what: str, done: Any, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while not await done():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await anyio.sleep(0.2)
+
+
+async def commit_outbox(database_url: str, events: list[Event]) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        for event in events:
+            await enqueue(conn, event)
+
+
+async def test_redis_back_from_an_older_snapshot_loses_nothing(
+    fault_redis: RedisServer, fault_database_url: str, logs: Path
+) -> None:
+    started = time.monotonic()
+    await apply_workflows(fault_database_url)
+    direct, wants = make_events(DIRECT, "direct")
+    outboxed, outbox_wants = make_events(TAKEN + UNTAKEN, "outbox")
+    wants.update(outbox_wants)
+    env = {"GOVFLOW_RECONCILE_AFTER": RECONCILE_AFTER}
+    matcher = Workers(fault_redis.url, fault_database_url, logs, roles="triggers", log_level="info", **env)  # fmt: skip
+    relay = Workers(fault_redis.url, fault_database_url, logs, roles="relay", log_level="info", **env)  # fmt: skip
+    everyone = Workers(fault_redis.url, fault_database_url, logs, log_level="info", roles="all", **env)  # fmt: skip
+    redis = Redis.from_url(fault_redis.url, socket_timeout=10)
+    producer = Producer(fault_redis.url, Keys(PREFIX), chunk=100, pause=0)
+    keys = Keys(PREFIX)
+
+    async def all_taken() -> bool:
+        """Every event delivered to the matcher and acknowledged: its executions committed."""
+        [group] = await redis.xinfo_groups(keys.events())
+        last = (await redis.xinfo_stream(keys.events()))["last-generated-id"]
+        return bool(group["pending"] == 0 and group["last-delivered-id"] == last)
+
+    async def all_published() -> bool:
+        return await scalar(fault_database_url, "SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0  # fmt: skip
+
+    async def published_and_taken() -> bool:
+        return await all_published() and await all_taken()
+
+    try:
+        matcher.start(0)
+        relay.start(0)
+        await wait_started(matcher)
+        await wait_started(relay)
+        await redis.save()  # the snapshot Redis will come back from
+
+        # The matcher records executions (queued: no action worker runs) and takes the
+        # relayed outbox rows; then, with no matcher, the relay publishes some more.
+        await producer.run(direct)
+        await commit_outbox(fault_database_url, outboxed[:TAKEN])
+        await wait_until("the matcher took every event", published_and_taken)
+        matcher.terminate(0)
+        await commit_outbox(fault_database_url, outboxed[TAKEN:])
+        await wait_until("the relay published every row", all_published)
+        queued = await scalar(
+            fault_database_url, "SELECT count(*) FROM workflow_executions WHERE status = 'queued'"
+        )
+
+        # Redis forgets all of that.
+        await redis.aclose()
+        fault_redis.kill()
+        fault_redis.extra += ["--appendonly", "no"]  # load the snapshot, not the AOF
+        fault_redis.start()
+        assert await Redis.from_url(fault_redis.url).xlen(keys.commands()) == 0
+
+        for slot in range(2):
+            everyone.start(slot)
+        report = await settle(
+            fault_redis.url,
+            fault_database_url,
+            expected_of([*producer.accepted, *(e.id for e in outboxed)], wants),
+            within=60,
+        )
+        crashed = [*everyone.crashed(), *relay.crashed()]
+    finally:
+        for workers in (matcher, relay, everyone):
+            workers.stop_all()
+    record(
+        "Redis back from an older snapshot",
+        len(direct) + len(outboxed),
+        f"Redis restarted from a snapshot taken before the matcher and the relay ran:"
+        f" {queued} queued executions lost their commands, {UNTAKEN} published outbox rows"
+        f" their events; GOVFLOW_RECONCILE_AFTER={RECONCILE_AFTER}",
+        report,
+        started,
+    )
+    assert queued > 0
+    assert crashed == [], everyone.tail()
+    assert report.ok, f"{report.summary()}\n{everyone.tail()}"
