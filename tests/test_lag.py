@@ -124,13 +124,14 @@ def expected_document(keys: Keys) -> dict[str, Any]:
         ],
         "retry_scheduled": 2,
         "dead_letters": 1,
-        "outbox": {"waiting": 2},
+        "outbox": {"waiting": 2, "overdue": 0},
+        "overdue": 0,  # nothing untouched past the reconcile bound
     }
 
 
 def check_document(doc: dict[str, Any], keys: Keys, elapsed_s: float) -> None:
     """Every field of the document; an age may have grown by at most ``elapsed_s``."""
-    assert list(doc) == ["groups", "retry_scheduled", "dead_letters", "outbox"]
+    assert list(doc) == ["groups", "retry_scheduled", "dead_letters", "outbox", "overdue"]
     fields = [
         "stream",
         "group",

@@ -66,7 +66,7 @@ BEGIN
             ('status_changes',      'SELECT, INSERT',                 'govflow_worker'),
             ('dead_letters',        'SELECT, INSERT',                 'govflow_worker'),
             -- the events the trigger matcher took; the reconciler deletes old ones
-            ('received_events',     'SELECT, INSERT, DELETE',         'govflow_worker'),
+            ('received_events',     'SELECT, INSERT, UPDATE, DELETE', 'govflow_worker'),
             -- the prefix `govflow migrate` recorded, which every process checks
             ('deployment',          'SELECT',                         'govflow_worker'),
             -- the keys that sign webhooks
