@@ -26,7 +26,7 @@ from govflow.schemas.codec import decode_command, decode_event, encode
 from govflow.schemas.commands import RunWorkflow, execution_id
 from govflow.schemas.events import new_event
 from govflow.schemas.keys import Keys
-from tests.pipeline_helpers import apply, scalar
+from tests.pipeline_helpers import add_entry, apply, entries, scalar
 
 pytestmark = pytest.mark.anyio
 
@@ -72,9 +72,9 @@ async def make_overdue(pool: AsyncConnectionPool[Any]) -> None:
         )
 
 
-async def commands_on_stream(redis: Redis, keys: Keys) -> list[str]:
-    """The execution ids of the commands on the commands stream, oldest first."""
-    found = await redis.xrange(keys.commands())
+async def commands_on_stream(redis: Redis, keys: Keys, partition: int = 0) -> list[str]:
+    """The execution ids of the commands on a partition's commands stream, oldest first."""
+    found = await entries(redis, keys.commands(partition))
     return [decode_command(fields[COMMAND_FIELD]).execution_id for _, fields in found]
 
 
@@ -92,7 +92,7 @@ async def test_a_queued_execution_redis_lost_is_emitted_again_once(
     first = await sweeps.sweep()
     assert (first.executions, first.reemitted) == (1, 1)
     assert await commands_on_stream(redis, keys) == [command.execution_id]
-    [(_, fields)] = await redis.xrange(keys.commands())
+    [(_, fields)] = await entries(redis, keys.commands())
     assert decode_command(fields[COMMAND_FIELD]) == command  # the same command, event and all
     # Put back once: the touch restarted its bound.
     assert (await sweeps.sweep()).executions == 0
@@ -135,6 +135,23 @@ async def test_an_execution_redis_still_carries_is_left_alone(
         assert (done.executions, done.reemitted, done.undecided) == (1, 0, 0)
         status = await scalar(pool, "SELECT status FROM workflow_executions")
         assert status == "queued"
+
+
+async def test_with_partitions_each_command_goes_back_to_its_entitys_partition(
+    pool: AsyncConnectionPool[Any], redis: Redis, prefix: str
+) -> None:
+    keys = Keys(prefix, partitions=4)
+    commands = await record(pool, 12)
+    held = commands[0]  # its entity waits behind a retry of its own: carried
+    await redis.hset(keys.held("actions", keys.partition_of(held.event.entity_id)), held.event.entity_id, "1-1")  # fmt: skip
+
+    done = await reconciler(redis, pool, keys).sweep()
+
+    assert (done.executions, done.reemitted) == (12, 11)
+    for p in keys.all_partitions():
+        assert sorted(await commands_on_stream(redis, keys, p)) == sorted(
+            c.execution_id for c in commands[1:] if keys.partition_of(c.event.entity_id) == p
+        )
 
 
 async def test_too_many_entries_to_look_at_decides_nothing(
@@ -187,7 +204,7 @@ async def test_a_published_outbox_row_whose_event_was_lost_is_published_again(
     sweeps = reconciler(redis, pool, keys)
     done = await sweeps.sweep()
     assert (done.taken, done.outbox, done.republished) == (1, 1, 1)
-    [(_, fields)] = await redis.xrange(keys.events())
+    [(_, fields)] = await entries(redis, keys.events())
     assert decode_event(fields[b"event"]) == lost
     assert (await sweeps.sweep()).republished == 0  # published once; its bound restarted
     report = await read_lag(redis, pool, keys, overdue_after_s=AFTER_S)
@@ -210,8 +227,8 @@ async def test_a_republished_event_emits_the_commands_of_its_unfinished_executio
     keys = Keys(prefix)
     [command] = await record(pool)  # recorded long ago; its command lost
     matcher = TriggerMatcher(redis, pool, keys, Definitions(pool), stale_after_s=AFTER_S)
-    entry_id = await redis.xadd(keys.events(), {b"event": encode(command.event)})
-    entry = Entry(keys.events(), entry_id.decode(), {b"event": encode(command.event)})
+    fields = {b"event": encode(command.event)}
+    entry = Entry(keys.events(), await add_entry(redis, keys.events(), fields), fields)
 
     outcomes = await matcher.handle([entry])
 
@@ -219,7 +236,7 @@ async def test_a_republished_event_emits_the_commands_of_its_unfinished_executio
     assert await commands_on_stream(redis, keys) == [command.execution_id]
     # A fresh execution found again on a first delivery is not emitted twice.
     fresh = new_event("policy.created", "POL-fresh", data={"title": "F"})
-    fields = {b"event": encode(fresh)}
+    fields = {b"event": encode(fresh)}  # published twice, each a first delivery
     await matcher.handle([Entry(keys.events(), "1-1", fields)])
     await matcher.handle([Entry(keys.events(), "1-2", fields)])
     received = await scalar(pool, "SELECT count(*) FROM received_events")

@@ -38,7 +38,9 @@ class Received(msgspec.Struct, frozen=True):
 
 async def record_received(conn: AsyncConnection[Any], rows: Sequence[Received]) -> None:
     """Record events as taken up, in the transaction of their executions."""
-    unique = {(r.tenant, r.event_id): r for r in rows}  # one row per key per statement
+    # One row per key per statement, in key order: two batches that share events lock
+    # their keys in the same order, so they cannot deadlock.
+    unique = dict(sorted({(r.tenant, r.event_id): r for r in rows}.items()))
     if unique:
         await conn.execute(
             _RECEIVED.statement().encode(),

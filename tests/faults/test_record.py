@@ -70,10 +70,14 @@ async def test_redis_back_from_an_older_snapshot_loses_nothing(
     direct, wants = make_events(DIRECT, "direct")
     outboxed, outbox_wants = make_events(TAKEN + UNTAKEN, "outbox")
     wants.update(outbox_wants)
-    env = {"GOVFLOW_RECONCILE_AFTER": RECONCILE_AFTER}
-    matcher = Workers(fault_redis.url, fault_database_url, logs, roles="triggers", log_level="info", **env)  # fmt: skip
-    relay = Workers(fault_redis.url, fault_database_url, logs, roles="relay", log_level="info", **env)  # fmt: skip
-    everyone = Workers(fault_redis.url, fault_database_url, logs, log_level="info", roles="all", **env)  # fmt: skip
+
+    def workers(roles: str) -> Workers:
+        return Workers(
+            fault_redis.url, fault_database_url, logs, roles=roles, log_level="info",
+            GOVFLOW_RECONCILE_AFTER=RECONCILE_AFTER,
+        )  # fmt: skip
+
+    matcher, relay, everyone = workers("triggers"), workers("relay"), workers("all")
     redis = Redis.from_url(fault_redis.url, socket_timeout=10)
     producer = Producer(fault_redis.url, Keys(PREFIX), chunk=100, pause=0)
     keys = Keys(PREFIX)
@@ -81,11 +85,12 @@ async def test_redis_back_from_an_older_snapshot_loses_nothing(
     async def all_taken() -> bool:
         """Every event delivered to the matcher and acknowledged: its executions committed."""
         [group] = await redis.xinfo_groups(keys.events())
-        last = (await redis.xinfo_stream(keys.events()))["last-generated-id"]
+        last: Any = (await redis.xinfo_stream(keys.events()))["last-generated-id"]
         return bool(group["pending"] == 0 and group["last-delivered-id"] == last)
 
     async def all_published() -> bool:
-        return await scalar(fault_database_url, "SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0  # fmt: skip
+        waiting = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        return bool(await scalar(fault_database_url, waiting) == 0)
 
     async def published_and_taken() -> bool:
         return await all_published() and await all_taken()
@@ -126,8 +131,8 @@ async def test_redis_back_from_an_older_snapshot_loses_nothing(
         )
         crashed = [*everyone.crashed(), *relay.crashed()]
     finally:
-        for workers in (matcher, relay, everyone):
-            workers.stop_all()
+        for running in (matcher, relay, everyone):
+            running.stop_all()
     record(
         "Redis back from an older snapshot",
         len(direct) + len(outboxed),
