@@ -260,3 +260,25 @@ async def test_an_event_that_matches_nothing_counts_as_taken_up(
     assert (done.taken, done.republished) == (1, 0)
     stored = await scalar(pool, "SELECT event IS NULL FROM received_events")
     assert stored is True  # nothing to run: the event itself is not kept
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"id": "bad-1", "tenant": 5, "type": "policy.exploded"}', b'{"id": "bad-2", "data": 1}'],
+)
+async def test_an_outbox_row_that_is_no_event_counts_as_taken_up_once_dead_lettered(
+    pool: AsyncConnectionPool[Any], redis: Redis, prefix: str, raw: bytes
+) -> None:
+    keys = Keys(prefix)
+    matcher = TriggerMatcher(redis, pool, keys, Definitions(pool))
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO outbox (event, published_at) VALUES (%s::jsonb, now() - interval '1 hour')",
+            (raw.decode(),),
+        )
+
+    outcomes = await matcher.handle([Entry(keys.events(), "1-1", {b"event": raw})])
+    done = await reconciler(redis, pool, keys).sweep()
+
+    assert [o.kind for o in outcomes] == ["dead"]
+    assert (done.taken, done.republished) == (1, 0)

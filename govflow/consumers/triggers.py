@@ -25,7 +25,7 @@ from govflow.core.unavailable import is_unavailable
 from govflow.db import executions, reconcile
 from govflow.db.executions import NewExecution, Queued
 from govflow.db.reconcile import Received
-from govflow.schemas.codec import encode
+from govflow.schemas.codec import decode_identity, encode
 from govflow.schemas.commands import RunWorkflow, execution_id
 from govflow.schemas.errors import InvalidEntryError
 from govflow.schemas.events import Event
@@ -183,10 +183,7 @@ def _emit(execution: Queued, redelivered: bool) -> bool:
 def _identity(entry: Entry) -> Received | None:
     """The (tenant, id) of an entry that is no event, when its JSON still names them."""
     try:
-        raw = msgspec.json.decode(entry.field(EVENT_FIELD) or b"")
-    except msgspec.DecodeError:
+        found = decode_identity(entry.field(EVENT_FIELD) or b"")
+    except InvalidEntryError:
         return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("id"), str):
-        return None
-    tenant = raw.get("tenant")
-    return Received(tenant if isinstance(tenant, str) else "", raw["id"])
+    return Received(found.tenant if isinstance(found.tenant, str) else "", found.id)

@@ -112,7 +112,8 @@ _CONFIRM_TAKEN = (
     " WHERE taken_at IS NULL AND published_at IS NOT NULL ORDER BY published_at LIMIT %s)"
     " AND (jsonb_typeof(o.event -> 'id') IS DISTINCT FROM 'string'"
     " OR EXISTS (SELECT 1 FROM received_events r"
-    " WHERE r.tenant = coalesce(o.event ->> 'tenant', '') AND r.event_id = o.event ->> 'id'))"
+    " WHERE r.event_id = o.event ->> 'id' AND r.tenant = CASE jsonb_typeof(o.event -> 'tenant')"
+    " WHEN 'string' THEN o.event ->> 'tenant' ELSE '' END))"
 )
 
 

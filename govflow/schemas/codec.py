@@ -26,6 +26,16 @@ EVENT_DECODER = msgspec.json.Decoder(Event)
 COMMAND_DECODER = msgspec.json.Decoder(Command)
 
 
+class Identity(msgspec.Struct, frozen=True):
+    """What names an event, read from an entry that may be no valid event otherwise."""
+
+    id: str
+    tenant: Any = ""  # any JSON: an entry whose tenant is no string is still named by its id
+
+
+IDENTITY_DECODER = msgspec.json.Decoder(Identity)
+
+
 def encode(value: Any) -> bytes:
     """Encode a wire Struct (or plain data) as JSON."""
     return ENCODER.encode(value)
@@ -38,6 +48,15 @@ def decode_event(raw: bytes | str) -> Event:
         InvalidEntryError: not JSON, too large, a missing or mistyped field, an unknown type.
     """
     return _decode(EVENT_DECODER, raw, "event")
+
+
+def decode_identity(raw: bytes | str) -> Identity:
+    """Decode the (tenant, id) of an event; every other field is ignored.
+
+    Raises:
+        InvalidEntryError: no string ``id``, not JSON, too large.
+    """
+    return _decode(IDENTITY_DECODER, raw, "event")
 
 
 def decode_command(raw: bytes | str) -> Command:
