@@ -55,7 +55,7 @@ _FILL = (
 _EVENTS = (
     "INSERT INTO received_events (tenant, event_id, event)"
     " SELECT tenant, event_id, jsonb_build_object('id', event_id, 'type', 'policy.created',"
-    " 'tenant', tenant, 'entity_id', entity_id, 'occurred_at', '2026-01-01T00:00:00Z')"
+    " 'tenant', tenant, 'entity_id', entity_id, 'occurred_at', '2026-01-01T00:00:00Z')::text"
     " FROM workflow_executions WHERE event_id LIKE %s"
 )
 

@@ -54,7 +54,7 @@ async def record(pool: AsyncConnectionPool[Any], n: int = 1) -> list[RunWorkflow
             )  # fmt: skip
             await executions.insert_queued(conn, [row])
             await reconcile.record_received(
-                conn, [reconcile.Received(event.tenant, event.id, event)]
+                conn, [reconcile.Received(event.tenant, event.id, encode(event).decode())]
             )
             commands.append(
                 RunWorkflow(

@@ -85,7 +85,8 @@ class TriggerMatcher:
         found = await self._match(events)
         matched = {index for index, _, _ in found.values()}
         for index, event in events.items():
-            taken[index] = Received(event.tenant, event.id, event if index in matched else None)
+            kept = encode(event).decode() if index in matched else None
+            taken[index] = Received(event.tenant, event.id, kept)
         redelivered = {
             i
             for i in events

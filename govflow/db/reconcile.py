@@ -19,33 +19,32 @@ from govflow.db.batch import Batched
 
 UNFINISHED = ("queued", "running", "retrying")
 
-_RECEIVED = Batched(
+# Arrays, not a Batched JSON document: an event's JSON may hold "\u0000", which a jsonb
+# parameter refuses.
+_RECEIVED = (
     "INSERT INTO received_events (tenant, event_id, event)"
-    " SELECT tenant, event_id, event FROM {rows}"
+    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])"
     " ON CONFLICT (tenant, event_id) DO UPDATE SET event = excluded.event"
-    " WHERE received_events.event IS NULL AND excluded.event IS NOT NULL",
-    ("tenant text", "event_id text", "event jsonb"),
+    " WHERE received_events.event IS NULL AND excluded.event IS NOT NULL"
 )
 
 
 class Received(msgspec.Struct, frozen=True):
-    """An event the matcher took: its identity, and the event when it matched a workflow."""
+    """An event the matcher took: its identity, and its JSON when it matched a workflow."""
 
     tenant: str
     event_id: str
-    event: Any = None  # the Event (encoded as JSON), or None: kept only when needed
+    event: str | None = None  # kept only when an execution may need it
 
 
 async def record_received(conn: AsyncConnection[Any], rows: Sequence[Received]) -> None:
     """Record events as taken up, in the transaction of their executions."""
     # One row per key per statement, in key order: two batches that share events lock
     # their keys in the same order, so they cannot deadlock.
-    unique = dict(sorted({(r.tenant, r.event_id): r for r in rows}.items()))
+    unique = sorted({(r.tenant, r.event_id): r for r in rows}.items())
     if unique:
-        await conn.execute(
-            _RECEIVED.statement().encode(),
-            (_RECEIVED.parameter([msgspec.structs.astuple(r) for r in unique.values()]),),
-        )
+        columns = list(zip(*(msgspec.structs.astuple(r) for _, r in unique), strict=True))
+        await conn.execute(_RECEIVED, [list(c) for c in columns])
 
 
 class Overdue(msgspec.Struct, frozen=True):
@@ -69,7 +68,7 @@ _OVERDUE = " UNION ALL ".join(
 )
 _OVERDUE_EXECUTIONS = (
     "SELECT e.id::text, e.workflow_name, e.workflow_version, e.event_id, e.entity_id,"
-    " e.updated_at, r.event::text FROM workflow_executions e"
+    " e.updated_at, r.event FROM workflow_executions e"
     " LEFT JOIN received_events r ON r.tenant = e.tenant AND r.event_id = e.event_id"
     f" WHERE e.id IN ({_OVERDUE}) ORDER BY e.updated_at LIMIT %(limit)s"
 )

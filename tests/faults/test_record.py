@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from govflow.db.outbox import enqueue
@@ -82,11 +83,21 @@ async def test_redis_back_from_an_older_snapshot_loses_nothing(
     producer = Producer(fault_redis.url, Keys(PREFIX), chunk=100, pause=0)
     keys = Keys(PREFIX)
 
+    async def triggers_group() -> dict[str, Any] | None:
+        try:
+            groups: list[dict[str, Any]] = await redis.xinfo_groups(keys.events())
+        except redis_errors.ResponseError:  # no stream yet
+            return None
+        return next((g for g in groups if g["name"] == b"triggers"), None)
+
+    async def group_made() -> bool:
+        return await triggers_group() is not None
+
     async def all_taken() -> bool:
         """Every event delivered to the matcher and acknowledged: its executions committed."""
-        [group] = await redis.xinfo_groups(keys.events())
+        group = await triggers_group()
         last: Any = (await redis.xinfo_stream(keys.events()))["last-generated-id"]
-        return bool(group["pending"] == 0 and group["last-delivered-id"] == last)
+        return bool(group and group["pending"] == 0 and group["last-delivered-id"] == last)
 
     async def all_published() -> bool:
         waiting = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
@@ -100,6 +111,7 @@ async def test_redis_back_from_an_older_snapshot_loses_nothing(
         relay.start(0)
         await wait_started(matcher)
         await wait_started(relay)
+        await wait_until("the matcher made its group", group_made)
         await redis.save()  # the snapshot Redis will come back from
 
         # The matcher records executions (queued: no action worker runs) and takes the
@@ -127,7 +139,7 @@ async def test_redis_back_from_an_older_snapshot_loses_nothing(
             fault_redis.url,
             fault_database_url,
             expected_of([*producer.accepted, *(e.id for e in outboxed)], wants),
-            within=60,
+            within=90,
         )
         crashed = [*everyone.crashed(), *relay.crashed()]
     finally:

@@ -3,11 +3,12 @@
 
 -- Every event the trigger matcher took, by its identity (tenant, id): an outbox row whose
 -- event is here was taken up. The event itself is kept when it matched a workflow, so an
--- execution whose command Redis lost can be emitted again; NULL when it matched none.
+-- execution whose command Redis lost can be emitted again; NULL when it matched none. Text,
+-- not jsonb: a valid event may hold "\u0000", which jsonb refuses.
 CREATE TABLE received_events (
     tenant      text        NOT NULL,
     event_id    text        NOT NULL,
-    event       jsonb,
+    event       text,
     received_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant, event_id)
 );
