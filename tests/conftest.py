@@ -20,6 +20,8 @@ from govflow.schemas.settings import Settings
 
 pytest_plugins = ["tests.fix_redis", "tests.fix_db"]
 
+LOOPBACK = "127.0.0.1"  # where every test's webhook receiver listens
+
 # A test that uses one of these fixtures gets the marker: `pytest -m "not pg"` works.
 _MARKER_OF_FIXTURE = {
     "redis_server_url": "redis",
@@ -68,6 +70,8 @@ def make_settings(
         "prefix": prefix,
         "backoff_base": 0.05,
         "claim_idle": 2.0,
+        # The tests' webhook receivers listen on loopback, which is refused by default.
+        "webhook_allowed_hosts": LOOPBACK,
     }
 
     def make(**overrides: Any) -> Settings:

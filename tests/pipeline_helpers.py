@@ -224,6 +224,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         GOVFLOW_CLAIM_IDLE=str(settings.claim_idle),
         GOVFLOW_BACKOFF_BASE=str(settings.backoff_base),
         GOVFLOW_MAX_ATTEMPTS=str(settings.max_attempts),
+        GOVFLOW_WEBHOOK_ALLOWED_HOSTS=settings.webhook_allowed_hosts,
         **extra,
     )
     return env

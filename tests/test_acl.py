@@ -134,6 +134,7 @@ async def worker_as(url: str, database_url: str) -> AsyncIterator[Worker]:
             "claim_idle": 2.0,
             "max_attempts": 2,
             "webhook_timeout": 2.0,
+            "webhook_allowed_hosts": "127.0.0.1",  # the unanswered webhook is on loopback
         },
         Settings,
     )

@@ -111,6 +111,7 @@ def test_no_password_token_or_secret_is_ever_written(
         GOVFLOW_BACKOFF_BASE="0.05",
         GOVFLOW_MAX_ATTEMPTS="2",
         GOVFLOW_CLAIM_IDLE="2",
+        GOVFLOW_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",  # the receiver listens on loopback
     )
     said = Said()
     with receiving() as hooks:

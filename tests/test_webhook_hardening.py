@@ -39,8 +39,11 @@ TIMEOUT = 1.0
 BODY = b'{"hello": "world"}'
 
 
-async def deliver(url: str, allowed: frozenset[str] = frozenset()) -> int:
-    async with webhook.client(TIMEOUT) as http:
+LOOPBACK = frozenset({"127.0.0.1"})  # where the receivers here listen
+
+
+async def deliver(url: str, allowed: frozenset[str] = LOOPBACK) -> int:
+    async with webhook.client(TIMEOUT, allowed) as http:
         return await webhook.deliver(
             http, url, BODY, idempotency_key="exec:1", keys=("s",), allowed=allowed
         )
@@ -186,10 +189,12 @@ async def test_a_redirect_to_another_port_of_the_same_host_is_refused() -> None:
         assert elsewhere.count() == 0
 
 
-async def test_with_no_allow_list_every_host_is_allowed_loopback_included() -> None:
+async def test_with_no_allow_list_loopback_is_refused_unsent() -> None:
     with receiving() as hooks:
-        assert await deliver(hooks.url("/hook")) == 200
-        assert hooks.count("/hook") == 1
+        error, _ = await timed(deliver(hooks.url("/hook"), frozenset()))
+        assert isinstance(error, PermanentError), error
+        assert "not a public address" in str(error)
+        assert hooks.count() == 0
 
 
 async def test_the_allow_list_admits_its_hosts_and_refuses_the_rest_unsent() -> None:

@@ -5,7 +5,8 @@ each read ``timeout`` seconds, and the whole delivery, redirects included, the s
 two, so an answer dripped a byte at a time cannot hold a worker for long. Of the body
 no more than 64 KiB is read: the status says everything, and a receiver that streams an
 endless body has still answered. Redirects stay on the same origin (scheme, host and
-port), within the operator's allow-list.
+port), within the operator's allow-list; every connection goes to an address the
+egress policy allows (``plugins.egress``).
 
 Every delivery is signed: ``X-Govflow-Signature: sha256=<hex HMAC-SHA256 of the body>``,
 one signature per signing key, comma-separated, the newest key's first (two while a
@@ -25,6 +26,7 @@ from urllib.parse import urljoin, urlsplit
 import anyio
 import httpx
 
+from govflow.plugins.egress import EgressPolicy, PinnedTransport
 from govflow.schemas.errors import PermanentError, RetryLater
 
 SIGNATURE_HEADER = "X-Govflow-Signature"
@@ -60,10 +62,7 @@ def check_host(url: str, allowed: frozenset[str]) -> None:
         raise PermanentError(
             f"webhook URL ({parts.scheme or 'no scheme'}://{parts.hostname or ''}) is not http(s)"
         )
-    if allowed and parts.hostname not in allowed:
-        raise PermanentError(
-            f"webhook host {parts.hostname} is not in GOVFLOW_WEBHOOK_ALLOWED_HOSTS"
-        )
+    EgressPolicy(allowed).check_host(parts.hostname)
 
 
 async def deliver(
@@ -173,10 +172,12 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
     return parts.scheme, parts.hostname, parts.port or default
 
 
-def client(timeout: float) -> httpx.AsyncClient:
-    """The shared webhook client: separate connect and read time-outs, no automatic redirects."""
+def client(timeout: float, allowed: frozenset[str]) -> httpx.AsyncClient:
+    """The shared webhook client: separate connect and read time-outs, no automatic
+    redirects, and connections only to the addresses ``allowed`` admits."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
         follow_redirects=False,
         trust_env=False,
+        transport=PinnedTransport(EgressPolicy(allowed)),
     )

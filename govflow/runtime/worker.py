@@ -150,7 +150,9 @@ class Worker:
         try:
             # Settings that must agree across the deployment (core.deployment).
             await deployment.check_worker(redis, pool, self.keys)
-            async with webhook.client(self.settings.webhook_timeout) as http:
+            async with webhook.client(
+                self.settings.webhook_timeout, self.settings.allowed_hosts()
+            ) as http:
                 self._services = self._build(redis, pool, http)
                 with anyio.CancelScope() as scope:
                     async with anyio.create_task_group() as tg:

@@ -37,7 +37,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     api_tokens: str = ""
     webhook_secret: str = ""
     webhook_timeout: Seconds = 10.0
-    webhook_allowed_hosts: str = ""  # space-separated; empty: every host
+    webhook_allowed_hosts: str = ""  # space-separated; empty: public addresses only
     webhook_host_concurrency: Positive = 8  # webhooks in flight to one host, per worker
     webhook_key_grace: Seconds = 86_400.0  # a rotated-out signing key still signs this long
     step_timeout: Seconds = 60.0  # a step's time limit, unless its definition sets one
@@ -106,7 +106,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return parse_tokens(self.api_tokens)
 
     def allowed_hosts(self) -> frozenset[str]:
-        """The webhook hosts an operator allows; empty means every host."""
+        """The webhook hosts, addresses and networks an operator allows; empty means any
+        host at a public address (``plugins.egress``)."""
         return frozenset(self.webhook_allowed_hosts.split())
 
 

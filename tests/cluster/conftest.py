@@ -78,6 +78,7 @@ def cluster_settings(
         "backoff_base": 0.1,
         "claim_idle": 5.0,
         "shutdown_grace": 10.0,
+        "webhook_allowed_hosts": "127.0.0.1",  # the receivers listen on loopback
     }
 
     def make(**overrides: Any) -> Settings:

@@ -133,6 +133,7 @@ class Workers:
             GOVFLOW_CLAIM_IDLE=str(CLAIM_IDLE),
             GOVFLOW_BACKOFF_BASE="0.05",
             GOVFLOW_SHUTDOWN_GRACE="20",
+            GOVFLOW_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",  # the receivers listen on loopback
             **env,
         )
         self.procs: dict[int, subprocess.Popen[bytes]] = {}

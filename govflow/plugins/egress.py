@@ -1,0 +1,175 @@
+"""Where a webhook may go: public addresses, and what the operator names.
+
+A webhook's URL is a template over event data, so any producer can aim it. An address
+that is not public (loopback, private, link-local, unique-local, shared, multicast: the
+cloud metadata services at 169.254.169.254 and fd00:ec2::254 among them) is refused
+unless ``GOVFLOW_WEBHOOK_ALLOWED_HOSTS`` names the host, or a network holding the address.
+A non-empty list also confines webhooks to the hosts and networks it names.
+
+The check is made on the address connected to, not on the name: the host is resolved
+once, every address it resolves to is checked, and the connection goes to a checked
+address (``PinnedBackend``). A name that resolves to a public address when checked and to
+127.0.0.1 when connected (DNS rebinding) therefore never reaches 127.0.0.1. The Host
+header and TLS's server name stay the URL's host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import typing
+from collections.abc import Iterable
+
+import anyio
+import httpcore
+import httpx
+
+from govflow.schemas.errors import PermanentError
+
+IPAddress: typing.TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network: typing.TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class EgressPolicy:
+    """The operator's allow-list: host names, addresses and networks (``10.0.0.0/8``)."""
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self.names: frozenset[str] = frozenset()
+        self.networks: tuple[Network, ...] = ()
+        names, networks = set(), []
+        for item in allowed:
+            try:
+                networks.append(ipaddress.ip_network(item.strip("[]"), strict=False))
+            except ValueError:
+                names.add(item.lower().rstrip("."))
+        self.names, self.networks = frozenset(names), tuple(networks)
+
+    @property
+    def confined(self) -> bool:
+        """Whether the list is set, so that only what it names may be reached."""
+        return bool(self.names or self.networks)
+
+    def check_host(self, host: str) -> None:
+        """Refuse a host the list does not name (when it is set); before any connection.
+
+        Raises:
+            PermanentError: the host is off the list.
+        """
+        if not self.confined or self._named(host):
+            return
+        address = _address(host)
+        if address is not None and self._listed(address):
+            return
+        raise PermanentError(f"webhook host {host} is not in GOVFLOW_WEBHOOK_ALLOWED_HOSTS")
+
+    def check_address(self, host: str, address: IPAddress) -> None:
+        """Refuse an address that is not public, unless the list names its host or network.
+
+        Raises:
+            PermanentError: the address may not be reached.
+        """
+        if self._named(host) or self._listed(address):
+            return
+        if self.confined:
+            raise PermanentError(
+                f"webhook host {host} is not in GOVFLOW_WEBHOOK_ALLOWED_HOSTS"
+            )  # fmt: skip
+        if not is_public(address):
+            raise PermanentError(
+                f"webhook host {host} resolves to {address}, which is not a public address;"
+                " name it in GOVFLOW_WEBHOOK_ALLOWED_HOSTS to allow it"
+            )
+
+    def _named(self, host: str) -> bool:
+        return host.lower().strip("[]").rstrip(".") in self.names
+
+    def _listed(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.networks)
+
+
+def is_public(address: IPAddress) -> bool:
+    """Whether ``address`` is a public unicast address (an IPv4-mapped one by its IPv4)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+def _address(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+class PinnedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, connecting only to addresses the policy allows.
+
+    httpcore hands ``connect_tcp`` the URL's host and starts TLS with that host as the
+    server name, so replacing the host by the checked address here pins the connection
+    and leaves Host and SNI as they were.
+    """
+
+    def __init__(self, policy: EgressPolicy) -> None:
+        self._policy = policy
+        self._backend = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        """Resolve ``host`` once, check every address, connect to a checked one."""
+        addresses = await self._resolve(host, port, timeout)
+        for address in addresses:
+            self._policy.check_address(host, address)
+        failed: httpcore.ConnectError | None = None
+        for address in addresses:  # each was checked: try them in the resolver's order
+            try:
+                return await self._backend.connect_tcp(
+                    str(address),
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except httpcore.ConnectError as e:
+                failed = e
+        assert failed is not None  # _resolve returns at least one address
+        raise failed
+
+    async def _resolve(self, host: str, port: int, timeout: float | None) -> list[IPAddress]:
+        try:
+            with anyio.fail_after(timeout):
+                found = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except TimeoutError as e:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from e
+        except OSError as e:  # socket.gaierror: no such name, for now
+            raise httpcore.ConnectError(f"cannot resolve {host}: {e}") from e
+        addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in found))
+        if not addresses:
+            raise httpcore.ConnectError(f"{host} resolves to no address")
+        return addresses
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep as the wrapped backend does."""
+        await self._backend.sleep(seconds)
+
+
+class PinnedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over a connection pool whose connections go through the policy."""
+
+    def __init__(self, policy: EgressPolicy) -> None:
+        limits = httpx.Limits()
+        super().__init__(trust_env=False, limits=limits)
+        # httpx builds its pool in __init__ and takes no network backend: build it again
+        # with the same settings and the pinned backend.
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=PinnedBackend(policy),
+        )

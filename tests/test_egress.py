@@ -1,0 +1,157 @@
+"""Webhooks go only where an operator allowed: public addresses, or what the list names.
+
+The checks run on the address connected to: a name is resolved once, every address is
+checked, and the connection goes to a checked one. A hostile ``callback`` in event data
+that aims a webhook at loopback or a metadata service is dead-lettered, never sent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from govflow.plugins import webhook
+from govflow.plugins.egress import EgressPolicy, is_public
+from govflow.schemas.errors import PermanentError
+from govflow.schemas.events import new_event
+from tests.faults.receiver import receiving
+from tests.pipeline_helpers import apply, fetch, publish, running_worker, wait_for
+
+pytestmark = pytest.mark.anyio
+
+NOT_PUBLIC = [
+    "127.0.0.1",
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "100.64.0.1",  # shared address space (carrier NAT; Alibaba's metadata service)
+    "169.254.169.254",  # the metadata service of AWS, GCP and Azure
+    "0.0.0.0",
+    "224.0.0.1",
+    "::1",
+    "fe80::1",
+    "fd00:ec2::254",  # AWS's IPv6 metadata service
+    "::ffff:127.0.0.1",
+    "::ffff:169.254.169.254",
+]
+
+
+@pytest.mark.parametrize("address", NOT_PUBLIC)
+def test_an_address_that_is_not_public_is_refused_unless_listed(address: str) -> None:
+    ip = ipaddress.ip_address(address)
+    assert not is_public(ip)
+    with pytest.raises(PermanentError, match="not a public address"):
+        EgressPolicy(frozenset()).check_address("hook.example", ip)
+    EgressPolicy(frozenset({"hook.example"})).check_address("hook.example", ip)
+    EgressPolicy([address]).check_address("hook.example", ip)  # as an address, too
+
+
+def test_a_listed_network_admits_its_addresses_only() -> None:
+    policy = EgressPolicy(["10.0.0.0/8"])
+    policy.check_address("internal", ipaddress.ip_address("10.9.8.7"))
+    with pytest.raises(PermanentError, match="GOVFLOW_WEBHOOK_ALLOWED_HOSTS"):
+        policy.check_address("internal", ipaddress.ip_address("192.168.0.1"))
+    with pytest.raises(PermanentError, match="GOVFLOW_WEBHOOK_ALLOWED_HOSTS"):
+        policy.check_host("hooks.example.org")
+
+
+def test_a_public_address_needs_no_list() -> None:
+    EgressPolicy(()).check_address("hooks.example.org", ipaddress.ip_address("93.184.216.34"))
+
+
+async def post(url: str, allowed: frozenset[str]) -> int | PermanentError:
+    async with webhook.client(2.0, allowed) as http:
+        try:
+            return await webhook.deliver(
+                http, url, b"{}", idempotency_key="k", secret="s", allowed=allowed
+            )
+        except PermanentError as e:
+            return e
+
+
+async def test_a_name_resolving_to_loopback_is_refused_on_the_resolved_address() -> None:
+    with receiving() as hooks:
+        url = hooks.url("/hook").replace("127.0.0.1", "localhost")
+        refused = await post(url, frozenset())
+        assert isinstance(refused, PermanentError)
+        assert "localhost resolves to" in str(refused)
+        assert "not a public address" in str(refused)
+        # Named, the same host is reached, at the address that was checked.
+        assert await post(url, frozenset({"localhost"})) == 200
+        assert hooks.count("/hook") == 1
+
+
+HOSTILE = """
+name: hostile-callback
+entity: policy
+trigger: create
+actions:
+  - create_task: {title: "Review {data.title}"}
+  - notify: {webhook: "{data.callback}", message: "done"}
+"""
+
+
+async def run_callbacks(
+    make_settings: Any,
+    redis: Redis,
+    pool: AsyncConnectionPool[Any],
+    callbacks: dict[str, str],
+    allowed: str,
+) -> dict[str, tuple[str, str | None]]:
+    """Publish one event per callback; return each entity's execution (status, error)."""
+    settings = make_settings(webhook_allowed_hosts=allowed, max_attempts=3)
+    await apply(pool, HOSTILE)
+    events = [
+        new_event("policy.created", entity, data={"title": entity, "callback": url})
+        for entity, url in callbacks.items()
+    ]
+    async with running_worker(settings):
+        await publish(redis, settings.keys(), events)
+        rows = await wait_for(
+            lambda: fetch(
+                pool,
+                "SELECT entity_id, status, last_error FROM workflow_executions"
+                " WHERE status IN ('completed', 'dead_lettered')",
+            ),
+            lambda rows: len(rows) == len(callbacks),
+            within=30,
+            what="every execution finished",
+        )
+    return {entity: (status, error) for entity, status, error in rows}
+
+
+@pytest.mark.slow
+async def test_a_hostile_callback_is_dead_lettered_unsent(
+    make_settings: Any, redis: Redis, pool: AsyncConnectionPool[Any]
+) -> None:
+    with receiving() as hooks:
+        callbacks = {
+            "LOOPBACK": hooks.url("/loopback"),
+            "LOCALHOST": hooks.url("/localhost").replace("127.0.0.1", "localhost"),
+            "METADATA": "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+            "METADATA6": "http://[fd00:ec2::254]/latest/meta-data/",
+        }
+        found = await run_callbacks(make_settings, redis, pool, callbacks, allowed="")
+        assert hooks.count() == 0
+    for entity, (status, error) in found.items():
+        assert status == "dead_lettered", entity
+        assert error is not None and "not a public address" in error, (entity, error)
+    letters = await fetch(pool, "SELECT error, attempts FROM dead_letters")
+    assert len(letters) == len(callbacks)
+    assert all(attempts == 1 for _, attempts in letters)  # permanent: never retried
+    assert await redis.xlen(make_settings().keys().dead()) == len(callbacks)
+
+
+@pytest.mark.slow
+async def test_a_callback_to_an_allowed_host_is_delivered(
+    make_settings: Any, redis: Redis, pool: AsyncConnectionPool[Any]
+) -> None:
+    with receiving() as hooks:
+        callbacks = {"ALLOWED": hooks.url("/ok")}
+        found = await run_callbacks(make_settings, redis, pool, callbacks, allowed="127.0.0.1")
+        assert hooks.count("/ok") == 1
+    assert found == {"ALLOWED": ("completed", None)}
