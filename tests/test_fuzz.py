@@ -46,18 +46,25 @@ GOVFLOW = Path(sys.executable).parent / "govflow"
 DEEP = b'{"id": "x", "nested": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 
-# Any JSON value, small.
-JSON = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=10,
-)
+
+
+def json_values(text: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
+    """Any JSON value, small, with strings from ``text``."""
+    return st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | text,
+        lambda inner: (st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3)),
+        max_leaves=10,
+    )
+
+
+# Any JSON value, small; and one whose strings hold no NUL, which Postgres cannot store.
+JSON = json_values(st.text(max_size=20))
+NO_NUL = st.text(st.characters(exclude_characters="\x00"), max_size=20)
+STORABLE_JSON = json_values(NO_NUL)
 PLAIN_TEXT = st.text(
     st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), min_size=1, max_size=20
 )
@@ -73,7 +80,7 @@ def event_dicts(draw: st.DrawFn) -> dict[str, Any]:
         "tenant": draw(PLAIN_TEXT),
         "entity_id": draw(PLAIN_TEXT),
         "occurred_at": "2026-11-28T09:30:00Z",
-        "data": draw(st.dictionaries(st.text(max_size=8), JSON, max_size=4)),
+        "data": draw(st.dictionaries(NO_NUL, STORABLE_JSON, max_size=4)),
     }
 
 

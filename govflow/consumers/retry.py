@@ -54,7 +54,10 @@ class RetryMover:
         try:
             for p in self._partitions():
                 moved = await self._streams.move_due(
-                    self._keys.retry(p), self._keys.events(p), self._keys.commands(p)
+                    self._keys.retry(p),
+                    self._keys.events(p),
+                    self._keys.commands(p),
+                    self._keys.dead(p),
                 )
                 if moved:
                     metrics.RETRIES_MOVED.inc(moved)

@@ -22,6 +22,10 @@ arrive while it is held are parked behind it (``parked`` list, oldest first), no
 when the entry in front ends (acknowledged or dead-lettered), the next parked one goes
 back on the stream as the new entry in front, or the hold is lifted.
 
+Atomic on error: Redis keeps what a script wrote before an error, so every script checks
+its inputs (the values it will unpack, the members it will decode) before its first write,
+and refuses with an error that changed nothing. ``unpack`` fails above about 8,000 values.
+
 The scripts use only commands Redis 6.2 has; docs/REDIS.md lists what newer servers offer.
 """
 
@@ -34,8 +38,34 @@ import msgspec
 from govflow.schemas.codec import encode
 from govflow.schemas.keys import Role
 
+# The most values a script passes to one command through ``unpack``: well below Lua's
+# limit. Callers stay far below it (``Entry`` refuses entries with more fields than the
+# wire format has; acknowledgements go 1,000 ids to a call).
+MAX_UNPACK = 4000
+
+# Checks every script makes before it writes: a field list XADD can take.
+_CHECKS = f"""
+local MAX_UNPACK = {MAX_UNPACK}
+local function check_count(n, what)
+  if n > MAX_UNPACK then
+    return redis.error_reply('ERR govflow: ' .. what .. ': ' .. n .. ' values, over ' .. MAX_UNPACK)
+  end
+end
+local function check_fields(fields, what)
+  if type(fields) ~= 'table' or #fields < 2 or #fields % 2 ~= 0 then
+    return redis.error_reply('ERR govflow: ' .. what .. ': not field/value pairs')
+  end
+  return check_count(#fields, what)
+end
+local function decode_member(member)
+  local ok, m = pcall(cjson.decode, member)
+  if not ok or type(m) ~= 'table' then return nil end
+  return m
+end
+"""
+
 # Shared by the hand-over scripts. A parked member is JSON {"hold": token, "fields": [...]}.
-_FENCE_AND_RELEASE = """
+_FENCE_AND_RELEASE = _CHECKS + """
 local function fenced(lease, owner)
   return owner ~= '' and redis.call('GET', lease) ~= owner
 end
@@ -57,6 +87,8 @@ end
 ACKNOWLEDGE = (
     _FENCE_AND_RELEASE
     + """
+local bad = check_count(#ARGV - 4, 'ids')
+if bad then return bad end
 if fenced(KEYS[2], ARGV[2]) then return -1 end
 local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 5))
 if n > 0 then release(KEYS[1], KEYS[3], KEYS[4], ARGV[3], ARGV[4]) end
@@ -81,6 +113,9 @@ ACK_AND_SCHEDULE_RETRY = (
     _FENCE_AND_RELEASE
     + _SERVER_NOW
     + """
+local m = decode_member(ARGV[5])
+local bad = check_fields(m and m['fields'], 'retry')
+if bad then return bad end
 if fenced(KEYS[3], ARGV[2]) then return -1 end
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[3]) == 1 then
   redis.call('ZADD', KEYS[2], server_now_ms() + tonumber(ARGV[4]), ARGV[5])
@@ -98,6 +133,8 @@ return 0
 ACK_AND_DEAD_LETTER = (
     _FENCE_AND_RELEASE
     + """
+local bad = check_count(#ARGV - 5, 'dead letter')
+if bad then return bad end
 if fenced(KEYS[3], ARGV[2]) then return -1 end
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[3]) == 1 then
   redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
@@ -114,12 +151,15 @@ return 0
 ACK_AND_PARK = (
     _FENCE_AND_RELEASE
     + """
+local m = decode_member(ARGV[6])
+local bad = check_fields(m and m['fields'], 'parked entry')
+if bad then return bad end
 if fenced(KEYS[2], ARGV[2]) then return -1 end
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[3]) == 1 then
   if redis.call('HEXISTS', KEYS[3], ARGV[4]) == 1 then
     redis.call('RPUSH', KEYS[4], ARGV[6])
   else
-    redis.call('XADD', KEYS[1], '*', unpack(cjson.decode(ARGV[6])['fields']))
+    redis.call('XADD', KEYS[1], '*', unpack(m['fields']))
     redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
   end
   return 1
@@ -128,17 +168,30 @@ return 0
 """
 )
 
-# KEYS: retry set, events stream, commands stream. ARGV: how many at most.
-# A member is JSON: {"to": "events"|"commands", "fields": [field, value, ...]}.
+# KEYS: retry set, events stream, commands stream, dead-letter stream. ARGV: how many at
+# most. A member is JSON: {"to": "events"|"commands", "fields": [...]}. Every member is
+# checked first; one no stream can take (a script of an older govflow wrote it, or a
+# hand) goes to the dead-letter stream, so it cannot stop the others for good.
 MOVE_DUE_RETRIES = (
-    _SERVER_NOW
+    _CHECKS
+    + _SERVER_NOW
     + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', server_now_ms(), 'LIMIT', 0, ARGV[1])
-for _, member in ipairs(due) do
-  local m = cjson.decode(member)
-  local stream = KEYS[2]
-  if m['to'] == 'commands' then stream = KEYS[3] end
-  redis.call('XADD', stream, '*', unpack(m['fields']))
+local decoded = {}
+for i, member in ipairs(due) do
+  local m = decode_member(member)
+  if check_fields(m and m['fields'], 'retry') then decoded[i] = false else decoded[i] = m end
+end
+for i, member in ipairs(due) do
+  local m = decoded[i]
+  if m then
+    local stream = KEYS[2]
+    if m['to'] == 'commands' then stream = KEYS[3] end
+    redis.call('XADD', stream, '*', unpack(m['fields']))
+  else
+    redis.call('XADD', KEYS[4], '*', 'stream', KEYS[1], 'error',
+      'a scheduled retry no stream can take', 'payload.member', string.sub(member, 1, 65536))
+  end
   redis.call('ZREM', KEYS[1], member)
 end
 return #due
@@ -391,9 +444,11 @@ def ack_and_park(
     )
 
 
-def move_due_retries(*, retry_set: str, events: str, commands: str, limit: int) -> ScriptCall:
+def move_due_retries(
+    *, retry_set: str, events: str, commands: str, dead: str, limit: int
+) -> ScriptCall:
     """Put up to ``limit`` retries due by the Redis server's clock back on their streams."""
-    return ScriptCall(MOVE_DUE_RETRIES, [retry_set, events, commands], [limit])
+    return ScriptCall(MOVE_DUE_RETRIES, [retry_set, events, commands, dead], [limit])
 
 
 def renew_pending(*, stream: str, group: str, consumer: str, ids: Sequence[str]) -> ScriptCall:

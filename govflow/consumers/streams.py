@@ -41,6 +41,11 @@ MAX_ATTEMPT = 1_000_000
 # The field that carries the token of an entry that keeps its entity's order, once it was
 # retried or parked (``consumers.ordering``): the id it was first published under.
 HOLD_FIELD = b"hold"
+# The fields an entry may have: its event or command, and govflow's bookkeeping. An entry
+# with more is refused before anything counts its fields into a script (a dead letter of
+# 5,001 fields is more than Lua's unpack takes).
+WIRE_FIELDS = (EVENT_FIELD, COMMAND_FIELD, ATTEMPT_FIELD, HOLD_FIELD, REPLAY_FIELD)
+MAX_FIELDS = len(WIRE_FIELDS) - 1  # an entry holds an event or a command, not both
 BLOCK_MS = 1000  # how long a read waits: below the client's socket timeout (redis-py#3138)
 
 RedisClient: TypeAlias = Redis | RedisCluster
@@ -58,11 +63,21 @@ class Entry(msgspec.Struct, frozen=True):
         """A field's value, or None."""
         return self.fields.get(name)
 
+    def kept_fields(self) -> dict[bytes, bytes]:
+        """The fields to carry on (to a retry, a parked list): of an entry with more
+        fields than the wire format has, only the wire format's."""
+        if len(self.fields) <= MAX_FIELDS:
+            return self.fields
+        return {k: v for k, v in self.fields.items() if k in WIRE_FIELDS}
+
     def payload(self) -> dict[str, str]:
-        """The fields as text, without govflow's delivery bookkeeping."""
+        """The fields as text, without govflow's delivery bookkeeping.
+
+        Of an entry with more fields than the wire format has, only the wire format's.
+        """
         return {
             k.decode(errors="replace"): v.decode(errors="replace")
-            for k, v in self.fields.items()
+            for k, v in self.kept_fields().items()
             if k not in (ATTEMPT_FIELD, HOLD_FIELD)
         }
 
@@ -86,6 +101,11 @@ def command_of(entry: Entry) -> RunWorkflow:
 
 
 def _field_of(entry: Entry, name: bytes) -> bytes:
+    if len(entry.fields) > MAX_FIELDS:
+        raise InvalidEntryError(
+            f"entry has {len(entry.fields)} fields, over the wire format's {MAX_FIELDS}"
+            f" (`{name.decode()}` and govflow's own); only those are kept in its dead letter"
+        )
     raw = entry.field(name)
     if raw is None:
         raise InvalidEntryError(f"entry has no `{name.decode()}` field")
@@ -263,12 +283,15 @@ class Streams:
         tokens: list[Any] = await self.redis.hmget(held, list(entities))
         return {e: t.decode() for e, t in zip(entities, tokens, strict=True) if t is not None}
 
-    async def move_due(self, retry_key: str, events: str, commands: str, limit: int = 500) -> int:
+    async def move_due(
+        self, retry_key: str, events: str, commands: str, dead: str, limit: int = 500
+    ) -> int:
         """Put retries whose time has come back on their stream; return how many."""
         call = scripts.move_due_retries(
             retry_set=retry_key,
             events=events,
             commands=commands,
+            dead=dead,
             limit=limit,
         )
         moved: int = await self.run(call)

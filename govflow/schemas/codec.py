@@ -14,13 +14,12 @@ import yaml
 
 from govflow.schemas.commands import Command
 from govflow.schemas.errors import InvalidEntryError
-from govflow.schemas.events import Event
+from govflow.schemas.events import Event, refuse_nul
 from govflow.schemas.workflows import Workflow
 
 T = TypeVar("T")
 
 MAX_ENTRY_BYTES = 256 * 1024
-
 ENCODER = msgspec.json.Encoder()
 EVENT_DECODER = msgspec.json.Decoder(Event)
 COMMAND_DECODER = msgspec.json.Decoder(Command)
@@ -116,6 +115,7 @@ def _decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, what: str) -> T:
     size = len(raw)
     if size > MAX_ENTRY_BYTES:
         raise InvalidEntryError(f"{what} is {size} bytes, over the {MAX_ENTRY_BYTES} byte limit")
+    refuse_nul(raw if isinstance(raw, bytes) else raw.encode(errors="surrogatepass"), what)
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -28,6 +29,10 @@ EventType = Literal[
 # The columns these go to are Postgres text, which cannot hold NUL: refuse it at the edge,
 # or one such event fails the trigger matcher's whole batch again and again.
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[^\x00]*$")]
+
+# A JSON escape of NUL: ``\u0000`` after an even number of backslashes (an odd number
+# makes the first backslash a literal one). A raw NUL byte is not JSON at all.
+_NUL_ESCAPE = re.compile(rb"(?:^|[^\\])(?:\\\\)*\\u0000")
 
 
 class Change(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -100,9 +105,26 @@ def convert_event(raw: dict[str, Any]) -> Event:
     """Validate already-parsed data as an event (the HTTP API, the CLI, the library).
 
     Raises:
-        InvalidEntryError: a missing or mistyped field, an unknown type.
+        InvalidEntryError: a missing or mistyped field, an unknown type, a NUL.
     """
     try:
-        return msgspec.convert(raw, Event)
+        event = msgspec.convert(raw, Event)
     except msgspec.ValidationError as e:
         raise InvalidEntryError(f"invalid event: {e}") from e
+    refuse_nul(msgspec.json.encode(event), "event")
+    return event
+
+
+def refuse_nul(raw: bytes, what: str) -> None:
+    """Refuse JSON holding NUL (``\\u0000``) in any string, key or value.
+
+    Postgres text and jsonb cannot store NUL: one such event reaching a batch's
+    transaction aborts it, and every other entry of the batch runs again.
+
+    Raises:
+        InvalidEntryError: a string holds NUL.
+    """
+    if b"\\u0000" in raw and _NUL_ESCAPE.search(raw):
+        raise InvalidEntryError(
+            f"{what} holds a NUL character (\\u0000), which Postgres cannot store"
+        )
