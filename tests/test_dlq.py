@@ -149,7 +149,7 @@ async def test_a_replayed_command_runs_its_remaining_step_once(
     async with pool.connection() as conn:
         await apply_workflow(conn, decode_workflow(THREE_STEPS.format(url=hook.url)))
     event = new_event("policy.created", "POL-7", data={"title": "Access control"})
-    exec_id = execution_id(event.id, "review-and-notify")
+    exec_id = execution_id(event.tenant, event.id, "review-and-notify")
 
     # The webhook's host is not allowed: steps 1 and 2 commit, step 3 fails for good.
     async with running(make_settings(webhook_allowed_hosts="blocked.invalid")):
@@ -337,7 +337,7 @@ async def test_dry_run_of_events_says_what_would_run_now(
     # The event of the second letter has run its workflow since.
     letter = await get(pool, done)
     assert letter.event_id is not None
-    done_exec = execution_id(letter.event_id, "new-evidence")
+    done_exec = execution_id("default", letter.event_id, "new-evidence")
     async with pool.connection() as conn:
         await executions.insert_queued(
             conn,
@@ -373,7 +373,7 @@ async def test_dry_run_of_events_says_what_would_run_now(
     event = decode_event(letter.payload["event"])
     commands = [
         RunWorkflow(execution_id=i, workflow_name="new-evidence", workflow_version=1, event=event)
-        for i in (done_exec, execution_id("gone", "new-evidence"))
+        for i in (done_exec, execution_id("default", "gone", "new-evidence"))
     ]
     command_letters = await record(
         pool,

@@ -34,7 +34,7 @@ actions:
 
 async def make_executions(pool: AsyncConnectionPool[Any]) -> tuple[str, str, str]:
     """One execution completed, one dead-lettered at step 2 of 3, one queued."""
-    done, dead, queued = (execution_id(f"ev-{n}", "review") for n in range(3))
+    done, dead, queued = (execution_id("default", f"ev-{n}", "review") for n in range(3))
     now = datetime.now(UTC)
     async with pool.connection() as conn:
         await apply_workflow(conn, decode_workflow(WORKFLOW))
@@ -61,7 +61,7 @@ async def test_detail_lists_every_step_of_the_version(pool: AsyncConnectionPool[
     async with pool.connection() as conn:
         detail = await read_execution(conn, dead)
         fresh = await read_execution(conn, queued)
-        missing = await read_execution(conn, execution_id("nope", "review"))
+        missing = await read_execution(conn, execution_id("default", "nope", "review"))
     assert detail is not None
     assert (detail.status, detail.completed_steps, detail.total_steps) == ("dead_lettered", 1, 3)
     assert (detail.progress.step, detail.progress.text) == (2, "step 2 of 3")

@@ -197,7 +197,7 @@ async def test_poison_is_dead_lettered_with_its_reason_and_the_group_keeps_flowi
     # A poison command of each kind on the commands stream.
     ghost = new_event("policy.created", "POL-ghost", data={"risk": "high"})
     ghost_command = RunWorkflow(
-        execution_id=execution_id(ghost.id, "high-risk-review"),
+        execution_id=execution_id(ghost.tenant, ghost.id, "high-risk-review"),
         workflow_name="high-risk-review",
         workflow_version=1,
         event=ghost,
@@ -372,7 +372,7 @@ async def test_attempts_exhausted_then_replay_finishes_without_repeating_a_step(
         url = webhook.plan("/down", Reply(500))
         await apply(pool, ALWAYS_DOWN.replace("URL", url))
         event = policy_created(1, "high")
-        exec_id = execution_id(event.id, "notify-risk")
+        exec_id = execution_id(event.tenant, event.id, "notify-risk")
 
         with structlog.testing.capture_logs() as logs:
             async with running_worker(settings):

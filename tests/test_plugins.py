@@ -299,7 +299,7 @@ async def test_an_installed_plugin_runs_in_a_workflow_once_per_step(
     # The dead-lettered step queued its row too before it raised; nothing of it was written.
     assert rows == [
         (
-            execution_id(texted.id, "text-the-owner"),
+            execution_id(texted.tenant, texted.id, "text-the-owner"),
             1,
             "+15550100",
             "Access policy needs your review",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import msgspec
@@ -135,7 +136,7 @@ class TestCommands:
     def test_a_command_survives_a_round_trip(self):
         event = decode_event(event_json())
         command = RunWorkflow(
-            execution_id=execution_id(event.id, "wf"),
+            execution_id=execution_id(event.tenant, event.id, "wf"),
             workflow_name="wf",
             workflow_version=3,
             event=event,
@@ -145,8 +146,15 @@ class TestCommands:
         assert decode_command(wire) == command
 
     def test_the_execution_id_is_deterministic(self):
-        assert execution_id("e1", "wf") == execution_id("e1", "wf")
-        assert execution_id("e1", "wf") != execution_id("e1", "wf2")
+        assert execution_id("acme", "e1", "wf") == execution_id("acme", "e1", "wf")
+        assert execution_id("acme", "e1", "wf") != execution_id("acme", "e1", "wf2")
+
+    def test_two_tenants_get_two_execution_ids_and_the_default_keeps_its_old_one(self):
+        assert execution_id("acme", "e1", "wf") != execution_id("globex", "e1", "wf")
+        assert execution_id("default", "e1", "wf") != execution_id("acme", "e1", "wf")
+        # The id every execution had before tenants counted: uuid5(event id, workflow).
+        old = uuid.uuid5(uuid.UUID("6c1f7d4e-3b0a-4f2e-9a51-0c9e7f3d2b18"), "e1\x1fwf")
+        assert execution_id("default", "e1", "wf") == str(old)
 
     @pytest.mark.parametrize(
         ("raw", "expected"),

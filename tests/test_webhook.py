@@ -103,7 +103,7 @@ async def test_transient_failures_are_retried_with_one_key_and_a_valid_signature
     url = webhook.plan("/flaky", Reply(500), Reply(500), Reply(200))
     await apply(pool, notify_workflow("flaky", url))
     event = case("flaky")
-    exec_id = execution_id(event.id, "flaky")
+    exec_id = execution_id(event.tenant, event.id, "flaky")
 
     async with running_worker(settings):
         await publish(redis, keys, [event])
@@ -140,7 +140,7 @@ async def test_a_4xx_is_permanent_and_dead_letters_after_one_attempt(
     keys = Keys(settings.prefix)
     await apply(pool, notify_workflow("gone", webhook.plan("/gone", Reply(410))))
     event = case("gone")
-    exec_id = execution_id(event.id, "gone")
+    exec_id = execution_id(event.tenant, event.id, "gone")
 
     async with running_worker(settings):
         await publish(redis, keys, [event])
@@ -171,7 +171,7 @@ async def test_a_timeout_is_retried(
     url = webhook.plan("/slow", Reply(200, delay=2.0), Reply(200))
     await apply(pool, notify_workflow("slow", url))
     event = case("slow")
-    exec_id = execution_id(event.id, "slow")
+    exec_id = execution_id(event.tenant, event.id, "slow")
 
     async with running_worker(settings):
         await publish(redis, keys, [event])
@@ -194,7 +194,7 @@ async def test_a_redirect_to_another_host_is_refused(
     webhook.plan("/elsewhere", Reply(200))
     await apply(pool, notify_workflow("moved", url))
     event = case("moved")
-    exec_id = execution_id(event.id, "moved")
+    exec_id = execution_id(event.tenant, event.id, "moved")
 
     async with running_worker(settings):
         await publish(redis, keys, [event])
@@ -217,7 +217,7 @@ async def test_a_redirect_within_the_host_is_followed(
     webhook.plan("/landing", Reply(202))
     await apply(pool, notify_workflow("hop", url))
     event = case("hop")
-    exec_id = execution_id(event.id, "hop")
+    exec_id = execution_id(event.tenant, event.id, "hop")
 
     async with running_worker(settings):
         await publish(redis, keys, [event])

@@ -25,7 +25,7 @@ INSERT_EXECUTION = (
     f"INSERT INTO {SCHEMA}.workflow_executions (id, workflow_name, workflow_version, event_id,"
     " entity_type, entity_id, tenant, event_occurred_at)"
     " VALUES (%s, 'bench-drain', 1, %s, 'policy', %s, 'default', to_timestamp(%s))"
-    " ON CONFLICT (event_id, workflow_name) DO NOTHING"
+    " ON CONFLICT (tenant, event_id, workflow_name) DO NOTHING"
 )
 INSERT_TASK = (
     f"INSERT INTO {SCHEMA}.tasks (execution_id, step, entity_id, title, assignee)"

@@ -93,7 +93,7 @@ async def wait_for(
     conn: AsyncConnection[Any], event: Event, hits: list[StoredWorkflow], timeout_s: float
 ) -> list[Caused]:
     """Poll the executions of ``hits`` for ``event`` until all settle or ``timeout_s`` passes."""
-    ids = {wf.name: execution_id(event.id, wf.name) for wf in hits}
+    ids = {wf.name: execution_id(event.tenant, event.id, wf.name) for wf in hits}
     found: dict[str, executions.State] = {}
     with anyio.move_on_after(timeout_s):
         while True:

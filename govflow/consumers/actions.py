@@ -383,6 +383,7 @@ def _ids(command: RunWorkflow) -> EntryIds:
         "event_id": command.event.id,
         "event_type": command.event.type,
         "execution_id": command.execution_id,
+        "tenant": command.event.tenant,
     }
 
 

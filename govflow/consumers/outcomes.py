@@ -23,6 +23,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     event_type: str | None = None
     execution_id: str | None = None
     delay: float | None = None  # a retry's delay, when the action asked for one
+    tenant: str | None = None
 
 
 ACK = Outcome(kind="ack")
@@ -34,6 +35,7 @@ class EntryIds(TypedDict, total=False):
     event_id: str | None
     event_type: str | None
     execution_id: str | None
+    tenant: str | None
 
 
 def dead(reason: str, cause: str, **ids: Unpack[EntryIds]) -> Outcome:

@@ -228,6 +228,7 @@ def _letter(entry: Entry, outcome: Outcome) -> dead_letters.NewDeadLetter:
         event_id=outcome.event_id,
         event_type=outcome.event_type,
         execution_id=outcome.execution_id,
+        tenant=outcome.tenant,
     )
 
 

@@ -81,7 +81,9 @@ class TriggerMatcher:
                     taken[index] = identity  # dead-lettered: taken up all the same
                 continue
             events[index] = event
-            outcomes.append(Outcome(kind="ack", event_id=event.id, event_type=event.type))
+            outcomes.append(Outcome(
+                    kind="ack", event_id=event.id, event_type=event.type, tenant=event.tenant
+                ))
         found = await self._match(events)
         matched = {index for index, _, _ in found.values()}
         for index, event in events.items():
@@ -133,12 +135,15 @@ class TriggerMatcher:
             await reconcile.record_received(conn, taken)
         pipe = self._redis.pipeline(transaction=False)
         for execution in queued:
-            index, _, command = found[execution.id]
+            index, _, command = found[execution.derived]
             if not _emit(execution, index in redelivered):
                 continue
-            if command.workflow_version != execution.workflow_version:
+            if (command.workflow_version, command.execution_id) != (
+                execution.workflow_version,
+                execution.id,
+            ):
                 command = msgspec.structs.replace(
-                    command, workflow_version=execution.workflow_version
+                    command, workflow_version=execution.workflow_version, execution_id=execution.id
                 )
             stream = self._keys.commands(self._keys.partition_of(command.event.entity_id))
             pipe.xadd(stream, {COMMAND_FIELD: encode(command)})
@@ -155,7 +160,7 @@ class TriggerMatcher:
             for wf in workflows:
                 if not matches(wf.definition, event):
                     continue
-                exec_id = execution_id(event.id, wf.name)
+                exec_id = execution_id(event.tenant, event.id, wf.name)
                 row = NewExecution(
                     exec_id, wf.name, wf.version, event.id, event.entity,
                     event.entity_id, event.tenant, event.occurred_at,

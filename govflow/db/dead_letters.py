@@ -23,6 +23,7 @@ class NewDeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     event_id: str | None = None
     event_type: str | None = None
     execution_id: str | None = None
+    tenant: str | None = None  # with event_id, the event's identity
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,7 +59,7 @@ async def record(conn: AsyncConnection[Any], letters: Sequence[NewDeadLetter]) -
     async with conn.cursor() as cur:
         await cur.executemany(
             "INSERT INTO dead_letters (stream, message_id, payload, error, attempts, event_id,"
-            " event_type, execution_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " event_type, execution_id, tenant) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (stream, message_id) DO NOTHING",
             [
                 (
@@ -70,6 +71,7 @@ async def record(conn: AsyncConnection[Any], letters: Sequence[NewDeadLetter]) -
                     d.event_id,
                     d.event_type,
                     d.execution_id,
+                    d.tenant,
                 )
                 for d in letters
             ],

@@ -70,23 +70,31 @@ def columns(execution: ExecutionRow) -> dict[str, Any]:
     return {name: getattr(execution, name) for name in ExecutionRow.__struct_fields__}
 
 
+# A known execution is found by its identity, (tenant, event id, workflow), not by the id
+# derived for it: a row recorded before tenants counted may have an id derived otherwise.
 _NEW_EXECUTIONS = Batched(
-    "WITH new AS (INSERT INTO workflow_executions (id, workflow_name, workflow_version, event_id,"
+    "WITH r AS MATERIALIZED (SELECT * FROM {rows}),"
+    " new AS (INSERT INTO workflow_executions (id, workflow_name, workflow_version, event_id,"
     " entity_type, entity_id, tenant, event_occurred_at) SELECT id, workflow_name, workflow_version,"
-    " event_id, entity_type, entity_id, tenant, occurred_at FROM {rows}"
-    " ON CONFLICT (event_id, workflow_name) DO NOTHING RETURNING id, workflow_version)"
-    " SELECT id::text, workflow_version, true, 'queued', false FROM new UNION ALL"
-    " SELECT id::text, workflow_version, false, status,"
-    " coalesce(updated_at < now() - make_interval(secs => %s), false) FROM workflow_executions"
-    " WHERE id = ANY(%s::uuid[]) AND status IN ('queued', 'running', 'retrying')",
+    " event_id, entity_type, entity_id, tenant, occurred_at FROM r"
+    " ON CONFLICT (tenant, event_id, workflow_name) DO NOTHING RETURNING id, workflow_version)"
+    " SELECT id::text, id::text, workflow_version, true, 'queued', false FROM new UNION ALL"
+    " SELECT r.id::text, e.id::text, e.workflow_version, false, e.status,"
+    " coalesce(e.updated_at < now() - make_interval(secs => %s), false)"
+    " FROM workflow_executions e JOIN r ON e.tenant = r.tenant AND e.event_id = r.event_id"
+    " AND e.workflow_name = r.workflow_name WHERE e.status IN ('queued', 'running', 'retrying')",
     ("id uuid", "workflow_name text", "workflow_version int", "event_id text", "entity_type text",
      "entity_id text", "tenant text", "occurred_at timestamptz"),
 )  # fmt: skip
 
 
 class Queued(msgspec.Struct, frozen=True):
-    """An execution waiting for its command: just recorded, or found unfinished."""
+    """An execution waiting for its command: just recorded, or found unfinished.
 
+    ``derived`` is the id the caller derived for it, ``id`` the row's own.
+    """
+
+    derived: str
     id: str
     workflow_version: int
     new: bool
@@ -108,11 +116,7 @@ async def insert_queued(
         return []
     cur = await conn.execute(
         _NEW_EXECUTIONS.statement().encode(),
-        (
-            _NEW_EXECUTIONS.parameter([msgspec.structs.astuple(r) for r in rows]),
-            stale_after_s,
-            id_array(r.id for r in rows),
-        ),
+        (_NEW_EXECUTIONS.parameter([msgspec.structs.astuple(r) for r in rows]), stale_after_s),
     )
     return [Queued(*row) for row in await cur.fetchall()]
 

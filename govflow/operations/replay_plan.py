@@ -129,7 +129,7 @@ class _Planner:
 
     async def _for_event(self, event: Event, wf: StoredWorkflow) -> ExecutionPlan:
         """An event replayed: the trigger matcher records new executions, re-emits queued ones."""
-        exec_id = execution_id(event.id, wf.name)
+        exec_id = execution_id(event.tenant, event.id, wf.name)
         existing = await executions.get_execution(self._conn, exec_id)
         if existing is None:
             return ExecutionPlan(

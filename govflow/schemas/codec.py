@@ -115,9 +115,8 @@ def _decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, what: str) -> T:
     size = len(raw)
     if size > MAX_ENTRY_BYTES:
         raise InvalidEntryError(f"{what} is {size} bytes, over the {MAX_ENTRY_BYTES} byte limit")
-    refuse_nul(raw if isinstance(raw, bytes) else raw.encode(errors="surrogatepass"), what)
     try:
-        return decoder.decode(raw)
+        value = decoder.decode(raw)
     except msgspec.ValidationError as e:
         raise InvalidEntryError(f"invalid {what}: {e}") from e
     except msgspec.DecodeError as e:
@@ -129,6 +128,9 @@ def _decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, what: str) -> T:
         # Objects nested a few thousand deep (in an ignored field, say) exhaust the stack
         # of msgspec's decoder; escaping as RecursionError, they failed the whole batch.
         raise InvalidEntryError(f"{what} is nested too deeply") from e
+    # After the decoding: a malformed entry's reason says what is malformed.
+    refuse_nul(raw if isinstance(raw, bytes) else raw.encode(errors="surrogatepass"), what)
+    return value
 
 
 def json_schemas() -> dict[str, Any]:

@@ -9,8 +9,8 @@ import msgspec
 
 from govflow.schemas.events import Event
 
-# The namespace of execution ids: uuid5(event id + workflow name) makes the id of an
-# execution known before its row exists, so a redelivered event finds the same one.
+# The namespace of execution ids: uuid5(tenant + event id + workflow name) makes the id of
+# an execution known before its row exists, so a redelivered event finds the same one.
 _EXECUTION_NAMESPACE = uuid.UUID("6c1f7d4e-3b0a-4f2e-9a51-0c9e7f3d2b18")
 
 
@@ -34,6 +34,23 @@ class RunWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag="run", tag_fiel
 Command = RunWorkflow
 
 
-def execution_id(event_id: str, workflow_name: str) -> str:
-    """The deterministic id of the execution of ``workflow_name`` for ``event_id``."""
-    return str(uuid.uuid5(_EXECUTION_NAMESPACE, f"{event_id}\x1f{workflow_name}"))
+# The tenant whose execution ids leave the tenant out, as every id did before events were
+# identified by (tenant, id): its executions keep their ids across the upgrade.
+DEFAULT_TENANT = "default"
+
+
+def execution_id(tenant: str, event_id: str, workflow_name: str) -> str:
+    """The deterministic id of the execution of ``workflow_name`` for event ``event_id``
+    of ``tenant``.
+
+    Events are identified by (tenant, id), so two tenants' events of one id get two
+    executions. The default tenant's ids are derived as before tenants counted, so an
+    event published before an upgrade and redelivered or replayed after it finds its
+    execution by id; another tenant's such event finds its row by (tenant, event id,
+    workflow) (``db.executions.insert_queued``).
+    """
+    if tenant == DEFAULT_TENANT:
+        name = f"{event_id}\x1f{workflow_name}"
+    else:
+        name = f"{tenant}\x1e{event_id}\x1f{workflow_name}"
+    return str(uuid.uuid5(_EXECUTION_NAMESPACE, name))
