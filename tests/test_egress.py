@@ -139,7 +139,8 @@ async def test_a_hostile_callback_is_dead_lettered_unsent(
         assert hooks.count() == 0
     for entity, (status, error) in found.items():
         assert status == "dead_lettered", entity
-        assert error is not None and "not a public address" in error, (entity, error)
+        assert error is not None, entity
+        assert "not a public address" in error, (entity, error)
     letters = await fetch(pool, "SELECT error, attempts FROM dead_letters")
     assert len(letters) == len(callbacks)
     assert all(attempts == 1 for _, attempts in letters)  # permanent: never retried

@@ -47,7 +47,6 @@ DEEP = b'{"id": "x", "nested": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 
 
-
 def json_values(text: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
     """Any JSON value, small, with strings from ``text``."""
     return st.recursive(
@@ -56,7 +55,7 @@ def json_values(text: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
         | st.integers()
         | st.floats(allow_nan=False, allow_infinity=False)
         | text,
-        lambda inner: (st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3)),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
         max_leaves=10,
     )
 

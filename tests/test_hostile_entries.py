@@ -67,8 +67,7 @@ async def test_a_nul_in_an_event_or_a_command_dead_letters_it_alone(
     with receiving() as hooks:
         await apply(pool, workflow(hooks.url("/hook")))
         events = [
-            new_event("policy.created", f"P{i}", data={"title": f"t{i}"})
-            for i in range(NEIGHBOURS)
+            new_event("policy.created", f"P{i}", data={"title": f"t{i}"}) for i in range(NEIGHBOURS)
         ]
         await publish(redis, keys, events[:3])
         await add_entry(redis, keys.events(), {EVENT_FIELD: with_nul(encode(events[0]))})
@@ -192,7 +191,7 @@ async def test_a_retry_no_stream_can_take_is_dead_lettered_and_the_rest_move(
 ) -> None:
     keys = Keys(prefix, 1)
     streams = Streams(redis)
-    good = encode({"to": "commands", "fields": ["command", "c"]})
+    good = encode({"to": "commands", "fields": ["command", "c"]}).decode()
     wide = json.dumps({"to": "commands", "fields": ["f", "x"] * scripts.MAX_UNPACK})
     await redis.zadd(keys.retry(), {good: 1, "not json": 2, wide: 3})
     moved = await streams.move_due(keys.retry(), keys.events(), keys.commands(), keys.dead())

@@ -67,6 +67,7 @@ BEGIN
             ('dead_letters',        'SELECT, INSERT',                 'govflow_worker'),
             -- the events the trigger matcher took; the reconciler deletes old ones
             ('received_events',     'SELECT, INSERT, UPDATE, DELETE', 'govflow_worker'),
+            ('chain_executions',    'SELECT, INSERT, UPDATE',         'govflow_worker'),
             -- the prefix `govflow migrate` recorded, which every process checks
             ('deployment',          'SELECT',                         'govflow_worker'),
             -- the keys that sign webhooks
@@ -83,6 +84,7 @@ BEGIN
             ('assignments',         'SELECT', 'govflow_reader, govflow_operator'),
             ('notifications',       'SELECT', 'govflow_reader, govflow_operator'),
             ('status_changes',      'SELECT', 'govflow_reader, govflow_operator'),
+            ('chain_executions',    'SELECT', 'govflow_reader, govflow_operator'),
             ('dead_letters',        'SELECT', 'govflow_reader, govflow_operator'),
             ('received_events',     'SELECT', 'govflow_reader, govflow_operator'),
             ('outbox',              'SELECT', 'govflow_reader, govflow_operator'),

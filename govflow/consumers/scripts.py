@@ -65,7 +65,9 @@ end
 """
 
 # Shared by the hand-over scripts. A parked member is JSON {"hold": token, "fields": [...]}.
-_FENCE_AND_RELEASE = _CHECKS + """
+_FENCE_AND_RELEASE = (
+    _CHECKS
+    + """
 local function fenced(lease, owner)
   return owner ~= '' and redis.call('GET', lease) ~= owner
 end
@@ -81,6 +83,7 @@ local function release(stream, held, parked, entity, token)
   end
 end
 """
+)
 
 # KEYS: stream, lease, held, parked. ARGV: group, owner, entity, token, entry ids.
 # Returns how many the XACK removed, or -1 when fenced.

@@ -151,7 +151,9 @@ class Settler:
                 group=self.group,
                 fence=self._fence,
                 entry_id=entry.id,
-                fields={**entry.kept_fields(), ATTEMPT_FIELD: str(entry.attempt).encode(), **token},
+                fields=self._streams.sealed(
+                    {**entry.kept_fields(), ATTEMPT_FIELD: str(entry.attempt).encode(), **token}
+                ),
                 order=order,  # parked: no attempt is counted
             )
         if outcome.kind == "ack":
@@ -171,7 +173,9 @@ class Settler:
                 retry_set=self._keys.retry(self._partition),
                 delay_ms=int(self._policy.retry_delay(outcome, entry.attempt) * 1000),
                 to=self._role,
-                fields={**entry.kept_fields(), ATTEMPT_FIELD: str(entry.attempt + 1).encode(), **token},
+                fields=self._streams.sealed(
+                    {**entry.kept_fields(), ATTEMPT_FIELD: str(entry.attempt + 1).encode(), **token}
+                ),
                 order=order,
             )
         return scripts.ack_and_dead_letter(

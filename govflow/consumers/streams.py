@@ -9,7 +9,8 @@ NOSCRIPT: after a restart or a failover, whose new primary has an empty script c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import msgspec
@@ -20,10 +21,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from govflow.consumers import scripts
+from govflow.consumers.seal import SEAL_FIELD, Seal
 from govflow.schemas.codec import decode_command, decode_event
 from govflow.schemas.commands import RunWorkflow
 from govflow.schemas.errors import GroupMissingError, InvalidEntryError
 from govflow.schemas.events import Event
+from govflow.schemas.keys import Keys
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +47,9 @@ HOLD_FIELD = b"hold"
 # The fields an entry may have: its event or command, and govflow's bookkeeping. An entry
 # with more is refused before anything counts its fields into a script (a dead letter of
 # 5,001 fields is more than Lua's unpack takes).
-WIRE_FIELDS = (EVENT_FIELD, COMMAND_FIELD, ATTEMPT_FIELD, HOLD_FIELD, REPLAY_FIELD)
+# The fields only govflow may set: honoured only under a valid seal (``consumers.seal``).
+CONTROL_FIELDS = (ATTEMPT_FIELD, HOLD_FIELD, REPLAY_FIELD)
+WIRE_FIELDS = (EVENT_FIELD, COMMAND_FIELD, *CONTROL_FIELDS, SEAL_FIELD)
 MAX_FIELDS = len(WIRE_FIELDS) - 1  # an entry holds an event or a command, not both
 BLOCK_MS = 1000  # how long a read waits: below the client's socket timeout (redis-py#3138)
 
@@ -78,7 +83,7 @@ class Entry(msgspec.Struct, frozen=True):
         return {
             k.decode(errors="replace"): v.decode(errors="replace")
             for k, v in self.kept_fields().items()
-            if k not in (ATTEMPT_FIELD, HOLD_FIELD)
+            if k not in (ATTEMPT_FIELD, HOLD_FIELD, SEAL_FIELD)
         }
 
 
@@ -132,12 +137,38 @@ class Traces(msgspec.Struct, frozen=True):
     held: frozenset[str]  # entities whose order is held: their entries wait in parked lists
 
 
-class Streams:
-    """Typed stream operations over one Redis or Redis Cluster client (replies as bytes)."""
+async def load_seal(redis: RedisClient, keys: Keys, *, create: bool = True) -> Seal | None:
+    """The deployment's seal; made first if ``create`` (a worker) and there is none yet.
 
-    def __init__(self, redis: RedisClient) -> None:
+    None: no key is recorded (an operator's replay before any worker ran).
+    """
+    if create:
+        await redis.set(keys.seal(), secrets.token_hex(32), nx=True)
+    key: Any = await redis.get(keys.seal())
+    if not key:
+        return None
+    return Seal(key if isinstance(key, bytes) else str(key).encode(), CONTROL_FIELDS)
+
+
+class Streams:
+    """Typed stream operations over one Redis or Redis Cluster client (replies as bytes).
+
+    Args:
+        seal: signs the entries written back and checks the control fields of those
+            read; None (tools and tests that write no entries back) trusts them as read.
+    """
+
+    def __init__(self, redis: RedisClient, seal: Seal | None = None) -> None:
         self.redis = redis
+        self._seal = seal
         self._scripts: dict[str, AsyncScript] = {}
+
+    def sealed(self, fields: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
+        """``fields`` signed, so that their control fields are honoured when read back."""
+        return self._seal.sign(fields) if self._seal is not None else dict(fields)
+
+    def _checked(self, fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        return self._seal.verify(fields) if self._seal is not None else fields
 
     async def ensure_group(self, stream: str, group: str) -> None:
         """Create the group at the start of the stream (so nothing published before is missed)."""
@@ -164,7 +195,7 @@ class Streams:
                 raise GroupMissingError(f"group {group} of {stream} is missing") from e
             raise
         # One stream was read: the reply is [[name, [(id, fields), ...]]].
-        return _entries(stream, reply[0][1]) if reply else []
+        return _entries(stream, reply[0][1], self._checked) if reply else []
 
     async def claim_idle(
         self,
@@ -203,7 +234,8 @@ class Streams:
             pipe.xpending_range(stream, group, entry_id, entry_id, 1)
         counts = await pipe.execute()
         entries = []
-        for (entry_id, fields), pending in zip(live, counts, strict=True):
+        for (entry_id, raw), pending in zip(live, counts, strict=True):
+            fields = self._checked(raw)
             deliveries = pending[0]["times_delivered"] if pending else 1
             attempt = attempt_of(fields) + deliveries - 1
             entries.append(Entry(stream, entry_id.decode(), fields, attempt))
@@ -368,11 +400,16 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _entries(stream: str, items: Sequence[tuple[bytes, dict[bytes, bytes] | None]]) -> list[Entry]:
+def _entries(
+    stream: str,
+    items: Sequence[tuple[bytes, dict[bytes, bytes] | None]],
+    checked: Callable[[dict[bytes, bytes]], dict[bytes, bytes]],
+) -> list[Entry]:
     out = []
-    for entry_id, fields in items:
-        if fields is None:  # trimmed while pending; never delivered by ">" reads
+    for entry_id, raw in items:
+        if raw is None:  # trimmed while pending; never delivered by ">" reads
             continue
+        fields = checked(raw)
         out.append(Entry(stream, entry_id.decode(), fields, attempt_of(fields)))
     return out
 

@@ -22,7 +22,7 @@ from govflow.consumers.streams import (
     event_of,
 )
 from govflow.core.unavailable import is_unavailable
-from govflow.db import executions, reconcile
+from govflow.db import chains, executions, reconcile
 from govflow.db.executions import NewExecution, Queued
 from govflow.db.reconcile import Received
 from govflow.schemas.codec import decode_identity, encode
@@ -32,6 +32,14 @@ from govflow.schemas.events import Event
 from govflow.schemas.keys import Keys, Role
 
 log = structlog.get_logger(__name__)
+
+
+class ChainTooBroadError(Exception):
+    """Chained events would take their roots past the bound on executions per root."""
+
+    def __init__(self, over: dict[int, str]) -> None:
+        super().__init__(f"{len(over)} chained events over the bound")
+        self.over = over  # batch index -> reason
 
 
 class TriggerMatcher:
@@ -45,6 +53,8 @@ class TriggerMatcher:
     and can emit again a command Redis lost. An event published again finds its
     executions: those unfinished and untouched for ``stale_after_s`` get their command
     again (Redis may have lost it), so a re-published event finishes what it started.
+    A chained event whose executions would take its root event past
+    ``max_chain_executions`` records none, and is dead-lettered (``db.chains``).
     """
 
     role: Role = "events"
@@ -56,9 +66,11 @@ class TriggerMatcher:
         keys: Keys,
         definitions: Definitions,
         stale_after_s: float | None = None,
+        max_chain_executions: int = 1000,
     ) -> None:
         self._redis = redis
         self._stale_after_s = stale_after_s
+        self._max_chain = max_chain_executions
         self._pool = pool
         self._keys = keys
         self._definitions = definitions
@@ -81,9 +93,9 @@ class TriggerMatcher:
                     taken[index] = identity  # dead-lettered: taken up all the same
                 continue
             events[index] = event
-            outcomes.append(Outcome(
-                    kind="ack", event_id=event.id, event_type=event.type, tenant=event.tenant
-                ))
+            outcomes.append(
+                Outcome(kind="ack", event_id=event.id, event_type=event.type, tenant=event.tenant)
+            )
         found = await self._match(events)
         matched = {index for index, _, _ in found.values()}
         for index, event in events.items():
@@ -97,7 +109,9 @@ class TriggerMatcher:
         ids = {batch[i].id for i in events}
         self._unsent |= ids
         try:
-            await self._record_and_emit(found, list(taken.values()), redelivered)
+            found = await self._record_within_bounds(
+                found, list(taken.values()), redelivered, outcomes
+            )
         except psycopg.Error as e:
             if is_unavailable(e):
                 raise
@@ -107,7 +121,7 @@ class TriggerMatcher:
             for index in events:
                 try:
                     alone = {k: v for k, v in found.items() if v[0] == index}
-                    await self._record_and_emit(alone, [taken[index]], redelivered)
+                    await self._record_within_bounds(alone, [taken[index]], redelivered, outcomes)
                 except psycopg.Error as e:
                     if is_unavailable(e):
                         raise
@@ -116,6 +130,63 @@ class TriggerMatcher:
         # retry set under new ids; their stale ids here are harmless).
         self._unsent -= ids
         return outcomes
+
+    async def _record_within_bounds(
+        self,
+        found: dict[str, tuple[int, NewExecution, RunWorkflow]],
+        taken: Sequence[Received],
+        redelivered: set[int],
+        outcomes: list[Outcome],
+    ) -> dict[str, tuple[int, NewExecution, RunWorkflow]]:
+        """Record and emit; dead-letter the chained events a root's bound refuses.
+
+        Returns what was recorded (without the refused events).
+        """
+        try:
+            await self._record_and_emit(found, taken, redelivered)
+        except ChainTooBroadError as e:  # nothing was recorded: again, without them
+            for index, reason in e.over.items():
+                command = next(c for i, _, c in found.values() if i == index)
+                outcomes[index] = dead(
+                    reason,
+                    "permanent_error",
+                    event_id=command.event.id,
+                    event_type=command.event.type,
+                    tenant=command.event.tenant,
+                )
+            found = {k: v for k, v in found.items() if v[0] not in e.over}
+            await self._record_and_emit(found, taken, redelivered)
+        return found
+
+    async def _charge_chains(
+        self,
+        conn: Any,
+        found: dict[str, tuple[int, NewExecution, RunWorkflow]],
+        queued: list[executions.Queued],
+    ) -> None:
+        """Count the new executions of chained events against their roots.
+
+        Raises:
+            ChainTooBroadError: some root would pass the bound (the caller rolls back).
+        """
+        new: dict[tuple[str, str], int] = {}
+        for execution in queued:
+            event = found[execution.derived][2].event
+            if execution.new and event.depth > 0:
+                root = (event.tenant, event.root)
+                new[root] = new.get(root, 0) + 1
+        totals = await chains.charge(conn, new)
+        over = {
+            index: (
+                f"the chain of event {command.event.root} (tenant {command.event.tenant}) would"
+                f" cause {totals[command.event.tenant, command.event.root]} executions, over"
+                f" GOVFLOW_MAX_CHAIN_EXECUTIONS ({self._max_chain})"
+            )
+            for index, _, command in found.values()
+            if totals.get((command.event.tenant, command.event.root), 0) > self._max_chain
+        }
+        if over:
+            raise ChainTooBroadError(over)
 
     async def _record_and_emit(
         self,
@@ -133,6 +204,7 @@ class TriggerMatcher:
                 conn, [row for _, row, _ in found.values()], self._stale_after_s
             )
             await reconcile.record_received(conn, taken)
+            await self._charge_chains(conn, found, queued)
         pipe = self._redis.pipeline(transaction=False)
         for execution in queued:
             index, _, command = found[execution.derived]

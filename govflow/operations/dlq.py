@@ -30,7 +30,8 @@ import msgspec
 from psycopg_pool import AsyncConnectionPool
 from redis.typing import EncodableT, FieldT
 
-from govflow.consumers.streams import ATTEMPT_FIELD, REPLAY_FIELD, RedisClient
+from govflow.consumers.seal import SEAL_FIELD, Seal
+from govflow.consumers.streams import ATTEMPT_FIELD, REPLAY_FIELD, RedisClient, load_seal
 from govflow.db import dead_letters
 from govflow.db.dead_letters import DeadLetter, Selection
 from govflow.operations.replay_plan import ReplayPlan, plan
@@ -136,6 +137,8 @@ async def replay(
         )
     async with pool.connection() as conn:
         upto = await dead_letters.newest_id(conn)  # letters dead-lettered later wait for next time
+    # Without the deployment's seal a replay runs as a plain delivery (``consumers.seal``).
+    seal = await load_seal(redis, keys, create=False)
     replayed: list[Replayed] = []
     last, next_at = 0, anyio.current_time()
     while True:
@@ -148,7 +151,7 @@ async def replay(
                 next_at = anyio.current_time() + 1 / rate
             # Between this XADD and the COMMIT a crash replays the letter twice: harmless,
             # see the module docstring.
-            added = await redis.xadd(letter.stream, replay_fields(letter))
+            added = await redis.xadd(letter.stream, replay_fields(letter, seal))
             await dead_letters.mark_replayed(conn, letter.id, actor=actor, reason=reason)
         last = letter.id
         replayed.append(
@@ -177,15 +180,19 @@ async def purge(pool: AsyncConnectionPool[Any], selection: Selection, *, actor: 
     return PurgeReport(actor=actor, purged=purged, skipped=skipped)
 
 
-def replay_fields(letter: DeadLetter) -> dict[FieldT, EncodableT]:
-    """The entry a replay adds: the original fields, a first attempt, the letter's id."""
-    bookkeeping = (ATTEMPT_FIELD.decode(), REPLAY_FIELD.decode())
-    fields: dict[FieldT, EncodableT] = {
-        k: str(v) for k, v in letter.payload.items() if k not in bookkeeping
+def replay_fields(letter: DeadLetter, seal: Seal | None = None) -> dict[FieldT, EncodableT]:
+    """The entry a replay adds: the original fields, a first attempt, the letter's id;
+    sealed with ``seal``, so that the workers honour the last two."""
+    bookkeeping = (ATTEMPT_FIELD, REPLAY_FIELD, SEAL_FIELD)
+    fields = {
+        k.encode(): str(v).encode()
+        for k, v in letter.payload.items()
+        if k.encode() not in bookkeeping
     }
-    fields[ATTEMPT_FIELD.decode()] = "1"
-    fields[REPLAY_FIELD.decode()] = str(letter.id)
-    return fields
+    fields[ATTEMPT_FIELD] = b"1"
+    fields[REPLAY_FIELD] = str(letter.id).encode()
+    signed = seal.sign(fields) if seal is not None else fields
+    return {k.decode(): v.decode() for k, v in signed.items()}
 
 
 async def _dry_run_letters(

@@ -183,6 +183,7 @@ async def change_status(ctx: StepContext, p: ChangeStatus) -> None:
         changes={"status": Change(from_=before, to=to)},
         depth=depth,
         causation_id=event.id,
+        root_id=event.root,
     )
     # The chained event leaves through the outbox, committed with the step: published
     # once the transaction commits, never lost to a crash in between.

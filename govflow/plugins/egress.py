@@ -117,12 +117,12 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
         self,
         host: str,
         port: int,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface names it so
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         """Resolve ``host`` once, check every address, connect to a checked one."""
-        addresses = await self._resolve(host, port, timeout)
+        addresses = await self._resolve(host, port, within=timeout)
         for address in addresses:
             self._policy.check_address(host, address)
         failed: httpcore.ConnectError | None = None
@@ -140,9 +140,9 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
         assert failed is not None  # _resolve returns at least one address
         raise failed
 
-    async def _resolve(self, host: str, port: int, timeout: float | None) -> list[IPAddress]:
+    async def _resolve(self, host: str, port: int, *, within: float | None) -> list[IPAddress]:
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(within):
                 found = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except TimeoutError as e:
             raise httpcore.ConnectTimeout(f"resolving {host} timed out") from e

@@ -38,7 +38,8 @@ from govflow.consumers.outcomes import RetryPolicy
 from govflow.consumers.partitions import PartitionLease, PartitionLeases
 from govflow.consumers.reconcile import Reconciler
 from govflow.consumers.retry import RetryMover
-from govflow.consumers.streams import BLOCK_MS, RedisClient, Streams
+from govflow.consumers.seal import Seal
+from govflow.consumers.streams import BLOCK_MS, RedisClient, Streams, load_seal
 from govflow.consumers.triggers import TriggerMatcher
 from govflow.core import deployment
 from govflow.core.backoff import Backoff
@@ -150,10 +151,11 @@ class Worker:
         try:
             # Settings that must agree across the deployment (core.deployment).
             await deployment.check_worker(redis, pool, self.keys)
+            seal = await load_seal(redis, self.keys)
             async with webhook.client(
                 self.settings.webhook_timeout, self.settings.allowed_hosts()
             ) as http:
-                self._services = self._build(redis, pool, http)
+                self._services = self._build(redis, pool, http, seal)
                 with anyio.CancelScope() as scope:
                     async with anyio.create_task_group() as tg:
                         for service in self._services:
@@ -211,15 +213,22 @@ class Worker:
                     await self._stop.wait()
         return None
 
-    def _build(self, redis: RedisClient, pool: Any, http: Any) -> list[Service]:
+    def _build(self, redis: RedisClient, pool: Any, http: Any, seal: Seal | None) -> list[Service]:
         settings, keys = self.settings, self.keys
-        streams = Streams(redis)
+        streams = Streams(redis, seal)
         definitions = Definitions(pool)
         policy = RetryPolicy(settings.max_attempts, settings.backoff_base, settings.backoff_max)
         handlers: list[Handler] = []
         if "triggers" in self.roles:
             handlers.append(
-                TriggerMatcher(redis, pool, keys, definitions, settings.reconcile_after)
+                TriggerMatcher(
+                    redis,
+                    pool,
+                    keys,
+                    definitions,
+                    settings.reconcile_after,
+                    max_chain_executions=settings.max_chain_executions,
+                )
             )
         if "actions" in self.roles:
             handlers.append(ActionRunner(pool, definitions, policy, settings, http))

@@ -61,6 +61,12 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     schema_version: Literal[1] = 1
     depth: Annotated[int, msgspec.Meta(ge=0)] = 0
     causation_id: str | None = None
+    root_id: str | None = None  # the event a chain of change_status began with
+
+    @property
+    def root(self) -> str:
+        """The id of the event whose chain this event belongs to (its own, for a root)."""
+        return self.root_id or self.id
 
     @property
     def entity(self) -> str:

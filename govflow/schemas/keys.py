@@ -62,6 +62,11 @@ class Keys(msgspec.Struct, frozen=True):
         """
         return f"{self.prefix}:meta"
 
+    def seal(self) -> str:
+        """The key of the HMAC that seals the control fields govflow writes
+        (``consumers.seal``); read and written alone, so it needs no hash tag."""
+        return f"{self.prefix}:seal"
+
     def workers(self, group: str) -> str:
         """The sorted set of the workers of a group, scored by their last heartbeat (ms)."""
         return f"{self.prefix}:workers:{group}"

@@ -51,6 +51,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_chain_depth: Positive = 8
     # Work untouched this long, and that Redis no longer carries, is put back.
     reconcile_after: Seconds = 120.0
+    max_chain_executions: Positive = 1000  # per root event, counted in Postgres
 
     def __post_init__(self) -> None:
         for url, schemes in (
