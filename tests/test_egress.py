@@ -8,9 +8,13 @@ that aims a webhook at loopback or a metadata service is dead-lettered, never se
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
@@ -18,7 +22,8 @@ from govflow.plugins import webhook
 from govflow.plugins.egress import EgressPolicy, is_public
 from govflow.schemas.errors import PermanentError
 from govflow.schemas.events import new_event
-from tests.faults.receiver import receiving
+from tests._servers import run_async
+from tests.faults.receiver import Receiver, receiving
 from tests.pipeline_helpers import apply, fetch, publish, running_worker, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -156,3 +161,43 @@ async def test_a_callback_to_an_allowed_host_is_delivered(
         found = await run_callbacks(make_settings, redis, pool, callbacks, allowed="127.0.0.1")
         assert hooks.count("/ok") == 1
     assert found == {"ALLOWED": ("completed", None)}
+
+
+# Loopback written every way a resolver or a URL parser may read it.
+LOOPBACK_SPELLINGS = [
+    "127.0.0.1",
+    "127.1",
+    "2130706433",
+    "0x7f000001",
+    "0177.0.0.1",
+    "localhost",
+    "LOCALHOST.",
+    "[::1]",
+    "[::ffff:127.0.0.1]",
+    "[::ffff:7f00:1]",
+    "[0:0:0:0:0:ffff:7f00:1]",
+]
+HOSTILE_HOSTS = st.sampled_from(LOOPBACK_SPELLINGS) | st.ip_addresses(network="127.0.0.0/8").map(
+    str
+)
+
+
+@pytest.fixture(scope="module")
+def loopback_receiver() -> Iterator[Receiver]:
+    """One receiver for every generated URL (starting one per example costs seconds)."""
+    with receiving() as hooks:
+        yield hooks
+
+
+@settings(max_examples=40, deadline=None)
+@given(host=HOSTILE_HOSTS, path=st.text(st.characters(categories=["L", "N"]), max_size=8))
+def test_no_spelling_of_loopback_reaches_a_loopback_receiver(
+    loopback_receiver: Receiver, host: str, path: str
+) -> None:
+    url = f"http://{host}:{loopback_receiver.port}/{path}"
+    try:
+        answer = run_async(post, url, frozenset())
+    except (httpx.HTTPError, httpx.InvalidURL):
+        answer = None  # not sent as spelt (an address httpx refuses; ::1 unanswered)
+    assert answer is None or isinstance(answer, PermanentError), (url, answer)
+    assert loopback_receiver.count() == 0, url

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, get_args
@@ -62,7 +63,7 @@ def json_values(text: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
 
 # Any JSON value, small; and one whose strings hold no NUL, which Postgres cannot store.
 JSON = json_values(st.text(max_size=20))
-NO_NUL = st.text(st.characters(exclude_characters="\x00"), max_size=20)
+NO_NUL = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=20)
 STORABLE_JSON = json_values(NO_NUL)
 PLAIN_TEXT = st.text(
     st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), min_size=1, max_size=20
@@ -295,6 +296,11 @@ def fed(redis_server_url: str, database_url: str, prefix: str, tmp_path: Path) -
 
 # What a producer may leave on the events stream: (kind, fields).
 ATTEMPTS = st.integers(-(2**70), 2**70).map(lambda i: str(i).encode()) | st.binary(max_size=6)
+CONTROL = st.dictionaries(
+    st.sampled_from([b"attempt", b"replay_of", b"hold", b"seal"]),
+    st.binary(max_size=12),
+    min_size=1,
+)
 ENTRIES = st.one_of(
     st.tuples(st.just("valid"), st.builds(lambda e: {b"event": msgspec.json.encode(e)}, event_dicts())),
     st.tuples(st.just("mutated"), st.builds(lambda e: {b"event": msgspec.json.encode(e)}, mutated_event_dicts())),
@@ -316,7 +322,39 @@ ENTRIES = st.one_of(
         st.just("valid"),
         st.builds(lambda e, a: {b"event": msgspec.json.encode(e), b"attempt": a}, event_dicts(), ATTEMPTS),
     ),
+    # A producer's control fields, unsealed: ignored, so the event runs as any other.
+    st.tuples(st.just("valid"), st.builds(
+        lambda e, c: {b"event": msgspec.json.encode(e), **c}, event_dicts(), CONTROL,
+    )),
+    # NUL in a string of the data (a key or a value): Postgres cannot store it.
+    st.tuples(st.just("bad"), st.builds(
+        lambda e, text, in_key: {b"event": msgspec.json.encode(
+            {**e, "data": {text + "\x00": 1} if in_key else {"k": [text, "\x00" + text]}}
+        )},
+        event_dicts(), st.text(max_size=4), st.booleans(),
+    )),
+    # More fields than the wire format has.
+    st.tuples(st.just("bad"), st.builds(
+        lambda e, n: {b"event": msgspec.json.encode(e)} | {f"x{i}".encode(): b"1" for i in range(n)},
+        event_dicts(), st.integers(5, 60),
+    )),
+    # One id, two tenants, and the first published twice: each (tenant, id) runs once.
+    st.tuples(st.just("twins"), st.builds(lambda e: {b"event": msgspec.json.encode(e)}, event_dicts())),
 )  # fmt: skip
+TENANTS = ("acme", "globex")
+
+
+def expand(entries: list[tuple[str, dict[bytes, bytes]]]) -> list[tuple[str, dict[bytes, bytes]]]:
+    """Each ``twins`` entry as its event for each tenant, and the first tenant's again."""
+    out = []
+    for kind, fields in entries:
+        if kind != "twins":
+            out.append((kind, fields))
+            continue
+        event = json.loads(fields[b"event"])
+        twins = [{b"event": json.dumps({**event, "tenant": t}).encode()} for t in TENANTS]
+        out += [("valid", twins[0]), ("valid", twins[1]), ("again", twins[0])]
+    return out
 
 
 @pytest.mark.slow
@@ -329,22 +367,34 @@ ENTRIES = st.one_of(
 @example(entries=[("bad", {b"event": DEEP}), ("valid", {b"event": b"VALID"})])
 @example(entries=[("bad", {b"event": b"garbage", b"attempt": b"99999999999"})])
 @example(entries=[("bad", {b"event": b"x" * (MAX_ENTRY_BYTES + 1)})])
+@example(entries=[("bad", {b"event": b"VALID"} | {str(i).encode(): b"" for i in range(5000)})])
+@example(entries=[("bad", {b"event": b"NUL"}), ("valid", {b"event": b"VALID", b"attempt": b"5"})])
 def test_whatever_reaches_the_stream_the_worker_stays_up_and_dead_letters_the_bad(
     fed: Fed, entries: list[tuple[str, dict[bytes, bytes]]]
 ) -> None:
-    ids: list[tuple[str, str, str | None]] = []  # (kind, entry id, event id if any)
+    ids: list[tuple[str, str, tuple[str, str] | None]] = []  # (kind, entry id, (tenant, id))
     valid = {b"event": encode(new_event("policy.created", "P", data={"title": "t"}))}
-    entries = [(kind, valid if f.get(b"event") == b"VALID" else f) for kind, f in entries]
+    nul = {b"event": encode(new_event("policy.created", "P", data={"title": "t"}))}
+    nul[b"event"] = nul[b"event"].replace(b'"t"', b'"t\\u0000"')
+    named = {b"VALID": valid[b"event"], b"NUL": nul[b"event"]}
+    entries = expand(
+        [
+            (kind, {k: named.get(v, v) if k == b"event" else v for k, v in f.items()})
+            for kind, f in entries
+        ]
+    )
     pipe = fed.redis.pipeline(transaction=False)
     for _, fields in entries:
         pipe.xadd(fed.keys.events(), fields)  # type: ignore[arg-type]
     added = pipe.execute()
     for (kind, fields), entry_id in zip(entries, added, strict=True):
         try:
-            event_id: str | None = json.loads(fields[b"event"])["id"]
+            event = json.loads(fields[b"event"])
+            identity = (event["tenant"], event["id"])
         except (KeyError, ValueError, TypeError, RecursionError):
-            event_id = None
-        ids.append((kind, entry_id.decode(), event_id if isinstance(event_id, str) else None))
+            identity = None
+        ok = identity is not None and all(isinstance(x, str) for x in identity)
+        ids.append((kind, entry_id.decode(), identity if ok else None))
     wait_drained(fed)
     assert fed.alive(), fed.tail()
 
@@ -353,14 +403,16 @@ def test_whatever_reaches_the_stream_the_worker_stays_up_and_dead_letters_the_ba
             "SELECT message_id, error FROM dead_letters WHERE stream = %s", (fed.keys.events(),)
         ).fetchall()
     )
-    ran = {row[0] for row in fed.db.execute("SELECT event_id FROM workflow_executions")}
+    runs = Counter(fed.db.execute("SELECT tenant, event_id FROM workflow_executions").fetchall())
+    assert all(n == 1 for n in runs.values()), runs  # nothing doubled
     for kind, entry_id, event_id in ids:
-        dead, executed = entry_id in letters, event_id in ran
+        dead, executed = entry_id in letters, event_id in runs
         if kind == "bad":
             assert dead, f"{entry_id} was not dead-lettered\n{fed.tail()}"
-        elif kind == "valid":
+        elif kind in ("valid", "again"):
             assert executed, f"{entry_id} (event {event_id}) did not run\n{fed.tail()}"
-        assert dead != executed, (kind, entry_id, event_id)
+        if kind != "again":  # a second copy of a run event: acknowledged, runs nothing new
+            assert dead != executed, (kind, entry_id, event_id)
         if dead:
             assert letters[entry_id].strip(), f"{entry_id} was dead-lettered without a reason"
     # Every execution ended; a dead-lettered one (a NUL in a title, say) says why.
