@@ -115,3 +115,22 @@ async def test_a_chain_is_bounded_in_breadth_by_executions_per_root(
         pool, "SELECT count(*) FROM workflow_executions WHERE status <> 'completed'"
     )
     assert unfinished == 0
+
+
+async def test_a_sealed_entry_with_bytes_that_are_not_text_keeps_its_seal_when_moved(
+    redis: Redis, prefix: str
+) -> None:
+    """Retries travel through Lua as text: the seal is over that text, so an odd byte in
+    a field cannot strip an entry's attempt and retry it for ever."""
+    keys = Keys(prefix, 1)
+    seal = await load_seal(redis, keys)
+    assert seal is not None
+    streams = Streams(redis, seal)
+    await streams.ensure_group(keys.events(), GROUP)
+    fields = {EVENT_FIELD: b"{}", b"extra": b"\xff\xfe", ATTEMPT_FIELD: b"3"}
+    member = encode({"to": "events", "fields": [x.decode() for kv in
+                     streams.sealed(fields).items() for x in kv]})  # fmt: skip
+    await redis.zadd(keys.retry(), {member.decode(): 0})
+    await streams.move_due(keys.retry(), keys.events(), keys.commands(), keys.dead())
+    (entry,) = await streams.read(keys.events(), GROUP, "w1", 10, 100)
+    assert entry.attempt == 3

@@ -31,8 +31,12 @@ class Seal:
         self._control = frozenset(control)
 
     def sign(self, fields: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
-        """``fields`` with a seal over them, when they hold a control field."""
-        out = {k: v for k, v in fields.items() if k != SEAL_FIELD}
+        """``fields`` with a seal over them, when they hold a control field.
+
+        The fields come back as text (bytes that are not UTF-8 replaced), as the scripts
+        that write them back carry them: the seal is over what will be read.
+        """
+        out = {_text(k): _text(v) for k, v in fields.items() if k != SEAL_FIELD}
         if not self._control.isdisjoint(out):
             out[SEAL_FIELD] = self._mac(out)
         return out
@@ -54,3 +58,7 @@ class Seal:
                 mac.update(len(part).to_bytes(8, "big"))
                 mac.update(part)
         return mac.hexdigest().encode()
+
+
+def _text(value: bytes) -> bytes:
+    return value.decode(errors="replace").encode()

@@ -34,15 +34,15 @@ class EgressPolicy:
     """The operator's allow-list: host names, addresses and networks (``10.0.0.0/8``)."""
 
     def __init__(self, allowed: Iterable[str]) -> None:
-        self.names: frozenset[str] = frozenset()
-        self.networks: tuple[Network, ...] = ()
-        names, networks = set(), []
+        names: set[str] = set()
+        networks: list[Network] = []
         for item in allowed:
             try:
                 networks.append(ipaddress.ip_network(item.strip("[]"), strict=False))
             except ValueError:
                 names.add(item.lower().rstrip("."))
-        self.names, self.networks = frozenset(names), tuple(networks)
+        self.names = frozenset(names)
+        self.networks = tuple(networks)
 
     @property
     def confined(self) -> bool:
