@@ -9,6 +9,12 @@ back therefore carries a seal, an HMAC-SHA256 over all its fields under a key ke
 Redis (``Keys.seal``), which producers cannot read; the fields of an entry with no valid
 seal are read without its control fields, as a producer's plain event.
 
+``hold`` is not sealed: a token gives an entry a place only when it is the token govflow
+recorded in front of its entity (the ``held`` hash, which producers cannot write), and
+otherwise the entry waits behind its entity like any other (``consumers.ordering``). So
+a producer's token grants nothing; sealing it would strand the entries parked behind a
+hold when an upgrade (or a lost key) made their tokens unreadable.
+
 The key is made by the first worker (``SET NX``); the operator's replay reads it. Entries
 written back before a deployment had a key, or after its Redis lost it, lose their
 control fields once: an attempt counts from 1 again, a replay runs as a plain delivery.

@@ -47,9 +47,10 @@ HOLD_FIELD = b"hold"
 # The fields an entry may have: its event or command, and govflow's bookkeeping. An entry
 # with more is refused before anything counts its fields into a script (a dead letter of
 # 5,001 fields is more than Lua's unpack takes).
-# The fields only govflow may set: honoured only under a valid seal (``consumers.seal``).
-CONTROL_FIELDS = (ATTEMPT_FIELD, HOLD_FIELD, REPLAY_FIELD)
-WIRE_FIELDS = (EVENT_FIELD, COMMAND_FIELD, *CONTROL_FIELDS, SEAL_FIELD)
+# The fields only govflow may set: honoured only under a valid seal (``consumers.seal``,
+# which says why ``hold`` needs none).
+CONTROL_FIELDS = (ATTEMPT_FIELD, REPLAY_FIELD)
+WIRE_FIELDS = (EVENT_FIELD, COMMAND_FIELD, *CONTROL_FIELDS, HOLD_FIELD, SEAL_FIELD)
 MAX_FIELDS = len(WIRE_FIELDS) - 1  # an entry holds an event or a command, not both
 BLOCK_MS = 1000  # how long a read waits: below the client's socket timeout (redis-py#3138)
 
