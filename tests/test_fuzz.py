@@ -369,6 +369,7 @@ def expand(entries: list[tuple[str, dict[bytes, bytes]]]) -> list[tuple[str, dic
 @example(entries=[("bad", {b"event": b"x" * (MAX_ENTRY_BYTES + 1)})])
 @example(entries=[("bad", {b"event": b"VALID"} | {str(i).encode(): b"" for i in range(5000)})])
 @example(entries=[("bad", {b"event": b"NUL"}), ("valid", {b"event": b"VALID", b"attempt": b"5"})])
+@example(entries=[("valid", {b"event": b"VALID", b"hold": b"\xe2"})])  # not UTF-8: it stalled
 def test_whatever_reaches_the_stream_the_worker_stays_up_and_dead_letters_the_bad(
     fed: Fed, entries: list[tuple[str, dict[bytes, bytes]]]
 ) -> None:

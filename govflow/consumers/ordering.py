@@ -88,7 +88,7 @@ def _hold(role: Role, entry: Entry, names: set[str], kinds: set[str]) -> Hold | 
     except InvalidEntryError:
         return None  # poison: it is dead-lettered and holds nothing
     if token is not None:
-        return Hold(entity_id, token.decode())
+        return Hold(entity_id, token.decode(errors="replace"))  # a producer may write any bytes
     return Hold(entity_id, entry.id) if keeps else None
 
 
