@@ -123,7 +123,7 @@ async def run_to_the_end(
     (row,) = await fetch(
         pool,
         "SELECT status, attempts, last_error FROM workflow_executions WHERE id = %s",
-        execution_id(event.id, name),
+        execution_id(event.tenant, event.id, name),
     )
     return row[0], row[1], row[2]
 

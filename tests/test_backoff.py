@@ -73,6 +73,6 @@ async def test_a_retry_is_due_by_the_servers_clock_and_moved_by_it(
     assert before + 600_000 <= due[1] <= after + 600_000
 
     # The mover reads the same clock: the one due now moves, the other stays.
-    assert await streams.move_due(keys.retry(), keys.events(), keys.commands()) == 1
+    assert await streams.move_due(keys.retry(), keys.events(), keys.commands(), keys.dead()) == 1
     assert await any_redis.zcard(keys.retry()) == 1
     assert await any_redis.xlen(stream) == 3

@@ -72,7 +72,7 @@ async def post(url: str, allowed: frozenset[str]) -> int | PermanentError:
     async with webhook.client(2.0, allowed) as http:
         try:
             return await webhook.deliver(
-                http, url, b"{}", idempotency_key="k", secret="s", allowed=allowed
+                http, url, b"{}", idempotency_key="k", keys=["s"], allowed=allowed
             )
         except PermanentError as e:
             return e

@@ -168,7 +168,7 @@ async def test_every_hand_over_script_refuses_oversized_input_before_it_writes(
         ),
         scripts.ack_and_schedule_retry(
             stream=stream, group=GROUP, entry_id=entry_id, retry_set=keys.retry(),
-            due_ms=0, to="commands", fields=too_many(), fence=None, order=order,
+            delay_ms=0, to="commands", fields=too_many(), fence=None, order=order,
         ),
         scripts.ack_and_park(
             stream=stream, group=GROUP, entry_id=entry_id, fields=too_many(), fence=None,
