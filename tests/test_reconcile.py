@@ -47,7 +47,7 @@ async def record(pool: AsyncConnectionPool[Any], n: int = 1) -> list[RunWorkflow
     async with pool.connection() as conn:
         for i in range(n):
             event = new_event("policy.created", f"POL-{i}", data={"title": f"P{i}"})
-            exec_id = execution_id(event.id, "review")
+            exec_id = execution_id(event.tenant, event.id, "review")
             row = NewExecution(
                 exec_id, "review", 1, event.id, "policy", event.entity_id, event.tenant,
                 event.occurred_at,
@@ -241,7 +241,7 @@ async def test_a_republished_event_emits_the_commands_of_its_unfinished_executio
     await matcher.handle([Entry(keys.events(), "1-2", fields)])
     received = await scalar(pool, "SELECT count(*) FROM received_events")
     assert received == 2
-    assert (await commands_on_stream(redis, keys)).count(execution_id(fresh.id, "review")) == 1
+    assert (await commands_on_stream(redis, keys)).count(execution_id(fresh.tenant, fresh.id, "review")) == 1
 
 
 async def test_an_event_that_matches_nothing_counts_as_taken_up(
