@@ -241,7 +241,9 @@ async def test_a_republished_event_emits_the_commands_of_its_unfinished_executio
     await matcher.handle([Entry(keys.events(), "1-2", fields)])
     received = await scalar(pool, "SELECT count(*) FROM received_events")
     assert received == 2
-    assert (await commands_on_stream(redis, keys)).count(execution_id(fresh.tenant, fresh.id, "review")) == 1
+    assert (await commands_on_stream(redis, keys)).count(
+        execution_id(fresh.tenant, fresh.id, "review")
+    ) == 1
 
 
 async def test_an_event_that_matches_nothing_counts_as_taken_up(
