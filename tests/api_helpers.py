@@ -20,7 +20,7 @@ from litestar import Litestar
 from psycopg_pool import AsyncConnectionPool
 
 from govflow.cli.serve import listen
-from govflow.db import executions
+from govflow.db import executions, fencing
 from govflow.db.executions import NewExecution
 
 T = TypeVar("T")
@@ -118,7 +118,7 @@ async def seed_execution(
             ],
         )
         if status != "queued":
-            await executions.mark_running(conn, [execution_id])
+            await fencing.claim(conn, [execution_id])
         actions = ["create_task", "assign", "create_approval"]
         await executions.complete_steps(
             conn, [(execution_id, n, actions[n - 1]) for n in range(1, completed_steps + 1)]

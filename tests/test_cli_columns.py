@@ -10,7 +10,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from govflow.db import dead_letters, executions
+from govflow.db import dead_letters, executions, fencing
 from govflow.db.dead_letters import NewDeadLetter
 from govflow.db.executions import NewExecution
 from govflow.db.id_prefix import prefix_range
@@ -48,7 +48,7 @@ async def make_data(pool: AsyncConnectionPool[Any], redis: Redis, keys: Keys) ->
                 for n, i in enumerate((*TWINS, SINGLE))
             ],
         )
-        await executions.mark_running(conn, [SINGLE])
+        await fencing.claim(conn, [SINGLE])
         await executions.complete_steps(conn, [(SINGLE, 1, "create_task")])
         await executions.fail_step(conn, SINGLE, 2, "notify", ERROR)
         await executions.set_failed(conn, SINGLE, "dead_lettered", ERROR)

@@ -10,7 +10,7 @@ import anyio
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from govflow.db import executions
+from govflow.db import executions, fencing
 from govflow.db.executions import NewExecution
 from govflow.db.views import read_execution
 from govflow.db.workflows import apply_workflow
@@ -45,7 +45,7 @@ async def make_executions(pool: AsyncConnectionPool[Any]) -> tuple[str, str, str
                 for n, i in enumerate((done, dead, queued))
             ],
         )
-        await executions.mark_running(conn, [done, dead])
+        await fencing.claim(conn, [done, dead])
         await executions.complete_steps(
             conn, [(done, 1, "create_task"), (done, 2, "assign"), (done, 3, "notify")]
         )

@@ -3,8 +3,9 @@
 A batch runs in three moves, and no transaction stays open while the outside world is
 called:
 
-1. **start**: one short transaction finds each execution's finished steps and shows the
-   rest ``running``.
+1. **start**: one short transaction starts a delivery of each unfinished execution: it
+   shows it ``running``, bumps its fencing token (``db.fencing``) and reads its
+   finished steps.
 2. **perform**: every execution's I/O steps (webhooks, ``@action(..., io=True)``) run
    concurrently, outside any transaction, within a per-worker and a per-host bound and
    each within its time limit.
@@ -12,7 +13,9 @@ called:
    step's effect rows and status are written, a few executions to one short
    transaction (whatever is ready together commits together). So a database-only
    execution commits at once, never behind a slow receiver, and ``finished_at`` is the
-   time of that short commit.
+   time of that short commit. Each of those transactions first checks the tokens of its
+   executions: one that another worker has started since (this worker stalled past its
+   claim or its lease) writes nothing, and its entry is left to the worker that owns it.
 
 The entries are acknowledged only after the whole batch is recorded. A redelivered command
 finds its completed steps and skips them, so no database effect happens twice; a webhook
@@ -46,7 +49,7 @@ from govflow.consumers.outcomes import ACK, EntryIds, Outcome, RetryPolicy, dead
 from govflow.consumers.streams import REPLAY_FIELD, Entry, command_of
 from govflow.core import metrics
 from govflow.core.unavailable import is_unavailable
-from govflow.db import executions, webhook_keys
+from govflow.db import executions, fencing, webhook_keys
 from govflow.plugins import ActionType, Effects, StepContext
 from govflow.plugins.hosts import HostSlots
 from govflow.plugins.registry import registry
@@ -96,6 +99,7 @@ class Work(msgspec.Struct):
     steps: list[Step] = []
     failure: StepFailure | None = None  # an I/O step's, or a step that cannot run
     outcome: Outcome | None = None
+    epoch: int = 0  # the delivery's fencing token
 
 
 class ActionRunner:
@@ -158,28 +162,37 @@ class ActionRunner:
     async def _start(
         self, conn: AsyncConnection[Any], work: list[Work], outcomes: list[Outcome]
     ) -> list[Work]:
-        """Skip finished executions, show the rest running; return what is left to run."""
+        """Start a delivery of each unfinished execution; return what is left to run.
+
+        The claim comes first, so the completed steps read after it are the last word:
+        whoever writes after this claim is fenced off.
+        """
+        ids = [w.command.execution_id for w in work]
+        replays = [w.command.execution_id for w in work if w.entry.field(REPLAY_FIELD) is not None]
         async with conn.transaction():
-            states = await executions.states(conn, [w.command.execution_id for w in work])
-            runnable = []
-            for w in work:
-                ids = _ids(w.command)
-                state = states.get(w.command.execution_id)
-                if state is None:
-                    outcomes[w.index] = dead(
-                        "the execution row does not exist", "invalid_entry", **ids
-                    )
-                elif state.status == "completed":
-                    outcomes[w.index] = Outcome(kind="ack", **ids)  # a duplicate: done already
-                elif state.status == "dead_lettered" and w.entry.field(REPLAY_FIELD) is None:
-                    # Dead-lettered by an earlier delivery that died before handing over.
-                    outcomes[w.index] = dead(
-                        state.last_error or "dead-lettered", "permanent_error", **ids
-                    )
-                else:
-                    w.done = state.done
-                    runnable.append(w)
-            await executions.mark_running(conn, [w.command.execution_id for w in runnable])
+            epochs = await fencing.claim(conn, ids, replays=replays)
+            states = await executions.states(conn, ids)
+        runnable = []
+        for w in work:
+            found = _ids(w.command)
+            state = states.get(w.command.execution_id)
+            epoch = epochs.get(w.command.execution_id)
+            if state is None:
+                outcomes[w.index] = dead(
+                    "the execution row does not exist", "invalid_entry", **found
+                )
+            elif epoch is not None:
+                w.done, w.epoch = state.done, epoch
+                runnable.append(w)
+            elif state.status == "completed":
+                outcomes[w.index] = Outcome(kind="ack", **found)  # a duplicate: done already
+            elif state.status == "dead_lettered":
+                # Dead-lettered by an earlier delivery that died before handing over.
+                outcomes[w.index] = dead(
+                    state.last_error or "dead-lettered", "permanent_error", **found
+                )
+            else:  # changed under the claim: left to whoever changed it
+                outcomes[w.index] = _fenced(w)
         return runnable
 
     async def _load_keys(self, conn: AsyncConnection[Any]) -> None:
@@ -277,7 +290,8 @@ class ActionRunner:
                 # so that only the bad one fails. Webhooks already performed are not resent.
                 log.warning("batch.split", size=len(group), exc_info=True)
                 for w in group:
-                    await self._write_alone(conn, w)
+                    if w.outcome is None or w.outcome.kind != "fenced":  # refused for good
+                        await self._write_alone(conn, w)
 
     async def _write_alone(self, conn: AsyncConnection[Any], w: Work) -> None:
         try:
@@ -291,14 +305,27 @@ class ActionRunner:
                 outcome = self._policy.after_failure(
                     w.entry.attempt, f"database error: {e}", **_ids(w.command)
                 )
-            w.outcome = outcome
             async with conn.transaction():
+                if await fencing.hold(conn, {w.command.execution_id: w.epoch}):
+                    w.outcome = _fenced(w)
+                    return
                 await executions.set_failed(
                     conn, w.command.execution_id, _status(outcome), outcome.reason
                 )
+            w.outcome = outcome
 
     async def _write(self, conn: AsyncConnection[Any], group: list[Work]) -> None:
-        """Run the database steps, then write every effect and status of ``group``."""
+        """Run the database steps, then write every effect and status of ``group``.
+
+        First, the fence: an execution that another delivery has started since this one
+        writes nothing, not even through its database steps. The rows of the others stay
+        locked until the commit, so every write below is made under their tokens.
+        """
+        refused = await fencing.hold(conn, {w.command.execution_id: w.epoch for w in group})
+        for w in group:
+            if w.command.execution_id in refused:
+                w.outcome = _fenced(w)
+        group = [w for w in group if w.command.execution_id not in refused]
         effects = Effects()
         done: list[tuple[str, int, str]] = []
         failures: list[tuple[Work, StepFailure]] = []
@@ -376,6 +403,20 @@ class ActionRunner:
             )
         reason = error.reason if isinstance(error, ActionFailedError) else str(error)
         return self._policy.after_failure(w.entry.attempt, reason, **ids)
+
+
+def _fenced(w: Work) -> Outcome:
+    """Leave ``w``'s entry to the delivery that owns its execution now, and say so."""
+    metrics.FENCED.inc()
+    log.warning(
+        "execution.fenced",
+        execution_id=w.command.execution_id,
+        event_id=w.command.event.id,
+        entry_id=w.entry.id,
+        epoch=w.epoch,
+        reason="another delivery started this execution since: this one writes nothing",
+    )
+    return Outcome(kind="fenced", **_ids(w.command))
 
 
 def _ids(command: RunWorkflow) -> EntryIds:

@@ -151,7 +151,7 @@ class Sequencer:
         if hold is None:
             return
         queue = self._queues[hold.entity]
-        if kind == "retry":
+        if kind in ("retry", "fenced"):  # the entity waits for whoever runs this entry now
             self.parked.update(queue)
             queue.clear()
         elif queue:

@@ -9,14 +9,17 @@ import msgspec
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
-    """The end of one delivery: acknowledged, retried later, or dead-lettered.
+    """The end of one delivery: acknowledged, retried later, dead-lettered, or fenced.
+
+    ``fenced`` means another worker started the execution since (``db.fencing``): this
+    delivery wrote nothing, and its entry is left alone for the worker that owns it now.
 
     ``cause`` is a short, bounded label for metrics (``invalid_entry``,
     ``permanent_error``, ``attempts_exhausted``, ``error``); ``reason`` is the sentence
     an operator reads.
     """
 
-    kind: Literal["ack", "retry", "dead"]
+    kind: Literal["ack", "retry", "dead", "fenced"]
     reason: str = ""
     cause: str = ""
     event_id: str | None = None

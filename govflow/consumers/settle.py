@@ -1,8 +1,9 @@
 """What becomes of each entry of a batch: decided, and carried out, in one place.
 
 An entry ends in exactly one way, its fate: acknowledged, scheduled for a retry after a
-backoff, dead-lettered, or parked behind the entry in front of its entity
-(``consumers.ordering``). ``Settler.settle`` decides each fate from the handler's outcome
+backoff, dead-lettered, parked behind the entry in front of its entity
+(``consumers.ordering``), or left alone when a newer delivery of its execution fenced it
+off (``db.fencing``). ``Settler.settle`` decides each fate from the handler's outcome
 (``Settler.hand_over``), records the dead letters in Postgres, then hands every entry over
 in one round trip of scripts (``consumers.scripts``). Each script acknowledges first and
 acts only if its XACK removed the entry, so settling the same entry twice (after a claim)
@@ -30,13 +31,14 @@ from govflow.schemas.keys import GROUP_OF, Keys, Role
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-Fate = Literal["ack", "retry", "dead", "park"]
+Fate = Literal["ack", "retry", "dead", "park", "fenced"]
 
 _LOG_EVENT: dict[Fate, str] = {
     "ack": "entry.acknowledged",
     "retry": "entry.retried",
     "dead": "entry.dead_lettered",
     "park": "entry.parked",
+    "fenced": "entry.left",
 }
 # An acknowledgement is the everyday case, logged at debug (``--log-level debug``): an
 # info line for each was the largest single cost in the worker's profile.
@@ -45,6 +47,7 @@ _LOG_LEVEL: dict[Fate, int] = {
     "retry": logging.INFO,
     "dead": logging.INFO,
     "park": logging.INFO,
+    "fenced": logging.INFO,
 }
 # XACK ids per script call: Lua's unpack() has a limit of a few thousand values.
 _ACK_CHUNK = 1000
@@ -130,7 +133,12 @@ class Settler:
             )
             for start in range(0, len(plain), _ACK_CHUNK)
         ]
-        calls += [self.hand_over(v) for v in verdicts if v.fate != "ack" or v.front]
+        # A fenced entry is another worker's now: left as it is, hold and all, for it.
+        calls += [
+            self.hand_over(v)
+            for v in verdicts
+            if v.fate != "fenced" and (v.fate != "ack" or v.front)
+        ]
         replies = await self._until_available(lambda: self._streams.run_in_order(calls))
         if any(r == -1 for r in replies):
             return False
@@ -178,6 +186,7 @@ class Settler:
                 ),
                 order=order,
             )
+        assert outcome.kind == "dead"  # a fenced entry is never handed over
         return scripts.ack_and_dead_letter(
             stream=self.stream,
             group=self.group,

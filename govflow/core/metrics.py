@@ -34,6 +34,10 @@ CLAIMED = Counter(
     "Entries taken over from consumers that stopped (XAUTOCLAIM).",
     ["stream", "group"],
 )
+FENCED = Counter(
+    "govflow_executions_fenced_total",
+    "Writes of a stale delivery refused: another worker had started the execution since.",
+)
 RETRIES_MOVED = Counter("govflow_retries_moved_total", "Retries put back on their stream when due.")
 
 # Set every few seconds from `govflow lag`'s report (govflow/operations/lag.py); they describe Redis and

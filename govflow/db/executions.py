@@ -141,15 +141,6 @@ async def states(conn: AsyncConnection[Any], ids: Sequence[str]) -> dict[str, St
     return {row[0]: State(row[1], row[2], frozenset(row[3])) for row in await cur.fetchall()}
 
 
-async def mark_running(conn: AsyncConnection[Any], ids: Sequence[str]) -> None:
-    """Count a delivery of each execution and show it running."""
-    await conn.execute(
-        "UPDATE workflow_executions SET status = 'running', attempts = attempts + 1,"
-        " updated_at = now() WHERE id = ANY(%s::uuid[])",
-        (id_array(ids),),
-    )
-
-
 _COMPLETED_STEPS = Batched(
     "INSERT INTO execution_steps (execution_id, step, action, status, attempts)"
     " SELECT execution_id, step, action, 'completed', 1 FROM {rows}"

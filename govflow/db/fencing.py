@@ -1,0 +1,83 @@
+"""Fencing tokens on executions: only the delivery that started last may write.
+
+A worker starts a delivery with ``claim``, which bumps the execution's ``epoch`` and
+returns it: that epoch is the delivery's token. Before its transaction writes any step,
+effect or status, the worker calls ``hold`` with the tokens it was given: ``hold`` locks
+the rows whose epoch is still the token, and names the others, whose delivery another
+worker has started since. The lock lasts until the commit, so no newer ``claim`` can come
+in between: every write of the transaction is made under the token that ``hold`` checked,
+as if each were ``UPDATE ... WHERE id = ... AND epoch = ...``.
+
+A worker frozen past ``GOVFLOW_CLAIM_IDLE`` (or past its partition lease) finds on waking
+that the execution was claimed again: ``hold`` refuses it, the caller rolls its
+transaction back and leaves the entry to the worker that owns it now.
+
+A terminal execution (``completed``, ``dead_lettered``) is never claimed again, so it
+never changes again; the one exception is a replayed dead letter, which claims its
+``dead_lettered`` execution anew (govflow/operations/dlq.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from govflow.db.batch import id_array
+
+
+class Fenced(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """A transaction held stale tokens: roll it back; ``ids`` are the executions refused."""
+
+    def __init__(self, ids: Collection[str]) -> None:
+        super().__init__(f"{len(ids)} execution(s) started by a newer delivery")
+        self.ids = frozenset(ids)
+
+
+async def claim(
+    conn: AsyncConnection[Any], ids: Sequence[str], *, replays: Collection[str] = ()
+) -> dict[str, int]:
+    """Start a delivery of each execution: count it, show it running, bump its epoch.
+
+    A terminal execution is left as it is, unless its id is in ``replays`` and it is
+    ``dead_lettered``. Returns the new epoch of each execution claimed.
+    """
+    if not ids:
+        return {}
+    cur = await conn.execute(
+        "UPDATE workflow_executions SET status = 'running', attempts = attempts + 1,"
+        " epoch = epoch + 1, updated_at = now()"
+        " WHERE id = ANY(%s::uuid[]) AND (status NOT IN ('completed', 'dead_lettered')"
+        " OR (status = 'dead_lettered' AND id = ANY(%s::uuid[])))"
+        " RETURNING id::text, epoch",
+        (id_array(ids), id_array(replays)),
+    )
+    return {row[0]: int(row[1]) for row in await cur.fetchall()}
+
+
+async def hold(conn: AsyncConnection[Any], tokens: Mapping[str, int]) -> set[str]:
+    """Lock each execution whose epoch is still its token; return the ids refused.
+
+    Run it in the transaction that writes for these deliveries, before its writes. The
+    rows are locked in id order, so two transactions never wait on each other in a cycle.
+    """
+    if not tokens:
+        return set()
+    ids = list(tokens)
+    epochs = "{" + ",".join(str(tokens[i]) for i in ids) + "}"
+    cur = await conn.execute(
+        "SELECT e.id::text FROM workflow_executions e"
+        " JOIN unnest(%s::uuid[], %s::bigint[]) AS t(id, epoch)"
+        " ON e.id = t.id AND e.epoch = t.epoch ORDER BY e.id FOR NO KEY UPDATE OF e",
+        (id_array(ids), epochs),
+    )
+    held = {row[0] for row in await cur.fetchall()}
+    return set(ids) - held
+
+
+async def check(conn: AsyncConnection[Any], tokens: Mapping[str, int]) -> None:
+    """``hold`` the tokens, or raise ``Fenced`` naming the executions refused."""
+    refused = await hold(conn, tokens)
+    if refused:
+        raise Fenced(refused)
