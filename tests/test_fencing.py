@@ -1,0 +1,180 @@
+"""Fencing tokens on executions, on two real connections: the newer delivery wins.
+
+Each connection plays one worker: it claims the execution (its delivery's token), then
+writes in a transaction that first holds the token. The older token is refused, and its
+writes never happen; a terminal execution is never claimed again, except by a replay.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import pytest
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from govflow.db import executions, fencing
+from govflow.db.executions import NewExecution
+from govflow.db.workflows import apply_workflow
+from govflow.schemas.codec import decode_workflow
+from govflow.schemas.commands import execution_id
+
+pytestmark = pytest.mark.anyio
+
+WORKFLOW = """\
+name: review
+entity: policy
+trigger: create
+actions:
+  - create_task: {title: "Review {data.title}"}
+"""
+
+
+async def queued_execution(pool: AsyncConnectionPool[Any]) -> str:
+    """A new execution of a one-step workflow, queued."""
+    exec_id = execution_id("ev-1", "review")
+    async with pool.connection() as conn:
+        await apply_workflow(conn, decode_workflow(WORKFLOW))
+        await executions.insert_queued(
+            conn,
+            [
+                NewExecution(
+                    exec_id, "review", 1, "ev-1", "policy", "POL-1", "acme", datetime.now(UTC)
+                )
+            ],
+        )
+    return exec_id
+
+
+async def status_of(pool: AsyncConnectionPool[Any], exec_id: str) -> tuple[str, int, int]:
+    """(status, attempts, completed steps) of the execution."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT status, attempts, (SELECT count(*) FROM execution_steps s"
+            " WHERE s.execution_id = e.id AND s.status = 'completed')"
+            " FROM workflow_executions e WHERE id = %s",
+            (exec_id,),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+async def complete(conn: AsyncConnection[Any], exec_id: str, epoch: int) -> None:
+    """What a worker writes when its delivery's step succeeded: all of it, under its token."""
+    async with conn.transaction():
+        await fencing.check(conn, {exec_id: epoch})
+        await executions.complete_steps(conn, [(exec_id, 1, "create_task")])
+        await executions.finish(conn, [exec_id])
+
+
+async def dead_letter(conn: AsyncConnection[Any], exec_id: str, epoch: int) -> None:
+    """What a worker writes when its delivery failed for good, under its token."""
+    async with conn.transaction():
+        await fencing.check(conn, {exec_id: epoch})
+        await executions.fail_step(conn, exec_id, 1, "create_task", "410 Gone")
+        await executions.set_failed(conn, exec_id, "dead_lettered", "410 Gone")
+
+
+async def test_the_newer_delivery_wins_and_the_older_one_writes_nothing(
+    pool: AsyncConnectionPool[Any], database_url: str
+) -> None:
+    exec_id = await queued_execution(pool)
+    async with (
+        await AsyncConnection.connect(database_url) as stale,
+        await AsyncConnection.connect(database_url) as owner,
+    ):
+        async with stale.transaction():
+            old = (await fencing.claim(stale, [exec_id]))[exec_id]
+        async with owner.transaction():
+            new = (await fencing.claim(owner, [exec_id]))[exec_id]
+        assert new == old + 1
+        await complete(owner, exec_id, new)
+        # The stalled worker wakes up with a failure: its whole transaction is refused.
+        with pytest.raises(fencing.Fenced) as refused:
+            await dead_letter(stale, exec_id, old)
+        assert refused.value.ids == {exec_id}
+    assert await status_of(pool, exec_id) == ("completed", 2, 1)
+
+
+async def test_a_stale_token_is_refused_even_before_the_owner_writes(
+    pool: AsyncConnectionPool[Any], database_url: str
+) -> None:
+    exec_id = await queued_execution(pool)
+    async with (
+        await AsyncConnection.connect(database_url) as stale,
+        await AsyncConnection.connect(database_url) as owner,
+    ):
+        async with stale.transaction():
+            old = (await fencing.claim(stale, [exec_id]))[exec_id]
+        async with owner.transaction():
+            new = (await fencing.claim(owner, [exec_id]))[exec_id]
+        with pytest.raises(fencing.Fenced):
+            await complete(stale, exec_id, old)
+        assert await status_of(pool, exec_id) == ("running", 2, 0)
+        await complete(owner, exec_id, new)
+    assert await status_of(pool, exec_id) == ("completed", 2, 1)
+
+
+async def test_a_claim_waits_for_the_holder_then_finds_the_execution_finished(
+    pool: AsyncConnectionPool[Any], database_url: str
+) -> None:
+    exec_id = await queued_execution(pool)
+    claimed: list[dict[str, int]] = []
+    async with (
+        await AsyncConnection.connect(database_url) as first,
+        await AsyncConnection.connect(database_url) as second,
+    ):
+        async with first.transaction():
+            epoch = (await fencing.claim(first, [exec_id]))[exec_id]
+
+        async def claim_meanwhile() -> None:
+            async with second.transaction():
+                claimed.append(await fencing.claim(second, [exec_id]))
+
+        async with anyio.create_task_group() as tg, first.transaction():
+            assert await fencing.hold(first, {exec_id: epoch}) == set()
+            tg.start_soon(claim_meanwhile)
+            await anyio.sleep(0.3)
+            assert claimed == []  # it waits for the holder's commit
+            await executions.complete_steps(first, [(exec_id, 1, "create_task")])
+            await executions.finish(first, [exec_id])
+        assert claimed == [{}]  # completed under the first token: nothing left to claim
+    assert await status_of(pool, exec_id) == ("completed", 1, 1)
+
+
+async def test_a_terminal_execution_is_claimed_again_only_by_a_replay(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    exec_id = await queued_execution(pool)
+    async with pool.connection() as conn:
+        epoch = (await fencing.claim(conn, [exec_id]))[exec_id]
+        await dead_letter(conn, exec_id, epoch)
+        assert await fencing.claim(conn, [exec_id]) == {}
+        replayed = await fencing.claim(conn, [exec_id], replays=[exec_id])
+        assert replayed == {exec_id: epoch + 1}
+        await complete(conn, exec_id, epoch + 1)
+        assert await fencing.claim(conn, [exec_id], replays=[exec_id]) == {}
+    assert await status_of(pool, exec_id) == ("completed", 2, 1)
+
+
+async def test_hold_refuses_only_the_stale_executions_of_a_batch(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    first = await queued_execution(pool)
+    second = execution_id("ev-2", "review")
+    async with pool.connection() as conn:
+        await executions.insert_queued(
+            conn,
+            [
+                NewExecution(
+                    second, "review", 1, "ev-2", "policy", "POL-2", "acme", datetime.now(UTC)
+                )
+            ],
+        )
+        tokens = await fencing.claim(conn, [first, second])
+        await fencing.claim(conn, [second])  # a newer delivery of the second
+        async with conn.transaction():
+            assert await fencing.hold(conn, tokens) == {second}
