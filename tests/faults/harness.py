@@ -127,14 +127,16 @@ class Workers:
         ]  # fmt: skip
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("GOVFLOW_")}
         self.env.update(
-            GOVFLOW_REDIS_URL=redis_url,
-            GOVFLOW_DATABASE_URL=database_url,
-            GOVFLOW_PREFIX=PREFIX,
-            GOVFLOW_CLAIM_IDLE=str(CLAIM_IDLE),
-            GOVFLOW_BACKOFF_BASE="0.05",
-            GOVFLOW_SHUTDOWN_GRACE="20",
-            GOVFLOW_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",  # the receivers listen on loopback
-            **env,
+            {
+                "GOVFLOW_REDIS_URL": redis_url,
+                "GOVFLOW_DATABASE_URL": database_url,
+                "GOVFLOW_PREFIX": PREFIX,
+                "GOVFLOW_CLAIM_IDLE": str(CLAIM_IDLE),
+                "GOVFLOW_BACKOFF_BASE": "0.05",
+                "GOVFLOW_SHUTDOWN_GRACE": "20",
+                "GOVFLOW_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",  # the receivers listen on loopback
+                **env,  # a scenario's own settings win
+            }
         )
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.log_of: dict[int, Path] = {}

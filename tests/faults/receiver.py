@@ -2,7 +2,8 @@
 
 ``http.server`` in a thread, one thread per request: a stalled request does not hold up
 the others. ``stall(path, key, n)`` says how many seconds to sleep before answering the
-``n``-th delivery (1-based) of ``Idempotency-Key`` ``key`` to ``path``.
+``n``-th delivery (1-based) of ``Idempotency-Key`` ``key`` to ``path``, and
+``answer(path, key, n)`` with which HTTP status (200 unless told).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 Stall = Callable[[str, str, int], float]
+Answer = Callable[[str, str, int], int]
 
 
 class Receiver:
@@ -53,7 +55,9 @@ class Receiver:
 
 
 @contextmanager
-def receiving(stall: Stall = lambda path, key, n: 0.0) -> Iterator[Receiver]:
+def receiving(
+    stall: Stall = lambda path, key, n: 0.0, answer: Answer = lambda path, key, n: 200
+) -> Iterator[Receiver]:
     """Run a ``Receiver`` on 127.0.0.1 until the block ends."""
     receiver = Receiver(stall)
 
@@ -65,7 +69,7 @@ def receiving(stall: Stall = lambda path, key, n: 0.0) -> Iterator[Receiver]:
             n = receiver.arrive(self.path, key, body)
             time.sleep(receiver.stall(self.path, key, n))
             try:
-                self.send_response(200)
+                self.send_response(answer(self.path, key, n))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
             except OSError:
