@@ -11,15 +11,26 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
+from structlog.testing import capture_logs
 
+from govflow.consumers.actions import ActionRunner
+from govflow.consumers.definitions import Definitions
+from govflow.consumers.outcomes import RetryPolicy
+from govflow.consumers.streams import COMMAND_FIELD, Entry
 from govflow.db import executions, fencing
 from govflow.db.executions import NewExecution
 from govflow.db.workflows import apply_workflow
-from govflow.schemas.codec import decode_workflow
-from govflow.schemas.commands import execution_id
+from govflow.plugins import webhook
+from govflow.schemas.codec import decode_workflow, encode
+from govflow.schemas.commands import RunWorkflow, execution_id
+from govflow.schemas.events import new_event
+from govflow.schemas.settings import Settings
+from tests.faults.receiver import receiving
 
 pytestmark = pytest.mark.anyio
 
@@ -29,6 +40,14 @@ entity: policy
 trigger: create
 actions:
   - create_task: {title: "Review {data.title}"}
+"""
+NOTIFY = """\
+name: notify
+entity: policy
+trigger: create
+actions:
+  - create_task: {title: "Review {data.title}"}
+  - notify: {webhook: "URL", message: "{data.title} needs review"}
 """
 
 
@@ -178,3 +197,60 @@ async def test_hold_refuses_only_the_stale_executions_of_a_batch(
         await fencing.claim(conn, [second])  # a newer delivery of the second
         async with conn.transaction():
             assert await fencing.hold(conn, tokens) == {second}
+
+
+async def test_an_action_worker_overtaken_mid_webhook_writes_nothing_and_says_so(
+    pool: AsyncConnectionPool[Any], database_url: str
+) -> None:
+    exec_id = execution_id("ev-1", "notify")
+    event = new_event("policy.created", "POL-1", data={"title": "Policy 1"})
+
+    def overtaken(path: str, key: str, n: int) -> float:
+        # While the webhook is in flight, another worker starts the execution and finishes it.
+        with psycopg.connect(database_url, autocommit=True) as other:
+            other.execute(
+                "UPDATE workflow_executions SET epoch = epoch + 1, status = 'completed'"
+                " WHERE id = %s",
+                (exec_id,),
+            )
+        return 0.0
+
+    with receiving(overtaken, lambda path, key, n: 410) as hooks:
+        async with pool.connection() as conn:
+            workflow = NOTIFY.replace("URL", hooks.url("/hook"))
+            version, _ = await apply_workflow(conn, decode_workflow(workflow))
+            await executions.insert_queued(
+                conn,
+                [
+                    NewExecution(
+                        exec_id, "notify", 1, event.id, "policy", "POL-1", "acme", event.occurred_at
+                    )
+                ],
+            )
+        command = RunWorkflow(
+            execution_id=exec_id, workflow_name="notify", workflow_version=version, event=event
+        )
+        entry = Entry(stream="commands", id="1-0", fields={COMMAND_FIELD: encode(command)})
+        before = fenced_total()
+        async with webhook.client(5.0) as http:
+            runner = ActionRunner(pool, Definitions(pool), RetryPolicy(), Settings(), http)
+            with capture_logs() as logs:
+                [outcome] = await runner.handle([entry])
+        assert hooks.count("/hook") == 1
+
+    assert outcome.kind == "fenced"
+    assert fenced_total() == before + 1
+    [line] = [log for log in logs if log["event"] == "execution.fenced"]
+    assert line["execution_id"] == exec_id
+    # The 410 dead-lettered nothing: the step rows and effects of the stale try are gone.
+    assert await status_of(pool, exec_id) == ("completed", 1, 0)
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT (SELECT count(*) FROM execution_steps) + (SELECT count(*) FROM tasks)"
+            " + (SELECT count(*) FROM dead_letters)"
+        )
+        assert await cur.fetchone() == (0,)
+
+
+def fenced_total() -> float:
+    return REGISTRY.get_sample_value("govflow_executions_fenced_total") or 0.0

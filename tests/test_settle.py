@@ -72,3 +72,33 @@ async def test_a_settlement_is_refused_once_another_worker_holds_the_lease(
     assert not await settler.settle([Verdict(entry=batch[0], outcome=ACK)])
     pending: Any = await redis.xpending(stream, GROUP)
     assert pending["pending"] == 1  # left for the lease's holder to take over
+
+
+async def test_a_fenced_entry_is_left_pending_and_never_dead_lettered(
+    redis: Redis, pool: AsyncConnectionPool[Any], prefix: str
+) -> None:
+    keys = Keys(prefix, 1)
+    streams = Streams(redis)
+    stream = keys.commands()
+    await streams.ensure_group(stream, GROUP)
+    for i in range(2):
+        await redis.xadd(stream, {"command": f"c{i}"})
+    batch = await streams.read(stream, GROUP, "w1", 10, 100)
+    settler = Settler(
+        streams=streams, pool=pool, keys=keys, role="commands", partition=0,
+        policy=RetryPolicy(), fence=None, stopping=lambda: False,
+    )  # fmt: skip
+
+    # Another delivery owns the first execution now: its entry is that delivery's to end.
+    assert await settler.settle(
+        [
+            Verdict(entry=batch[0], outcome=Outcome(kind="fenced")),
+            Verdict(entry=batch[1], outcome=ACK),
+        ]
+    )
+    pending: Any = await redis.xpending_range(stream, GROUP, "-", "+", 10)
+    assert [p["message_id"].decode() for p in pending] == [batch[0].id]
+    assert await redis.xlen(keys.dead()) == 0
+    assert await redis.zcard(keys.retry()) == 0
+    async with pool.connection() as conn:
+        assert await dead_letters.count_open(conn) == 0
