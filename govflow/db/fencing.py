@@ -41,16 +41,19 @@ async def claim(
     """Start a delivery of each execution: count it, show it running, bump its epoch.
 
     A terminal execution is left as it is, unless its id is in ``replays`` and it is
-    ``dead_lettered``. Returns the new epoch of each execution claimed.
+    ``dead_lettered``. Returns the new epoch of each execution claimed. The rows are
+    locked in id order, as ``hold`` locks them, so a claim and a hold never deadlock.
     """
     if not ids:
         return {}
     cur = await conn.execute(
-        "UPDATE workflow_executions SET status = 'running', attempts = attempts + 1,"
-        " epoch = epoch + 1, updated_at = now()"
-        " WHERE id = ANY(%s::uuid[]) AND (status NOT IN ('completed', 'dead_lettered')"
-        " OR (status = 'dead_lettered' AND id = ANY(%s::uuid[])))"
-        " RETURNING id::text, epoch",
+        "WITH locked AS (SELECT id FROM workflow_executions WHERE id = ANY(%s::uuid[])"
+        " ORDER BY id FOR NO KEY UPDATE)"
+        " UPDATE workflow_executions e SET status = 'running', attempts = e.attempts + 1,"
+        " epoch = e.epoch + 1, updated_at = now() FROM locked WHERE e.id = locked.id"
+        " AND (e.status NOT IN ('completed', 'dead_lettered')"
+        " OR (e.status = 'dead_lettered' AND e.id = ANY(%s::uuid[])))"
+        " RETURNING e.id::text, e.epoch",
         (id_array(ids), id_array(replays)),
     )
     return {row[0]: int(row[1]) for row in await cur.fetchall()}
