@@ -48,6 +48,14 @@ def test_a_retry_parks_the_rest_of_its_entity_only() -> None:
     assert sequencer.parked == {2, 4}
 
 
+def test_a_fenced_entry_leaves_the_rest_of_its_entity_neither_run_nor_parked() -> None:
+    holds = [Hold("A", "1"), Hold("B", "2"), Hold("A", "3"), Hold("B", "4"), Hold("A", "5")]
+    sequencer = Sequencer(holds, {})
+    assert run_rounds(sequencer, {0: "fenced"}) == [[0, 1], [3]]
+    assert sequencer.left == {2, 4}
+    assert sequencer.parked == set()
+
+
 def test_a_held_entity_runs_only_the_entry_in_front() -> None:
     holds = [Hold("A", "9"), Hold("A", "1"), Hold("A", "3"), Hold("B", "4")]
     sequencer = Sequencer(holds, {"A": "1", "B": "7"})

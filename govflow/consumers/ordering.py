@@ -11,6 +11,9 @@ A workflow asks for it with ``ordering: entity``. The order then holds end to en
 - A retry holds the entity: its later entries are parked behind the retried one, without
   counting an attempt, until it ends (completed or dead-lettered); then they go back on
   the stream one at a time, oldest first (the Lua side is in ``consumers.scripts``).
+- An entry fenced off (another worker started its execution since: ``db.fencing``)
+  belongs to that worker now, like the entity's later entries of the batch, which were
+  claimed with it: they are left pending as they are, neither run nor parked.
 
 With one partition (the default) nothing is leased: ``--concurrency`` consumers, maybe in
 several processes, read the one stream. A retry still holds its entity and a batch still
@@ -34,7 +37,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from govflow.consumers.definitions import Definitions
-from govflow.consumers.outcomes import Outcome
+from govflow.consumers.outcomes import FENCED, Outcome
 from govflow.consumers.settle import Verdict
 from govflow.consumers.streams import HOLD_FIELD, Entry, Hold, Streams, command_of, event_of
 from govflow.schemas.errors import InvalidEntryError
@@ -105,6 +108,7 @@ class Sequencer:
         self.holds = list(holds)
         self.parked: set[int] = set()  # to park behind their entity's hold
         self.fronts: set[int] = set()  # in front of a hold: ending them lifts it
+        self.left: set[int] = set()  # behind a fenced entry: left pending, untouched
         self._queues: dict[str, deque[int]] = {}
         self._ready: list[int] = []
         closed: set[str] = set()
@@ -126,7 +130,8 @@ class Sequencer:
     async def run(
         self, batch: Sequence[Entry], handle: Callable[[list[Entry]], Awaitable[list[Outcome]]]
     ) -> list[Verdict]:
-        """Handle ``batch`` round by round; an entry never run is parked behind its entity."""
+        """Handle ``batch`` round by round; an entry never run is parked behind its entity,
+        or left alone behind a fenced one."""
         outcomes: dict[int, Outcome] = {}
         while part := self.next_round():
             found = await handle([batch[i] for i in part])
@@ -135,7 +140,10 @@ class Sequencer:
                 self.ended(index, outcome.kind)
         return [
             Verdict(
-                entry=entry, outcome=outcomes.get(i), hold=self.holds[i], front=i in self.fronts
+                entry=entry,
+                outcome=outcomes.get(i, FENCED if i in self.left else None),
+                hold=self.holds[i],
+                front=i in self.fronts,
             )
             for i, entry in enumerate(batch)
         ]
@@ -151,8 +159,13 @@ class Sequencer:
         if hold is None:
             return
         queue = self._queues[hold.entity]
-        if kind in ("retry", "fenced"):  # the entity waits for whoever runs this entry now
+        if kind == "retry":
             self.parked.update(queue)
+            queue.clear()
+        elif kind == "fenced":
+            # Another worker runs this entry now, and most likely the entity's next ones:
+            # they are left pending as they are, neither run here nor parked.
+            self.left.update(queue)
             queue.clear()
         elif queue:
             self._ready.append(queue.popleft())

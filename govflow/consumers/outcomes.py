@@ -30,6 +30,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ACK = Outcome(kind="ack")
+FENCED = Outcome(kind="fenced")
 
 
 class EntryIds(TypedDict, total=False):
