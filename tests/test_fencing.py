@@ -53,7 +53,7 @@ actions:
 
 async def queued_execution(pool: AsyncConnectionPool[Any]) -> str:
     """A new execution of a one-step workflow, queued."""
-    exec_id = execution_id("ev-1", "review")
+    exec_id = execution_id("acme", "ev-1", "review")
     async with pool.connection() as conn:
         await apply_workflow(conn, decode_workflow(WORKFLOW))
         await executions.insert_queued(
@@ -183,7 +183,7 @@ async def test_hold_refuses_only_the_stale_executions_of_a_batch(
     pool: AsyncConnectionPool[Any],
 ) -> None:
     first = await queued_execution(pool)
-    second = execution_id("ev-2", "review")
+    second = execution_id("acme", "ev-2", "review")
     async with pool.connection() as conn:
         await executions.insert_queued(
             conn,
@@ -202,7 +202,7 @@ async def test_hold_refuses_only_the_stale_executions_of_a_batch(
 async def test_an_action_worker_overtaken_mid_webhook_writes_nothing_and_says_so(
     pool: AsyncConnectionPool[Any], database_url: str
 ) -> None:
-    exec_id = execution_id("ev-1", "notify")
+    exec_id = execution_id("acme", "ev-1", "notify")
     event = new_event("policy.created", "POL-1", data={"title": "Policy 1"})
 
     def overtaken(path: str, key: str, n: int) -> float:
@@ -232,8 +232,14 @@ async def test_an_action_worker_overtaken_mid_webhook_writes_nothing_and_says_so
         )
         entry = Entry(stream="commands", id="1-0", fields={COMMAND_FIELD: encode(command)})
         before = fenced_total()
-        async with webhook.client(5.0) as http:
-            runner = ActionRunner(pool, Definitions(pool), RetryPolicy(), Settings(), http)
+        async with webhook.client(5.0, frozenset({"127.0.0.1"})) as http:
+            runner = ActionRunner(
+                pool,
+                Definitions(pool),
+                RetryPolicy(),
+                Settings(webhook_allowed_hosts="127.0.0.1"),
+                http,
+            )
             with capture_logs() as logs:
                 [outcome] = await runner.handle([entry])
         assert hooks.count("/hook") == 1
