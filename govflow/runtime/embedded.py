@@ -27,6 +27,7 @@ import structlog
 from redis import Redis
 
 from govflow.core.unavailable import REDIS_NOT_ANSWERING
+from govflow.runtime.local_servers import pid_alive
 from govflow.schemas.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -93,16 +94,6 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, it is just not ours
-    return True
-
-
 def _pings(url: str) -> bool:
     client = Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
     try:
@@ -155,7 +146,7 @@ def _running_redis(folder: Path) -> str | None:
         url = urlfile.read_text().strip()
     except (FileNotFoundError, ValueError):
         return None
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return None
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:

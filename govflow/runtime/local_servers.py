@@ -96,7 +96,7 @@ def find_running(data_dir: Path) -> list[Running]:
             record = msgspec.json.decode(path.read_bytes(), type=Running)
         except (OSError, msgspec.DecodeError):
             continue  # removed meanwhile, or not ours
-        if _pid_alive(record.pid):
+        if pid_alive(record.pid):
             found.append(record)
         else:
             path.unlink(missing_ok=True)  # a process that died without cleaning up
@@ -124,7 +124,8 @@ def running_urls(data_dir: Path, *, redis: bool, database: bool) -> dict[str, st
     return urls
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
