@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from govflow.consumers.outcomes import ACK, Outcome, RetryPolicy, dead
 from govflow.consumers.scripts import Fence
 from govflow.consumers.settle import Settler, Verdict
-from govflow.consumers.streams import ATTEMPT_FIELD, Streams
+from govflow.consumers.streams import ATTEMPT_FIELD, Entry, Streams
 from govflow.db import dead_letters
 from govflow.schemas.keys import Keys
 
@@ -20,20 +20,32 @@ pytestmark = pytest.mark.anyio
 GROUP = "actions"
 
 
+async def delivered(redis: Redis, streams: Streams, stream: str, count: int) -> list[Entry]:
+    """``count`` commands added to ``stream`` and read by consumer w1 of the group."""
+    await streams.ensure_group(stream, GROUP)
+    for i in range(count):
+        await redis.xadd(stream, {"command": f"c{i}"})
+    return await streams.read(stream, GROUP, "w1", 10, 100)
+
+
+def settler_of(
+    streams: Streams, pool: AsyncConnectionPool[Any], keys: Keys, fence: Fence | None = None
+) -> Settler:
+    """A settler of partition 0 of the commands' group, fenced on ``fence`` when given."""
+    return Settler(
+        streams=streams, pool=pool, keys=keys, role="commands", partition=0,
+        policy=RetryPolicy(), fence=fence, stopping=lambda: False,
+    )  # fmt: skip
+
+
 async def test_an_entry_is_acknowledged_retried_or_dead_lettered_once(
     redis: Redis, pool: AsyncConnectionPool[Any], prefix: str
 ) -> None:
     keys = Keys(prefix, 1)
     streams = Streams(redis)
     stream = keys.commands()
-    await streams.ensure_group(stream, GROUP)
-    for i in range(3):
-        await redis.xadd(stream, {"command": f"c{i}"})
-    batch = await streams.read(stream, GROUP, "w1", 10, 100)
-    settler = Settler(
-        streams=streams, pool=pool, keys=keys, role="commands", partition=0,
-        policy=RetryPolicy(), fence=None, stopping=lambda: False,
-    )  # fmt: skip
+    batch = await delivered(redis, streams, stream, 3)
+    settler = settler_of(streams, pool, keys)
     verdicts = [
         Verdict(entry=batch[0], outcome=ACK),
         Verdict(entry=batch[1], outcome=Outcome(kind="retry", reason="boom", cause="error")),
@@ -60,14 +72,9 @@ async def test_a_settlement_is_refused_once_another_worker_holds_the_lease(
     keys = Keys(prefix, 1)
     streams = Streams(redis)
     stream, lease = keys.commands(), keys.lease(GROUP)
-    await streams.ensure_group(stream, GROUP)
-    await redis.xadd(stream, {"command": "c"})
-    batch = await streams.read(stream, GROUP, "w1", 10, 100)
+    batch = await delivered(redis, streams, stream, 1)
     await redis.set(lease, "w2")
-    settler = Settler(
-        streams=streams, pool=pool, keys=keys, role="commands", partition=0,
-        policy=RetryPolicy(), fence=Fence(lease, "w1"), stopping=lambda: False,
-    )  # fmt: skip
+    settler = settler_of(streams, pool, keys, Fence(lease, "w1"))
 
     assert not await settler.settle([Verdict(entry=batch[0], outcome=ACK)])
     pending: Any = await redis.xpending(stream, GROUP)
@@ -80,14 +87,8 @@ async def test_a_fenced_entry_is_left_pending_and_never_dead_lettered(
     keys = Keys(prefix, 1)
     streams = Streams(redis)
     stream = keys.commands()
-    await streams.ensure_group(stream, GROUP)
-    for i in range(2):
-        await redis.xadd(stream, {"command": f"c{i}"})
-    batch = await streams.read(stream, GROUP, "w1", 10, 100)
-    settler = Settler(
-        streams=streams, pool=pool, keys=keys, role="commands", partition=0,
-        policy=RetryPolicy(), fence=None, stopping=lambda: False,
-    )  # fmt: skip
+    batch = await delivered(redis, streams, stream, 2)
+    settler = settler_of(streams, pool, keys)
 
     # Another delivery owns the first execution now: its entry is that delivery's to end.
     assert await settler.settle(
