@@ -81,6 +81,17 @@ async def status_of(pool: AsyncConnectionPool[Any], exec_id: str) -> tuple[str, 
     return row[0], row[1], row[2]
 
 
+async def claimed_twice(
+    stale: AsyncConnection[Any], owner: AsyncConnection[Any], exec_id: str
+) -> tuple[int, int]:
+    """The epochs of two deliveries of one execution: the stalled one's, then the owner's."""
+    async with stale.transaction():
+        old = (await fencing.claim(stale, [exec_id]))[exec_id]
+    async with owner.transaction():
+        new = (await fencing.claim(owner, [exec_id]))[exec_id]
+    return old, new
+
+
 async def complete(conn: AsyncConnection[Any], exec_id: str, epoch: int) -> None:
     """What a worker writes when its delivery's step succeeded: all of it, under its token."""
     async with conn.transaction():
@@ -105,10 +116,7 @@ async def test_the_newer_delivery_wins_and_the_older_one_writes_nothing(
         await AsyncConnection.connect(database_url) as stale,
         await AsyncConnection.connect(database_url) as owner,
     ):
-        async with stale.transaction():
-            old = (await fencing.claim(stale, [exec_id]))[exec_id]
-        async with owner.transaction():
-            new = (await fencing.claim(owner, [exec_id]))[exec_id]
+        old, new = await claimed_twice(stale, owner, exec_id)
         assert new == old + 1
         await complete(owner, exec_id, new)
         # The stalled worker wakes up with a failure: its whole transaction is refused.
@@ -126,10 +134,7 @@ async def test_a_stale_token_is_refused_even_before_the_owner_writes(
         await AsyncConnection.connect(database_url) as stale,
         await AsyncConnection.connect(database_url) as owner,
     ):
-        async with stale.transaction():
-            old = (await fencing.claim(stale, [exec_id]))[exec_id]
-        async with owner.transaction():
-            new = (await fencing.claim(owner, [exec_id]))[exec_id]
+        old, new = await claimed_twice(stale, owner, exec_id)
         with pytest.raises(fencing.Fenced):
             await complete(stale, exec_id, old)
         assert await status_of(pool, exec_id) == ("running", 2, 0)
