@@ -392,6 +392,22 @@ async def in_process_worker(
         yield worker
 
 
+async def scalar(database_url: str, query: str) -> Any:
+    """The first column of the first row ``query`` returns (None when no row)."""
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(query.encode())
+        row = await cur.fetchone()
+        return row[0] if row else None
+
+
+async def wait_until(what: str, done: Callable[[], Awaitable[bool]], within: float = 60.0) -> None:
+    """Poll ``done`` until it says yes; fail saying ``what`` was waited for after ``within`` s."""
+    deadline = time.monotonic() + within
+    while not await done():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await anyio.sleep(0.2)
+
+
 class Row(msgspec.Struct, kw_only=True):
     """One line of the reliability table."""
 
