@@ -294,6 +294,27 @@ class Producer:
                 await anyio.sleep(self.pause)
 
 
+async def kill_one(
+    redis_url: str,
+    workers: Workers,
+    *,
+    within: float = 5.0,
+    keys: Keys | None = None,
+    before_kill: Callable[[int], Awaitable[object]] | None = None,
+) -> bool:
+    """SIGKILL a started worker, picked at random, and start it again; return whether it
+    held entries. It is killed once it holds some, or ``within`` seconds passed;
+    ``before_kill`` is called with its pid first when it holds some."""
+    slot = random.choice(await some_ready(workers))  # not one still starting up
+    pid = workers.procs[slot].pid
+    busy = await wait_in_hand(redis_url, pid, within, keys)
+    if busy and before_kill is not None:
+        await before_kill(pid)
+    workers.kill(slot)
+    workers.start(slot)
+    return busy
+
+
 async def kill_at_work(
     redis_url: str,
     workers: Workers,
@@ -304,24 +325,15 @@ async def kill_at_work(
     keys: Keys | None = None,
     before_kill: Callable[[int], Awaitable[object]] | None = None,
 ) -> int:
-    """Publish ``events`` while SIGKILLing started workers; return the kills that hit work.
-
-    Each of ``kills`` rounds picks a started worker at random, waits (up to 5 s) until it
-    holds entries, calls ``before_kill`` with its pid when it does, kills it and starts
-    it again. The rounds stop early once every event is in and a victim held nothing.
-    """
+    """Publish ``events`` while SIGKILLing workers (``kill_one``) ``kills`` times, at
+    random instants; return how many kills caught a worker with entries in hand. The
+    kills stop early once every event is in and a victim held nothing."""
     in_work = 0
     async with anyio.create_task_group() as tg:
         tg.start_soon(producer.run, events)
         for _ in range(kills):
-            slot = random.choice(await some_ready(workers))  # not one still starting up
-            pid = workers.procs[slot].pid
-            busy = await wait_in_hand(redis_url, pid, 5.0, keys)
+            busy = await kill_one(redis_url, workers, keys=keys, before_kill=before_kill)
             in_work += busy
-            if busy and before_kill is not None:
-                await before_kill(pid)
-            workers.kill(slot)
-            workers.start(slot)
             if not busy and len(producer.accepted) == len(events):
                 break  # the events are all in, and worked through
             await anyio.sleep(jitter(0.1, 0.6))

@@ -17,7 +17,6 @@ event taken up.
 from __future__ import annotations
 
 import functools
-import random
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,11 +34,10 @@ from tests.faults.harness import (
     Workers,
     apply_workflows,
     jitter,
+    kill_one,
     record,
     scalar,
     settle,
-    some_ready,
-    wait_in_hand,
     wait_started,
     wait_until,
 )
@@ -132,7 +130,7 @@ class Faults:
         self.redis = redis
         self.workers = workers
         self.relay_kills = 0
-        self.worker_kills = 0  # with entries in hand
+        self.worker_kills = 0  # of those that held entries
 
     async def kill_relay_leader(self) -> None:
         slot = next((s for s in self.workers.alive() if leads(self.workers, s)), None)
@@ -142,11 +140,7 @@ class Faults:
             self.relay_kills += 1
 
     async def kill_a_worker_at_work(self) -> None:
-        slot = random.choice(await some_ready(self.workers))
-        if await wait_in_hand(self.redis.url, self.workers.procs[slot].pid, 2.0):
-            self.worker_kills += 1
-        self.workers.kill(slot)
-        self.workers.start(slot)
+        self.worker_kills += await kill_one(self.redis.url, self.workers, within=2.0)
 
     async def restart_redis(self) -> None:
         await anyio.to_thread.run_sync(functools.partial(self.redis.restart, jitter(0.2, 1.0)))
