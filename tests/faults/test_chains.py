@@ -202,8 +202,9 @@ async def test_change_status_chains_finish_once_through_relay_kills_and_redis_re
         "change_status chains through the outbox",
         ROOTS * (1 + CHAINED),
         f"{ROOTS} roots, each a chain of {CHAINED} status changes through the outbox and the"
-        f" relay; {faults.relay_kills} SIGKILLs of the relay leader, {faults.worker_kills}"
-        f" of workers with entries in hand, {fault_redis.kills} Redis restarts;"
+        f" relay; {workers.killed} SIGKILLs of {WORKERS} workers (role all):"
+        f" {faults.relay_kills} of the relay leader, {faults.worker_kills} of a worker"
+        f" holding entries; {fault_redis.kills} Redis restarts;"
         f" GOVFLOW_MAX_CHAIN_EXECUTIONS={CHAINED}",
         report,
         started,

@@ -48,6 +48,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.slow, pytest.ma
 EVENTS = 150
 RATE = "40/s"  # the replay takes about 4 s: long enough to be hit
 MAX_RUNS = 10
+STALL = 0.2
 
 WORKFLOWS = (
     """
@@ -71,11 +72,15 @@ actions:
 
 
 class Receiver:
-    """Answers 410 Gone until ``recover()``, then 200."""
+    """Answers 410 Gone at once until ``recover()``; then 200, after ``STALL`` seconds (so
+    that the replayed executions are in hand long enough for a kill to find them)."""
 
     def __init__(self) -> None:
         self.gone = threading.Event()
         self.gone.set()
+
+    def stall(self, path: str, key: str, n: int) -> float:
+        return 0.0 if self.gone.is_set() else STALL
 
     def answer(self, path: str, key: str, n: int) -> int:
         return 410 if self.gone.is_set() else 200
@@ -127,7 +132,7 @@ async def test_a_dead_letter_replay_under_kills_and_a_redis_restart_runs_each_le
     started = time.monotonic()
     events, wants = policies(EVENTS)
     receiver = Receiver()
-    with receiving(answer=receiver.answer) as hooks:
+    with receiving(receiver.stall, receiver.answer) as hooks:
         await apply_workflows(
             fault_database_url, [w.replace("URL", hooks.url("")) for w in WORKFLOWS]
         )
@@ -189,3 +194,4 @@ async def test_a_dead_letter_replay_under_kills_and_a_redis_restart_runs_each_le
     # Every webhook reached the receiver twice at least: the 410, then the replay's.
     assert all(len(bodies) >= 2 for bodies in hooks.deliveries().values())
     assert fault_redis.kills == 1
+    assert killed_at_work, "neither kill found a worker at work: nothing was tested"
