@@ -18,6 +18,7 @@ from tests._servers import run_async
 from tests.faults.servers import (
     PostgresServer,
     RedisServer,
+    embedded_redis_binary,
     postgres_server,
     redis_server,
     scratch_dir,
@@ -60,6 +61,16 @@ def fault_database_url(fault_postgres: PostgresServer) -> Iterator[str]:
 def fault_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis of this test's own (AOF, ``appendfsync always``) that it may kill."""
     with scratch_dir("gf-redis-") as folder, redis_server(folder) as server:
+        yield server
+
+
+@pytest.fixture
+def fault_redis_62() -> Iterator[RedisServer]:
+    """Like ``fault_redis``, on the Redis 6.2 that the embedded server runs."""
+    with (
+        scratch_dir("gf-redis62-") as folder,
+        redis_server(folder, binary=embedded_redis_binary()) as server,
+    ):
         yield server
 
 

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from govflow.runtime.worker import Worker
 from govflow.schemas.codec import decode_workflow
 from govflow.schemas.errors import PublishError
 from govflow.schemas.events import Event, new_event
-from govflow.schemas.keys import Keys
+from govflow.schemas.keys import GROUP_OF, Keys
 from govflow.schemas.settings import Settings
 from tests.faults.invariants import Expected, Report, check
 from tests.pipeline_helpers import running_worker, terminate
@@ -235,14 +235,19 @@ async def some_ready(workers: Workers, within: float = 90.0) -> list[int]:
     return ready
 
 
-async def wait_in_hand(redis_url: str, pid: int, within: float) -> bool:
+async def wait_in_hand(redis_url: str, pid: int, within: float, keys: Keys | None = None) -> bool:
     """Wait until the worker process ``pid`` holds entries (delivered, not acknowledged)."""
     redis = Redis.from_url(redis_url, socket_timeout=5)
-    keys = Keys(PREFIX)
+    keys = keys or Keys(PREFIX)
+    places = [
+        (keys.stream(role, p), group)
+        for p in keys.all_partitions()
+        for role, group in GROUP_OF.items()
+    ]
     deadline = time.monotonic() + within
     try:
         while time.monotonic() < deadline:
-            for stream, group in ((keys.events(), "triggers"), (keys.commands(), "actions")):
+            for stream, group in places:
                 try:
                     summary = await redis.xpending(stream, group)
                 except redis_errors.ResponseError:
@@ -289,6 +294,52 @@ class Producer:
                 await anyio.sleep(self.pause)
 
 
+async def kill_one(
+    redis_url: str,
+    workers: Workers,
+    *,
+    within: float = 5.0,
+    keys: Keys | None = None,
+    before_kill: Callable[[int], Awaitable[object]] | None = None,
+) -> bool:
+    """SIGKILL a started worker, picked at random, and start it again; return whether it
+    held entries. It is killed once it holds some, or ``within`` seconds passed;
+    ``before_kill`` is called with its pid first when it holds some."""
+    slot = random.choice(await some_ready(workers))  # not one still starting up
+    pid = workers.procs[slot].pid
+    busy = await wait_in_hand(redis_url, pid, within, keys)
+    if busy and before_kill is not None:
+        await before_kill(pid)
+    workers.kill(slot)
+    workers.start(slot)
+    return busy
+
+
+async def kill_at_work(
+    redis_url: str,
+    workers: Workers,
+    producer: Producer,
+    events: Sequence[Event],
+    kills: int,
+    *,
+    keys: Keys | None = None,
+    before_kill: Callable[[int], Awaitable[object]] | None = None,
+) -> int:
+    """Publish ``events`` while SIGKILLing workers (``kill_one``) ``kills`` times, at
+    random instants; return how many kills caught a worker with entries in hand. The
+    kills stop early once every event is in and a victim held nothing."""
+    in_work = 0
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(producer.run, events)
+        for _ in range(kills):
+            busy = await kill_one(redis_url, workers, keys=keys, before_kill=before_kill)
+            in_work += busy
+            if not busy and len(producer.accepted) == len(events):
+                break  # the events are all in, and worked through
+            await anyio.sleep(jitter(0.1, 0.6))
+    return in_work
+
+
 async def run_check(
     redis_url: str,
     database_url: str,
@@ -310,17 +361,22 @@ async def run_check(
 async def settle(
     redis_url: str,
     database_url: str,
-    expected: Expected,
+    expected: Expected | Callable[[], Awaitable[Expected]],
     *,
     within: float,
     deliveries: Callable[[], Mapping[str, Sequence[bytes]]] | None = None,
     keys: Keys | None = None,
 ) -> Report:
-    """Check until every invariant holds, or ``within`` seconds pass; return the last report."""
+    """Check until every invariant holds, or ``within`` seconds pass; return the last report.
+
+    ``expected`` may be read afresh for each check, when what is expected grows while the
+    work goes on (chained events).
+    """
     deadline = time.monotonic() + within
     while True:
         try:
-            report = await run_check(redis_url, database_url, expected, deliveries, keys)
+            now = expected if isinstance(expected, Expected) else await expected()
+            report = await run_check(redis_url, database_url, now, deliveries, keys)
         except (OSError, psycopg.OperationalError) as e:  # a server still coming back
             report = Report(problems=[f"checker could not read: {e}"])
         if report.ok or time.monotonic() > deadline:
@@ -346,6 +402,22 @@ async def in_process_worker(
     )
     async with running_worker(configured, concurrency=1) as worker:
         yield worker
+
+
+async def scalar(database_url: str, query: str) -> Any:
+    """The first column of the first row ``query`` returns (None when no row)."""
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(query.encode())
+        row = await cur.fetchone()
+        return row[0] if row else None
+
+
+async def wait_until(what: str, done: Callable[[], Awaitable[bool]], within: float = 60.0) -> None:
+    """Poll ``done`` until it says yes; fail saying ``what`` was waited for after ``within`` s."""
+    deadline = time.monotonic() + within
+    while not await done():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await anyio.sleep(0.2)
 
 
 class Row(msgspec.Struct, kw_only=True):

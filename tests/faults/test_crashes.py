@@ -2,17 +2,21 @@
 
 README.md, "Guarantees": no event that Redis accepted is lost, a worker killed at any
 instant delays work and loses none of it; SIGTERM finishes the work in hand and exits 0.
+The SIGKILL scenario runs again on Redis 6.2 (the embedded server), where entries deleted
+while pending answer nil to the claim sweep that takes the dead worker's entries over.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psycopg
 import pytest
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
 
 from govflow.schemas.keys import Keys
 from tests.faults.harness import (
@@ -22,13 +26,11 @@ from tests.faults.harness import (
     Workers,
     apply_workflows,
     expected_of,
-    jitter,
+    kill_at_work,
     make_events,
     record,
     run_check,
     settle,
-    some_ready,
-    wait_in_hand,
     wait_started,
 )
 from tests.faults.servers import RedisServer
@@ -37,6 +39,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.slow, pytest.ma
 
 KILLS = 12
 WORKERS = 3
+EVENTS_62 = 600
+KILLS_62 = 8
+DELETED_PER_KILL = 2
+RECONCILE_AFTER = "3"
 
 
 async def test_workers_killed_with_sigkill_at_random_instants_lose_and_double_nothing(
@@ -50,22 +56,11 @@ async def test_workers_killed_with_sigkill_at_random_instants_lose_and_double_no
     # by three workers that keep being killed: each kill lands at a random instant at
     # which its victim holds entries (delivered, unacknowledged).
     producer = Producer(fault_redis.url, Keys(PREFIX), chunk=25, pause=0.15)
-    in_work = 0
     try:
         for slot in range(WORKERS):
             workers.start(slot)
         await wait_started(workers)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(producer.run, events)
-            for _ in range(KILLS):
-                slot = random.choice(await some_ready(workers))  # not one still starting up
-                busy = await wait_in_hand(fault_redis.url, workers.procs[slot].pid, 5.0)
-                in_work += busy
-                workers.kill(slot)
-                workers.start(slot)
-                if not busy and len(producer.accepted) == len(events):
-                    break  # the events are all in, and worked through
-                await anyio.sleep(jitter(0.1, 0.6))
+        in_work = await kill_at_work(fault_redis.url, workers, producer, events, KILLS)
         report = await settle(
             fault_redis.url, fault_database_url, expected_of(producer.accepted, wants), within=150
         )
@@ -77,6 +72,90 @@ async def test_workers_killed_with_sigkill_at_random_instants_lose_and_double_no
     assert len(producer.accepted) == len(events)
     assert in_work >= KILLS // 2, f"only {in_work} kills caught a worker at work"
     assert report.ok, f"{report.summary()}\n{workers.tail()}"
+
+
+async def test_workers_killed_on_redis_6_2_with_commands_deleted_in_hand_lose_nothing(
+    fault_redis_62: RedisServer, fault_database_url: str, logs: Path
+) -> None:
+    """Before each kill that finds its victim at work, two of the commands it holds are
+    deleted (an operator's XDEL; a producer's MAXLEN does the same to events). 6.2's
+    XAUTOCLAIM answers nil for them; the sweep must acknowledge them and go on claiming the
+    live entries beside them, and the reconciler puts their executions back."""
+    started = time.monotonic()
+    redis = Redis.from_url(fault_redis_62.url, socket_timeout=10)
+    try:
+        assert (await redis.info("server"))["redis_version"].startswith("6.2.")
+    finally:
+        await redis.aclose()
+    await apply_workflows(fault_database_url)
+    events, wants = make_events(EVENTS_62, "kill62")
+    workers = Workers(
+        fault_redis_62.url, fault_database_url, logs, log_level="info",
+        GOVFLOW_RECONCILE_AFTER=RECONCILE_AFTER,
+    )  # fmt: skip
+    producer = Producer(fault_redis_62.url, Keys(PREFIX), chunk=25, pause=0.15)
+    deleted: list[str] = []
+
+    async def delete_commands(pid: int) -> None:
+        deleted.extend(await delete_in_hand(fault_redis_62.url, pid, DELETED_PER_KILL))
+
+    try:
+        for slot in range(WORKERS):
+            workers.start(slot)
+        await wait_started(workers)
+        in_work = await kill_at_work(
+            fault_redis_62.url, workers, producer, events, KILLS_62, before_kill=delete_commands
+        )
+        report = await settle(
+            fault_redis_62.url,
+            fault_database_url,
+            expected_of(producer.accepted, wants),
+            within=120,
+        )
+        assert workers.crashed() == [], workers.tail()
+    finally:
+        workers.stop_all()
+    record(
+        "worker SIGKILL on Redis 6.2",
+        len(events),
+        f"{workers.killed} SIGKILLs of 3 workers, {in_work} of them with entries in hand;"
+        f" {len(deleted)} of their commands deleted (XDEL) while pending;"
+        f" GOVFLOW_RECONCILE_AFTER={RECONCILE_AFTER}",
+        report,
+        started,
+    )
+    assert len(producer.accepted) == len(events)
+    assert in_work >= KILLS_62 // 2, f"only {in_work} kills caught a worker at work"
+    assert deleted, "no victim held a command to delete: nothing was tested"
+    assert report.ok, f"{report.summary()}\n{workers.tail()}"
+
+
+async def delete_in_hand(redis_url: str, pid: int, count: int) -> list[str]:
+    """XDEL up to ``count`` of the commands worker ``pid`` holds (waiting up to 2 s for some)."""
+    redis = Redis.from_url(redis_url, socket_timeout=5)
+    stream = Keys(PREFIX).commands()
+    deadline = time.monotonic() + 2.0
+    try:
+        while time.monotonic() < deadline:
+            try:
+                summary = await redis.xpending(stream, "actions")
+            except redis_errors.ResponseError:
+                summary = {"consumers": []}  # no group yet
+            for consumer in summary["consumers"]:
+                name = consumer["name"].decode()
+                if f"-{pid}-" not in name or not int(consumer["pending"]):
+                    continue
+                held: Any = await redis.xpending_range(
+                    stream, "actions", "-", "+", count, consumername=name
+                )
+                ids = [h["message_id"].decode() for h in held]
+                if ids:
+                    await redis.xdel(stream, *ids)
+                    return ids
+            await anyio.sleep(0.01)
+        return []
+    finally:
+        await redis.aclose()
 
 
 async def test_sigterm_during_a_burst_exits_0_and_loses_nothing(

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
 import psycopg
 import pytest
 from redis import exceptions as redis_errors
@@ -30,8 +29,10 @@ from tests.faults.harness import (
     expected_of,
     make_events,
     record,
+    scalar,
     settle,
     wait_started,
+    wait_until,
 )
 from tests.faults.servers import RedisServer
 
@@ -41,20 +42,6 @@ DIRECT = 300  # published to the stream, taken by the matcher, then lost by Redi
 TAKEN = 100  # outbox rows published and taken by the matcher, then lost
 UNTAKEN = 100  # outbox rows published while no matcher ran, then lost
 RECONCILE_AFTER = "3"
-
-
-async def scalar(database_url: str, query: str) -> Any:
-    async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        cur = await conn.execute(query.encode())
-        row = await cur.fetchone()
-        return row[0] if row else None
-
-
-async def wait_until(what: str, done: Any, within: float = 60.0) -> None:
-    deadline = time.monotonic() + within
-    while not await done():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await anyio.sleep(0.2)
 
 
 async def commit_outbox(database_url: str, events: list[Event]) -> None:
