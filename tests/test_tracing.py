@@ -366,13 +366,17 @@ def test_govflow_publish_exports_its_span_to_the_otlp_endpoint(
 
 
 @pytest.mark.slow
-def test_with_tracing_off_nothing_is_exported_nor_carried(
-    settings: Settings, webhook: WebhookServer
+@pytest.mark.parametrize(
+    ("tracing", "endpoint"),
+    [("off", True), ("auto", False)],
+    ids=["off-with-an-endpoint", "auto-without-one"],
+)
+def test_without_tracing_nothing_is_exported_nor_carried(
+    settings: Settings, webhook: WebhookServer, tracing: str, endpoint: bool
 ) -> None:
     webhook.plan("/v1/traces", Reply(200))
-    result = run_govflow(
-        settings, *PUBLISH, GOVFLOW_TRACING="off", OTEL_EXPORTER_OTLP_ENDPOINT=webhook.url("")
-    )
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": webhook.url("")} if endpoint else {}
+    result = run_govflow(settings, *PUBLISH, GOVFLOW_TRACING=tracing, **env)
     assert result.returncode == 0, result.stderr
     assert "traceparent" not in published_event(settings, result.stdout.strip())
     assert webhook.requests_to("/v1/traces") == []

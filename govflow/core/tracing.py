@@ -6,9 +6,9 @@ the trigger matcher's span of that event goes with each command it emits, every 
 the execution continues that, and a webhook request sends its own span on in a
 ``traceparent`` header.
 
-Without the extra, or with ``GOVFLOW_TRACING=off``, every function here returns at once:
-``span()`` hands back one shared ``nullcontext`` and ``fields()`` an empty dict. With the
-extra but no exporter, the API's spans record nothing and the context still passes on.
+Without the extra, with ``GOVFLOW_TRACING=off``, or in a govflow process with nowhere to
+send spans (``configure``), every function here returns at once: ``span()`` hands back one
+shared ``nullcontext`` and ``fields()`` an empty dict.
 """
 
 from __future__ import annotations
@@ -205,23 +205,22 @@ def _context_of(entry: Traced) -> Context | None:
 def configure(mode: Mode, env: Mapping[str, str]) -> None:
     """Set a govflow process up to export its spans, from ``GOVFLOW_TRACING`` and ``OTEL_*``.
 
-    ``off``: no spans, no context passed on. ``on``: spans go over OTLP/HTTP to
-    ``OTEL_EXPORTER_OTLP_ENDPOINT`` (else ``localhost:4318``). ``auto``: the same when the
-    extra is installed and an OTLP endpoint is set; else spans go to whatever provider the
-    process has. A provider set already (by ``opentelemetry-instrument``, say) is kept.
+    ``on``: spans go over OTLP/HTTP to ``OTEL_EXPORTER_OTLP_ENDPOINT`` (else
+    ``localhost:4318``). ``auto``: the same when the extra is installed and an OTLP
+    endpoint is set. A provider set already (by ``opentelemetry-instrument``, say) is kept
+    and used. With no provider at all, or ``off``, no spans are made and no context is
+    passed on: the API's no-op spans would cost tens of microseconds a step for nothing.
 
     Raises:
         ConfigError: ``on`` without the ``otel`` extra.
     """
     global _on
-    if mode == "off":
-        _on = False
-        return
     if mode == "on" and not _exporter_installed():
         raise ConfigError("GOVFLOW_TRACING=on needs the otel extra: pip install 'govflow[otel]'")
-    wanted = mode == "on" or any(env.get(name) for name in ENDPOINT_VARIABLES)
+    wanted = mode == "on" or (mode == "auto" and any(env.get(n) for n in ENDPOINT_VARIABLES))
     if wanted and _exporter_installed() and _no_provider_yet():
         _export_over_otlp()
+    _on = mode != "off" and INSTALLED and not _no_provider_yet()
 
 
 def _exporter_installed() -> bool:
