@@ -77,9 +77,11 @@ if INSTALLED:
 
 
 def use(provider: TracerProvider | None) -> None:
-    """Make govflow's spans with ``provider``; ``None``: with the global one (the default)."""
-    global _tracer
+    """Make govflow's spans with ``provider`` from now on, whatever ``configure`` decided;
+    ``None``: with the global provider, as a library does by default."""
+    global _tracer, _on
     _tracer = trace.get_tracer(TRACER_NAME, tracer_provider=provider)
+    _on = True
 
 
 def span(
