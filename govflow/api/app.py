@@ -66,6 +66,7 @@ from govflow.api.models import (
     Stats,
 )
 from govflow.consumers.streams import RedisClient
+from govflow.core import tracing
 from govflow.core.connect import connect, unprobed
 from govflow.core.unavailable import UNAVAILABLE, is_unavailable
 from govflow.db import dead_letters, executions, views
@@ -262,7 +263,8 @@ async def publish_event(request: Request[Any, Any, Any], gf: Deps) -> Accepted:
         raise HTTPException(
             status_code=413, detail=f"the event is over the {MAX_ENTRY_BYTES} byte limit"
         )
-    await gf.publisher.publish(event)
+    with tracing.continuing(request.headers):  # a caller's traceparent: its trace goes on
+        await gf.publisher.publish(event)
     return Accepted(event.id)
 
 

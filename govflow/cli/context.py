@@ -21,7 +21,7 @@ import structlog
 import typer
 from rich.console import Console
 
-from govflow.core import deployment
+from govflow.core import deployment, tracing
 from govflow.runtime import embedded, local_servers
 from govflow.schemas.codec import encode
 from govflow.schemas.settings import Settings
@@ -62,7 +62,8 @@ def load_settings(**overrides: object) -> Settings:
     (``runtime.local_servers``); either way an absolute path.
 
     Raises:
-        ConfigError: an unknown ``GOVFLOW_`` variable or a value of the wrong type.
+        ConfigError: an unknown ``GOVFLOW_`` variable or a value of the wrong type, or
+            ``GOVFLOW_TRACING=on`` without the ``otel`` extra.
     """
     flags = {**_global_flags, **overrides}
     configured = flags.get("data_dir") or os.environ.get("GOVFLOW_DATA_DIR")
@@ -71,7 +72,10 @@ def load_settings(**overrides: object) -> Settings:
         if configured
         else local_servers.default_data_dir(Path.cwd())
     )
-    return Settings.from_env(os.environ, **{**flags, "data_dir": str(data_dir)})
+    settings = Settings.from_env(os.environ, **{**flags, "data_dir": str(data_dir)})
+    # Every command's settings pass here: spans are exported as OTEL_* says, or not made.
+    tracing.configure(settings.tracing, os.environ)
+    return settings
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from govflow.consumers import traces
 from govflow.consumers.definitions import Definitions
 from govflow.consumers.outcomes import ACK, EntryIds, Outcome, RetryPolicy, dead
 from govflow.consumers.streams import REPLAY_FIELD, Entry, command_of
@@ -381,7 +382,10 @@ class ActionRunner:
             signing_keys=self._keys,
         )
         try:
-            with anyio.move_on_after(step.timeout) as limit:
+            with (
+                anyio.move_on_after(step.timeout) as limit,
+                traces.step(w.command, step.number, step.action.name),
+            ):
                 await step.action.run(ctx, step.params)
         except (PermanentError, RetryLater):
             raise

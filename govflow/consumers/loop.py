@@ -32,6 +32,7 @@ import anyio
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
+from govflow.consumers import traces
 from govflow.consumers.ordering import Ordering
 from govflow.consumers.outcomes import Outcome, RetryPolicy
 from govflow.consumers.partitions import LeasedReads, PartitionLease
@@ -209,7 +210,8 @@ class GroupConsumer:
         held_since = time.monotonic()
         while True:
             try:
-                return await self._handler.handle(batch)
+                with traces.batch(self._handler.role, self.stream, len(batch)):
+                    return await self._handler.handle(batch)
             except Exception as e:
                 if not is_unavailable(e):
                     log.exception("batch.failed", stream=self.stream, size=len(batch))

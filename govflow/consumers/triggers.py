@@ -10,6 +10,7 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
+from govflow.consumers import traces
 from govflow.consumers.definitions import Definitions
 from govflow.consumers.matching import matches
 from govflow.consumers.outcomes import Outcome, dead
@@ -81,6 +82,15 @@ class TriggerMatcher:
 
     async def handle(self, batch: Sequence[Entry]) -> list[Outcome]:
         """Match a batch of events; every entry is acknowledged unless it is poison."""
+        spans = traces.Matches()
+        outcomes: list[Outcome] = []
+        try:
+            outcomes = await self._handle(batch, spans)
+        finally:
+            spans.end(outcomes)
+        return outcomes
+
+    async def _handle(self, batch: Sequence[Entry], spans: traces.Matches) -> list[Outcome]:
         outcomes: list[Outcome] = []
         events: dict[int, Event] = {}
         taken: dict[int, Received] = {}
@@ -93,10 +103,11 @@ class TriggerMatcher:
                     taken[index] = identity  # dead-lettered: taken up all the same
                 continue
             events[index] = event
+            spans.start(index, event)
             outcomes.append(
                 Outcome(kind="ack", event_id=event.id, event_type=event.type, tenant=event.tenant)
             )
-        found = await self._match(events)
+        found = await self._match(events, spans)
         matched = {index for index, _, _ in found.values()}
         for index, event in events.items():
             kept = encode(event).decode() if index in matched else None
@@ -223,9 +234,10 @@ class TriggerMatcher:
             await pipe.execute()
 
     async def _match(
-        self, events: dict[int, Event]
+        self, events: dict[int, Event], spans: traces.Matches
     ) -> dict[str, tuple[int, NewExecution, RunWorkflow]]:
-        """Each (event, matching workflow) by execution id, with the event's batch index."""
+        """Each (event, matching workflow) by execution id, with the event's batch index;
+        its command carries the trace context of the event's match."""
         workflows = await self._definitions.enabled()
         found: dict[str, tuple[int, NewExecution, RunWorkflow]] = {}
         for index, event in events.items():
@@ -242,6 +254,7 @@ class TriggerMatcher:
                     workflow_name=wf.name,
                     workflow_version=wf.version,
                     event=event,
+                    **spans.fields(index),
                 )
                 found[exec_id] = (index, row, command)
         return found

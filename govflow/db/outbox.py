@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 from psycopg import AsyncConnection, Connection
 from psycopg.types.json import Jsonb
 
+from govflow.core import tracing
 from govflow.schemas.codec import ENCODER
 from govflow.schemas.events import Event
 
@@ -14,13 +16,19 @@ INSERT = "INSERT INTO outbox (event) VALUES (%s) RETURNING id"
 
 
 def _jsonb(event: Event) -> Jsonb:
-    # Dump with msgspec so the row holds exactly the wire format.
-    return Jsonb(event, dumps=ENCODER.encode)
+    # Dump with msgspec so the row holds exactly the wire format, with the current trace.
+    (traced,) = tracing.stamped([event])
+    return Jsonb(traced, dumps=ENCODER.encode)
 
 
 async def enqueue(conn: AsyncConnection[Any], event: Event) -> int:
-    """Add ``event`` to the outbox inside the caller's transaction; return the row id."""
-    cur = await conn.execute(INSERT, (_jsonb(event),))
+    """Add ``event`` to the outbox inside the caller's transaction; return the row id.
+
+    With the ``otel`` extra this is a producer span, and an event without a trace context
+    carries that span's, through the relay, to the workers.
+    """
+    with _enqueue_span(event):
+        cur = await conn.execute(INSERT, (_jsonb(event),))
     row = await cur.fetchone()
     assert row is not None
     return int(row[0])
@@ -28,10 +36,17 @@ async def enqueue(conn: AsyncConnection[Any], event: Event) -> int:
 
 def enqueue_sync(conn: Connection[Any], event: Event) -> int:
     """``enqueue`` for a synchronous psycopg connection (Flask, Django)."""
-    cur = conn.execute(INSERT, (_jsonb(event),))
+    with _enqueue_span(event):
+        cur = conn.execute(INSERT, (_jsonb(event),))
     row = cur.fetchone()
     assert row is not None
     return int(row[0])
+
+
+def _enqueue_span(event: Event) -> AbstractContextManager[object]:
+    return tracing.span(
+        "publish outbox", kind="producer", attributes=tracing.event_attributes([event])
+    )
 
 
 BACKLOG = (

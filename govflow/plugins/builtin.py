@@ -12,6 +12,7 @@ from typing import Annotated
 
 import msgspec
 
+from govflow.core import tracing
 from govflow.plugins import Batched, PermanentError, StepContext, action, webhook
 from govflow.schemas.codec import encode
 from govflow.schemas.events import Change, Event
@@ -184,6 +185,7 @@ async def change_status(ctx: StepContext, p: ChangeStatus) -> None:
         depth=depth,
         causation_id=event.id,
         root_id=event.root,
+        **tracing.fields(),  # this step's span: the chained event continues the trace
     )
     # The chained event leaves through the outbox, committed with the step: published
     # once the transaction commits, never lost to a crash in between.

@@ -11,7 +11,9 @@ egress policy allows (``plugins.egress``).
 Every delivery is signed: ``X-Govflow-Signature: sha256=<hex HMAC-SHA256 of the body>``,
 one signature per signing key, comma-separated, the newest key's first (two while a
 rotated key is still valid). 408, 425, 429 and 5xx answers are retried, after the
-receiver's ``Retry-After`` when it sends one; any other 4xx is permanent.
+receiver's ``Retry-After`` when it sends one; any other 4xx is permanent. With the
+``otel`` extra, each request is a client span and sends its W3C ``traceparent`` header
+(``core.tracing``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from urllib.parse import urljoin, urlsplit
 import anyio
 import httpx
 
+from govflow.core import tracing
 from govflow.plugins.egress import EgressPolicy, PinnedTransport
 from govflow.schemas.errors import PermanentError, RetryLater
 
@@ -136,14 +139,11 @@ async def _post(
     origin = _origin(url)
     for _ in range(MAX_REDIRECTS + 1):
         check_host(url, allowed)
-        async with client.stream("POST", url, content=body, headers=headers) as response:
-            status, redirect = response.status_code, response.is_redirect
-            location = response.headers.get("location", "")
-            retry_after = response.headers.get("retry-after")
-            await _skim(response)
-        if not redirect:
+        answer = await _request(client, url, body, headers)
+        status, retry_after = answer.status_code, answer.headers.get("retry-after")
+        if not answer.is_redirect:
             return status, retry_after
-        target = urljoin(url, location)
+        target = urljoin(url, answer.headers.get("location", ""))
         if _origin(target) != origin:
             where = urlsplit(target)
             raise PermanentError(
@@ -151,6 +151,28 @@ async def _post(
             )
         url = target
     raise PermanentError(f"webhook redirected more than {MAX_REDIRECTS} times")
+
+
+async def _request(
+    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
+) -> httpx.Response:
+    """One POST, a client span whose context its ``traceparent`` header carries; the
+    answer with its body skimmed (``_skim``)."""
+    _, host, port = _origin(url)  # not the path nor the query: they may hold a secret
+    attributes: dict[str, str | int] = {
+        "http.request.method": "POST",
+        "server.address": host or "",
+        "server.port": port or 0,
+    }
+    with tracing.span("POST", kind="client", attributes=attributes) as span:
+        traced = tracing.with_context(headers)
+        async with client.stream("POST", url, content=body, headers=traced) as response:
+            await _skim(response)
+        if span is not None:
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 400:
+                tracing.fail(span, f"webhook answered {response.status_code}")
+    return response
 
 
 async def _skim(response: httpx.Response) -> None:

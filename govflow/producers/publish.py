@@ -7,7 +7,9 @@ was lost can append the event twice: harmless, because the pipeline runs each ev
 once. The publisher never trims the stream: trimming below what every group has
 acknowledged is the workers' job. Before its first write a publisher compares its partition
 count with the one the workers recorded (``core.deployment``) and raises
-``DeploymentMismatchError``, a ``ConfigError``, when they differ.
+``DeploymentMismatchError``, a ``ConfigError``, when they differ. With the ``otel`` extra,
+each call is a producer span, and an event without a trace context leaves with that span's
+(``core.tracing``).
 
 Redis replicates asynchronously: an ``XADD`` the primary acknowledged can be lost when the
 primary dies before its replica got it and the replica takes over (a Redis Cluster
@@ -26,6 +28,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
 from urllib.parse import urlsplit
@@ -42,7 +45,7 @@ from redis.cluster import RedisCluster as SyncRedisCluster
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
-from govflow.core import deployment
+from govflow.core import deployment, tracing
 from govflow.core.connect import connect, split_flag, unprobed
 from govflow.core.unavailable import is_unavailable
 from govflow.schemas.codec import encode
@@ -175,6 +178,10 @@ class Publisher:
             PublishError: Redis could not be reached within the retries, or refused the write.
         """
         batch = list(events)
+        with _publish_span(batch):
+            return await self._append(tracing.stamped(batch))
+
+    async def _append(self, batch: list[Event]) -> list[str]:
         entries = _entries(self._keys, batch)
         delays = self._retry.delays()
         for attempt in range(1, self._retry.attempts + 1):
@@ -305,6 +312,10 @@ class SyncPublisher:
             PublishError: Redis could not be reached within the retries, or refused the write.
         """
         batch = list(events)
+        with _publish_span(batch):
+            return self._append(tracing.stamped(batch))
+
+    def _append(self, batch: list[Event]) -> list[str]:
         entries = _entries(self._keys, batch)
         delays = self._retry.delays()
         for attempt in range(1, self._retry.attempts + 1):
@@ -341,6 +352,13 @@ class SyncPublisher:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _publish_span(events: list[Event]) -> AbstractContextManager[object]:
+    """The producer span of a publish: events without a trace context get its context."""
+    return tracing.span(
+        "publish events", kind="producer", attributes=tracing.event_attributes(events)
+    )
 
 
 def _entries(keys: Keys, events: list[Event]) -> list[tuple[str, dict[FieldT, EncodableT]]]:

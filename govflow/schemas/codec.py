@@ -46,7 +46,28 @@ def decode_event(raw: bytes | str) -> Event:
     Raises:
         InvalidEntryError: not JSON, too large, a missing or mistyped field, an unknown type.
     """
-    return _decode(EVENT_DECODER, raw, "event")
+    event = _decode(EVENT_DECODER, raw, "event", nul=False)
+    _refuse_nul_outside_trace(_as_bytes(raw))
+    return event
+
+
+def _refuse_nul_outside_trace(raw: bytes) -> None:
+    """Refuse an event holding NUL, unless only its malformed trace context (which decoding
+    dropped) holds it: a producer's broken tracing never costs it its event.
+
+    Raises:
+        InvalidEntryError: a string that the event keeps holds NUL.
+    """
+    try:
+        refuse_nul(raw, "event")
+    except InvalidEntryError as refused:
+        try:
+            fields = msgspec.json.decode(raw)  # an object: it decoded as an event
+        except RecursionError:  # nested deeply in a field the event ignores
+            raise refused from None
+        fields.pop("traceparent", None)
+        fields.pop("tracestate", None)
+        refuse_nul(encode(fields), "event")
 
 
 def decode_identity(raw: bytes | str) -> Identity:
@@ -111,7 +132,7 @@ def decode_workflow(text: str | bytes, source: str = "definition") -> Workflow:
         raise InvalidEntryError(f"{source}: nested too deeply") from e
 
 
-def _decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, what: str) -> T:
+def _decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, what: str, nul: bool = True) -> T:
     size = len(raw)
     if size > MAX_ENTRY_BYTES:
         raise InvalidEntryError(f"{what} is {size} bytes, over the {MAX_ENTRY_BYTES} byte limit")
@@ -128,9 +149,13 @@ def _decode(decoder: msgspec.json.Decoder[T], raw: bytes | str, what: str) -> T:
         # Objects nested a few thousand deep (in an ignored field, say) exhaust the stack
         # of msgspec's decoder; escaping as RecursionError, they failed the whole batch.
         raise InvalidEntryError(f"{what} is nested too deeply") from e
-    # After the decoding: a malformed entry's reason says what is malformed.
-    refuse_nul(raw if isinstance(raw, bytes) else raw.encode(errors="surrogatepass"), what)
+    if nul:  # after the decoding: a malformed entry's reason says what is malformed
+        refuse_nul(_as_bytes(raw), what)
     return value
+
+
+def _as_bytes(raw: bytes | str) -> bytes:
+    return raw if isinstance(raw, bytes) else raw.encode(errors="surrogatepass")
 
 
 def json_schemas() -> dict[str, Any]:

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import msgspec
 
+from govflow.schemas import trace_context
 from govflow.schemas.events import Event
+from govflow.schemas.trace_context import TraceParent, TraceState
 
 # The namespace of execution ids: uuid5(tenant + event id + workflow name) makes the id of
 # an execution known before its row exists, so a redelivered event finds the same one.
@@ -23,12 +25,21 @@ ExecutionId = Annotated[
 
 
 class RunWorkflow(msgspec.Struct, frozen=True, kw_only=True, tag="run", tag_field="command"):
-    """Run the actions of one workflow version for one event."""
+    """Run the actions of one workflow version for one event.
+
+    ``traceparent`` and ``tracestate`` carry the trace context of the event's match, which
+    the execution's steps continue (``schemas.trace_context``).
+    """
 
     execution_id: ExecutionId
     workflow_name: str
     workflow_version: int
     event: Event
+    traceparent: TraceParent = msgspec.UNSET
+    tracestate: TraceState = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        trace_context.keep_valid(self)  # a malformed one is dropped, never refused
 
 
 Command = RunWorkflow

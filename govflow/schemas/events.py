@@ -9,7 +9,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from govflow.schemas import trace_context
 from govflow.schemas.errors import InvalidEntryError
+from govflow.schemas.trace_context import TraceParent, TraceState
 
 ENTITIES = ("policy", "assessment", "evidence")
 EventType = Literal[
@@ -47,7 +49,8 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
 
     ``id`` is the producer's choice and the event's identity: publishing the same id twice
     runs each matched workflow once. ``depth`` counts the ``change_status`` actions that
-    led to this event, so that chains of workflows stop.
+    led to this event, so that chains of workflows stop. ``traceparent`` and
+    ``tracestate`` carry the publisher's trace (``schemas.trace_context``).
     """
 
     id: NonEmpty
@@ -62,6 +65,12 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     depth: Annotated[int, msgspec.Meta(ge=0)] = 0
     causation_id: str | None = None
     root_id: str | None = None  # the event a chain of change_status began with
+    # The trace context of the span that published the event; left out when absent.
+    traceparent: TraceParent = msgspec.UNSET
+    tracestate: TraceState = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        trace_context.keep_valid(self)  # a malformed one is dropped, never refused
 
     @property
     def root(self) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -52,6 +52,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Work untouched this long, and that Redis no longer carries, is put back.
     reconcile_after: Seconds = 120.0
     max_chain_executions: Positive = 1000  # per root event, counted in Postgres
+    # OpenTelemetry: auto exports when OTEL_EXPORTER_OTLP_ENDPOINT is set (docs/tracing.md).
+    tracing: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         for url, schemes in (
