@@ -91,7 +91,7 @@ async def test_cancel_then_retry_an_execution(
     second = await client.post(retry, headers=bearer("operator"))
     assert second.status_code == 409
     assert "queued, not dead-lettered or cancelled" in second.json()["detail"]
-    assert len(await redis.xrange(Keys(prefix).commands())) == 1
+    assert await redis.xlen(Keys(prefix).commands()) == 1
 
 
 async def test_a_completed_execution_is_neither_cancelled_nor_retried(

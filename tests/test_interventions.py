@@ -209,7 +209,9 @@ async def test_retry_of_a_dead_lettered_execution_replays_its_letter_once(
     assert await effects(pool, exec_id) == (1, 1)  # step 1 was not run again
     assert hook.calls == 2
     [(replayed_by, reason)] = await fetch(
-        pool, "SELECT replayed_by, replay_reason FROM dead_letters WHERE id = %s", done.dead_letter_id
+        pool,
+        "SELECT replayed_by, replay_reason FROM dead_letters WHERE id = %s",
+        done.dead_letter_id,
     )
     assert (replayed_by, reason) == (done.actor, "ok")
     after = await interventions.retry(redis, pool, keys, [exec_id], actor="x", reason=None)
@@ -239,7 +241,7 @@ async def test_a_paused_group_reads_nothing_until_resumed(
         await wait_for(statuses, lambda s: s == ["queued"] * 3, within=30, what="3 queued")
         report = await read_lag(redis, pool, keys)
         actions = next(g for g in report.groups if g.group == "actions")
-        assert actions.paused and actions.lag == 3 and actions.pending == 0
+        assert (actions.paused, actions.lag, actions.pending) == (True, 3, 0)
         assert [p.group for p in report.paused] == ["actions"]
         await anyio.sleep(2 * pause.CHECK_S)  # the consumers looked again, and still read nothing
         assert await statuses() == ["queued"] * 3
@@ -247,4 +249,3 @@ async def test_a_paused_group_reads_nothing_until_resumed(
         assert await pause.resume(redis, keys, "actions") == paused
         await wait_for(statuses, lambda s: s == ["completed"] * 3, within=30, what="3 completed")
     assert hook.calls == 3
-
