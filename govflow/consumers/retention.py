@@ -16,7 +16,9 @@ advisory lock (``LOCK_KEY``), so one worker sweeps at a time, as the reconciler 
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import anyio
@@ -94,8 +96,8 @@ async def prune(
     return done
 
 
-def _batches(limit: int | None) -> range:
-    return range(limit if limit is not None else 2**62)
+def _batches(limit: int | None) -> Iterable[int]:
+    return itertools.count() if limit is None else range(limit)
 
 
 async def trim_dead_stream(redis: RedisClient, pool: AsyncConnectionPool[Any], stream: str) -> int:

@@ -118,9 +118,11 @@ async def history(
 
 
 async def latest_dead_letter(conn: AsyncConnection[Any], execution_id: str) -> int | None:
-    """The id of the execution's last dead letter, open or not; ``None`` when it has none."""
+    """The id of the last dead letter that holds the execution's command, open or not;
+    ``None`` when there is none."""
     cur = await conn.execute(
-        "SELECT id FROM dead_letters WHERE execution_id = %s::uuid ORDER BY id DESC LIMIT 1",
+        "SELECT id FROM dead_letters WHERE execution_id = %s::uuid AND payload ? 'command'"
+        " ORDER BY id DESC LIMIT 1",
         (execution_id,),
     )
     row = await cur.fetchone()
