@@ -493,20 +493,24 @@ async def test_without_tokens_reads_are_loopback_only_and_writes_are_refused(
         assert (await client.get("/executions")).status_code == 200
         assert (await client.get("/lag")).status_code == 200
         assert (await client.get("/stats")).status_code == 200
+        # Dead letters are read by loopback clients too (the dashboard's panel), never replayed.
+        assert (await client.get("/dead-letters")).json() == {"dead_letters": []}
         for response in (
             await client.post("/events", json=event),
             await client.post("/events", json=event, headers=bearer("admin")),
-            await client.get("/dead-letters"),
             await client.post("/dead-letters/1/replay"),
+            await client.post(f"/executions/{uuid.uuid4()}/cancel"),
+            await client.post("/groups/actions/pause"),
         ):
             assert response.status_code == 403
             assert "GOVFLOW_API_TOKENS" in response.json()["detail"]
     # Another host's request never gets past the guard (so no lifespan is needed here).
     transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=transport, base_url="http://govflow") as remote:
-        response = await remote.get("/executions")
-        assert response.status_code == 403
-        assert "loopback" in response.json()["detail"]
+        for path in ("/executions", "/dead-letters"):
+            response = await remote.get(path)
+            assert response.status_code == 403
+            assert "loopback" in response.json()["detail"]
 
 
 def test_every_configured_token_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -542,6 +546,10 @@ async def test_the_openapi_document_validates(api: Api) -> None:
         "/stats",
         "/dead-letters",
         "/dead-letters/{dead_letter_id}/replay",
+        "/executions/{execution_id}/cancel",
+        "/executions/{execution_id}/retry",
+        "/groups/{group}/pause",
+        "/groups/{group}/resume",
         "/metrics",
         "/healthz",
     }

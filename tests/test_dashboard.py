@@ -5,6 +5,9 @@ one of them into the dead-letter stream (its webhook answers 500, one attempt al
 The page must show what the database holds, and its replay button must bring the dead
 letter back to completion once the webhook is fixed.
 
+A second test opens the page as a loopback reader with no tokens set: the dead letters
+are shown read-only, and the counts beside each other say what each counts.
+
 The screenshot goes to ``$DASHBOARD_SCREENSHOT`` when set (``docs/dashboard.png``
 for the README), else to the test's temporary directory.
 """
@@ -16,6 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -27,14 +31,19 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from govflow.api.app import create_app
-from govflow.operations import lag
+from govflow.consumers import pause
+from govflow.db import dead_letters
+from govflow.db.dead_letters import NewDeadLetter
+from govflow.operations import interventions, lag
 from govflow.producers.publish import Publisher
 from govflow.schemas.events import Change, new_event
 from govflow.schemas.keys import Keys
 from govflow.schemas.settings import Settings
 from tests.api_helpers import (
     API_TOKENS,
+    THREE_STEPS,
     TOKENS,
+    seed_execution,
     serving,
 )
 from tests.pipeline_helpers import apply, running_worker, wait_for
@@ -187,8 +196,12 @@ async def test_the_dashboard_shows_the_database_and_replays_a_dead_letter(
                 within=60,
                 what="4 executions completed and 1 dead-lettered",
             )
-            ((letter_id, reason),) = await rows(
-                pool, "SELECT id, error FROM dead_letters WHERE replayed_at IS NULL"
+            # The dead letter is recorded just after its execution's status commits.
+            ((letter_id, reason),) = await wait_for(
+                lambda: rows(pool, "SELECT id, error FROM dead_letters WHERE replayed_at IS NULL"),
+                bool,
+                within=30,
+                what="the dead letter recorded",
             )
             assert "webhook answered 500" in reason
 
@@ -277,3 +290,67 @@ async def test_the_dashboard_shows_the_database_and_replays_a_dead_letter(
     assert (replayed_by, replay_reason) == (f"api:{token_hash}", "replayed from the dashboard")
     assert hook.calls == 2  # the failed delivery, then the replayed one
     assert (await anyio.Path(screenshot).stat()).st_size > 10_000
+
+
+async def test_a_loopback_reader_sees_dead_letters_read_only_and_counts_told_apart(
+    make_settings: Callable[..., Settings],
+    pool: AsyncConnectionPool[Any],
+    redis: Redis,
+) -> None:
+    """No tokens set: the page on loopback shows the dead letters without a replay button;
+    two executions dead-lettered beside one open dead letter (the other's was purged),
+    each count labelled for what it counts; a cancelled execution; a paused group."""
+    require_chromium()
+    settings = make_settings(api_tokens="")
+    keys = Keys(settings.prefix)
+    await apply(pool, THREE_STEPS)
+    dead = [
+        await seed_execution(pool, failed_step=(1, "boom"), status="dead_lettered")
+        for _ in range(2)
+    ]
+    cancelled = await seed_execution(pool)
+    async with pool.connection() as conn:
+        await dead_letters.record(
+            conn,
+            [
+                NewDeadLetter(
+                    stream=keys.commands(), message_id=f"1-{n}", payload={"command": "{}"},
+                    error=f"webhook answered 500 ({n})", attempts=5, execution_id=exec_id,
+                )
+                for n, exec_id in enumerate(dead)
+            ],
+        )  # fmt: skip
+        await conn.execute("UPDATE dead_letters SET purged_at = now() WHERE message_id = '1-0'")
+    await interventions.cancel(pool, [cancelled], actor="ops", reason=None)
+    await pause.pause(
+        redis, keys, pause.Pause(group="actions", by="ops", since=datetime.now(UTC), reason=None)
+    )
+
+    async with serving(create_app(settings)) as url, async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, timeout=120_000
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1440, "height": 800})
+            await page.goto(url)
+            await wait_for(
+                lambda: shown_counts(page),
+                lambda c: c == {"dead_lettered": 2},
+                within=20,
+                what="the page to show 2 dead-lettered",
+            )
+            assert await text_of(page, "count-cancelled") == "1"
+            assert await text_of(page, "lag-dead-letters") == "1"
+            totals = await page.locator(".totals").first.text_content() or ""
+            assert "open dead letters 1" in " ".join(totals.split())
+            letters = page.get_by_test_id("dead-row")
+            assert await letters.count() == 1
+            assert "webhook answered 500 (1)" in await text_of(page, "dead-reason")
+            assert await page.locator("button.replay").count() == 0
+            assert await text_of(page, "replay-needs-token") == "token needed to replay"
+            actions = page.locator('[data-testid="lag-row"][data-group="actions"]')
+            assert await actions.get_by_test_id("paused").count() == 1
+            triggers = page.locator('[data-testid="lag-row"][data-group="triggers"]')
+            assert await triggers.get_by_test_id("paused").count() == 0
+        finally:
+            await browser.close()

@@ -97,6 +97,7 @@ def expected_document(keys: Keys) -> dict[str, Any]:
                 "consumers": [{"name": "c1", "pending": 1}, {"name": "c2", "pending": 2}],
                 "held_entities": 0,
                 "parked": 0,
+                "paused": False,
             },
             {
                 "stream": keys.events(),
@@ -109,6 +110,7 @@ def expected_document(keys: Keys) -> dict[str, Any]:
                 "consumers": [],
                 "held_entities": 0,
                 "parked": 0,
+                "paused": False,
             },
             {
                 "stream": keys.commands(),
@@ -120,18 +122,27 @@ def expected_document(keys: Keys) -> dict[str, Any]:
                 "consumers": [{"name": "a1", "pending": 1}],
                 "held_entities": 0,
                 "parked": 0,
+                "paused": False,
             },
         ],
         "retry_scheduled": 2,
         "dead_letters": 1,
         "outbox": {"waiting": 2, "overdue": 0},
         "overdue": 0,  # nothing untouched past the reconcile bound
+        "paused": [],  # no group paused (govflow pause)
     }
 
 
 def check_document(doc: dict[str, Any], keys: Keys, elapsed_s: float) -> None:
     """Every field of the document; an age may have grown by at most ``elapsed_s``."""
-    assert list(doc) == ["groups", "retry_scheduled", "dead_letters", "outbox", "overdue"]
+    assert list(doc) == [
+        "groups",
+        "retry_scheduled",
+        "dead_letters",
+        "outbox",
+        "overdue",
+        "paused",
+    ]
     fields = [
         "stream",
         "group",
@@ -144,6 +155,7 @@ def check_document(doc: dict[str, Any], keys: Keys, elapsed_s: float) -> None:
         "consumers",
         "held_entities",  # per-entity order: see tests/test_ordering.py
         "parked",
+        "paused",  # see tests/test_interventions.py
     ]
     assert [list(g) for g in doc["groups"]] == [fields] * 3
 

@@ -11,15 +11,19 @@ Routes and who may call them (see ``govflow/api/auth.py``):
 ``POST /events``                              publish   202 ``{"id": ...}``
 ``GET /executions``, ``GET /executions/{id}`` read      filters, paging, step n of m
 ``GET /lag``, ``GET /stats``                  read      ``govflow lag --json``; dashboard
-``GET /dead-letters``                         operate   open letters with their reasons
+``GET /dead-letters``                         operate   open letters (loopback: no token)
 ``POST /dead-letters/{id}/replay``            operate   202, or 404 / 409
+``POST /executions/{id}/cancel``              operate   200, or 404 / 409
+``POST /executions/{id}/retry``               operate   202, or 404 / 409
+``POST /groups/{group}/pause``, ``/resume``   operate   200 with the group's pause
 ``GET /metrics``, ``GET /healthz``            anyone    Prometheus; Redis and Postgres
 ``GET /``, ``GET /openapi.json``              anyone    the dashboard; this API's document
 ============================================ ========= ==================================
 
 ``/lag`` takes ``read``, not ``operate``: it shows counts and ages, nothing of a payload,
 and the dashboard of a read-only token needs it. Dead letters hold payloads, so they take
-``operate``. Errors are Litestar's JSON shape, ``{"status_code", "detail", "extra"?}``;
+``operate``; with no tokens configured, loopback clients may read them, as they read
+everything else (``api.auth``). Errors are Litestar's JSON shape, ``{"status_code", "detail", "extra"?}``;
 an invalid event gets 422 with ``extra: [{"key": <field>, "message": ...}]``.
 """
 
@@ -57,24 +61,27 @@ from govflow.api.auth import TokenAuth, principal_of, scope_guard
 from govflow.api.errors import error_response, invalid, short
 from govflow.api.models import (
     EVENT_IN,
-    REPLAY_REQUEST,
+    REASON_REQUEST,
     Accepted,
     DeadLetterPage,
     EventIn,
     ExecutionPage,
     Health,
+    PauseState,
     Stats,
 )
+from govflow.consumers import pause
 from govflow.consumers.streams import RedisClient
 from govflow.core import tracing
 from govflow.core.connect import connect, unprobed
 from govflow.core.unavailable import UNAVAILABLE, is_unavailable
 from govflow.db import dead_letters, executions, views
 from govflow.db.dead_letters import Selection
-from govflow.operations import dlq, lag
+from govflow.db.interventions import Intervention
+from govflow.operations import dlq, interventions, lag
 from govflow.producers.publish import Publisher
 from govflow.schemas.codec import MAX_ENTRY_BYTES, encode
-from govflow.schemas.errors import InvalidEntryError
+from govflow.schemas.errors import ConfigError, InvalidEntryError
 from govflow.schemas.events import convert_event
 from govflow.schemas.settings import Settings
 
@@ -191,6 +198,10 @@ def create_app(settings: Settings) -> Litestar:
             get_stats,
             list_dead_letters,
             replay_dead_letter,
+            cancel_execution,
+            retry_execution,
+            pause_group,
+            resume_group,
             metrics,
             healthz,
             dashboard_page,
@@ -361,7 +372,9 @@ async def get_stats(gf: Deps) -> Stats:
 
 @get(
     "/dead-letters",
-    opt={"scope": "operate"},
+    # Payloads, so `operate` for a token; with no tokens set, loopback clients read them
+    # as they read the rest of the dashboard (replaying still takes a token).
+    opt={"scope": "operate", "loopback_reads": True},
     security=SECURITY,
     responses={**_AUTH_ERRORS, **_UNAVAILABLE},
 )
@@ -392,13 +405,7 @@ async def replay_dead_letter(
     request: Request[Any, Any, Any], gf: Deps, dead_letter_id: FromPath[int]
 ) -> dlq.Replayed:
     """Put a dead letter back on its stream, once; optional body `{"reason": ...}`."""
-    body = await request.body()
-    try:
-        reason = REPLAY_REQUEST.decode(body).reason if body.strip() else None
-    except msgspec.ValidationError as e:
-        raise invalid("invalid replay request", str(e)) from e
-    except (msgspec.DecodeError, UnicodeDecodeError) as e:
-        raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {e}") from e
+    reason = await _reason(request)
     if not 0 < dead_letter_id <= MAX_ID:
         raise NotFoundException(f"no dead letter {dead_letter_id}")
     report = await dlq.replay(
@@ -415,6 +422,131 @@ async def replay_dead_letter(
     if why == "no such dead letter":
         raise NotFoundException(f"no dead letter {dead_letter_id}")
     raise HTTPException(status_code=409, detail=f"dead letter {dead_letter_id}: {why}")
+
+
+async def _reason(request: Request[Any, Any, Any]) -> str | None:
+    """The optional ``{"reason": ...}`` of an operator's request."""
+    body = await request.body()
+    try:
+        return REASON_REQUEST.decode(body).reason if body.strip() else None
+    except msgspec.ValidationError as e:
+        raise invalid("invalid request", str(e)) from e
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {e}") from e
+
+
+# Operating executions and groups --------------------------------------------------------
+
+_INTERVENTION_ERRORS = {
+    **_AUTH_ERRORS,
+    **_UNAVAILABLE,
+    404: ResponseSpec(None, description="No such execution"),
+    409: ResponseSpec(None, description="Its status does not allow it; `detail` says why"),
+    422: ResponseSpec(None, description='The body is not {"reason": ...}'),
+}
+
+
+@post(
+    "/executions/{execution_id:str}/cancel",
+    status_code=200,
+    opt={"scope": "operate"},
+    security=SECURITY,
+    responses=_INTERVENTION_ERRORS,
+)
+async def cancel_execution(
+    request: Request[Any, Any, Any], gf: Deps, execution_id: FromPath[str]
+) -> Intervention:
+    """Cancel an unfinished execution: no step runs after it; optional body `{"reason": ...}`."""
+    reason = await _reason(request)
+    report = await interventions.cancel(
+        gf.pool, [_execution_key(execution_id)], actor=principal_of(request).actor, reason=reason
+    )
+    return _one(report, execution_id)
+
+
+@post(
+    "/executions/{execution_id:str}/retry",
+    status_code=202,
+    opt={"scope": "operate"},
+    security=SECURITY,
+    responses=_INTERVENTION_ERRORS,
+)
+async def retry_execution(
+    request: Request[Any, Any, Any], gf: Deps, execution_id: FromPath[str]
+) -> Intervention:
+    """Run a dead-lettered or cancelled execution again from the step it stopped at, once."""
+    reason = await _reason(request)
+    report = await interventions.retry(
+        gf.redis, gf.pool, gf.keys, [_execution_key(execution_id)],
+        actor=principal_of(request).actor, reason=reason,
+    )  # fmt: skip
+    return _one(report, execution_id)
+
+
+def _execution_key(execution_id: str) -> str:
+    try:
+        return str(uuid.UUID(execution_id))
+    except ValueError as e:
+        raise NotFoundException(f"no execution {execution_id!r}: ids are UUIDs") from e
+
+
+def _one(report: interventions.InterventionReport, execution_id: str) -> Intervention:
+    """The intervention a request made, or the 404 or 409 that says why there is none."""
+    if report.done:
+        return report.done[0]
+    why = report.refused[0].why
+    if why == interventions.NO_SUCH:
+        raise NotFoundException(f"no execution {execution_id}")
+    raise HTTPException(status_code=409, detail=f"execution {execution_id}: {why}")
+
+
+_GROUP_ERRORS = {
+    **_AUTH_ERRORS,
+    **_UNAVAILABLE,
+    404: ResponseSpec(None, description="No such group: `triggers` or `actions`"),
+}
+
+
+@post(
+    "/groups/{group:str}/pause",
+    status_code=200,
+    opt={"scope": "operate"},
+    security=SECURITY,
+    responses={**_GROUP_ERRORS, 422: ResponseSpec(None, description='Not {"reason": ...}')},
+)
+async def pause_group(
+    request: Request[Any, Any, Any], gf: Deps, group: FromPath[str]
+) -> PauseState:
+    """Stop the group's consumers taking entries (the batches in hand finish); optional reason."""
+    reason = await _reason(request)
+    wanted = pause.Pause(
+        group=_group(group),
+        by=principal_of(request).actor,
+        since=datetime.now(UTC),
+        reason=reason,
+    )
+    current, changed = await pause.pause(gf.redis, gf.keys, wanted)
+    return PauseState(group=group, paused=True, pause=current, changed=changed)
+
+
+@post(
+    "/groups/{group:str}/resume",
+    status_code=200,
+    opt={"scope": "operate"},
+    security=SECURITY,
+    responses=_GROUP_ERRORS,
+)
+async def resume_group(gf: Deps, group: FromPath[str]) -> PauseState:
+    """Let the group's consumers take entries again."""
+    lifted = await pause.resume(gf.redis, gf.keys, _group(group))
+    return PauseState(group=group, paused=False, pause=None, changed=lifted is not None)
+
+
+def _group(group: str) -> str:
+    try:
+        return pause.check_group(group)
+    except ConfigError as e:
+        raise NotFoundException(str(e)) from e
 
 
 # Metrics, health, the dashboard, the document ---------------------------------------------

@@ -11,7 +11,9 @@ Answers:
 - no tokens configured at all: writes (``publish``, ``operate``) are refused with 403
   (README.md, "The HTTP API and the dashboard"); reads are open to loopback clients
   only, so ``govflow serve`` on a laptop shows its dashboard with nothing to set up, and
-  any other client gets 403.
+  any other client gets 403. A read that takes ``operate`` with tokens (the dead
+  letters, which hold payloads) says so with ``opt["loopback_reads"]``: loopback clients
+  may make it too.
 
 A token never reaches a log line or a response. The actor a replay is recorded under is
 ``api:`` and the first 8 hex digits of the token's SHA-256: an operator can tell which
@@ -61,17 +63,27 @@ class TokenAuth:
         """Whether any token is configured."""
         return bool(self._tokens)
 
-    def principal(self, connection: ASGIConnection[Any, Any, Any, Any], scope: Scope) -> Principal:
+    def principal(
+        self,
+        connection: ASGIConnection[Any, Any, Any, Any],
+        scope: Scope,
+        *,
+        loopback_reads: bool = False,
+    ) -> Principal:
         """The caller of ``connection`` if it may use ``scope``.
+
+        ``loopback_reads``: the route only reads, so without tokens a loopback client may
+        call it whatever its scope.
 
         Raises:
             NotAuthorizedException: no token, or not a configured one (401).
             PermissionDeniedException: not allowed to use ``scope`` (403).
         """
         if not self._tokens:
-            if scope == "read" and _is_loopback(connection):
+            reads = scope == "read" or loopback_reads
+            if reads and _is_loopback(connection):
                 return LOOPBACK
-            if scope == "read":
+            if reads:
                 raise PermissionDeniedException(
                     "GOVFLOW_API_TOKENS is not set: reads are open to loopback clients only"
                 )
@@ -116,7 +128,10 @@ def scope_guard(auth: TokenAuth) -> Any:
     def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
         scope = handler.opt.get("scope")
         if scope is not None:
-            connection.state[PRINCIPAL] = auth.principal(connection, scope)
+            loopback_reads = bool(handler.opt.get("loopback_reads"))
+            connection.state[PRINCIPAL] = auth.principal(
+                connection, scope, loopback_reads=loopback_reads
+            )
 
     return guard
 

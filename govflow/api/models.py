@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from govflow.consumers.pause import Pause
 from govflow.db import dead_letters, views
 from govflow.schemas.events import Change, EventType, NonEmpty
 
@@ -50,13 +51,26 @@ class DeadLetterPage(msgspec.Struct, frozen=True, kw_only=True):
     dead_letters: list[dead_letters.DeadLetter]
 
 
-class ReplayRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Why a dead letter is replayed; recorded with the replay."""
+class ReasonRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Why an operator replays, cancels, retries or pauses; recorded with it."""
 
     reason: Annotated[str, msgspec.Meta(max_length=1000, pattern=r"^[^\x00]*$")] | None = None
 
 
-REPLAY_REQUEST = msgspec.json.Decoder(ReplayRequest)
+REASON_REQUEST = msgspec.json.Decoder(ReasonRequest)
+
+
+class PauseState(msgspec.Struct, frozen=True, kw_only=True):
+    """A group's pause after ``POST /groups/{group}/pause`` or ``/resume``.
+
+    ``pause`` is the pause in force (``None`` once resumed); ``changed``: whether this
+    request paused or resumed it (false: it was so already).
+    """
+
+    group: str
+    paused: bool
+    pause: Pause | None
+    changed: bool
 
 
 class Stats(msgspec.Struct, frozen=True, kw_only=True):

@@ -12,45 +12,40 @@ traceback, and never a password.
 from __future__ import annotations
 
 import functools
-import os
-import re
 import sys
 from importlib.metadata import version as package_version
-from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import msgspec
 import psycopg
 import typer
 from redis import exceptions as redis_errors
-from rich.table import Column
-from rich.text import Text
 
 from govflow.cli import config as config_cli
 from govflow.cli import dlq as dlq_cli
-from govflow.cli import executions, outcome
+from govflow.cli import execution_ops, executions, outcome, pause
 from govflow.cli import lag as lag_cli
 from govflow.cli import webhooks as webhooks_cli
-from govflow.cli.context import JsonFlag, console, print_json, run_async, set_global_flags
+from govflow.cli import workflows as workflows_cli
+from govflow.cli.context import (
+    console,
+    database_url,
+    help_without_command,
+    print_error,
+    run_async,
+    set_global_flags,
+)
 from govflow.cli.serve import serve
-from govflow.cli.tables import listing_table
 from govflow.core import deployment
 from govflow.db import migrate as db_migrate
-from govflow.db.workflows import WorkflowVersion, apply_workflow, list_workflows
-from govflow.plugins.registry import check_actions
 from govflow.producers.publish import Publisher
 from govflow.runtime.embedded import EmbeddedServerError
-from govflow.runtime.log import MASK, configure_logging, redact_url
+from govflow.runtime.log import configure_logging
 from govflow.runtime.worker import parse_roles, run_workers
-from govflow.schemas.codec import decode_workflow, encode, json_schemas
+from govflow.schemas.codec import encode, json_schemas
 from govflow.schemas.errors import ConfigError, GovflowError, InvalidEntryError, UnavailableError
 from govflow.schemas.events import Change, Event, new_event
 from govflow.schemas.settings import Settings
-from govflow.schemas.templates import check_workflow
-from govflow.schemas.workflows import Workflow
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+")
 
 # Errors a person fixes by changing an argument, a file or a setting: exit 2.
 BAD_INPUT = (ConfigError, InvalidEntryError, msgspec.ValidationError)
@@ -64,28 +59,23 @@ SERVER_ERRORS = (
 )
 
 
-def _help_without_command(ctx: typer.Context) -> None:
-    """Print the help of a group called without a command, and exit 2."""
-    if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help(), err=True)
-        raise typer.Exit(2)
-
-
 app = typer.Typer(
     name="govflow",
     help="Run governance workflows from domain events.",
     pretty_exceptions_enable=False,
 )
-workflows_app = typer.Typer(
-    help="Register and list workflow definitions.", callback=_help_without_command
-)
-app.add_typer(workflows_app, name="workflows", invoke_without_command=True)
+app.add_typer(workflows_cli.app, name="workflows", invoke_without_command=True)
 app.command("lag")(lag_cli.lag)
 app.add_typer(dlq_cli.app, name="dlq")
 app.add_typer(executions.app, name="executions")
+executions.app.command("cancel")(execution_ops.cancel_command)
+executions.app.command("retry")(execution_ops.retry_command)
+executions.app.command("prune")(execution_ops.prune_command)
 app.add_typer(webhooks_cli.app, name="webhooks")
 app.command("serve")(serve)
 app.command("config")(config_cli.config)
+app.command("pause")(pause.pause_command)
+app.command("resume")(pause.resume_command)
 
 
 def _print_version(value: bool) -> None:
@@ -132,7 +122,7 @@ def _global_options(
     set_global_flags(
         redis_url=redis_url, database_url=database_url, prefix=prefix, data_dir=data_dir
     )
-    _help_without_command(ctx)
+    help_without_command(ctx)
 
 
 @app.command()
@@ -143,137 +133,13 @@ def migrate() -> None:
 
 
 async def _migrate(settings: Settings) -> list[str]:
-    applied = await db_migrate.migrate(_database_url(settings))
+    applied = await db_migrate.migrate(database_url(settings))
     # The database is this deployment's from now on: another prefix is refused.
     async with await psycopg.AsyncConnection.connect(
-        _database_url(settings), autocommit=True, connect_timeout=10
+        database_url(settings), autocommit=True, connect_timeout=10
     ) as conn:
         await deployment.record_prefix(conn, settings.prefix)
     return applied
-
-
-@workflows_app.command("apply")
-def workflows_apply(
-    files: Annotated[list[Path], typer.Argument(help="YAML or JSON definitions.")],
-    as_json: JsonFlag = False,
-) -> None:
-    """Validate every file, then register each changed definition as a new version."""
-    workflows = _read_definitions(files)
-    results = run_async(functools.partial(_apply, workflows), redis=False, start=True)
-    if as_json:
-        print_json(
-            [
-                {"file": str(path), "name": wf.name, "version": version, "changed": changed}
-                for (path, wf), (version, changed) in zip(workflows, results, strict=True)
-            ]
-        )
-        return
-    for (_, wf), (version, changed) in zip(workflows, results, strict=True):
-        console.print(f"{wf.name} v{version} {'changed' if changed else 'unchanged'}")
-
-
-def _read_definitions(files: list[Path]) -> list[tuple[Path, Workflow]]:
-    """Read and validate every file; on any error print one line per problem and exit 2."""
-    workflows, errors = _check_definitions(files)
-    if errors:
-        for error in errors:
-            _print_error(error)
-        raise typer.Exit(2)
-    return workflows
-
-
-def _check_definitions(files: list[Path]) -> tuple[list[tuple[Path, Workflow]], list[str]]:
-    """Read and validate every file: the definitions, and the errors; warnings go to stderr."""
-    workflows: list[tuple[Path, Workflow]] = []
-    errors: list[str] = []
-    first_file: dict[str, Path] = {}
-    for path in files:
-        try:
-            wf = decode_workflow(path.read_bytes(), source=str(path))
-            # An unknown action or bad parameters would only fail at run time, per event.
-            check_actions(wf.steps(), source=str(path))
-        except OSError as e:
-            errors.append(f"{path}: {e.strerror or e}")
-            continue
-        except InvalidEntryError as e:
-            errors.append(e.reason)
-            continue
-        # So would a misspelt template field or a webhook URL that is not one.
-        findings = check_workflow(wf, source=str(path))
-        for warning in findings.warnings:
-            _print_error(f"warning: {warning}")
-        if findings.errors:
-            errors.extend(findings.errors)
-            continue
-        if (earlier := first_file.setdefault(wf.name, path)) != path:
-            errors.append(f"{path}: defines {wf.name!r}, as {earlier} does")
-            continue
-        workflows.append((path, wf))
-    return workflows, errors
-
-
-@workflows_app.command("validate")
-def workflows_validate(
-    files: Annotated[list[Path], typer.Argument(help="YAML or JSON definitions.")],
-) -> None:
-    """Check definitions as `apply` does, and apply nothing; exit 1 when one is invalid."""
-    workflows, errors = _check_definitions(files)
-    for error in errors:
-        _print_error(error)
-    for path, wf in workflows:
-        console.print(f"{path}: {wf.name} is valid", markup=False)
-    if errors:
-        raise typer.Exit(1)
-
-
-async def _apply(
-    workflows: list[tuple[Path, Workflow]], settings: Settings
-) -> list[tuple[int, bool]]:
-    # One transaction: a failure half-way applies none of the files.
-    async with (
-        await psycopg.AsyncConnection.connect(_database_url(settings), connect_timeout=10) as conn,
-        conn.transaction(),
-    ):
-        return [await apply_workflow(conn, wf) for _, wf in workflows]
-
-
-@workflows_app.command("list")
-def workflows_list(
-    all_versions: Annotated[
-        bool, typer.Option("--all", help="Every version, not only the latest.")
-    ] = False,
-    as_json: JsonFlag = False,
-) -> None:
-    """List the registered workflows: the latest version of each, or every version."""
-    rows = run_async(functools.partial(_list, all_versions), redis=False)
-    if as_json:
-        print_json(rows)
-        return
-    table = listing_table(
-        Column("name", overflow="fold", ratio=2),
-        Column("version", justify="right", no_wrap=True),
-        Column("on", overflow="fold", ratio=1),
-        Column("enabled", no_wrap=True),
-        Column("actions", overflow="fold", ratio=2),
-        Column("created", no_wrap=True),
-    )
-    for row in rows:
-        table.add_row(
-            Text(row.name),
-            str(row.version),
-            Text(f"{row.entity} {row.trigger}"),
-            "yes" if row.enabled else "no",
-            Text(", ".join(action for action, _ in row.definition.steps())),
-            f"{row.created_at:%Y-%m-%d %H:%M}",
-        )
-    console.print(table)
-
-
-async def _list(all_versions: bool, settings: Settings) -> list[WorkflowVersion]:
-    async with await psycopg.AsyncConnection.connect(
-        _database_url(settings), connect_timeout=10, autocommit=True
-    ) as conn:
-        return await list_workflows(conn, all_versions=all_versions)
 
 
 @app.command()
@@ -319,7 +185,7 @@ def publish(
 
 async def _publish_and_wait(event: Event, timeout_s: float, settings: Settings) -> outcome.Outcome:
     async with await psycopg.AsyncConnection.connect(
-        _database_url(settings), connect_timeout=10, autocommit=True
+        database_url(settings), connect_timeout=10, autocommit=True
     ) as conn:
         return await outcome.publish_and_wait(
             functools.partial(_publish, event, settings), conn, event, timeout_s
@@ -394,31 +260,6 @@ def _json_option(flag: str, text: str, kind: Any) -> Any:
         raise ConfigError(f"{flag} is nested too deeply") from e
 
 
-def _database_url(settings: Settings) -> str:
-    if settings.database_url is None:
-        raise ConfigError("no database URL: set GOVFLOW_DATABASE_URL")
-    return settings.database_url
-
-
-def _secrets() -> set[str]:
-    """The passwords of every URL in the environment and the arguments, to scrub them."""
-    found: set[str] = set()
-    for value in [*os.environ.values(), *sys.argv]:
-        for url in _URL.findall(value):
-            if password := urlsplit(url).password:
-                found.add(password)
-    return found
-
-
-def _print_error(message: str) -> None:
-    """Write ``message`` as one line on stderr, with passwords masked."""
-    line = " ".join(redact_url(message).split())
-    for secret in _secrets():
-        line = line.replace(secret, MASK)
-    sys.stderr.write(f"govflow: {line}\n")
-    sys.stderr.flush()
-
-
 def _describe(error: BaseException) -> str:
     if isinstance(error, psycopg.OperationalError):
         return f"cannot use the database: {error}"
@@ -439,25 +280,25 @@ def main(argv: list[str] | None = None) -> None:
         # A bad command line (typer's UsageError and friends, exit 2) or a file it opened.
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        _print_error(f"{e.format_message()}{hint}")
+        print_error(f"{e.format_message()}{hint}")
         status = e.exit_code
     except typer.Abort:
-        _print_error("aborted")
+        print_error("aborted")
         status = 130
     except psycopg.errors.UndefinedTable:
-        _print_error("the database has no govflow tables yet: run `govflow migrate` first")
+        print_error("the database has no govflow tables yet: run `govflow migrate` first")
         status = 1
     except BAD_INPUT as e:
-        _print_error(str(e))
+        print_error(str(e))
         status = 2
     except SERVER_ERRORS as e:
-        _print_error(_describe(e))
+        print_error(_describe(e))
         status = 1
     except GovflowError as e:
-        _print_error(str(e))
+        print_error(str(e))
         status = 1
     except Exception as e:  # noqa: BLE001 - an error is a sentence, never a traceback
-        _print_error(f"unexpected {type(e).__name__}: {e} (a bug in govflow; please report it)")
+        print_error(f"unexpected {type(e).__name__}: {e} (a bug in govflow; please report it)")
         status = 1
     sys.exit(status if isinstance(status, int) else 0)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -23,12 +25,16 @@ from rich.console import Console
 
 from govflow.core import deployment, tracing
 from govflow.runtime import embedded, local_servers
+from govflow.runtime.log import MASK, redact_url
 from govflow.schemas.codec import encode
+from govflow.schemas.errors import ConfigError
 from govflow.schemas.settings import Settings
 
 T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 # Not on a terminal, rich would squeeze tables into 80 columns: 160 there, unless COLUMNS
@@ -163,3 +169,40 @@ def print_json(value: Any) -> None:
     """Write one JSON document, and nothing else, on stdout."""
     sys.stdout.buffer.write(encode(value) + b"\n")
     sys.stdout.flush()
+
+
+def database_url(settings: Settings) -> str:
+    """The database URL of ``settings``.
+
+    Raises:
+        ConfigError: there is none.
+    """
+    if settings.database_url is None:
+        raise ConfigError("no database URL: set GOVFLOW_DATABASE_URL")
+    return settings.database_url
+
+
+def help_without_command(ctx: typer.Context) -> None:
+    """Print the help of a group called without a command, and exit 2."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help(), err=True)
+        raise typer.Exit(2)
+
+
+def print_error(message: str) -> None:
+    """Write ``message`` as one line on stderr, with passwords masked."""
+    line = " ".join(redact_url(message).split())
+    for secret in _secrets():
+        line = line.replace(secret, MASK)
+    sys.stderr.write(f"govflow: {line}\n")
+    sys.stderr.flush()
+
+
+def _secrets() -> set[str]:
+    """The passwords of every URL in the environment and the arguments, to scrub them."""
+    found: set[str] = set()
+    for value in [*os.environ.values(), *sys.argv]:
+        for url in _URL.findall(value):
+            if password := urlsplit(url).password:
+                found.add(password)
+    return found

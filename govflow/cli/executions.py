@@ -18,18 +18,19 @@ from govflow.cli.context import JsonFlag, console, print_json, run_async
 from govflow.cli.tables import listing_table, one_line, rest_of, short_id
 from govflow.db import executions, views
 from govflow.db.id_prefix import resolve_execution_id
+from govflow.operations.dlq import when
 from govflow.runtime.connections import database_pool
 from govflow.schemas.errors import GovflowError
 from govflow.schemas.settings import Settings
 
-app = typer.Typer(help="List executions and show one with its steps.")
+app = typer.Typer(help="List and show executions; cancel, retry and prune them.")
 
 
 @app.command("list")
 def list_command(
     status: Annotated[
         str | None,
-        typer.Option(help="queued, running, retrying, completed or dead_lettered."),
+        typer.Option(help="queued, running, retrying, completed, dead_lettered or cancelled."),
     ] = None,
     entity_id: Annotated[str | None, typer.Option("--entity-id", help="One entity's.")] = None,
     workflow: Annotated[str | None, typer.Option(help="One workflow's (by name).")] = None,
@@ -106,6 +107,14 @@ def show_command(
     )
     if detail.last_error:
         console.print(f"last error: {detail.last_error}", markup=False, soft_wrap=False)
+    for done in detail.interventions:
+        verb = "cancelled" if done.kind == "cancel" else "retried"
+        console.print(
+            f"{verb} by {done.actor} at {when(done.created_at)} (was {done.from_status})"
+            + (f": {done.reason}" if done.reason else ""),
+            markup=False,
+            soft_wrap=False,
+        )
     table = Table(
         Column("step", no_wrap=True),
         Column("action", overflow="fold"),

@@ -44,7 +44,7 @@ def render(report: LagReport) -> RenderableType:
     for g in report.groups:
         table.add_row(
             Text(g.stream),
-            Text(g.group),
+            Text(f"{g.group} (paused)" if g.paused else g.group),
             str(g.length),
             str(g.lag) if g.lag_valid else f"~{g.lag}",
             str(g.pending),
@@ -69,6 +69,11 @@ def render(report: LagReport) -> RenderableType:
             )
             + (f", {report.outbox.overdue} overdue" if report.outbox.overdue else "")
         )
+    totals.extend(
+        f"{p.group} paused by {p.by} since {p.since:%Y-%m-%d %H:%M:%S %Z}"
+        + (f" ({p.reason})" if p.reason else "")
+        for p in report.paused
+    )
     parts: list[RenderableType] = [table]
     if consumers.row_count:
         parts.extend([Text(""), consumers])

@@ -23,7 +23,7 @@ from govflow.schemas.events import Event
 from govflow.schemas.workflows import StoredWorkflow
 
 # Statuses an execution stays in until a person or an operator acts.
-SETTLED = frozenset({"completed", "waiting", "dead_lettered"})
+SETTLED = frozenset({"completed", "waiting", "dead_lettered", "cancelled"})
 POLL_S = 0.2
 
 

@@ -185,8 +185,8 @@ class ActionRunner:
             elif epoch is not None:
                 w.done, w.epoch = state.done, epoch
                 runnable.append(w)
-            elif state.status == "completed":
-                outcomes[w.index] = Outcome(kind="ack", **found)  # a duplicate: done already
+            elif state.status in ("completed", "cancelled"):  # done already, or cancelled
+                outcomes[w.index] = Outcome(kind="ack", **found)
             elif state.status == "dead_lettered":
                 # Dead-lettered by an earlier delivery that died before handing over.
                 outcomes[w.index] = dead(

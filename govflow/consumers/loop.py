@@ -19,6 +19,9 @@ Two layers are added only when configured:
 - Per-entity order (``consumers.ordering``): a batch some of whose entries keep their
   entity's order runs in rounds, and entries park behind a retried one; any other batch
   runs in one go.
+
+An operator may pause a group (``consumers.pause``): its consumers then take no entries
+until it resumes; the batch in hand finishes first.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from govflow.consumers import traces
 from govflow.consumers.ordering import Ordering
 from govflow.consumers.outcomes import Outcome, RetryPolicy
 from govflow.consumers.partitions import LeasedReads, PartitionLease
+from govflow.consumers.pause import CHECK_S, PauseFlag
 from govflow.consumers.scripts import Fence
 from govflow.consumers.settle import Settler, Verdict
 from govflow.consumers.streams import BLOCK_MS, Entry, Streams
@@ -117,6 +121,7 @@ class GroupConsumer:
             streams=streams, pool=pool, keys=keys, role=handler.role, partition=partition,
             policy=policy, fence=fence, stopping=lambda: self._stopping,
         )  # fmt: skip
+        self._pause = PauseFlag(streams.redis, keys, self.group)
         self.fenced = False  # set when a hand-over found another worker's lease
         self._stopping = False
         self._backoff = Backoff()
@@ -133,6 +138,9 @@ class GroupConsumer:
                 "consumer.started", stream=self.stream, group=self.group, consumer=self.consumer
             )
             while not self._stopping:
+                if await self._pause.paused():
+                    await anyio.sleep(CHECK_S)
+                    continue
                 batch = await self._read()
                 if batch:
                     await self._process(batch)

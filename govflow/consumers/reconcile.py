@@ -203,7 +203,7 @@ class Reconciler:
         """Emit the lost commands and publish the lost rows again, in one pipeline."""
         commands: list[tuple[Overdue, bytes]] = []
         for x in lost:
-            command = _command_of(x)
+            command = rebuild_command(x)
             if command is None:
                 done.without_event += 1
                 log.error("reconcile.event_unknown", execution_id=x.id, event_id=x.event_id)
@@ -225,8 +225,9 @@ class Reconciler:
         done.reemitted, done.republished = len(claimed), len(rows)
 
 
-def _command_of(x: Overdue) -> RunWorkflow | None:
-    """The command that runs an execution, rebuilt from the event the matcher kept."""
+def rebuild_command(x: Overdue) -> RunWorkflow | None:
+    """The command that runs an execution, rebuilt from the event the matcher kept;
+    ``None`` when it kept none (or none that is still an event)."""
     if x.event is None:
         return None
     try:

@@ -12,9 +12,11 @@ A worker frozen past ``GOVFLOW_CLAIM_IDLE`` (or past its partition lease) finds 
 that the execution was claimed again: ``hold`` refuses it, the caller rolls its
 transaction back and leaves the entry to the worker that owns it now.
 
-A terminal execution (``completed``, ``dead_lettered``) is never claimed again, so it
-never changes again; the one exception is a replayed dead letter, which claims its
-``dead_lettered`` execution anew (govflow/operations/dlq.py).
+A terminal execution (``completed``, ``dead_lettered``, ``cancelled``) is never claimed
+again, so it never changes again; the one exception is a replayed dead letter, which
+claims its ``dead_lettered`` execution anew (govflow/operations/dlq.py). A cancel bumps
+the epoch too (govflow/db/interventions.py), so a delivery in flight when it lands writes
+nothing more.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ async def claim(
         " ORDER BY id FOR NO KEY UPDATE)"
         " UPDATE workflow_executions e SET status = 'running', attempts = e.attempts + 1,"
         " epoch = e.epoch + 1, updated_at = now() FROM locked WHERE e.id = locked.id"
-        " AND (e.status NOT IN ('completed', 'dead_lettered')"
+        " AND (e.status NOT IN ('completed', 'dead_lettered', 'cancelled')"
         " OR (e.status = 'dead_lettered' AND e.id = ANY(%s::uuid[])))"
         " RETURNING e.id::text, e.epoch",
         (id_array(ids), id_array(replays)),

@@ -170,17 +170,19 @@ async def count_overdue(conn: AsyncConnection[Any], after_s: float) -> tuple[int
     return int(row[0]), int(row[1])
 
 
+# A cancelled execution keeps its event too: `govflow executions retry` emits its command
+# from it (govflow/operations/interventions.py).
 _FORGET_RECEIVED = (
     "DELETE FROM received_events WHERE ctid IN (SELECT r.ctid FROM received_events r"
     " WHERE r.received_at < now() - make_interval(secs => %s) AND NOT EXISTS"
     " (SELECT 1 FROM workflow_executions e WHERE e.event_id = r.event_id"
-    " AND e.tenant = r.tenant AND e.status IN ('queued', 'running', 'retrying'))"
+    " AND e.tenant = r.tenant AND e.status IN ('queued', 'running', 'retrying', 'cancelled'))"
     " LIMIT %s)"
 )
 
 
 async def forget_received(conn: AsyncConnection[Any], older_than_s: float, limit: int) -> int:
     """Delete up to ``limit`` received events older than ``older_than_s`` with nothing
-    unfinished left; return how many."""
+    unfinished or cancelled left; return how many."""
     cur = await conn.execute(_FORGET_RECEIVED, (older_than_s, limit))
     return cur.rowcount

@@ -15,9 +15,10 @@ import msgspec
 from psycopg import AsyncConnection
 from psycopg.rows import kwargs_row
 
-from govflow.db import executions
+from govflow.db import executions, interventions
 from govflow.db.batch import id_array
 from govflow.db.executions import ExecutionRow
+from govflow.db.interventions import Intervention
 
 
 class PlannedStep(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,6 +57,8 @@ class ExecutionView(ExecutionRow, frozen=True, kw_only=True):
     completed_steps: int
     total_steps: int
     steps: list[PlannedStep]
+    # Who cancelled or retried it, when and why, oldest first (``govflow executions cancel``).
+    interventions: list[Intervention] = msgspec.field(default_factory=list)
 
 
 class Bucket(msgspec.Struct, frozen=True):
@@ -65,7 +68,11 @@ class Bucket(msgspec.Struct, frozen=True):
     completed: int
 
 
-def execution_view(execution: ExecutionRow, plan: Sequence[PlannedStep]) -> ExecutionView:
+def execution_view(
+    execution: ExecutionRow,
+    plan: Sequence[PlannedStep],
+    done_to_it: Sequence[Intervention] = (),
+) -> ExecutionView:
     """The view of ``execution``, from the plan ``step_plans`` gives for it."""
     completed = sum(1 for s in plan if s.status == "completed")
     total = len(plan)
@@ -76,6 +83,7 @@ def execution_view(execution: ExecutionRow, plan: Sequence[PlannedStep]) -> Exec
         completed_steps=completed,
         total_steps=total,
         steps=list(plan),
+        interventions=list(done_to_it),
     )
 
 
@@ -92,8 +100,10 @@ async def read_executions(
     conn: AsyncConnection[Any], found: Sequence[ExecutionRow]
 ) -> list[ExecutionView]:
     """The views of executions already read, in their order."""
-    plans = await step_plans(conn, [e.id for e in found])
-    return [execution_view(e, plans.get(e.id, [])) for e in found]
+    ids = [e.id for e in found]
+    plans = await step_plans(conn, ids)
+    done_to = await interventions.history(conn, ids)
+    return [execution_view(e, plans.get(e.id, []), done_to.get(e.id, [])) for e in found]
 
 
 async def step_plans(

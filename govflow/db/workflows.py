@@ -63,6 +63,49 @@ async def apply_workflow(conn: AsyncConnection[Any], wf: Workflow) -> tuple[int,
     return version, True
 
 
+async def set_enabled(
+    conn: AsyncConnection[Any], name: str, enabled: bool
+) -> tuple[int, bool] | None:
+    """Switch the latest version of ``name`` on or off, under ``apply``'s lock for the name.
+
+    The workers see it at their next batch, as they see an apply (``workflow_generation``).
+    An ``apply`` of the same definition later leaves the switch as it is; a changed one
+    makes a new version, enabled as its file says.
+
+    Returns:
+        ``(version, changed)``: the version switched, and whether this call switched it;
+        ``None`` when no workflow has that name.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
+        cur = await conn.execute(
+            "SELECT version, enabled FROM workflows WHERE name = %s ORDER BY version DESC LIMIT 1",
+            (name,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        version, current = row
+        if current == enabled:
+            return version, False
+        await conn.execute(
+            "UPDATE workflows SET enabled = %s WHERE name = %s AND version = %s",
+            (enabled, name, version),
+        )
+    return version, True
+
+
+async def latest_version(conn: AsyncConnection[Any], name: str) -> WorkflowVersion | None:
+    """The latest version of one workflow, or ``None`` when no workflow has that name."""
+    cur = await conn.execute(
+        "SELECT name, version, entity, trigger, enabled, created_at, definition"
+        " FROM workflows WHERE name = %s ORDER BY version DESC LIMIT 1",
+        (name,),
+    )
+    row = await cur.fetchone()
+    return None if row is None else _row(row)
+
+
 async def list_workflows(
     conn: AsyncConnection[Any], *, all_versions: bool = False
 ) -> list[WorkflowVersion]:

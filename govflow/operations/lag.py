@@ -32,6 +32,7 @@ import structlog
 from psycopg_pool import AsyncConnectionPool
 from redis import exceptions as redis_errors
 
+from govflow.consumers.pause import Pause, read_pauses
 from govflow.consumers.streams import RedisClient
 from govflow.core import metrics
 from govflow.core.service import run_every
@@ -87,6 +88,7 @@ class GroupLag(msgspec.Struct, frozen=True, kw_only=True):
     # pending (they were delivered and acknowledged into the parked lists).
     held_entities: int = 0
     parked: int = 0  # counted behind the first PARKED_LIMIT held entities: a lower bound past it
+    paused: bool = False  # an operator paused the group (``govflow pause``): nothing is read
 
 
 class OutboxBacklog(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,6 +111,7 @@ class LagReport(msgspec.Struct, frozen=True, kw_only=True):
     # Executions queued, running or retrying and untouched for longer than the reconcile
     # bound (GOVFLOW_RECONCILE_AFTER): slow, or lost by Redis and soon put back. 0 without a pool.
     overdue: int = 0
+    paused: list[Pause] = []  # the groups paused, by whom, since when and why
 
 
 async def read_lag(
@@ -133,13 +136,16 @@ async def read_lag(
     seconds, micros = await redis.time()
     reader = _Reader(redis, now_ms=seconds * 1000 + micros // 1000, scan_limit=scan_limit)
     behind = await _held_and_parked(redis, keys)
+    pauses = await read_pauses(redis, keys)
     groups: list[GroupLag] = []
     for p in keys.all_partitions():
         for role in ROLES:
             group = GROUP_OF[role]
             held, parked = behind[group, p]
             groups += [
-                msgspec.structs.replace(g, held_entities=held, parked=parked)
+                msgspec.structs.replace(
+                    g, held_entities=held, parked=parked, paused=group in pauses
+                )
                 if g.group == group
                 else g
                 for g in await reader.stream(keys.stream(role, p), group)
@@ -167,6 +173,7 @@ async def read_lag(
         dead_letters=dead,
         outbox=backlog,
         overdue=overdue,
+        paused=sorted(pauses.values(), key=lambda x: x.group),
     )
 
 

@@ -2,8 +2,8 @@
 
 With one partition (the default): one ``GroupConsumer`` per (role, concurrency slot), all
 sharing one Redis client, one Postgres pool and one webhook client; plus the retry mover,
-the janitor, the reconciler (with the ``triggers`` or ``actions`` role) and, with the
-``relay`` role, the outbox relay.
+the janitor, the reconciler and the retention sweep (with the ``triggers`` or ``actions``
+role) and, with the ``relay`` role, the outbox relay.
 
 With ``GOVFLOW_PARTITIONS`` above 1, partitions are leased (``consumers.partitions``): per
 role, the worker holds a fair share of the partitions, one consumer on each, and
@@ -37,6 +37,7 @@ from govflow.consumers.ordering import Ordering
 from govflow.consumers.outcomes import RetryPolicy
 from govflow.consumers.partitions import PartitionLease, PartitionLeases
 from govflow.consumers.reconcile import Reconciler
+from govflow.consumers.retention import Retention
 from govflow.consumers.retry import RetryMover
 from govflow.consumers.seal import Seal
 from govflow.consumers.streams import BLOCK_MS, RedisClient, Streams, load_seal
@@ -289,6 +290,8 @@ class Worker:
             # Every worker of a stream role sweeps for lost work; a Postgres lock taken per
             # sweep makes one of them the leader of that sweep.
             services.append(Reconciler(streams, pool, keys, after_s=settings.reconcile_after))
+            # Likewise one retention sweep at a time: old executions, the dead-letter stream.
+            services.append(Retention(redis, pool, keys, settings.execution_retention_s()))
         if self.lag_gauges:
             services.append(LagGauges(redis, pool, keys, overdue_after_s=settings.reconcile_after))
         if "relay" in self.roles:

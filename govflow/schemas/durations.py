@@ -31,3 +31,17 @@ def parse_duration(value: object) -> float:
     if seconds <= 0:
         raise ValueError(f"{value!r} is not a positive duration")
     return seconds
+
+
+OFF = ("off", "never", "0")
+
+
+def parse_retention(value: str) -> float | None:
+    """Seconds in a retention such as ``30d``; ``None`` for ``off`` (keep for good).
+
+    Raises:
+        ValueError: neither a positive duration nor ``off``.
+    """
+    if value.strip().lower() in OFF:
+        return None
+    return parse_duration(value)

@@ -67,6 +67,11 @@ class Keys(msgspec.Struct, frozen=True):
         (``consumers.seal``); read and written alone, so it needs no hash tag."""
         return f"{self.prefix}:seal"
 
+    def pause(self, group: str) -> str:
+        """The key that, while it exists, pauses every consumer of a group
+        (``consumers.pause``); read and written alone, so it needs no hash tag."""
+        return f"{self.prefix}:pause:{group}"
+
     def workers(self, group: str) -> str:
         """The sorted set of the workers of a group, scored by their last heartbeat (ms)."""
         return f"{self.prefix}:workers:{group}"

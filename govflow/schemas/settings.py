@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from govflow.schemas._service_links import is_service_link
+from govflow.schemas.durations import parse_retention
 from govflow.schemas.errors import ConfigError
 from govflow.schemas.keys import Keys
 
@@ -54,6 +55,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_chain_executions: Positive = 1000  # per root event, counted in Postgres
     # OpenTelemetry: auto exports when OTEL_EXPORTER_OTLP_ENDPOINT is set (docs/tracing.md).
     tracing: Literal["auto", "on", "off"] = "auto"
+    # Finished executions are deleted this long after they finished, with their steps and
+    # effects (``consumers.retention``): a duration such as 30d, or off (kept for good).
+    execution_retention: str = "off"
 
     def __post_init__(self) -> None:
         for url, schemes in (
@@ -63,6 +67,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             if url is not None and not url.startswith(schemes):
                 raise ConfigError(f"{url.split(':', 1)[0]!r} is not one of {', '.join(schemes)}")
         parse_tokens(self.api_tokens)
+        try:
+            parse_retention(self.execution_retention)
+        except ValueError as e:
+            raise ConfigError(f"GOVFLOW_EXECUTION_RETENTION: {e}, or off") from e
         if self.backoff_max < self.backoff_base:
             raise ConfigError(
                 f"GOVFLOW_BACKOFF_MAX ({self.backoff_max:g}) is shorter than "
@@ -103,6 +111,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def keys(self) -> Keys:
         """The Redis key names of this deployment (its prefix and partitions)."""
         return Keys(self.prefix, self.partitions)
+
+    def execution_retention_s(self) -> float | None:
+        """Seconds a finished execution is kept; ``None``: for good."""
+        return parse_retention(self.execution_retention)
 
     def tokens(self) -> dict[str, frozenset[str]]:
         """Map each API token to its scopes."""
