@@ -126,12 +126,26 @@ def expected_document(keys: Keys) -> dict[str, Any]:
         "dead_letters": 1,
         "outbox": {"waiting": 2, "overdue": 0},
         "overdue": 0,  # nothing untouched past the reconcile bound
+        "waiting": 0,
+        "timers_due": 0,
+        "approvals_pending": 0,
+        "tasks_open": 0,
     }
 
 
 def check_document(doc: dict[str, Any], keys: Keys, elapsed_s: float) -> None:
     """Every field of the document; an age may have grown by at most ``elapsed_s``."""
-    assert list(doc) == ["groups", "retry_scheduled", "dead_letters", "outbox", "overdue"]
+    assert list(doc) == [
+        "groups",
+        "retry_scheduled",
+        "dead_letters",
+        "outbox",
+        "overdue",
+        "waiting",
+        "timers_due",
+        "approvals_pending",
+        "tasks_open",
+    ]
     fields = [
         "stream",
         "group",

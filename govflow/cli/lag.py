@@ -58,6 +58,8 @@ def render(report: LagReport) -> RenderableType:
         f"retries scheduled: {report.retry_scheduled}",
         f"dead letters: {report.dead_letters}",
         f"overdue: {report.overdue}",
+        f"waiting: {report.waiting}",
+        f"timers due: {report.timers_due}",
     ]
     if report.outbox is not None:
         totals.append(

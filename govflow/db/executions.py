@@ -12,7 +12,7 @@ from psycopg.rows import class_row
 
 from govflow.db.batch import Batched, id_array
 
-Status = Literal["queued", "running", "retrying", "completed", "dead_lettered"]
+Status = Literal["queued", "running", "retrying", "waiting", "completed", "dead_lettered"]
 TERMINAL: frozenset[str] = frozenset({"completed", "dead_lettered"})
 
 

@@ -2,8 +2,8 @@
 
 With one partition (the default): one ``GroupConsumer`` per (role, concurrency slot), all
 sharing one Redis client, one Postgres pool and one webhook client; plus the retry mover,
-the janitor, the reconciler (with the ``triggers`` or ``actions`` role) and, with the
-``relay`` role, the outbox relay.
+the janitor, the reconciler (with the ``triggers`` or ``actions`` role), the deadline
+service (with the ``actions`` role) and, with the ``relay`` role, the outbox relay.
 
 With ``GOVFLOW_PARTITIONS`` above 1, partitions are leased (``consumers.partitions``): per
 role, the worker holds a fair share of the partitions, one consumer on each, and
@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from govflow.consumers.actions import ActionRunner
+from govflow.consumers.deadlines import Deadlines
 from govflow.consumers.definitions import Definitions
 from govflow.consumers.janitor import Janitor
 from govflow.consumers.loop import GroupConsumer, Handler
@@ -289,6 +290,8 @@ class Worker:
             # Every worker of a stream role sweeps for lost work; a Postgres lock taken per
             # sweep makes one of them the leader of that sweep.
             services.append(Reconciler(streams, pool, keys, after_s=settings.reconcile_after))
+        if "actions" in self.roles:
+            services.append(Deadlines(redis, pool, keys, interval=settings.deadline_interval))
         if self.lag_gauges:
             services.append(LagGauges(redis, pool, keys, overdue_after_s=settings.reconcile_after))
         if "relay" in self.roles:

@@ -52,6 +52,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Work untouched this long, and that Redis no longer carries, is put back.
     reconcile_after: Seconds = 120.0
     max_chain_executions: Positive = 1000  # per root event, counted in Postgres
+    # How often a worker looks for approvals and tasks past their due time.
+    deadline_interval: Seconds = 1.0
 
     def __post_init__(self) -> None:
         for url, schemes in (
