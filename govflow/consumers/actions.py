@@ -17,6 +17,10 @@ called:
    executions: one that another worker has started since (this worker stalled past its
    claim or its lease) writes nothing, and its entry is left to the worker that owns it.
 
+An execution whose path reaches a step that waits for a person (``wait: true``,
+``schemas.flow``) records that step and is shown ``waiting``; its entry is acknowledged,
+and a decision or a deadline emits its command again later (``operations.decisions``).
+
 The entries are acknowledged only after the whole batch is recorded. A redelivered command
 finds its completed steps and skips them, so no database effect happens twice; a webhook
 performed but not recorded (a crash, an outage) is sent again with the same
