@@ -58,7 +58,11 @@ def render(report: LagReport) -> RenderableType:
         f"retries scheduled: {report.retry_scheduled}",
         f"dead letters: {report.dead_letters}",
         f"overdue: {report.overdue}",
-        f"waiting: {report.waiting}",
+    ]
+    people = [
+        f"waiting for people: {report.waiting}",
+        f"approvals pending: {report.approvals_pending}",
+        f"tasks open: {report.tasks_open}",
         f"timers due: {report.timers_due}",
     ]
     if report.outbox is not None:
@@ -76,7 +80,7 @@ def render(report: LagReport) -> RenderableType:
         parts.extend([Text(""), consumers])
     else:
         parts.append(Text("no consumers", style="dim"))
-    parts.extend([Text(""), Text("   ".join(totals))])
+    parts.extend([Text(""), Text("   ".join(totals)), Text("   ".join(people))])
     if any(not g.lag_valid for g in report.groups):
         parts.append(Text("~ an estimate: too many entries to count", style="dim"))
     return RenderGroup(*parts)
