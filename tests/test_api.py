@@ -46,6 +46,7 @@ from tests.api_helpers import (
     seed_execution,
     serving,
 )
+from tests.decision_helpers import seed_approval, seed_task
 from tests.pipeline_helpers import apply, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -538,6 +539,11 @@ async def test_the_openapi_document_validates(api: Api) -> None:
         "/events",
         "/executions",
         "/executions/{execution_id}",
+        "/approvals",
+        "/approvals/{approval_id}/decisions",
+        "/tasks",
+        "/tasks/{task_id}/complete",
+        "/entities/{entity_type}/{entity_id}/timeline",
         "/lag",
         "/stats",
         "/dead-letters",
@@ -549,6 +555,14 @@ async def test_the_openapi_document_validates(api: Api) -> None:
     assert body["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/EventIn"}
     event_in = document["components"]["schemas"]["EventIn"]
     assert set(event_in["required"]) == {"type", "tenant", "entity_id"}
+    for path, body_name in (
+        ("/approvals/{approval_id}/decisions", "DecisionIn"),
+        ("/tasks/{task_id}/complete", "CompletionIn"),
+    ):
+        body = document["paths"][path]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"]["$ref"].endswith(f"/{body_name}")
+    decision_in = document["components"]["schemas"]["DecisionIn"]
+    assert decision_in["properties"]["decision"]["enum"] == ["approve", "reject"]
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert (await api.client.get("/schema/openapi.json")).json() == document
 
@@ -560,6 +574,8 @@ async def test_schemathesis_finds_no_server_error(
 ) -> None:
     await apply(pool, THREE_STEPS)
     await seed_execution(pool, completed_steps=1, failed_step=(2, "boom"), status="retrying")
+    await seed_approval(pool)
+    await seed_task(pool)
     await Publisher(redis, api.keys).publish(_event("POL-1"))
     base = str(api.client.base_url).rstrip("/")
     started = time.monotonic()

@@ -10,6 +10,10 @@ Routes and who may call them (see ``govflow/api/auth.py``):
 ============================================ ========= ==================================
 ``POST /events``                              publish   202 ``{"id": ...}``
 ``GET /executions``, ``GET /executions/{id}`` read      filters, paging, step n of m
+``GET /approvals``, ``GET /tasks``            read      filters, paging, with decisions
+``POST /approvals/{id}/decisions``            decide    201, or 404 / 409 / 422
+``POST /tasks/{id}/complete``                 decide    200, or 404 / 409
+``GET /entities/{type}/{id}/timeline``        read      one entity's history, oldest first
 ``GET /lag``, ``GET /stats``                  read      ``govflow lag --json``; dashboard
 ``GET /dead-letters``                         operate   open letters with their reasons
 ``POST /dead-letters/{id}/replay``            operate   202, or 404 / 409
@@ -29,7 +33,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import msgspec
@@ -56,28 +60,38 @@ from govflow.api import dashboard
 from govflow.api.auth import TokenAuth, principal_of, scope_guard
 from govflow.api.errors import error_response, invalid, short
 from govflow.api.models import (
+    COMPLETION_IN,
+    DECISION_IN,
     EVENT_IN,
     REPLAY_REQUEST,
     Accepted,
+    ApprovalPage,
+    CompletionIn,
     DeadLetterPage,
+    DecisionIn,
     EventIn,
     ExecutionPage,
     Health,
     Stats,
+    TaskPage,
+    Timeline,
 )
 from govflow.consumers.streams import RedisClient
 from govflow.core.connect import connect, unprobed
 from govflow.core.unavailable import UNAVAILABLE, is_unavailable
-from govflow.db import dead_letters, executions, views
+from govflow.db import dead_letters, decisions, executions, timeline, views
 from govflow.db.dead_letters import Selection
 from govflow.operations import dlq, lag
+from govflow.operations.decisions import Decisions, RefusedError
 from govflow.producers.publish import Publisher
 from govflow.schemas.codec import MAX_ENTRY_BYTES, encode
 from govflow.schemas.errors import InvalidEntryError
-from govflow.schemas.events import convert_event
+from govflow.schemas.events import ENTITIES, convert_event
 from govflow.schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 POOL_TIMEOUT_S = 5.0  # a request waits this long for a Postgres connection, then 503
 HEALTH_TIMEOUT_S = 2.0
@@ -107,6 +121,7 @@ class Resources:
         self._redis: RedisClient | None = None
         self._pool: AsyncConnectionPool[Any] | None = None
         self._publisher: Publisher | None = None
+        self._decisions: Decisions | None = None
 
     @property
     def redis(self) -> RedisClient:
@@ -119,6 +134,12 @@ class Resources:
         """The publisher of ``POST /events``: one, so it checks the partitions once."""
         assert self._publisher is not None, "used outside the app's lifespan"
         return self._publisher
+
+    @property
+    def decisions(self) -> Decisions:
+        """Decide approvals and complete tasks: the operation the CLI calls too."""
+        assert self._decisions is not None, "used outside the app's lifespan"
+        return self._decisions
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
@@ -141,6 +162,7 @@ class Resources:
         )
         # Without waiting: Postgres may be down; requests that need it get a 503 meanwhile.
         await self._pool.open(wait=False)
+        self._decisions = Decisions(self._pool, self._redis, self.keys)
         try:
             yield
         finally:
@@ -186,6 +208,11 @@ def create_app(settings: Settings) -> Litestar:
             publish_event,
             list_executions,
             show_execution,
+            list_approvals,
+            decide_approval,
+            list_tasks,
+            complete_task,
+            entity_timeline,
             get_lag,
             get_stats,
             list_dead_letters,
@@ -214,7 +241,7 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=None,  # govflow's structlog set-up stays in charge
         debug=False,
     )
-    _document_event_body(app)
+    _document_bodies(app)
     return app
 
 
@@ -266,24 +293,33 @@ async def publish_event(request: Request[Any, Any, Any], gf: Deps) -> Accepted:
     return Accepted(event.id)
 
 
-def _document_event_body(app: Litestar) -> None:
-    """Put ``EventIn`` into the generated document as the body of ``POST /events``.
+# The bodies the handlers decode themselves, by path and method (see ``_document_bodies``).
+_BODIES: list[tuple[str, str, type[msgspec.Struct]]] = [
+    ("/events", "post", EventIn),
+    ("/approvals/{approval_id}/decisions", "post", DecisionIn),
+    ("/tasks/{task_id}/complete", "post", CompletionIn),
+]
 
-    The handler decodes the body itself (to answer 400, 413 and 422 exactly, and never
-    500), so Litestar cannot see its type; msgspec writes the schema instead.
+
+def _document_bodies(app: Litestar) -> None:
+    """Put each request body of ``_BODIES`` into the generated document.
+
+    The handlers decode their bodies themselves (to answer 400, 413 and 422 exactly, and
+    never 500), so Litestar cannot see their types; msgspec writes the schemas instead.
     """
     openapi = app.openapi_schema
-    (body,), components = msgspec.json.schema_components(
-        [EventIn], ref_template="#/components/schemas/{name}"
+    schemas, components = msgspec.json.schema_components(
+        [body for _, _, body in _BODIES], ref_template="#/components/schemas/{name}"
     )
     assert openapi.components.schemas is not None
     openapi.components.schemas.update(components)  # plain JSON Schema: rendered as it is
-    operation = openapi.paths["/events"].post  # type: ignore[index]
-    assert operation is not None
-    operation.request_body = RequestBody(
-        content={"application/json": OpenAPIMediaType(schema=Reference(body["$ref"]))},
-        required=True,
-    )
+    for (path, method, _), schema in zip(_BODIES, schemas, strict=True):
+        operation = getattr(openapi.paths[path], method)  # type: ignore[index]
+        assert operation is not None
+        operation.request_body = RequestBody(
+            content={"application/json": OpenAPIMediaType(schema=Reference(schema["$ref"]))},
+            required=True,
+        )
 
 
 # Executions -----------------------------------------------------------------------------
@@ -333,6 +369,145 @@ async def show_execution(gf: Deps, execution_id: FromPath[str]) -> views.Executi
     if found is None:
         raise NotFoundException(f"no execution {key}")
     return found
+
+
+# Approvals, tasks, timelines -----------------------------------------------------------
+
+_REFUSED = {
+    404: ResponseSpec(None, description="No such approval or task"),
+    409: ResponseSpec(None, description="Decided, done or expired already; or decided by `by`"),
+}
+_BAD_BODY = {400: ResponseSpec(None, description="The body is not JSON")}
+
+
+@get(
+    "/approvals",
+    opt={"scope": "read"},
+    security=SECURITY,
+    responses={**_AUTH_ERRORS, **_UNAVAILABLE},
+)
+async def list_approvals(
+    gf: Deps,
+    status: FromQuery[decisions.ApprovalStatus | None] = None,
+    approver: Filter = None,
+    entity_id: Filter = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET)] = 0,
+) -> ApprovalPage:
+    """Approvals oldest first, with their decisions; filter by status, approver or entity."""
+    async with gf.pool.connection() as conn:
+        found = await decisions.list_approvals(
+            conn, status=status, approver=approver, entity_id=entity_id, limit=limit, offset=offset
+        )
+    return ApprovalPage(approvals=found, limit=limit, offset=offset)
+
+
+@post(
+    "/approvals/{approval_id:str}/decisions",
+    status_code=201,
+    opt={"scope": "decide"},
+    security=SECURITY,
+    responses={
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+        **_BAD_BODY,
+        **_REFUSED,
+        422: ResponseSpec(None, description="`by` is not an approver, or the body is invalid"),
+    },
+)
+async def decide_approval(
+    request: Request[Any, Any, Any], gf: Deps, approval_id: FromPath[str]
+) -> decisions.Approval:
+    """Record a decision on an approval; answer the approval as it stands now."""
+    given = _decode(await request.body(), DECISION_IN, "invalid decision")
+    try:
+        return await gf.decisions.decide(
+            approval_id, by=given.by, approve=given.decision == "approve", comment=given.comment
+        )
+    except RefusedError as e:
+        raise HTTPException(status_code=e.status, detail=e.reason) from e
+
+
+@get("/tasks", opt={"scope": "read"}, security=SECURITY, responses={**_AUTH_ERRORS, **_UNAVAILABLE})
+async def list_tasks(
+    gf: Deps,
+    status: FromQuery[decisions.TaskStatus | None] = None,
+    assignee: Filter = None,
+    entity_id: Filter = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET)] = 0,
+) -> TaskPage:
+    """Tasks oldest first; filter by status, assignee or entity."""
+    async with gf.pool.connection() as conn:
+        found = await decisions.list_tasks(
+            conn, status=status, assignee=assignee, entity_id=entity_id, limit=limit, offset=offset
+        )
+    return TaskPage(tasks=found, limit=limit, offset=offset)
+
+
+@post(
+    "/tasks/{task_id:str}/complete",
+    status_code=200,
+    opt={"scope": "decide"},
+    security=SECURITY,
+    responses={
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+        **_BAD_BODY,
+        **_REFUSED,
+        422: ResponseSpec(None, description='The body is not {"by": ...}'),
+    },
+)
+async def complete_task(
+    request: Request[Any, Any, Any], gf: Deps, task_id: FromPath[str]
+) -> decisions.Task:
+    """Mark a task done by `by`; answer the task."""
+    given = _decode(await request.body(), COMPLETION_IN, "invalid completion")
+    try:
+        return await gf.decisions.complete_task(task_id, by=given.by)
+    except RefusedError as e:
+        raise HTTPException(status_code=e.status, detail=e.reason) from e
+
+
+@get(
+    "/entities/{entity_type:str}/{entity_id:str}/timeline",
+    opt={"scope": "read"},
+    security=SECURITY,
+    responses={
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+        404: ResponseSpec(None, description="Not an entity type"),
+    },
+)
+async def entity_timeline(
+    gf: Deps,
+    entity_type: FromPath[str],
+    entity_id: FromPath[str],
+    tenant: Filter = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 100,
+) -> Timeline:
+    """One entity's events, executions, steps, approvals, decisions and tasks, oldest first.
+
+    Each item has a `kind` and the time `at` it happened; `limit` counts the entity's
+    executions, the newest, whose items are listed.
+    """
+    if entity_type not in ENTITIES:
+        raise NotFoundException(f"no entity type {entity_type!r}: {', '.join(ENTITIES)}")
+    async with gf.pool.connection() as conn:
+        items = await timeline.read_timeline(
+            conn, entity_type, entity_id, tenant=tenant, limit=limit
+        )
+    return Timeline(entity_type=entity_type, entity_id=entity_id, items=items)
+
+
+def _decode(body: bytes, decoder: msgspec.json.Decoder[T], what: str) -> T:
+    """A request body decoded: 400 when it is not JSON, 422 naming the field that is wrong."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as e:
+        raise invalid(what, str(e)) from e
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {e}") from e
 
 
 # Lag, stats, dead letters ---------------------------------------------------------------
@@ -391,12 +566,9 @@ async def replay_dead_letter(
 ) -> dlq.Replayed:
     """Put a dead letter back on its stream, once; optional body `{"reason": ...}`."""
     body = await request.body()
-    try:
-        reason = REPLAY_REQUEST.decode(body).reason if body.strip() else None
-    except msgspec.ValidationError as e:
-        raise invalid("invalid replay request", str(e)) from e
-    except (msgspec.DecodeError, UnicodeDecodeError) as e:
-        raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {e}") from e
+    reason = (
+        _decode(body, REPLAY_REQUEST, "invalid replay request").reason if body.strip() else None
+    )
     if not 0 < dead_letter_id <= MAX_ID:
         raise NotFoundException(f"no dead letter {dead_letter_id}")
     report = await dlq.replay(

@@ -8,9 +8,9 @@ Answers:
 
 - no token, a malformed header or an unknown token: 401 with ``WWW-Authenticate: Bearer``;
 - a known token without the scope: 403 (``error="insufficient_scope"``);
-- no tokens configured at all: writes (``publish``, ``operate``) are refused with 403
-  (README.md, "The HTTP API and the dashboard"); reads are open to loopback clients
-  only, so ``govflow serve`` on a laptop shows its dashboard with nothing to set up, and
+- no tokens configured at all: writes (``publish``, ``operate``, ``decide``) are refused
+  with 403 (README.md, "The HTTP API and the dashboard"); reads are open to loopback
+  clients only, so ``govflow serve`` on a laptop shows its dashboard with nothing to set up, and
   any other client gets 403.
 
 A token never reaches a log line or a response. The actor a replay is recorded under is
@@ -30,7 +30,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 
-Scope = Literal["publish", "read", "operate"]
+Scope = Literal["publish", "read", "operate", "decide"]
 
 # The key a guard leaves the caller under, in the request's state.
 PRINCIPAL = "govflow_principal"

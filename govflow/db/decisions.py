@@ -21,6 +21,8 @@ from psycopg.rows import class_row
 from govflow.db.batch import id_array
 
 Kind = Literal["approval", "task"]
+ApprovalStatus = Literal["pending", "approved", "rejected", "expired"]
+TaskStatus = Literal["open", "done", "expired"]
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):

@@ -17,7 +17,7 @@ from govflow.schemas.errors import ConfigError
 from govflow.schemas.keys import Keys
 
 _ENV_PREFIX = "GOVFLOW_"
-SCOPES = frozenset({"publish", "read", "operate"})
+SCOPES = frozenset({"publish", "read", "operate", "decide"})
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
