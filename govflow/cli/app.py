@@ -27,10 +27,12 @@ from redis import exceptions as redis_errors
 from rich.table import Column
 from rich.text import Text
 
+from govflow.cli import approvals as approvals_cli
 from govflow.cli import config as config_cli
 from govflow.cli import dlq as dlq_cli
 from govflow.cli import executions, outcome
 from govflow.cli import lag as lag_cli
+from govflow.cli import tasks as tasks_cli
 from govflow.cli import webhooks as webhooks_cli
 from govflow.cli.context import JsonFlag, console, print_json, run_async, set_global_flags
 from govflow.cli.serve import serve
@@ -83,6 +85,8 @@ app.add_typer(workflows_app, name="workflows", invoke_without_command=True)
 app.command("lag")(lag_cli.lag)
 app.add_typer(dlq_cli.app, name="dlq")
 app.add_typer(executions.app, name="executions")
+app.add_typer(approvals_cli.app, name="approvals")
+app.add_typer(tasks_cli.app, name="tasks")
 app.add_typer(webhooks_cli.app, name="webhooks")
 app.command("serve")(serve)
 app.command("config")(config_cli.config)
