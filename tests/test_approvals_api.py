@@ -7,16 +7,20 @@ statements, or made by the real pipeline (an in-process worker) for the full loo
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 import httpx
 import msgspec
 import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
+import govflow
 from govflow.api.app import create_app
 from govflow.db import decisions
 from govflow.schemas import codec
@@ -367,3 +371,46 @@ async def test_the_loop_from_event_to_decision_shows_on_the_entity_timeline(
     assert (
         await api.client.get("/entities/policy/POL-7/timeline", headers=bearer("decider"))
     ).status_code == 403
+
+
+# The Python API -------------------------------------------------------------------------------
+
+
+async def test_the_python_api_is_the_same_operation(
+    settings: Settings, pool: AsyncConnectionPool[Any]
+) -> None:
+    approval = await seed_approval(pool, approvers=("ciso", "cfo"), required=2)
+    task = await seed_task(pool)
+
+    async with govflow.Decisions.connect(settings) as gf:
+        first = await gf.decide(approval, by="ciso", approve=True, comment="ok")
+        assert (first.id, first.status) == (approval, "pending")
+        with pytest.raises(govflow.RefusedError) as refused:
+            await gf.decide(approval, by="ciso", approve=False)
+        assert (refused.value.status, refused.value.reason) == (
+            409,
+            f"ciso has already decided on approval {approval}",
+        )
+        with pytest.raises(govflow.RefusedError) as refused:
+            await gf.complete_task(str(uuid.uuid4()), by="user-17")
+        assert refused.value.status == 404
+
+    # From synchronous code (here in a thread: this test's loop is running).
+    decided = await anyio.to_thread.run_sync(
+        lambda: govflow.decide(approval, by="cfo", approve=True, settings=settings)
+    )
+    assert (decided.status, [d.by for d in decided.decisions]) == ("approved", ["ciso", "cfo"])
+    done = await anyio.to_thread.run_sync(
+        lambda: govflow.complete_task(task, by="user-17", settings=settings)
+    )
+    assert (done.status, done.completed_by) == ("done", "user-17")
+
+
+def test_importing_govflow_leaves_the_decisions_until_asked_for() -> None:
+    probe = (
+        "import sys, govflow; assert 'govflow.operations.decisions' not in sys.modules;"
+        " from govflow import Decisions, decide, complete_task;"
+        " assert Decisions.__module__ == 'govflow.operations.decisions'"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False)
+    assert result.returncode == 0, result.stderr.decode()
