@@ -7,7 +7,6 @@ import json
 import subprocess
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,9 +16,10 @@ from psycopg_pool import AsyncConnectionPool
 from govflow.db import decisions
 from govflow.schemas import codec
 from govflow.schemas.settings import Settings
-from tests.decision_helpers import PAST, WAITING, seed_approval, seed_task
+from tests.decision_helpers import PAST, seed_approval, seed_task
 from tests.ops_helpers import govflow, govflow_env
 from tests.pipeline_helpers import running_worker, scalar, wait_for
+from tests.test_deploy import readme_decision_loop
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -174,27 +174,24 @@ async def test_each_refusal_exits_1_with_its_reason(
     assert statuses == ["rejected", "pending", "expired"]
 
 
-async def test_an_operator_takes_a_policy_from_publish_to_decision(
-    make_settings: Callable[..., Settings],
-    pool: AsyncConnectionPool[Any],
-    tmp_path: Path,
+async def test_the_readme_loop_from_publish_to_decision(
+    make_settings: Callable[..., Settings], pool: AsyncConnectionPool[Any]
 ) -> None:
     settings = make_settings()
     assert settings.redis_url is not None
     assert settings.database_url is not None
     env = govflow_env(settings.redis_url, settings.database_url, settings.prefix)
-    definition = tmp_path / "policy-approval.yaml"
-    definition.write_text(WAITING)
+    apply, publish, listing, approve, show = readme_decision_loop()
 
-    async def ok(*args: str) -> str:
-        result = await govflow(env, *args)
+    async def ok(argv: list[str]) -> str:
+        assert argv[0] == "govflow"
+        result = await govflow(env, *argv[1:])
         assert result.returncode == 0, result.stderr.decode()
         return result.stdout.decode()
 
-    await ok("workflows", "apply", str(definition))
+    await ok(apply)  # the README runs from the repository's root, as these commands do
     async with running_worker(settings):
-        data = json.dumps({"title": "Access control", "owner": "user-17"})
-        await ok("publish", "policy.created", "--entity-id", "POL-9", "--data", data)
+        await ok(publish)
         await wait_for(
             lambda: scalar(
                 pool, "SELECT count(*) FROM workflow_executions WHERE status = 'waiting'"
@@ -203,12 +200,14 @@ async def test_an_operator_takes_a_policy_from_publish_to_decision(
             within=30,
             what="the execution waiting for its approval",
         )
-        (approval,) = json.loads(await ok("approvals", "list", "--status", "pending", "--json"))
+        (approval,) = json.loads(await ok([*listing, "--json"]))
+        assert approval["status"] == "pending"
         assert (approval["entity_id"], approval["approvers"]) == (
-            "POL-9",
+            "POL-7",
             ["compliance-officer", "ciso"],
         )
-        said = await ok("approvals", "approve", approval["id"][:8], "--by", "ciso")
+        # The README's ids are examples: this run's are the ones the listing shows.
+        said = await ok([*approve[:3], approval["id"][:8], *approve[4:]])
         assert said.strip().endswith(
             f"the approval is approved (1 of 1 approvals); execution"
             f" {approval['execution_id'][:8]} goes on"
@@ -219,9 +218,9 @@ async def test_an_operator_takes_a_policy_from_publish_to_decision(
             within=30,
             what="the execution going on after the approval",
         )
-    shown = json.loads(await ok("executions", "show", approval["execution_id"], "--json"))
-    assert (shown["status"], shown["workflow_name"]) == ("completed", "policy-approval")
-    (task,) = json.loads(await ok("tasks", "list", "--assignee", "user-17", "--json"))
+    shown = json.loads(await ok([*show[:3], approval["execution_id"][:8], "--json"]))
+    assert (shown["status"], shown["workflow_name"]) == ("completed", "high-risk-policy-approval")
+    (task,) = json.loads(await ok(["govflow", "tasks", "list", "--assignee", "user-17", "--json"]))
     assert (task["title"], task["status"]) == ("Publish Access control", "open")
-    assignee = await scalar(pool, "SELECT assignee FROM assignments")
-    assert assignee == "publisher"  # on_approved ran, on_rejected did not
+    changed = await scalar(pool, "SELECT array_agg(to_status) FROM status_changes")
+    assert changed == ["approved"]  # on_approved ran, on_rejected did not

@@ -713,12 +713,17 @@ def test_the_readme_second_terminal_needs_no_uv_and_its_first_event_runs_a_workf
     assert [wf.name for wf in examples if matches(wf, event)] == ["high-risk-policy-approval"]
 
 
-def test_the_readme_loop_from_publish_to_decision_is_five_commands_that_parse() -> None:
+def readme_decision_loop() -> list[list[str]]:
+    """The commands of the README's loop from publish to decision, each as argv."""
     readme = (ROOT / "README.md").read_text()
     found = re.search(r"## Approvals and tasks.*?```sh\n(.*?)```", readme, re.DOTALL)
     assert found, "the README shows no loop from publish to decision"
     lines = found.group(1).replace("\\\n", " ").splitlines()
-    commands = [argv for line in lines if (argv := shlex.split(line, comments=True))]
+    return [argv for line in lines if (argv := shlex.split(line, comments=True))]
+
+
+def test_the_readme_loop_from_publish_to_decision_is_five_commands_that_parse() -> None:
+    commands = readme_decision_loop()
     assert [argv[1:3] for argv in commands] == [
         ["workflows", "apply"],
         ["publish", "policy.status_changed"],
