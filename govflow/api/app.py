@@ -10,6 +10,7 @@ Routes and who may call them (see ``govflow/api/auth.py``):
 ============================================ ========= ==================================
 ``POST /events``                              publish   202 ``{"id": ...}``
 ``GET /executions``, ``GET /executions/{id}`` read      filters, paging, step n of m
+``GET /executions/{id}/detail``               read      the event, steps, approvals, tasks
 ``GET /approvals``, ``GET /tasks``            read      filters, paging, with decisions
 ``POST /approvals/{id}/decisions``            decide    201, or 404 / 409 / 422
 ``POST /tasks/{id}/complete``                 decide    200, or 404 / 409
@@ -18,6 +19,7 @@ Routes and who may call them (see ``govflow/api/auth.py``):
 ``GET /dead-letters``                         operate   open letters with their reasons
 ``POST /dead-letters/{id}/replay``            operate   202, or 404 / 409
 ``GET /metrics``, ``GET /healthz``            anyone    Prometheus; Redis and Postgres
+``GET /token``                                anyone    the caller's actor and scopes
 ``GET /``, ``GET /openapi.json``              anyone    the dashboard; this API's document
 ============================================ ========= ==================================
 
@@ -66,6 +68,7 @@ from govflow.api.models import (
     REPLAY_REQUEST,
     Accepted,
     ApprovalPage,
+    Caller,
     CompletionIn,
     DeadLetterPage,
     DecisionIn,
@@ -79,7 +82,7 @@ from govflow.api.models import (
 from govflow.consumers.streams import RedisClient
 from govflow.core.connect import connect, unprobed
 from govflow.core.unavailable import UNAVAILABLE, is_unavailable
-from govflow.db import dead_letters, decisions, executions, timeline, views
+from govflow.db import dead_letters, decisions, detail, executions, timeline, views
 from govflow.db.dead_letters import Selection
 from govflow.operations import dlq, lag
 from govflow.operations.decisions import Decisions, RefusedError
@@ -114,6 +117,7 @@ class Resources:
     def __init__(self, settings: Settings) -> None:
         if settings.redis_url is None or settings.database_url is None:
             raise ValueError("the API needs a Redis URL and a database URL")
+        self.auth = TokenAuth(settings.tokens())
         self.keys = settings.keys()
         self.overdue_after_s = settings.reconcile_after
         self.redis_url = settings.redis_url
@@ -208,6 +212,7 @@ def create_app(settings: Settings) -> Litestar:
             publish_event,
             list_executions,
             show_execution,
+            show_execution_detail,
             list_approvals,
             decide_approval,
             list_tasks,
@@ -219,11 +224,12 @@ def create_app(settings: Settings) -> Litestar:
             replay_dead_letter,
             metrics,
             healthz,
+            show_token,
             dashboard_page,
             openapi_document,
         ],
         dependencies={"gf": Provide(lambda: resources, sync_to_thread=False)},
-        guards=[scope_guard(TokenAuth(settings.tokens()))],
+        guards=[scope_guard(resources.auth)],
         lifespan=[lifespan],
         exception_handlers={Exception: error_response},
         request_max_body_size=MAX_ENTRY_BYTES,
@@ -360,15 +366,44 @@ async def list_executions(
 )
 async def show_execution(gf: Deps, execution_id: FromPath[str]) -> views.ExecutionView:
     """One execution: step n of m, and the status of each step (as ``executions show --json``)."""
-    try:
-        key = str(uuid.UUID(execution_id))
-    except ValueError as e:
-        raise NotFoundException(f"no execution {execution_id!r}: ids are UUIDs") from e
+    key = _execution_key(execution_id)
     async with gf.pool.connection() as conn:
         found = await views.read_execution(conn, key)
     if found is None:
         raise NotFoundException(f"no execution {key}")
     return found
+
+
+@get(
+    "/executions/{execution_id:str}/detail",
+    opt={"scope": "read"},
+    security=SECURITY,
+    responses={
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+        404: ResponseSpec(None, description="No such execution"),
+    },
+)
+async def show_execution_detail(gf: Deps, execution_id: FromPath[str]) -> detail.ExecutionDetail:
+    """One execution in full: its event, every step with its timing, its approvals and tasks."""
+    key = _execution_key(execution_id)
+    async with gf.pool.connection() as conn:
+        found = await detail.read_detail(conn, key)
+    if found is None:
+        raise NotFoundException(f"no execution {key}")
+    return found
+
+
+def _execution_key(execution_id: str) -> str:
+    """``execution_id`` as the UUID it must be.
+
+    Raises:
+        NotFoundException: not a UUID, so no execution has it.
+    """
+    try:
+        return str(uuid.UUID(execution_id))
+    except ValueError as e:
+        raise NotFoundException(f"no execution {execution_id!r}: ids are UUIDs") from e
 
 
 # Approvals, tasks, timelines -----------------------------------------------------------
@@ -628,6 +663,13 @@ async def healthz(gf: Deps) -> Response[Health]:
         ),
         status_code=200 if healthy else 503,
     )
+
+
+@get("/token", security=SECURITY, responses={401: _AUTH_ERRORS[401]})
+async def show_token(request: Request[Any, Any, Any], gf: Deps) -> Caller:
+    """The actor and scopes of the presented token: what the dashboard may offer its user."""
+    caller = gf.auth.identify(request)
+    return Caller(actor=caller.actor, scopes=sorted(caller.scopes))
 
 
 @get("/", include_in_schema=False, media_type=MediaType.HTML)

@@ -13,9 +13,11 @@ Answers:
   clients only, so ``govflow serve`` on a laptop shows its dashboard with nothing to set up, and
   any other client gets 403.
 
-A token never reaches a log line or a response. The actor a replay is recorded under is
-``api:`` and the first 8 hex digits of the token's SHA-256: an operator can tell which
-token did it (``printf %s "$TOKEN" | sha256sum``) and the record does not hold the token.
+``GET /token`` tells a caller its own scopes (the dashboard shows a button only to a token
+that may use it). A token never reaches a log line or a response. The actor a replay is
+recorded under is ``api:`` and the first 8 hex digits of the token's SHA-256: an operator
+can tell which token did it (``printf %s "$TOKEN" | sha256sum``) and the record does not
+hold the token.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Principal(msgspec.Struct, frozen=True):
 
 
 LOOPBACK = Principal("local", frozenset({"read"}))
+NOBODY = Principal("anonymous", frozenset())
 
 
 class TokenAuth:
@@ -61,23 +64,16 @@ class TokenAuth:
         """Whether any token is configured."""
         return bool(self._tokens)
 
-    def principal(self, connection: ASGIConnection[Any, Any, Any, Any], scope: Scope) -> Principal:
-        """The caller of ``connection`` if it may use ``scope``.
+    def identify(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+        """The caller of ``connection`` and every scope it holds.
+
+        Without configured tokens a loopback client may read and anyone else nothing.
 
         Raises:
             NotAuthorizedException: no token, or not a configured one (401).
-            PermissionDeniedException: not allowed to use ``scope`` (403).
         """
         if not self._tokens:
-            if scope == "read" and _is_loopback(connection):
-                return LOOPBACK
-            if scope == "read":
-                raise PermissionDeniedException(
-                    "GOVFLOW_API_TOKENS is not set: reads are open to loopback clients only"
-                )
-            raise PermissionDeniedException(
-                "GOVFLOW_API_TOKENS is not set: the API takes no writes without tokens"
-            )
+            return LOOPBACK if _is_loopback(connection) else NOBODY
         presented = _bearer(connection.headers.get("authorization"))
         if presented is None:
             raise NotAuthorizedException(
@@ -89,12 +85,30 @@ class TokenAuth:
                 "the bearer token is not valid",
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
-        if scope not in found:
-            raise PermissionDeniedException(
-                f"this token lacks the {scope!r} scope",
-                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope" scope="{scope}"'},
-            )
         return Principal(f"api:{hashlib.sha256(presented).hexdigest()[:8]}", found)
+
+    def principal(self, connection: ASGIConnection[Any, Any, Any, Any], scope: Scope) -> Principal:
+        """The caller of ``connection`` if it may use ``scope``.
+
+        Raises:
+            NotAuthorizedException: no token, or not a configured one (401).
+            PermissionDeniedException: not allowed to use ``scope`` (403).
+        """
+        caller = self.identify(connection)
+        if scope in caller.scopes:
+            return caller
+        if not self._tokens and scope == "read":
+            raise PermissionDeniedException(
+                "GOVFLOW_API_TOKENS is not set: reads are open to loopback clients only"
+            )
+        if not self._tokens:
+            raise PermissionDeniedException(
+                "GOVFLOW_API_TOKENS is not set: the API takes no writes without tokens"
+            )
+        raise PermissionDeniedException(
+            f"this token lacks the {scope!r} scope",
+            headers={"WWW-Authenticate": f'Bearer error="insufficient_scope" scope="{scope}"'},
+        )
 
     def _match(self, presented: bytes) -> frozenset[str] | None:
         """The scopes of the configured token equal to ``presented``, in constant time."""

@@ -68,6 +68,13 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     dead_letters: int
 
 
+class Caller(msgspec.Struct, frozen=True, kw_only=True):
+    """Who the presented token is recorded as, and the scopes it holds."""
+
+    actor: str
+    scopes: list[str]
+
+
 class Health(msgspec.Struct, frozen=True, kw_only=True):
     """Whether the API reaches its servers: ``ok`` or what went wrong, for each."""
 

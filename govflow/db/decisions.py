@@ -308,6 +308,7 @@ async def list_approvals(
     approver: str | None = None,
     entity_id: str | None = None,
     approval_id: str | None = None,
+    execution_id: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> list[Approval]:
@@ -316,7 +317,8 @@ async def list_approvals(
         ("a.status = %s", status),
         ("a.approvers ? %s", approver),
         ("a.entity_id = %s", entity_id),
-        ("a.id = %s::uuid", _uuid_or_none(approval_id) or _NO_ID if approval_id else None),
+        ("a.id = %s::uuid", _id_filter(approval_id)),
+        ("a.execution_id = %s::uuid", _id_filter(execution_id)),
     )
     cur = await conn.execute(
         f"{_APPROVALS} WHERE {where} ORDER BY a.created_at, a.id LIMIT %s OFFSET %s".encode(),
@@ -347,6 +349,7 @@ async def list_tasks(
     assignee: str | None = None,
     entity_id: str | None = None,
     task_id: str | None = None,
+    execution_id: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> list[Task]:
@@ -355,7 +358,8 @@ async def list_tasks(
         ("t.status = %s", status),
         ("t.assignee = %s", assignee),
         ("t.entity_id = %s", entity_id),
-        ("t.id = %s::uuid", _uuid_or_none(task_id) or _NO_ID if task_id else None),
+        ("t.id = %s::uuid", _id_filter(task_id)),
+        ("t.execution_id = %s::uuid", _id_filter(execution_id)),
     )
     async with conn.cursor(row_factory=class_row(Task)) as cur:
         await cur.execute(
@@ -374,6 +378,13 @@ def _uuid_or_none(value: str) -> str | None:
         return str(uuid.UUID(value))
     except ValueError:
         return None
+
+
+def _id_filter(value: str | None) -> str | None:
+    """The parameter of a filter on a uuid column: ``value``, one matching nothing, or None."""
+    if not value:
+        return None
+    return _uuid_or_none(value) or _NO_ID
 
 
 def _filters(*clauses: tuple[str, str | None]) -> tuple[str, list[str]]:
