@@ -30,11 +30,13 @@ TOKENS = {
     "publisher": "tok-publish-3f9a",
     "reader": "tok-read-77c1",
     "operator": "tok-operate-0d2e",
+    "decider": "tok-decide-51a0",
     "admin": "tok-admin-b5e8",
 }
 API_TOKENS = (
     f"{TOKENS['publisher']}:publish {TOKENS['reader']}:read "
-    f"{TOKENS['operator']}:operate {TOKENS['admin']}:publish,read,operate"
+    f"{TOKENS['operator']}:operate {TOKENS['decider']}:decide "
+    f"{TOKENS['admin']}:publish,read,operate,decide"
 )
 
 THREE_STEPS = """

@@ -46,6 +46,7 @@ from tests.api_helpers import (
     seed_execution,
     serving,
 )
+from tests.decision_helpers import seed_approval, seed_task
 from tests.pipeline_helpers import apply, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -291,6 +292,67 @@ async def test_an_execution_shows_step_n_of_m(api: Api, pool: AsyncConnectionPoo
     assert response.status_code == 403
 
 
+async def test_an_execution_detail_shows_every_step_with_its_timing(
+    api: Api, pool: AsyncConnectionPool[Any]
+) -> None:
+    await apply(pool, THREE_STEPS)
+    retrying = await seed_execution(
+        pool, completed_steps=1, failed_step=(2, "webhook answered 503"), status="retrying"
+    )
+    dead = await seed_execution(
+        pool, completed_steps=1, failed_step=(2, "webhook answered 404"), status="dead_lettered"
+    )
+
+    response = await api.client.get(f"/executions/{retrying}/detail", headers=bearer("reader"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["id"], body["status"], body["entity_id"]) == (retrying, "retrying", "POL-1")
+    assert body["progress"]["text"] == "step 2 of 3"
+    steps = [(s["step"], s["action"], s["status"], s["attempts"]) for s in body["steps"]]
+    assert steps == [
+        (1, "create_task", "completed", 1),
+        (2, "assign", "failed", 1),
+        (3, "create_approval", "pending", 0),
+    ]
+    first, second, third = body["steps"]
+    assert second["error"] == "webhook answered 503"
+    assert second["after_s"] >= first["after_s"] >= 0
+    assert (third["updated_at"], third["after_s"]) == (None, None)
+    assert {(s["branch_of"], s["branch"], s["wait"]) for s in body["steps"]} == {
+        (None, None, False)
+    }
+    # Seeded without the pipeline: no event kept, no approval or task written.
+    assert body["event"] is None
+    assert body["event_occurred_at"]
+    assert (body["approvals"], body["tasks"]) == ([], [])
+
+    body = (await api.client.get(f"/executions/{dead}/detail", headers=bearer("admin"))).json()
+    assert [s["status"] for s in body["steps"]] == ["completed", "failed", "skipped"]
+
+    for missing in (str(uuid.uuid4()), "not-a-uuid"):
+        response = await api.client.get(f"/executions/{missing}/detail", headers=bearer("reader"))
+        assert response.status_code == 404, (missing, response.text)
+        assert response.json()["detail"]
+    assert (await api.client.get(f"/executions/{dead}/detail")).status_code == 401
+    response = await api.client.get(f"/executions/{dead}/detail", headers=bearer("publisher"))
+    assert response.status_code == 403
+
+
+async def test_token_tells_the_caller_its_actor_and_scopes(api: Api) -> None:
+    configured = api.settings.tokens()
+    for who, token in TOKENS.items():
+        response = await api.client.get("/token", headers=bearer(who))
+        assert response.status_code == 200, response.text
+        digest = hashlib.sha256(token.encode()).hexdigest()[:8]
+        assert response.json() == {"actor": f"api:{digest}", "scopes": sorted(configured[token])}
+    admin = (await api.client.get("/token", headers=bearer("admin"))).json()
+    assert {"publish", "read", "operate"} <= set(admin["scopes"])
+    assert (await api.client.get("/token")).status_code == 401
+    response = await api.client.get("/token", headers={"Authorization": "Bearer leaked-guess"})
+    assert response.status_code == 401
+    assert "leaked-guess" not in response.text
+
+
 # GET /lag, /stats -----------------------------------------------------------------------------
 
 
@@ -495,6 +557,7 @@ async def test_without_tokens_reads_are_loopback_only_and_writes_are_refused(
         assert (await client.get("/stats")).status_code == 200
         # Dead letters are read by loopback clients too (the dashboard's panel), never replayed.
         assert (await client.get("/dead-letters")).json() == {"dead_letters": []}
+        assert (await client.get("/token")).json() == {"actor": "local", "scopes": ["read"]}
         for response in (
             await client.post("/events", json=event),
             await client.post("/events", json=event, headers=bearer("admin")),
@@ -511,6 +574,7 @@ async def test_without_tokens_reads_are_loopback_only_and_writes_are_refused(
             response = await remote.get(path)
             assert response.status_code == 403
             assert "loopback" in response.json()["detail"]
+        assert (await remote.get("/token")).json() == {"actor": "anonymous", "scopes": []}
 
 
 def test_every_configured_token_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -542,6 +606,12 @@ async def test_the_openapi_document_validates(api: Api) -> None:
         "/events",
         "/executions",
         "/executions/{execution_id}",
+        "/executions/{execution_id}/detail",
+        "/approvals",
+        "/approvals/{approval_id}/decisions",
+        "/tasks",
+        "/tasks/{task_id}/complete",
+        "/entities/{entity_type}/{entity_id}/timeline",
         "/lag",
         "/stats",
         "/dead-letters",
@@ -552,11 +622,20 @@ async def test_the_openapi_document_validates(api: Api) -> None:
         "/groups/{group}/resume",
         "/metrics",
         "/healthz",
+        "/token",
     }
     body = document["paths"]["/events"]["post"]["requestBody"]
     assert body["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/EventIn"}
     event_in = document["components"]["schemas"]["EventIn"]
     assert set(event_in["required"]) == {"type", "tenant", "entity_id"}
+    for path, body_name in (
+        ("/approvals/{approval_id}/decisions", "DecisionIn"),
+        ("/tasks/{task_id}/complete", "CompletionIn"),
+    ):
+        body = document["paths"][path]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"]["$ref"].endswith(f"/{body_name}")
+    decision_in = document["components"]["schemas"]["DecisionIn"]
+    assert decision_in["properties"]["decision"]["enum"] == ["approve", "reject"]
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert (await api.client.get("/schema/openapi.json")).json() == document
 
@@ -568,6 +647,8 @@ async def test_schemathesis_finds_no_server_error(
 ) -> None:
     await apply(pool, THREE_STEPS)
     await seed_execution(pool, completed_steps=1, failed_step=(2, "boom"), status="retrying")
+    await seed_approval(pool)
+    await seed_task(pool)
     await Publisher(redis, api.keys).publish(_event("POL-1"))
     base = str(api.client.base_url).rstrip("/")
     started = time.monotonic()

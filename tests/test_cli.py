@@ -128,14 +128,14 @@ def test_apply_list_and_reapply(govflow: Run, tmp_path: Path) -> None:
 
     first = govflow("workflows", "apply", *files)
     assert first.returncode == 0, first.stderr
+    # Each example file is named after its workflow.
     assert first.stdout.splitlines() == [
-        "high-risk-policy-approval v1 changed",
-        "new-policy-review v1 changed",
+        *(f"{path.stem} v1 changed" for path in EXAMPLES),
         "new-evidence v1 changed",
     ]
 
     again = govflow("workflows", "apply", *files)
-    assert again.stdout.splitlines()[0] == "high-risk-policy-approval v1 unchanged"
+    assert again.stdout.splitlines()[0] == f"{EXAMPLES[0].stem} v1 unchanged"
 
     extra.write_text(VALID.replace("Check", "Verify"))
     changed = govflow("workflows", "apply", str(extra), "--json")
@@ -146,14 +146,16 @@ def test_apply_list_and_reapply(govflow: Run, tmp_path: Path) -> None:
     listed = govflow("workflows", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)  # one JSON document, nothing else on stdout
-    assert [(r["name"], r["version"]) for r in rows] == [
-        ("high-risk-policy-approval", 1),
-        ("new-evidence", 2),
-        ("new-policy-review", 1),
-    ]
-    assert rows[0]["definition"]["when"][1] == {"field": "risk", "in": ["high", "critical"]}
+    assert [(r["name"], r["version"]) for r in rows] == sorted(
+        [*((path.stem, 1) for path in EXAMPLES), ("new-evidence", 2)]
+    )
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["high-risk-policy-approval"]["definition"]["when"][1] == {
+        "field": "risk",
+        "in": ["high", "critical"],
+    }
     every = json.loads(govflow("workflows", "list", "--all", "--json").stdout)
-    assert len(every) == 4
+    assert len(every) == len(EXAMPLES) + 2
 
     table = govflow("workflows", "list")
     assert "high-risk-policy-approval" in table.stdout

@@ -15,6 +15,7 @@ from govflow.db.dead_letters import NewDeadLetter
 from govflow.db.executions import NewExecution
 from govflow.db.id_prefix import prefix_range
 from govflow.db.workflows import apply_workflow
+from govflow.plugins.builtin import APPROVALS, TASKS
 from govflow.schemas.codec import decode_workflow
 from govflow.schemas.keys import Keys
 from tests.ops_helpers import govflow, govflow_env
@@ -67,6 +68,13 @@ async def make_data(pool: AsyncConnectionPool[Any], redis: Redis, keys: Keys) ->
                 )
             ],
         )
+    # An approval and a task with long names, as the built-in actions write them.
+    due = datetime.now(UTC)
+    async with pool.connection() as conn:
+        approval = (SINGLE, 3, f"POL-2-{LONG}", [LONG, f"{LONG}-2"], 2, due, True)
+        await conn.execute(APPROVALS.statement().encode(), (APPROVALS.parameter([approval]),))
+        task = (SINGLE, 1, f"POL-2-{LONG}", f"Review {LONG}", f"{LONG}-owner", due, False)
+        await conn.execute(TASKS.statement().encode(), (TASKS.parameter([task]),))
     await redis.xadd(keys.events(), {"event": "{}"})
     await redis.xgroup_create(keys.events(), "triggers", id="0")
     await redis.xreadgroup("triggers", f"worker-{LONG}-4242", {keys.events(): ">"}, count=1)
@@ -97,6 +105,8 @@ async def test_listings_fit_80_columns_and_ids_lead_to_the_detail(
         "dlq show": ("dlq", "show", "1"),
         "lag": ("lag",),
         "workflows list": ("workflows", "list"),
+        "approvals list": ("approvals", "list"),
+        "tasks list": ("tasks", "list"),
         "config": ("config",),
     }
     for name, args in listings.items():

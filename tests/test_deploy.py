@@ -711,3 +711,39 @@ def test_the_readme_second_terminal_needs_no_uv_and_its_first_event_runs_a_workf
     )
     examples = [decode_workflow(p.read_bytes(), str(p)) for p in DEPLOY.glob("examples/*.yaml")]
     assert [wf.name for wf in examples if matches(wf, event)] == ["high-risk-policy-approval"]
+
+
+def readme_decision_loop() -> list[list[str]]:
+    """The commands of the README's loop from publish to decision, each as argv."""
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"## Approvals and tasks.*?```sh\n(.*?)```", readme, re.DOTALL)
+    assert found, "the README shows no loop from publish to decision"
+    lines = found.group(1).replace("\\\n", " ").splitlines()
+    return [argv for line in lines if (argv := shlex.split(line, comments=True))]
+
+
+def test_the_readme_loop_from_publish_to_decision_is_five_commands_that_parse() -> None:
+    commands = readme_decision_loop()
+    assert [argv[1:3] for argv in commands] == [
+        ["workflows", "apply"],
+        ["publish", "policy.status_changed"],
+        ["approvals", "list"],
+        ["approvals", "approve"],
+        ["executions", "show"],
+    ]
+    contexts = [check_command(argv) for argv in commands]
+    assert None not in contexts
+    # The workflow applied is one the event runs, and it waits for an approval.
+    applied, publish = contexts[:2]
+    assert applied is not None
+    assert publish is not None
+    (path,) = applied.params["files"]
+    workflow = decode_workflow((ROOT / path).read_bytes(), str(path))
+    event = new_event(
+        publish.params["type"],
+        publish.params["entity_id"],
+        data=json.loads(publish.params["data"]),
+        changes=msgspec.json.decode(publish.params["changes"], type=dict[str, Change]),
+    )
+    assert matches(workflow, event)
+    assert [s.action for s in workflow.specs() if s.wait] == ["create_approval"]

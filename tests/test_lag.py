@@ -129,6 +129,10 @@ def expected_document(keys: Keys) -> dict[str, Any]:
         "dead_letters": 1,
         "outbox": {"waiting": 2, "overdue": 0},
         "overdue": 0,  # nothing untouched past the reconcile bound
+        "waiting": 0,
+        "timers_due": 0,
+        "approvals_pending": 0,
+        "tasks_open": 0,
         "paused": [],  # no group paused (govflow pause)
     }
 
@@ -141,6 +145,10 @@ def check_document(doc: dict[str, Any], keys: Keys, elapsed_s: float) -> None:
         "dead_letters",
         "outbox",
         "overdue",
+        "waiting",
+        "timers_due",
+        "approvals_pending",
+        "tasks_open",
         "paused",
     ]
     fields = [

@@ -20,7 +20,8 @@ from govflow.schemas.workflows import StoredWorkflow
 from tests.ops_helpers import govflow, govflow_env
 from tests.test_cli import EXAMPLES
 
-APPROVAL = decode_workflow((EXAMPLES[0]).read_text())  # high-risk-policy-approval
+APPROVAL_FILE = next(path for path in EXAMPLES if path.stem == "high-risk-policy-approval")
+APPROVAL = decode_workflow(APPROVAL_FILE.read_text())
 REVIEW = """\
 name: review
 entity: policy
@@ -123,7 +124,7 @@ async def test_publish_wait(
     env = govflow_env(redis_server_url, database_url, prefix)
     review = tmp_path / "review.yaml"
     review.write_text(REVIEW)
-    applied = await govflow(env, "workflows", "apply", str(EXAMPLES[0]), str(review))
+    applied = await govflow(env, "workflows", "apply", str(APPROVAL_FILE), str(review))
     assert applied.returncode == 0, applied.stderr
     data = '{"title": "Access", "status": "pending_approval", "risk": "high"}'
     status = '{"status": {"from": "draft", "to": "pending_approval"}}'

@@ -294,7 +294,7 @@ actions:
     )
     def test_a_step_timeout_is_a_duration(self, written: str, seconds: float) -> None:
         wf = decode_workflow(self.DEFINITION.replace("TIMEOUT", written))
-        assert wf.timeouts() == [seconds, None]
+        assert [s.timeout for s in wf.specs()] == [seconds, None]
         assert wf.steps()[0] == ("notify", {"webhook": "https://hooks.example.org/x"})
 
     @pytest.mark.parametrize("written", ["soon", "-5s", "0", "true"])

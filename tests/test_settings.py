@@ -179,10 +179,13 @@ def test_every_redis_url_kind_is_accepted(url):
 
 
 def test_api_tokens_map_to_their_scopes():
-    settings = Settings.from_env({"GOVFLOW_API_TOKENS": "svc-a:publish  ops:read,operate"})
+    settings = Settings.from_env(
+        {"GOVFLOW_API_TOKENS": "svc-a:publish  ops:read,operate inbox:read,decide"}
+    )
     assert settings.tokens() == {
         "svc-a": frozenset({"publish"}),
         "ops": frozenset({"read", "operate"}),
+        "inbox": frozenset({"read", "decide"}),
     }
 
 

@@ -10,6 +10,11 @@ Routes and who may call them (see ``govflow/api/auth.py``):
 ============================================ ========= ==================================
 ``POST /events``                              publish   202 ``{"id": ...}``
 ``GET /executions``, ``GET /executions/{id}`` read      filters, paging, step n of m
+``GET /executions/{id}/detail``               read      the event, steps, approvals, tasks
+``GET /approvals``, ``GET /tasks``            read      filters, paging, with decisions
+``POST /approvals/{id}/decisions``            decide    201, or 404 / 409 / 422
+``POST /tasks/{id}/complete``                 decide    200, or 404 / 409
+``GET /entities/{type}/{id}/timeline``        read      one entity's history, oldest first
 ``GET /lag``, ``GET /stats``                  read      ``govflow lag --json``; dashboard
 ``GET /dead-letters``                         operate   open letters (loopback: no token)
 ``POST /dead-letters/{id}/replay``            operate   202, or 404 / 409
@@ -17,6 +22,7 @@ Routes and who may call them (see ``govflow/api/auth.py``):
 ``POST /executions/{id}/retry``               operate   202, or 404 / 409
 ``POST /groups/{group}/pause``, ``/resume``   operate   200 with the group's pause
 ``GET /metrics``, ``GET /healthz``            anyone    Prometheus; Redis and Postgres
+``GET /token``                                anyone    the caller's actor and scopes
 ``GET /``, ``GET /openapi.json``              anyone    the dashboard; this API's document
 ============================================ ========= ==================================
 
@@ -33,7 +39,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import msgspec
@@ -60,32 +66,43 @@ from govflow.api import dashboard
 from govflow.api.auth import TokenAuth, principal_of, scope_guard
 from govflow.api.errors import error_response, invalid, short
 from govflow.api.models import (
+    COMPLETION_IN,
+    DECISION_IN,
     EVENT_IN,
     REASON_REQUEST,
     Accepted,
+    ApprovalPage,
+    Caller,
+    CompletionIn,
     DeadLetterPage,
+    DecisionIn,
     EventIn,
     ExecutionPage,
     Health,
     PauseState,
     Stats,
+    TaskPage,
+    Timeline,
 )
 from govflow.consumers import pause
 from govflow.consumers.streams import RedisClient
 from govflow.core import tracing
 from govflow.core.connect import connect, unprobed
 from govflow.core.unavailable import UNAVAILABLE, is_unavailable
-from govflow.db import dead_letters, executions, views
+from govflow.db import dead_letters, decisions, detail, executions, timeline, views
 from govflow.db.dead_letters import Selection
 from govflow.db.interventions import Intervention
 from govflow.operations import dlq, interventions, lag
+from govflow.operations.decisions import Decisions, RefusedError
 from govflow.producers.publish import Publisher
 from govflow.schemas.codec import MAX_ENTRY_BYTES, encode
 from govflow.schemas.errors import ConfigError, InvalidEntryError
-from govflow.schemas.events import convert_event
+from govflow.schemas.events import ENTITIES, convert_event
 from govflow.schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 POOL_TIMEOUT_S = 5.0  # a request waits this long for a Postgres connection, then 503
 HEALTH_TIMEOUT_S = 2.0
@@ -108,6 +125,7 @@ class Resources:
     def __init__(self, settings: Settings) -> None:
         if settings.redis_url is None or settings.database_url is None:
             raise ValueError("the API needs a Redis URL and a database URL")
+        self.auth = TokenAuth(settings.tokens())
         self.keys = settings.keys()
         self.overdue_after_s = settings.reconcile_after
         self.redis_url = settings.redis_url
@@ -115,6 +133,7 @@ class Resources:
         self._redis: RedisClient | None = None
         self._pool: AsyncConnectionPool[Any] | None = None
         self._publisher: Publisher | None = None
+        self._decisions: Decisions | None = None
 
     @property
     def redis(self) -> RedisClient:
@@ -127,6 +146,12 @@ class Resources:
         """The publisher of ``POST /events``: one, so it checks the partitions once."""
         assert self._publisher is not None, "used outside the app's lifespan"
         return self._publisher
+
+    @property
+    def decisions(self) -> Decisions:
+        """Decide approvals and complete tasks: the operation the CLI calls too."""
+        assert self._decisions is not None, "used outside the app's lifespan"
+        return self._decisions
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
@@ -149,6 +174,7 @@ class Resources:
         )
         # Without waiting: Postgres may be down; requests that need it get a 503 meanwhile.
         await self._pool.open(wait=False)
+        self._decisions = Decisions(self._pool, self._redis, self.keys)
         try:
             yield
         finally:
@@ -194,6 +220,12 @@ def create_app(settings: Settings) -> Litestar:
             publish_event,
             list_executions,
             show_execution,
+            show_execution_detail,
+            list_approvals,
+            decide_approval,
+            list_tasks,
+            complete_task,
+            entity_timeline,
             get_lag,
             get_stats,
             list_dead_letters,
@@ -204,11 +236,12 @@ def create_app(settings: Settings) -> Litestar:
             resume_group,
             metrics,
             healthz,
+            show_token,
             dashboard_page,
             openapi_document,
         ],
         dependencies={"gf": Provide(lambda: resources, sync_to_thread=False)},
-        guards=[scope_guard(TokenAuth(settings.tokens()))],
+        guards=[scope_guard(resources.auth)],
         lifespan=[lifespan],
         exception_handlers={Exception: error_response},
         request_max_body_size=MAX_ENTRY_BYTES,
@@ -226,7 +259,7 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=None,  # govflow's structlog set-up stays in charge
         debug=False,
     )
-    _document_event_body(app)
+    _document_bodies(app)
     return app
 
 
@@ -279,24 +312,33 @@ async def publish_event(request: Request[Any, Any, Any], gf: Deps) -> Accepted:
     return Accepted(event.id)
 
 
-def _document_event_body(app: Litestar) -> None:
-    """Put ``EventIn`` into the generated document as the body of ``POST /events``.
+# The bodies the handlers decode themselves, by path and method (see ``_document_bodies``).
+_BODIES: list[tuple[str, str, type[msgspec.Struct]]] = [
+    ("/events", "post", EventIn),
+    ("/approvals/{approval_id}/decisions", "post", DecisionIn),
+    ("/tasks/{task_id}/complete", "post", CompletionIn),
+]
 
-    The handler decodes the body itself (to answer 400, 413 and 422 exactly, and never
-    500), so Litestar cannot see its type; msgspec writes the schema instead.
+
+def _document_bodies(app: Litestar) -> None:
+    """Put each request body of ``_BODIES`` into the generated document.
+
+    The handlers decode their bodies themselves (to answer 400, 413 and 422 exactly, and
+    never 500), so Litestar cannot see their types; msgspec writes the schemas instead.
     """
     openapi = app.openapi_schema
-    (body,), components = msgspec.json.schema_components(
-        [EventIn], ref_template="#/components/schemas/{name}"
+    schemas, components = msgspec.json.schema_components(
+        [body for _, _, body in _BODIES], ref_template="#/components/schemas/{name}"
     )
     assert openapi.components.schemas is not None
     openapi.components.schemas.update(components)  # plain JSON Schema: rendered as it is
-    operation = openapi.paths["/events"].post  # type: ignore[index]
-    assert operation is not None
-    operation.request_body = RequestBody(
-        content={"application/json": OpenAPIMediaType(schema=Reference(body["$ref"]))},
-        required=True,
-    )
+    for (path, method, _), schema in zip(_BODIES, schemas, strict=True):
+        operation = getattr(openapi.paths[path], method)  # type: ignore[index]
+        assert operation is not None
+        operation.request_body = RequestBody(
+            content={"application/json": OpenAPIMediaType(schema=Reference(schema["$ref"]))},
+            required=True,
+        )
 
 
 # Executions -----------------------------------------------------------------------------
@@ -337,15 +379,183 @@ async def list_executions(
 )
 async def show_execution(gf: Deps, execution_id: FromPath[str]) -> views.ExecutionView:
     """One execution: step n of m, and the status of each step (as ``executions show --json``)."""
-    try:
-        key = str(uuid.UUID(execution_id))
-    except ValueError as e:
-        raise NotFoundException(f"no execution {execution_id!r}: ids are UUIDs") from e
+    key = _execution_key(execution_id)
     async with gf.pool.connection() as conn:
         found = await views.read_execution(conn, key)
     if found is None:
         raise NotFoundException(f"no execution {key}")
     return found
+
+
+@get(
+    "/executions/{execution_id:str}/detail",
+    opt={"scope": "read"},
+    security=SECURITY,
+    responses={
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+        404: ResponseSpec(None, description="No such execution"),
+    },
+)
+async def show_execution_detail(gf: Deps, execution_id: FromPath[str]) -> detail.ExecutionDetail:
+    """One execution in full: its event, every step with its timing, its approvals and tasks."""
+    key = _execution_key(execution_id)
+    async with gf.pool.connection() as conn:
+        found = await detail.read_detail(conn, key)
+    if found is None:
+        raise NotFoundException(f"no execution {key}")
+    return found
+
+
+def _execution_key(execution_id: str) -> str:
+    """``execution_id`` as the UUID it must be.
+
+    Raises:
+        NotFoundException: not a UUID, so no execution has it.
+    """
+    try:
+        return str(uuid.UUID(execution_id))
+    except ValueError as e:
+        raise NotFoundException(f"no execution {execution_id!r}: ids are UUIDs") from e
+
+
+# Approvals, tasks, timelines -----------------------------------------------------------
+
+_REFUSED = {
+    404: ResponseSpec(None, description="No such approval or task"),
+    409: ResponseSpec(None, description="Decided, done or expired already; or decided by `by`"),
+}
+_BAD_BODY = {400: ResponseSpec(None, description="The body is not JSON")}
+
+
+@get(
+    "/approvals",
+    opt={"scope": "read"},
+    security=SECURITY,
+    responses={**_AUTH_ERRORS, **_UNAVAILABLE},
+)
+async def list_approvals(
+    gf: Deps,
+    status: FromQuery[decisions.ApprovalStatus | None] = None,
+    approver: Filter = None,
+    entity_id: Filter = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET)] = 0,
+) -> ApprovalPage:
+    """Approvals oldest first, with their decisions; filter by status, approver or entity."""
+    async with gf.pool.connection() as conn:
+        found = await decisions.list_approvals(
+            conn, status=status, approver=approver, entity_id=entity_id, limit=limit, offset=offset
+        )
+    return ApprovalPage(approvals=found, limit=limit, offset=offset)
+
+
+@post(
+    "/approvals/{approval_id:str}/decisions",
+    status_code=201,
+    opt={"scope": "decide"},
+    security=SECURITY,
+    responses={
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+        **_BAD_BODY,
+        **_REFUSED,
+        422: ResponseSpec(None, description="`by` is not an approver, or the body is invalid"),
+    },
+)
+async def decide_approval(
+    request: Request[Any, Any, Any], gf: Deps, approval_id: FromPath[str]
+) -> decisions.Approval:
+    """Record a decision on an approval; answer the approval as it stands now."""
+    given = _decode(await request.body(), DECISION_IN, "invalid decision")
+    try:
+        return await gf.decisions.decide(
+            approval_id, by=given.by, approve=given.decision == "approve", comment=given.comment
+        )
+    except RefusedError as e:
+        raise HTTPException(status_code=e.status, detail=e.reason) from e
+
+
+@get("/tasks", opt={"scope": "read"}, security=SECURITY, responses={**_AUTH_ERRORS, **_UNAVAILABLE})
+async def list_tasks(
+    gf: Deps,
+    status: FromQuery[decisions.TaskStatus | None] = None,
+    assignee: Filter = None,
+    entity_id: Filter = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET)] = 0,
+) -> TaskPage:
+    """Tasks oldest first; filter by status, assignee or entity."""
+    async with gf.pool.connection() as conn:
+        found = await decisions.list_tasks(
+            conn, status=status, assignee=assignee, entity_id=entity_id, limit=limit, offset=offset
+        )
+    return TaskPage(tasks=found, limit=limit, offset=offset)
+
+
+@post(
+    "/tasks/{task_id:str}/complete",
+    status_code=200,
+    opt={"scope": "decide"},
+    security=SECURITY,
+    responses={
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+        **_BAD_BODY,
+        **_REFUSED,
+        422: ResponseSpec(None, description='The body is not {"by": ...}'),
+    },
+)
+async def complete_task(
+    request: Request[Any, Any, Any], gf: Deps, task_id: FromPath[str]
+) -> decisions.Task:
+    """Mark a task done by `by`; answer the task."""
+    given = _decode(await request.body(), COMPLETION_IN, "invalid completion")
+    try:
+        return await gf.decisions.complete_task(task_id, by=given.by)
+    except RefusedError as e:
+        raise HTTPException(status_code=e.status, detail=e.reason) from e
+
+
+@get(
+    "/entities/{entity_type:str}/{entity_id:str}/timeline",
+    opt={"scope": "read"},
+    security=SECURITY,
+    responses={
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+        404: ResponseSpec(None, description="Not an entity type"),
+    },
+)
+async def entity_timeline(
+    gf: Deps,
+    entity_type: FromPath[str],
+    entity_id: FromPath[str],
+    tenant: Filter = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 100,
+) -> Timeline:
+    """One entity's events, executions, steps, approvals, decisions and tasks, oldest first.
+
+    Each item has a `kind` and the time `at` it happened; `limit` counts the entity's
+    executions, the newest, whose items are listed.
+    """
+    if entity_type not in ENTITIES:
+        raise NotFoundException(f"no entity type {entity_type!r}: {', '.join(ENTITIES)}")
+    async with gf.pool.connection() as conn:
+        items = await timeline.read_timeline(
+            conn, entity_type, entity_id, tenant=tenant, limit=limit
+        )
+    return Timeline(entity_type=entity_type, entity_id=entity_id, items=items)
+
+
+def _decode(body: bytes, decoder: msgspec.json.Decoder[T], what: str) -> T:
+    """A request body decoded: 400 when it is not JSON, 422 naming the field that is wrong."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as e:
+        raise invalid(what, str(e)) from e
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {e}") from e
 
 
 # Lag, stats, dead letters ---------------------------------------------------------------
@@ -427,12 +637,7 @@ async def replay_dead_letter(
 async def _reason(request: Request[Any, Any, Any]) -> str | None:
     """The optional ``{"reason": ...}`` of an operator's request."""
     body = await request.body()
-    try:
-        return REASON_REQUEST.decode(body).reason if body.strip() else None
-    except msgspec.ValidationError as e:
-        raise invalid("invalid request", str(e)) from e
-    except (msgspec.DecodeError, UnicodeDecodeError) as e:
-        raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {e}") from e
+    return _decode(body, REASON_REQUEST, "invalid request").reason if body.strip() else None
 
 
 # Operating executions and groups --------------------------------------------------------
@@ -481,13 +686,6 @@ async def retry_execution(
         actor=principal_of(request).actor, reason=reason,
     )  # fmt: skip
     return _one(report, execution_id)
-
-
-def _execution_key(execution_id: str) -> str:
-    try:
-        return str(uuid.UUID(execution_id))
-    except ValueError as e:
-        raise NotFoundException(f"no execution {execution_id!r}: ids are UUIDs") from e
 
 
 def _one(report: interventions.InterventionReport, execution_id: str) -> Intervention:
@@ -590,6 +788,13 @@ async def healthz(gf: Deps) -> Response[Health]:
         ),
         status_code=200 if healthy else 503,
     )
+
+
+@get("/token", security=SECURITY, responses={401: _AUTH_ERRORS[401]})
+async def show_token(request: Request[Any, Any, Any], gf: Deps) -> Caller:
+    """The actor and scopes of the presented token: what the dashboard may offer its user."""
+    caller = gf.auth.identify(request)
+    return Caller(actor=caller.actor, scopes=sorted(caller.scopes))
 
 
 @get("/", include_in_schema=False, media_type=MediaType.HTML)

@@ -8,16 +8,18 @@ Answers:
 
 - no token, a malformed header or an unknown token: 401 with ``WWW-Authenticate: Bearer``;
 - a known token without the scope: 403 (``error="insufficient_scope"``);
-- no tokens configured at all: writes (``publish``, ``operate``) are refused with 403
-  (README.md, "The HTTP API and the dashboard"); reads are open to loopback clients
-  only, so ``govflow serve`` on a laptop shows its dashboard with nothing to set up, and
+- no tokens configured at all: writes (``publish``, ``operate``, ``decide``) are refused
+  with 403 (README.md, "The HTTP API and the dashboard"); reads are open to loopback
+  clients only, so ``govflow serve`` on a laptop shows its dashboard with nothing to set up, and
   any other client gets 403. A read that takes ``operate`` with tokens (the dead
   letters, which hold payloads) says so with ``opt["loopback_reads"]``: loopback clients
   may make it too.
 
-A token never reaches a log line or a response. The actor a replay is recorded under is
-``api:`` and the first 8 hex digits of the token's SHA-256: an operator can tell which
-token did it (``printf %s "$TOKEN" | sha256sum``) and the record does not hold the token.
+``GET /token`` tells a caller its own scopes (the dashboard shows a button only to a token
+that may use it). A token never reaches a log line or a response. The actor a replay is
+recorded under is ``api:`` and the first 8 hex digits of the token's SHA-256: an operator
+can tell which token did it (``printf %s "$TOKEN" | sha256sum``) and the record does not
+hold the token.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 
-Scope = Literal["publish", "read", "operate"]
+Scope = Literal["publish", "read", "operate", "decide"]
 
 # The key a guard leaves the caller under, in the request's state.
 PRINCIPAL = "govflow_principal"
@@ -46,6 +48,7 @@ class Principal(msgspec.Struct, frozen=True):
 
 
 LOOPBACK = Principal("local", frozenset({"read"}))
+NOBODY = Principal("anonymous", frozenset())
 
 
 class TokenAuth:
@@ -63,6 +66,29 @@ class TokenAuth:
         """Whether any token is configured."""
         return bool(self._tokens)
 
+    def identify(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+        """The caller of ``connection`` and every scope it holds.
+
+        Without configured tokens a loopback client may read and anyone else nothing.
+
+        Raises:
+            NotAuthorizedException: no token, or not a configured one (401).
+        """
+        if not self._tokens:
+            return LOOPBACK if _is_loopback(connection) else NOBODY
+        presented = _bearer(connection.headers.get("authorization"))
+        if presented is None:
+            raise NotAuthorizedException(
+                "a bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+            )
+        found = self._match(presented)
+        if found is None:
+            raise NotAuthorizedException(
+                "the bearer token is not valid",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        return Principal(f"api:{hashlib.sha256(presented).hexdigest()[:8]}", found)
+
     def principal(
         self,
         connection: ASGIConnection[Any, Any, Any, Any],
@@ -79,34 +105,21 @@ class TokenAuth:
             NotAuthorizedException: no token, or not a configured one (401).
             PermissionDeniedException: not allowed to use ``scope`` (403).
         """
+        caller = self.identify(connection)
+        if scope in caller.scopes or (loopback_reads and caller is LOOPBACK):
+            return caller
+        if not self._tokens and (scope == "read" or loopback_reads):
+            raise PermissionDeniedException(
+                "GOVFLOW_API_TOKENS is not set: reads are open to loopback clients only"
+            )
         if not self._tokens:
-            reads = scope == "read" or loopback_reads
-            if reads and _is_loopback(connection):
-                return LOOPBACK
-            if reads:
-                raise PermissionDeniedException(
-                    "GOVFLOW_API_TOKENS is not set: reads are open to loopback clients only"
-                )
             raise PermissionDeniedException(
                 "GOVFLOW_API_TOKENS is not set: the API takes no writes without tokens"
             )
-        presented = _bearer(connection.headers.get("authorization"))
-        if presented is None:
-            raise NotAuthorizedException(
-                "a bearer token is required", headers={"WWW-Authenticate": "Bearer"}
-            )
-        found = self._match(presented)
-        if found is None:
-            raise NotAuthorizedException(
-                "the bearer token is not valid",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        if scope not in found:
-            raise PermissionDeniedException(
-                f"this token lacks the {scope!r} scope",
-                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope" scope="{scope}"'},
-            )
-        return Principal(f"api:{hashlib.sha256(presented).hexdigest()[:8]}", found)
+        raise PermissionDeniedException(
+            f"this token lacks the {scope!r} scope",
+            headers={"WWW-Authenticate": f'Bearer error="insufficient_scope" scope="{scope}"'},
+        )
 
     def _match(self, presented: bytes) -> frozenset[str] | None:
         """The scopes of the configured token equal to ``presented``, in constant time."""

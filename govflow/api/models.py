@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from govflow.consumers.pause import Pause
-from govflow.db import dead_letters, views
+from govflow.db import dead_letters, decisions, timeline, views
 from govflow.schemas.events import Change, EventType, NonEmpty
 
 
@@ -82,9 +82,66 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     dead_letters: int
 
 
+class Caller(msgspec.Struct, frozen=True, kw_only=True):
+    """Who the presented token is recorded as, and the scopes it holds."""
+
+    actor: str
+    scopes: list[str]
+
+
 class Health(msgspec.Struct, frozen=True, kw_only=True):
     """Whether the API reaches its servers: ``ok`` or what went wrong, for each."""
 
     status: Literal["ok", "unavailable"]
     redis: str
     postgres: str
+
+
+# Human decisions ------------------------------------------------------------------------
+
+# Who decides: recorded in a text column, so bounded and without NUL.
+Person = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+
+
+class DecisionIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A decision on an approval, by one of its approvers."""
+
+    decision: Literal["approve", "reject"]
+    by: Person
+    comment: Annotated[str, msgspec.Meta(max_length=2000, pattern=r"^[^\x00]*$")] | None = None
+
+
+DECISION_IN = msgspec.json.Decoder(DecisionIn)
+
+
+class CompletionIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Who completed a task."""
+
+    by: Person
+
+
+COMPLETION_IN = msgspec.json.Decoder(CompletionIn)
+
+
+class ApprovalPage(msgspec.Struct, frozen=True, kw_only=True):
+    """One page of approvals, oldest first, each with its decisions."""
+
+    approvals: list[decisions.Approval]
+    limit: int
+    offset: int
+
+
+class TaskPage(msgspec.Struct, frozen=True, kw_only=True):
+    """One page of tasks, oldest first."""
+
+    tasks: list[decisions.Task]
+    limit: int
+    offset: int
+
+
+class Timeline(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything that happened to one entity, oldest first; each item says its ``kind``."""
+
+    entity_type: str
+    entity_id: str
+    items: list[timeline.Item]

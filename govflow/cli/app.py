@@ -21,10 +21,12 @@ import psycopg
 import typer
 from redis import exceptions as redis_errors
 
+from govflow.cli import approvals as approvals_cli
 from govflow.cli import config as config_cli
 from govflow.cli import dlq as dlq_cli
 from govflow.cli import execution_ops, executions, outcome, pause
 from govflow.cli import lag as lag_cli
+from govflow.cli import tasks as tasks_cli
 from govflow.cli import webhooks as webhooks_cli
 from govflow.cli import workflows as workflows_cli
 from govflow.cli.context import (
@@ -71,6 +73,8 @@ app.add_typer(executions.app, name="executions")
 executions.app.command("cancel")(execution_ops.cancel_command)
 executions.app.command("retry")(execution_ops.retry_command)
 executions.app.command("prune")(execution_ops.prune_command)
+app.add_typer(approvals_cli.app, name="approvals")
+app.add_typer(tasks_cli.app, name="tasks")
 app.add_typer(webhooks_cli.app, name="webhooks")
 app.command("serve")(serve)
 app.command("config")(config_cli.config)

@@ -59,6 +59,12 @@ def render(report: LagReport) -> RenderableType:
         f"dead letters: {report.dead_letters}",
         f"overdue: {report.overdue}",
     ]
+    people = [
+        f"waiting for people: {report.waiting}",
+        f"approvals pending: {report.approvals_pending}",
+        f"tasks open: {report.tasks_open}",
+        f"timers due: {report.timers_due}",
+    ]
     if report.outbox is not None:
         totals.append(
             f"outbox: {report.outbox.waiting} waiting"
@@ -79,7 +85,7 @@ def render(report: LagReport) -> RenderableType:
         parts.extend([Text(""), consumers])
     else:
         parts.append(Text("no consumers", style="dim"))
-    parts.extend([Text(""), Text("   ".join(totals))])
+    parts.extend([Text(""), Text("   ".join(totals)), Text("   ".join(people))])
     if any(not g.lag_valid for g in report.groups):
         parts.append(Text("~ an estimate: too many entries to count", style="dim"))
     return RenderGroup(*parts)

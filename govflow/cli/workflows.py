@@ -119,7 +119,7 @@ def list_command(
             str(row.version),
             Text(f"{row.entity} {row.trigger}"),
             "yes" if row.enabled else "no",
-            Text(", ".join(action for action, _ in row.definition.steps())),
+            Text(", ".join(next(iter(action)) for action in row.definition.actions)),
             f"{row.created_at:%Y-%m-%d %H:%M}",
         )
     console.print(table)

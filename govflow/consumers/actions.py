@@ -17,6 +17,10 @@ called:
    executions: one that another worker has started since (this worker stalled past its
    claim or its lease) writes nothing, and its entry is left to the worker that owns it.
 
+An execution whose path reaches a step that waits for a person (``wait: true``,
+``schemas.flow``) records that step and is shown ``waiting``; its entry is acknowledged,
+and a decision or a deadline emits its command again later (``operations.decisions``).
+
 The entries are acknowledged only after the whole batch is recorded. A redelivered command
 finds its completed steps and skips them, so no database effect happens twice; a webhook
 performed but not recorded (a crash, an outage) is sent again with the same
@@ -31,7 +35,7 @@ the batch is held.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,10 +54,11 @@ from govflow.consumers.outcomes import ACK, EntryIds, Outcome, RetryPolicy, dead
 from govflow.consumers.streams import REPLAY_FIELD, Entry, command_of
 from govflow.core import metrics
 from govflow.core.unavailable import is_unavailable
-from govflow.db import executions, fencing, webhook_keys
+from govflow.db import decisions, executions, fencing, webhook_keys
 from govflow.plugins import ActionType, Effects, StepContext
 from govflow.plugins.hosts import HostSlots
 from govflow.plugins.registry import registry
+from govflow.schemas import flow
 from govflow.schemas.commands import RunWorkflow
 from govflow.schemas.errors import (
     ActionFailedError,
@@ -101,6 +106,8 @@ class Work(msgspec.Struct):
     failure: StepFailure | None = None  # an I/O step's, or a step that cannot run
     outcome: Outcome | None = None
     epoch: int = 0  # the delivery's fencing token
+    decided: Mapping[int, str] = {}  # the outcome of each step it waits on, by step
+    waits_at: int | None = None  # the step it waits at once its steps are done
 
 
 class ActionRunner:
@@ -173,6 +180,7 @@ class ActionRunner:
         async with conn.transaction():
             epochs = await fencing.claim(conn, ids, replays=replays)
             states = await executions.states(conn, ids)
+            waits = await decisions.outcomes(conn, ids)
         runnable = []
         for w in work:
             found = _ids(w.command)
@@ -184,6 +192,7 @@ class ActionRunner:
                 )
             elif epoch is not None:
                 w.done, w.epoch = state.done, epoch
+                w.decided = waits.get(w.command.execution_id, {})
                 runnable.append(w)
             elif state.status in ("completed", "cancelled"):  # done already, or cancelled
                 outcomes[w.index] = Outcome(kind="ack", **found)
@@ -206,28 +215,34 @@ class ActionRunner:
         self._keys_loaded_at = anyio.current_time()
 
     async def _plan(self, w: Work) -> None:
-        """The steps left to run, each parsed; a step that cannot run is the failure."""
+        """The steps to run now, in order, each parsed; a step that cannot run is the failure.
+
+        Which steps: those not done on the execution's path (``schemas.flow.path``), up to
+        the step it waits at, or through the branch of a wait's outcome.
+        """
         command = w.command
         try:
             wf = await self._definitions.version(command.workflow_name, command.workflow_version)
         except PermanentError as e:  # the definition is gone
             w.failure = StepFailure(0, "", e)
             return
-        timeouts = wf.definition.timeouts()
-        for number, (name, raw) in enumerate(wf.definition.steps(), start=1):
-            if number in w.done:
-                continue
-            action_type = self._actions.get(name)
+        specs = wf.definition.specs()
+        path = flow.path(specs, w.done, w.decided)
+        w.waits_at = path.waits_at
+        for number in path.run:
+            spec = specs[number - 1]
+            action_type = self._actions.get(spec.action)
             if action_type is None:
-                unknown = PermanentError(f"step {number}: unknown action {name!r}")
-                w.failure = StepFailure(number, name, unknown)
+                unknown = PermanentError(f"step {number}: unknown action {spec.action!r}")
+                w.failure = StepFailure(number, spec.action, unknown)
                 return
             try:
-                params = action_type.parse(raw)
+                params = action_type.parse(spec.params)
             except InvalidEntryError as e:
-                w.failure = StepFailure(number, name, PermanentError(f"step {number}: {e.reason}"))
+                reason = PermanentError(f"step {number}: {e.reason}")
+                w.failure = StepFailure(number, spec.action, reason)
                 return
-            timeout = timeouts[number - 1] or self._settings.step_timeout
+            timeout = spec.timeout or self._settings.step_timeout
             w.steps.append(Step(number, action_type, params, timeout))
 
     async def _perform_and_record(self, work: list[Work]) -> None:
@@ -331,10 +346,11 @@ class ActionRunner:
         done: list[tuple[str, int, str]] = []
         failures: list[tuple[Work, StepFailure]] = []
         completed: list[str] = []
+        waiting: list[tuple[str, int]] = []
         for w in group:
             failure = w.failure
-            for step in w.steps:
-                if failure is not None and step.number >= failure.step:
+            for step in w.steps:  # in the order they run
+                if failure is not None and step.number == failure.step:
                     break
                 try:
                     step_effects = step.performed
@@ -347,7 +363,10 @@ class ActionRunner:
                 done.append((w.command.execution_id, step.number, step.action.name))
             if failure is None:
                 w.outcome = Outcome(kind="ack", **_ids(w.command))
-                completed.append(w.command.execution_id)
+                if w.waits_at is None:
+                    completed.append(w.command.execution_id)
+                else:
+                    waiting.append((w.command.execution_id, w.waits_at))
             else:
                 w.outcome = self._outcome(w, failure.error)
                 failures.append((w, failure))
@@ -359,6 +378,7 @@ class ActionRunner:
             if f.step:
                 await executions.fail_step(conn, execution_id, f.step, f.action, reason)
             await executions.set_failed(conn, execution_id, _status(w.outcome), reason)
+        await decisions.set_waiting(conn, waiting)
         finished = await executions.finish(conn, completed)
         metrics.observe_completed(finished, datetime.now(UTC))
 

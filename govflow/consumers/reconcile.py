@@ -48,10 +48,8 @@ from govflow.core import metrics
 from govflow.core.backoff import Backoff
 from govflow.core.service import run_every
 from govflow.db import reconcile
-from govflow.db.reconcile import Overdue, Untaken
-from govflow.schemas.codec import decode_event, encode
-from govflow.schemas.commands import RunWorkflow
-from govflow.schemas.errors import InvalidEntryError
+from govflow.db.reconcile import Unfinished, Untaken
+from govflow.schemas.codec import encode
 from govflow.schemas.keys import GROUP_OF, Keys
 
 log = structlog.get_logger(__name__)
@@ -147,16 +145,18 @@ class Reconciler:
         return done
 
     async def _untraced(
-        self, rows: Sequence[Untaken], overdue: Sequence[Overdue], done: Sweep
-    ) -> tuple[list[Untaken], list[Overdue]]:
+        self, rows: Sequence[Untaken], overdue: Sequence[Unfinished], done: Sweep
+    ) -> tuple[list[Untaken], list[Unfinished]]:
         """The candidates nothing in Redis carries."""
-        by_partition: dict[int, tuple[list[Untaken], list[Overdue]]] = defaultdict(lambda: ([], []))
+        by_partition: dict[int, tuple[list[Untaken], list[Unfinished]]] = defaultdict(
+            lambda: ([], [])
+        )
         for r in rows:
             by_partition[self._keys.partition_of(r.entity_id)][0].append(r)
         for x in overdue:
             by_partition[self._keys.partition_of(x.entity_id)][1].append(x)
         lost_rows: list[Untaken] = []
-        lost: list[Overdue] = []
+        lost: list[Unfinished] = []
         for p, (prows, pexecs) in sorted(by_partition.items()):
             traces = await self._streams.traces(
                 self._place(p),
@@ -197,13 +197,13 @@ class Reconciler:
         self,
         conn: AsyncConnection[Any],
         rows: Sequence[Untaken],
-        lost: Sequence[Overdue],
+        lost: Sequence[Unfinished],
         done: Sweep,
     ) -> None:
         """Emit the lost commands and publish the lost rows again, in one pipeline."""
-        commands: list[tuple[Overdue, bytes]] = []
+        commands: list[tuple[Unfinished, bytes]] = []
         for x in lost:
-            command = rebuild_command(x)
+            command = x.command()
             if command is None:
                 done.without_event += 1
                 log.error("reconcile.event_unknown", execution_id=x.id, event_id=x.event_id)
@@ -223,20 +223,3 @@ class Reconciler:
         await pipe.execute()
         await reconcile.mark_republished(conn, [r.id for r in rows])
         done.reemitted, done.republished = len(claimed), len(rows)
-
-
-def rebuild_command(x: Overdue) -> RunWorkflow | None:
-    """The command that runs an execution, rebuilt from the event the matcher kept;
-    ``None`` when it kept none (or none that is still an event)."""
-    if x.event is None:
-        return None
-    try:
-        event = decode_event(x.event)
-    except InvalidEntryError:
-        return None
-    return RunWorkflow(
-        execution_id=x.id,
-        workflow_name=x.workflow_name,
-        workflow_version=x.workflow_version,
-        event=event,
-    )

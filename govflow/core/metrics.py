@@ -88,6 +88,24 @@ RECONCILED = Counter(
     ["kind"],
 )
 
+# Work that waits for people.
+WAITING = Gauge("govflow_executions_waiting", "Executions waiting for a decision or a task.")
+APPROVALS_PENDING = Gauge("govflow_approvals_pending", "Approvals with no outcome yet.")
+TASKS_OPEN = Gauge("govflow_tasks_open", "Tasks neither done nor expired.")
+TIMERS_DUE = Gauge(
+    "govflow_timers_due",
+    "Deadlines of approvals and tasks past due and not yet fired (overdue deadlines).",
+)
+DEADLINES_FIRED = Counter(
+    "govflow_deadlines_fired_total", "Approvals and tasks expired at their due time.", ["kind"]
+)
+DECISION_SECONDS = Histogram(
+    "govflow_decision_seconds",
+    "From an approval or task being created to its outcome (decided, completed or expired).",
+    ["kind", "outcome"],
+    buckets=(60, 300, 900, 3600, 4 * 3600, 86_400, 3 * 86_400, 7 * 86_400, 30 * 86_400),
+)
+
 
 def observe_completed(finished: Sequence[tuple[str, datetime | None]], now: datetime) -> None:
     """Record the end-to-end latency of executions that just completed."""

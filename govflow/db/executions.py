@@ -12,7 +12,9 @@ from psycopg.rows import class_row
 
 from govflow.db.batch import Batched, id_array
 
-Status = Literal["queued", "running", "retrying", "completed", "dead_lettered", "cancelled"]
+Status = Literal[
+    "queued", "running", "retrying", "waiting", "completed", "dead_lettered", "cancelled"
+]
 # A terminal execution never changes again, except through a replay or a retry
 # (govflow/operations/interventions.py).
 TERMINAL: frozenset[str] = frozenset({"completed", "dead_lettered", "cancelled"})

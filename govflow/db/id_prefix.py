@@ -1,7 +1,8 @@
-"""Find an execution by the start of its id, as listings show it: ``3f2a1b7c``.
+"""Find an execution, an approval or a task by the start of its id, as listings show it:
+``3f2a1b7c``.
 
-An execution id is a UUID; a prefix of its hex digits (dashes optional) names it when
-exactly one execution starts that way. The lookup is a range scan of the primary key:
+Their ids are UUIDs; a prefix of the hex digits (dashes optional) names one when exactly
+one row starts that way. The lookup is a range scan of the unique index on the id:
 ``3f2a`` reads the ids from ``3f2a0000-...`` to ``3f2affff-...``.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from psycopg import AsyncConnection
 
@@ -21,11 +22,11 @@ _HEX = re.compile(r"^[0-9a-f]{1,32}$")
 
 
 class UnknownIdError(GovflowError):
-    """No execution has that id, or an id that starts that way."""
+    """No row has that id, or an id that starts that way."""
 
 
 class AmbiguousIdError(ConfigError):
-    """More than one execution's id starts that way; a longer prefix tells them apart."""
+    """More than one row's id starts that way; a longer prefix tells them apart."""
 
 
 def prefix_range(prefix: str) -> tuple[uuid.UUID, uuid.UUID] | None:
@@ -37,6 +38,15 @@ def prefix_range(prefix: str) -> tuple[uuid.UUID, uuid.UUID] | None:
     return uuid.UUID(digits + "0" * pad), uuid.UUID(digits + "f" * pad)
 
 
+IdKind = Literal["execution", "approval", "task"]
+# What may be looked up by a prefix, and the table that holds it.
+TABLES: dict[IdKind, str] = {
+    "execution": "workflow_executions",
+    "approval": "approvals",
+    "task": "tasks",
+}
+
+
 async def resolve_execution_id(conn: AsyncConnection[Any], text: str) -> str:
     """The full id of the one execution whose id is ``text`` or starts with it.
 
@@ -44,20 +54,28 @@ async def resolve_execution_id(conn: AsyncConnection[Any], text: str) -> str:
         UnknownIdError: no execution's id starts with ``text``.
         AmbiguousIdError: more than one does.
     """
+    return await resolve_id(conn, "execution", text)
+
+
+async def resolve_id(conn: AsyncConnection[Any], kind: IdKind, text: str) -> str:
+    """The full id of the one ``kind`` (a key of ``TABLES``) whose id is or starts with ``text``.
+
+    Raises:
+        UnknownIdError: no such row's id starts with ``text``.
+        AmbiguousIdError: more than one does.
+    """
     bounds = prefix_range(text)
     if bounds is None:
-        raise UnknownIdError(f"no execution with id {text}")
-    cur = await conn.execute(
-        "SELECT id::text FROM workflow_executions WHERE id BETWEEN %s AND %s ORDER BY id LIMIT %s",
-        (*bounds, SHOWN_CANDIDATES + 1),
-    )
+        raise UnknownIdError(f"no {kind} with id {text}")
+    query = f"SELECT id::text FROM {TABLES[kind]} WHERE id BETWEEN %s AND %s ORDER BY id LIMIT %s"
+    cur = await conn.execute(query.encode(), (*bounds, SHOWN_CANDIDATES + 1))
     found = [row[0] for row in await cur.fetchall()]
     if not found:
-        raise UnknownIdError(f"no execution with id {text}")
+        raise UnknownIdError(f"no {kind} with id {text}")
     if len(found) > 1:
         more = ", …" if len(found) > SHOWN_CANDIDATES else ""
         raise AmbiguousIdError(
-            f"{text} is the start of more than one execution id"
+            f"{text} is the start of more than one {kind} id"
             f" ({', '.join(found[:SHOWN_CANDIDATES])}{more}): give more of it"
         )
     return str(found[0])

@@ -12,7 +12,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import class_row
 
 from govflow.db.batch import id_array
-from govflow.db.reconcile import Overdue
+from govflow.db.reconcile import Unfinished
 
 Kind = Literal["cancel", "retry"]
 
@@ -34,7 +34,7 @@ class Locked(msgspec.Struct, frozen=True):
     """An execution locked for an intervention: its status, and what rebuilds its command."""
 
     status: str
-    execution: Overdue
+    execution: Unfinished
 
 
 _COLUMNS = "id, execution_id::text, kind, from_status, actor, reason, dead_letter_id, created_at"
@@ -54,7 +54,7 @@ async def lock(conn: AsyncConnection[Any], execution_id: str) -> Locked | None:
         (execution_id,),
     )
     row = await cur.fetchone()
-    return None if row is None else Locked(row[0], Overdue(*row[1:]))
+    return None if row is None else Locked(row[0], Unfinished(*row[1:]))
 
 
 async def mark_cancelled(conn: AsyncConnection[Any], execution_id: str) -> None:

@@ -15,7 +15,10 @@ from typing import Any
 import msgspec
 from psycopg import AsyncConnection
 
-from govflow.db.batch import Batched
+from govflow.db.batch import Batched, id_array
+from govflow.schemas.codec import decode_event
+from govflow.schemas.commands import RunWorkflow
+from govflow.schemas.errors import InvalidEntryError
 
 UNFINISHED = ("queued", "running", "retrying")
 
@@ -47,8 +50,8 @@ async def record_received(conn: AsyncConnection[Any], rows: Sequence[Received]) 
         await conn.execute(_RECEIVED, [list(c) for c in columns])
 
 
-class Overdue(msgspec.Struct, frozen=True):
-    """An unfinished execution not touched for longer than the bound, with its event."""
+class Unfinished(msgspec.Struct, frozen=True):
+    """An unfinished execution, with the event the matcher kept for it."""
 
     id: str
     workflow_name: str
@@ -58,6 +61,21 @@ class Overdue(msgspec.Struct, frozen=True):
     updated_at: datetime
     event: str | None  # the event's JSON; None when the matcher did not keep it
 
+    def command(self) -> RunWorkflow | None:
+        """The command that runs this execution, rebuilt from its event; None without one."""
+        if self.event is None:
+            return None
+        try:
+            event = decode_event(self.event)
+        except InvalidEntryError:
+            return None
+        return RunWorkflow(
+            execution_id=self.id,
+            workflow_name=self.workflow_name,
+            workflow_version=self.workflow_version,
+            event=event,
+        )
+
 
 # One index range scan per status on (status, updated_at): at most 3 * limit index entries.
 _OVERDUE = " UNION ALL ".join(
@@ -66,20 +84,32 @@ _OVERDUE = " UNION ALL ".join(
     " ORDER BY updated_at LIMIT %(limit)s)"
     for status in UNFINISHED
 )
-_OVERDUE_EXECUTIONS = (
+_WITH_EVENTS = (
     "SELECT e.id::text, e.workflow_name, e.workflow_version, e.event_id, e.entity_id,"
     " e.updated_at, r.event FROM workflow_executions e"
     " LEFT JOIN received_events r ON r.tenant = e.tenant AND r.event_id = e.event_id"
-    f" WHERE e.id IN ({_OVERDUE}) ORDER BY e.updated_at LIMIT %(limit)s"
+)
+_OVERDUE_EXECUTIONS = (
+    f"{_WITH_EVENTS} WHERE e.id IN ({_OVERDUE}) ORDER BY e.updated_at LIMIT %(limit)s"
 )
 
 
 async def overdue_executions(
     conn: AsyncConnection[Any], after_s: float, limit: int
-) -> list[Overdue]:
+) -> list[Unfinished]:
     """Up to ``limit`` unfinished executions untouched for ``after_s`` seconds, oldest first."""
     cur = await conn.execute(_OVERDUE_EXECUTIONS.encode(), {"after": after_s, "limit": limit})
-    return [Overdue(*row) for row in await cur.fetchall()]
+    return [Unfinished(*row) for row in await cur.fetchall()]
+
+
+async def with_events(conn: AsyncConnection[Any], ids: Sequence[str]) -> list[Unfinished]:
+    """The executions ``ids`` that are not finished, each with its event."""
+    cur = await conn.execute(
+        f"{_WITH_EVENTS} WHERE e.id = ANY(%s::uuid[])"
+        " AND e.status NOT IN ('completed', 'dead_lettered')".encode(),
+        (id_array(ids),),
+    )
+    return [Unfinished(*row) for row in await cur.fetchall()]
 
 
 _TOUCH = Batched(
@@ -90,7 +120,7 @@ _TOUCH = Batched(
 )
 
 
-async def take_back(conn: AsyncConnection[Any], lost: Sequence[Overdue]) -> set[str]:
+async def take_back(conn: AsyncConnection[Any], lost: Sequence[Unfinished]) -> set[str]:
     """Touch the executions still as they were read; return those (the others moved on).
 
     The touch restarts their bound: put back once, an execution is not put back again
@@ -176,7 +206,7 @@ _FORGET_RECEIVED = (
     "DELETE FROM received_events WHERE ctid IN (SELECT r.ctid FROM received_events r"
     " WHERE r.received_at < now() - make_interval(secs => %s) AND NOT EXISTS"
     " (SELECT 1 FROM workflow_executions e WHERE e.event_id = r.event_id"
-    " AND e.tenant = r.tenant AND e.status IN ('queued', 'running', 'retrying', 'cancelled'))"
+    " AND e.tenant = r.tenant AND e.status NOT IN ('completed', 'dead_lettered'))"
     " LIMIT %s)"
 )
 

@@ -25,7 +25,8 @@ class PlannedStep(msgspec.Struct, frozen=True, kw_only=True):
     """One action of an execution's workflow version: ``step`` of ``of``, and how far it got.
 
     ``status`` is ``pending`` for a step that has not been tried yet, else the step row's
-    (``running``, ``failed`` or ``completed``).
+    (``running``, ``failed`` or ``completed``). A step of a branch (an approval's
+    ``on_approved``, say) is numbered after the ``of`` actions and listed once it has run.
     """
 
     step: int
@@ -74,9 +75,10 @@ def execution_view(
     done_to_it: Sequence[Intervention] = (),
 ) -> ExecutionView:
     """The view of ``execution``, from the plan ``step_plans`` gives for it."""
-    completed = sum(1 for s in plan if s.status == "completed")
-    total = len(plan)
-    at = next((s.step for s in plan if s.status != "completed"), total)
+    actions = [s for s in plan if s.step <= s.of]  # the branches' steps are not counted
+    completed = sum(1 for s in actions if s.status == "completed")
+    total = len(actions)
+    at = next((s.step for s in actions if s.status != "completed"), total)
     return ExecutionView(
         **executions.columns(execution),
         progress=Progress(step=at, of=total, completed=completed, text=f"step {at} of {total}"),
@@ -123,11 +125,18 @@ async def step_plans(
         " CROSS JOIN LATERAL jsonb_array_elements(w.definition -> 'actions')"
         " WITH ORDINALITY AS a(action, step)"
         " LEFT JOIN execution_steps s ON s.execution_id = e.id AND s.step = a.step"
-        " WHERE e.id = ANY(%s::uuid[]) ORDER BY e.id, a.step"
+        " WHERE e.id = ANY(%(ids)s::uuid[])"
+        " UNION ALL SELECT s.execution_id::text, s.step,"
+        " jsonb_array_length(w.definition -> 'actions'), s.action, s.status, s.attempts, s.error,"
+        " s.updated_at FROM execution_steps s JOIN workflow_executions e ON e.id = s.execution_id"
+        " JOIN workflows w ON w.name = e.workflow_name AND w.version = e.workflow_version"
+        " WHERE s.execution_id = ANY(%(ids)s::uuid[])"
+        " AND s.step > jsonb_array_length(w.definition -> 'actions')"
+        " ORDER BY 1, 2"
     )
     plans: dict[str, list[PlannedStep]] = {i: [] for i in execution_ids}
     async with conn.cursor(row_factory=kwargs_row(_planned)) as cur:
-        await cur.execute(query.encode(), (id_array(execution_ids),))
+        await cur.execute(query.encode(), {"ids": id_array(execution_ids)})
         for execution_id, step in await cur.fetchall():
             plans.setdefault(execution_id, []).append(step)
     return plans

@@ -35,7 +35,6 @@ from typing import Any
 import msgspec
 from psycopg_pool import AsyncConnectionPool
 
-from govflow.consumers.reconcile import rebuild_command
 from govflow.consumers.streams import COMMAND_FIELD, RedisClient
 from govflow.db import interventions
 from govflow.db.dead_letters import Selection
@@ -192,7 +191,7 @@ class _Retrier:
                     execution_id, _why_not_retry(None if locked is None else locked.status)
                 )
                 return
-            command = rebuild_command(locked.execution)
+            command = locked.execution.command()
             if command is None:
                 self._refuse(
                     execution_id, "its event is no longer kept, so its command cannot be rebuilt"

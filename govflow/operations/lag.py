@@ -36,7 +36,7 @@ from govflow.consumers.pause import Pause, read_pauses
 from govflow.consumers.streams import RedisClient
 from govflow.core import metrics
 from govflow.core.service import run_every
-from govflow.db import dead_letters, outbox, reconcile
+from govflow.db import dead_letters, decisions, outbox, reconcile
 from govflow.producers import metrics as producer_metrics
 from govflow.schemas.keys import GROUP_OF, Keys, Role
 
@@ -111,6 +111,10 @@ class LagReport(msgspec.Struct, frozen=True, kw_only=True):
     # Executions queued, running or retrying and untouched for longer than the reconcile
     # bound (GOVFLOW_RECONCILE_AFTER): slow, or lost by Redis and soon put back. 0 without a pool.
     overdue: int = 0
+    waiting: int = 0  # executions waiting for a person (0 without a pool)
+    timers_due: int = 0  # deadlines past due and not yet fired (0 without a pool)
+    approvals_pending: int = 0
+    tasks_open: int = 0
     paused: list[Pause] = []  # the groups paused, by whom, since when and why
 
 
@@ -159,6 +163,7 @@ async def read_lag(
     retry_scheduled = sum(counts[: keys.partitions])
     backlog: OutboxBacklog | None = None
     overdue = 0
+    people = decisions.Waiting(0, 0, 0, 0)
     if pool is None:
         dead = sum(counts[keys.partitions :])
     else:
@@ -166,6 +171,7 @@ async def read_lag(
             dead = await dead_letters.count_open(conn)
             waiting, oldest = await outbox.backlog(conn)
             overdue, outbox_overdue = await reconcile.count_overdue(conn, overdue_after_s)
+            people = await decisions.count_waiting(conn)
         backlog = OutboxBacklog(waiting=waiting, oldest_age_s=oldest, overdue=outbox_overdue)
     return LagReport(
         groups=groups,
@@ -173,6 +179,7 @@ async def read_lag(
         dead_letters=dead,
         outbox=backlog,
         overdue=overdue,
+        **msgspec.structs.asdict(people),
         paused=sorted(pauses.values(), key=lambda x: x.group),
     )
 
@@ -371,6 +378,10 @@ def export_gauges(report: LagReport) -> None:
         producer_metrics.OUTBOX_OLDEST_AGE.set(report.outbox.oldest_age_s or 0.0)
         metrics.OVERDUE.labels("execution").set(report.overdue)
         metrics.OVERDUE.labels("outbox").set(report.outbox.overdue)
+        metrics.WAITING.set(report.waiting)
+        metrics.TIMERS_DUE.set(report.timers_due)
+        metrics.APPROVALS_PENDING.set(report.approvals_pending)
+        metrics.TASKS_OPEN.set(report.tasks_open)
 
 
 class LagGauges:

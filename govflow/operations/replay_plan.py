@@ -17,8 +17,9 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from govflow.consumers.matching import matches
-from govflow.db import executions, workflows
+from govflow.db import decisions, executions, workflows
 from govflow.db.dead_letters import DeadLetter
+from govflow.schemas import flow
 from govflow.schemas.codec import decode_command, decode_event
 from govflow.schemas.commands import RunWorkflow, execution_id
 from govflow.schemas.errors import InvalidEntryError
@@ -138,7 +139,7 @@ class _Planner:
                 version=wf.version,
                 status=None,
                 skipped_steps=[],
-                would_run=_steps(wf),
+                would_run=_first_run(wf),
                 note="a new execution: every step runs",
             )
         done, rest = await self._split(existing)
@@ -192,11 +193,13 @@ class _Planner:
         """(completed steps, the others) of an execution (with its steps) and its version."""
         completed = {s.step for s in execution.steps if s.status == "completed"}
         wf = await self._version(execution.workflow_name, execution.workflow_version)
-        steps = _steps(wf) if wf else []
-        return (
-            [s for s in steps if s.step in completed],
-            [s for s in steps if s.step not in completed],
-        )
+        if wf is None:
+            return [], []
+        specs = wf.definition.specs()
+        waits = await decisions.outcomes(self._conn, [execution.id])
+        path = flow.path(specs, completed, waits.get(execution.id, {}))
+        steps = _steps(wf)
+        return [s for s in steps if s.step in completed], [steps[n - 1] for n in path.run]
 
     async def _version(self, name: str, version: int) -> StoredWorkflow | None:
         key = (name, version)
@@ -224,6 +227,12 @@ def _field(letter: DeadLetter, name: str) -> str:
     if value is None:
         raise InvalidEntryError(f"entry has no `{name}` field")
     return str(value)
+
+
+def _first_run(wf: StoredWorkflow) -> list[StepRef]:
+    """The steps a new execution runs before it ends or first waits."""
+    steps = _steps(wf)
+    return [steps[n - 1] for n in flow.path(wf.definition.specs(), set(), {}).run]
 
 
 def _steps(wf: StoredWorkflow) -> list[StepRef]:

@@ -7,29 +7,34 @@ govflow's pyproject.
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
-from typing import Annotated
+from datetime import datetime, timedelta
+from typing import Annotated, Literal
 
 import msgspec
 
 from govflow.core import tracing
 from govflow.plugins import Batched, PermanentError, StepContext, action, webhook
 from govflow.schemas.codec import encode
+from govflow.schemas.durations import parse_duration
 from govflow.schemas.events import Change, Event
 
 Text = Annotated[str, msgspec.Meta(min_length=1)]
 
 _IDEMPOTENT = " ON CONFLICT (execution_id, step) DO NOTHING"
 APPROVALS = Batched(
-    "INSERT INTO approvals (execution_id, step, entity_id, approvers, due_at)"
-    " SELECT execution_id, step, entity_id, approvers, due_at FROM {rows}" + _IDEMPOTENT,
-    ("execution_id uuid", "step int", "entity_id text", "approvers jsonb", "due_at timestamptz"),
-)
+    "INSERT INTO approvals (execution_id, step, entity_id, approvers, required, due_at, wait)"
+    " SELECT execution_id, step, entity_id, approvers, required, due_at, wait FROM {rows}"
+    + _IDEMPOTENT,
+    ("execution_id uuid", "step int", "entity_id text", "approvers jsonb", "required int",
+     "due_at timestamptz", "wait bool"),
+)  # fmt: skip
 TASKS = Batched(
-    "INSERT INTO tasks (execution_id, step, entity_id, title, assignee)"
-    " SELECT execution_id, step, entity_id, title, assignee FROM {rows}" + _IDEMPOTENT,
-    ("execution_id uuid", "step int", "entity_id text", "title text", "assignee text"),
-)
+    "INSERT INTO tasks (execution_id, step, entity_id, title, assignee, due_at, wait)"
+    " SELECT execution_id, step, entity_id, title, assignee, due_at, wait FROM {rows}"
+    + _IDEMPOTENT,
+    ("execution_id uuid", "step int", "entity_id text", "title text", "assignee text",
+     "due_at timestamptz", "wait bool"),
+)  # fmt: skip
 ASSIGNMENTS = Batched(
     "INSERT INTO assignments (execution_id, step, entity_id, assignee)"
     " SELECT execution_id, step, entity_id, assignee FROM {rows}" + _IDEMPOTENT,
@@ -63,27 +68,75 @@ STATUS_CHANGES = Batched(
 )  # fmt: skip
 
 
-class CreateApproval(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Ask ``approvers`` to approve the entity within ``due_in_days``."""
+class Deadline(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A due time, ``due_in`` from when the step runs (``5d``, ``12h``; ``due_in_days``, the
+    older spelling, is still read), and whether the execution waits for the outcome."""
 
-    approvers: Annotated[list[str], msgspec.Meta(min_length=1)]
+    due_in: str | float | None = None
     due_in_days: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    wait: bool = False
+
+    def __post_init__(self) -> None:
+        if self.due_in is not None and self.due_in_days is not None:
+            raise ValueError("write due_in or due_in_days, not both")
+        if self.due_in is not None:
+            parse_duration(self.due_in)  # raises ValueError naming the value
+
+    def due_at(self, now: datetime) -> datetime | None:
+        """When the deadline falls for a step run at ``now``; None without one."""
+        if self.due_in is not None:
+            return now + timedelta(seconds=parse_duration(self.due_in))
+        if self.due_in_days is not None:
+            return now + timedelta(days=self.due_in_days)
+        return None
+
+
+class CreateApproval(Deadline, frozen=True, forbid_unknown_fields=True):
+    """Ask ``approvers`` to approve the entity: ``required`` of them (a number or ``all``)."""
+
+    approvers: Annotated[list[Text], msgspec.Meta(min_length=1)] = []
+    required: Annotated[int, msgspec.Meta(ge=1)] | Literal["all"] = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.approvers:
+            raise ValueError("approvers: name at least one approver")
+        if isinstance(self.required, int) and self.required > len(self.approvers):
+            raise ValueError(
+                f"required is {self.required}, but only {len(self.approvers)} approver(s) named"
+            )
+
+    def approvals_needed(self) -> int:
+        return len(self.approvers) if self.required == "all" else self.required
 
 
 @action("create_approval")
 async def create_approval(ctx: StepContext, p: CreateApproval) -> None:
-    due = ctx.now + timedelta(days=p.due_in_days) if p.due_in_days is not None else None
+    approvers = [ctx.render(a) for a in p.approvers]
     ctx.effects.add(
         APPROVALS,
-        (ctx.command.execution_id, ctx.step, ctx.event.entity_id, p.approvers, due),
+        (
+            ctx.command.execution_id,
+            ctx.step,
+            ctx.event.entity_id,
+            approvers,
+            p.approvals_needed(),
+            p.due_at(ctx.now),
+            p.wait,
+        ),
     )
 
 
-class CreateTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class CreateTask(Deadline, frozen=True, forbid_unknown_fields=True):
     """Open a task titled ``title`` (a template) for ``assignee``."""
 
-    title: Text
+    title: Text = ""
     assignee: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.title:
+            raise ValueError("title: give the task a title")
 
 
 @action("create_task")
@@ -91,7 +144,15 @@ async def create_task(ctx: StepContext, p: CreateTask) -> None:
     assignee = ctx.render(p.assignee) if p.assignee else None
     ctx.effects.add(
         TASKS,
-        (ctx.command.execution_id, ctx.step, ctx.event.entity_id, ctx.render(p.title), assignee),
+        (
+            ctx.command.execution_id,
+            ctx.step,
+            ctx.event.entity_id,
+            ctx.render(p.title),
+            assignee,
+            p.due_at(ctx.now),
+            p.wait,
+        ),
     )
 
 

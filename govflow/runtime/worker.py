@@ -3,7 +3,8 @@
 With one partition (the default): one ``GroupConsumer`` per (role, concurrency slot), all
 sharing one Redis client, one Postgres pool and one webhook client; plus the retry mover,
 the janitor, the reconciler and the retention sweep (with the ``triggers`` or ``actions``
-role) and, with the ``relay`` role, the outbox relay.
+role), the deadline service (with the ``actions`` role) and, with the ``relay`` role, the
+outbox relay.
 
 With ``GOVFLOW_PARTITIONS`` above 1, partitions are leased (``consumers.partitions``): per
 role, the worker holds a fair share of the partitions, one consumer on each, and
@@ -30,6 +31,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from govflow.consumers.actions import ActionRunner
+from govflow.consumers.deadlines import Deadlines
 from govflow.consumers.definitions import Definitions
 from govflow.consumers.janitor import Janitor
 from govflow.consumers.loop import GroupConsumer, Handler
@@ -292,6 +294,8 @@ class Worker:
             services.append(Reconciler(streams, pool, keys, after_s=settings.reconcile_after))
             # Likewise one retention sweep at a time: old executions, the dead-letter stream.
             services.append(Retention(redis, pool, keys, settings.execution_retention_s()))
+        if "actions" in self.roles:
+            services.append(Deadlines(redis, pool, keys, interval=settings.deadline_interval))
         if self.lag_gauges:
             services.append(LagGauges(redis, pool, keys, overdue_after_s=settings.reconcile_after))
         if "relay" in self.roles:

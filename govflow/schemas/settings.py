@@ -18,7 +18,7 @@ from govflow.schemas.errors import ConfigError
 from govflow.schemas.keys import Keys
 
 _ENV_PREFIX = "GOVFLOW_"
-SCOPES = frozenset({"publish", "read", "operate"})
+SCOPES = frozenset({"publish", "read", "operate", "decide"})
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -58,6 +58,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Finished executions are deleted this long after they finished, with their steps and
     # effects (``consumers.retention``): a duration such as 30d, or off (kept for good).
     execution_retention: str = "off"
+    # How often a worker looks for approvals and tasks past their due time.
+    deadline_interval: Seconds = 1.0
 
     def __post_init__(self) -> None:
         for url, schemes in (

@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from govflow.schemas.durations import DURATION_JSON_SCHEMA, parse_duration
+from govflow.schemas.durations import DURATION_JSON_SCHEMA
+from govflow.schemas.flow import BRANCHES, StepSpec, flatten
 
 Trigger = Literal["create", "update", "status_change", "delete"]
 Entity = Literal["policy", "assessment", "evidence"]
@@ -39,7 +40,7 @@ class Condition(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
 
 
 # Keys of a step that govflow reads itself; the rest are the action's parameters.
-STEP_OPTIONS = frozenset({"timeout"})
+STEP_OPTIONS = frozenset({"timeout", "wait", *BRANCHES})
 # A step's parameters, and the options every step takes (shown in ``govflow schema``).
 StepParams = Annotated[
     dict[str, Any],
@@ -50,7 +51,20 @@ StepParams = Annotated[
                     **DURATION_JSON_SCHEMA,
                     "description": "the step's time limit (ms, s, m, h or d; a number is seconds);"
                     " default GOVFLOW_STEP_TIMEOUT",
-                }
+                },
+                "wait": {
+                    "type": "boolean",
+                    "description": "create_approval and create_task: the execution waits here"
+                    " for the decision, then runs the branch for the outcome",
+                },
+                **{
+                    branch: {
+                        "type": "array",
+                        "items": {"type": "object", "minProperties": 1, "maxProperties": 1},
+                        "description": f"the steps run when the outcome is {outcome}",
+                    }
+                    for branch, outcome in BRANCHES.items()
+                },
             }
         }
     ),
@@ -69,30 +83,15 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ordering: Literal["entity", "none"] = "none"
 
     def __post_init__(self) -> None:
-        for step, action in enumerate(self.actions, start=1):
-            if len(action) != 1:
-                raise ValueError(f"action {step} must name exactly one action type")
-            params = next(iter(action.values()))
-            if "timeout" in params:
-                try:
-                    parse_duration(params["timeout"])
-                except ValueError as e:
-                    raise ValueError(f"action {step}: timeout: {e}") from None
+        flatten(self.actions)  # raises ValueError with the step at fault
+
+    def specs(self) -> list[StepSpec]:
+        """Every step, numbered: the ``actions`` first, then the steps of their branches."""
+        return flatten(self.actions)
 
     def steps(self) -> list[tuple[str, dict[str, Any]]]:
-        """The actions as (type, parameters), in the order they run; step options left out."""
-        return [
-            (name, {k: v for k, v in params.items() if k not in STEP_OPTIONS})
-            for name, params in (next(iter(action.items())) for action in self.actions)
-        ]
-
-    def timeouts(self) -> list[float | None]:
-        """Each step's own time limit in seconds, or None for the default."""
-        limits: list[float | None] = []
-        for action in self.actions:
-            limit = next(iter(action.values())).get("timeout")
-            limits.append(None if limit is None else parse_duration(limit))
-        return limits
+        """Every step as (type, parameters), in number order; step options left out."""
+        return [(spec.action, spec.params) for spec in self.specs()]
 
 
 class StoredWorkflow(msgspec.Struct, frozen=True, kw_only=True):
