@@ -497,3 +497,35 @@ async def test_a_dry_run_says_when_it_describes_only_the_first_letters(
     monkeypatch.setattr(dlq, "DRY_RUN_LIMIT", 3)
     report = await replay(redis, pool, keys, EVERY, actor="t", dry_run=True)
     assert (len(report.plans), report.more) == (3, False)
+
+
+async def test_a_replayed_command_redis_lost_is_put_back_by_the_reconciler(
+    make_settings: Any, redis: Redis, pool: AsyncConnectionPool[Any], prefix: str, hook: Hook
+) -> None:
+    """Postgres is the record: the replay shows the execution queued, so when Redis loses
+    the entry the replay added, the reconciler emits the command again."""
+    keys = Keys(prefix)
+    async with pool.connection() as conn:
+        await apply_workflow(conn, decode_workflow(THREE_STEPS.format(url=hook.url)))
+    event = new_event("policy.created", "POL-8", data={"title": "Access control"})
+    exec_id = execution_id(event.tenant, event.id, "review-and-notify")
+    async with running(make_settings(webhook_allowed_hosts="blocked.invalid")):
+        await Publisher(redis, keys).publish(event)
+
+        async def dead_lettered() -> list[DeadLetter]:
+            async with pool.connection() as conn:
+                return await dead_letters.list_open(conn)
+
+        [letter] = await wait_until(dead_lettered, "the command to be dead-lettered")
+
+    report = await replay(redis, pool, keys, Selection(ids=(letter.id,)), actor="tester")
+    status = "SELECT status FROM workflow_executions WHERE id = %s::uuid"
+    assert await scalar(pool, status, exec_id) == "queued"
+    assert await redis.xdel(keys.commands(), report.replayed[0].entry_id) == 1  # Redis lost it
+
+    async def completed() -> bool:
+        return bool(await scalar(pool, status, exec_id) == "completed")
+
+    async with running(make_settings(reconcile_after=1.0)):
+        await wait_until(completed, "the reconciler to put the replayed command back")
+    assert hook.keys == [f"{exec_id}:3"]

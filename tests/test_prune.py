@@ -1,6 +1,6 @@
 """Retention of executions and dead letters: what is finished and old goes, in bounded
 batches, with everything that hangs off it; nothing unfinished or still needed ever does.
-And the dead-letter stream is trimmed to what the table still holds open."""
+And the dead-letter stream is trimmed to what the table still holds."""
 
 from __future__ import annotations
 
@@ -122,9 +122,10 @@ async def test_prune_takes_only_what_is_finished_old_and_closed(
     assert (after.total, after.dead_letters, after.batches) == (0, 0, 0)
 
 
-async def test_the_dead_stream_keeps_the_letters_still_open(
+async def test_the_dead_stream_keeps_the_letters_the_table_holds(
     pool: AsyncConnectionPool[Any], redis: Redis, prefix: str
 ) -> None:
+    """A replayed or purged letter keeps its copy, as history, until its row is pruned."""
     keys = Keys(prefix)
     ids = [await letter(pool, None, n) for n in range(5)]
     entry_ids = []
@@ -135,13 +136,15 @@ async def test_the_dead_stream_keeps_the_letters_still_open(
         entry_ids.append(added.decode())
     await sql(pool, "UPDATE dead_letters SET purged_at = now() WHERE id = ANY(%s)", ids[:2])
     await sql(pool, "UPDATE dead_letters SET replayed_at = now() WHERE id = %s", ids[3])
+    assert await trim_dead_stream(redis, pool, keys.dead()) == 0  # every row is still held
 
+    await sql(pool, "DELETE FROM dead_letters WHERE id = ANY(%s)", ids[:2])  # pruned
     assert await trim_dead_stream(redis, pool, keys.dead()) == 2
     remaining: Any = await redis.xrange(keys.dead())
-    assert [e.decode() for e, _ in remaining] == entry_ids[2:]  # the open one and after
+    assert [e.decode() for e, _ in remaining] == entry_ids[2:]  # the held one and after
 
-    # Everything closed: everything goes, except what a reader's group has not acknowledged.
-    await sql(pool, "UPDATE dead_letters SET purged_at = now() WHERE purged_at IS NULL")
+    # Every row gone: everything goes, except what a reader's group has not acknowledged.
+    await sql(pool, "DELETE FROM dead_letters WHERE id = ANY(%s)", ids[2:])
     await redis.xgroup_create(keys.dead(), "alerts", id=entry_ids[2])
     assert await trim_dead_stream(redis, pool, keys.dead()) == 1
     assert await redis.xlen(keys.dead()) == 2

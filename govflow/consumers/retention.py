@@ -6,9 +6,10 @@
   ``db.prune.BATCH`` rows per transaction. ``govflow executions prune`` does the same on
   demand.
 - **The dead-letter stream** ``{prefix}:dead``: an entry there copies a dead letter the
-  ``dead_letters`` table holds. Once that letter is replayed or purged (or deleted) the
-  copy has served; the stream is trimmed below its oldest entry whose letter is still
-  open, and never below what a consumer group on it (an operator's) has acknowledged.
+  ``dead_letters`` table holds. Once the row is gone (pruned with its execution, above)
+  the copy has served; the stream is trimmed below its oldest entry whose letter the table
+  still holds, replayed and purged ones included, and never below what a consumer group
+  on it (an operator's) has acknowledged.
 
 Every worker of a stream role runs a ``Retention``; each sweep runs under a transaction
 advisory lock (``LOCK_KEY``), so one worker sweeps at a time, as the reconciler does.
@@ -101,8 +102,8 @@ def _batches(limit: int | None) -> Iterable[int]:
 
 
 async def trim_dead_stream(redis: RedisClient, pool: AsyncConnectionPool[Any], stream: str) -> int:
-    """Trim ``stream`` below its oldest entry whose dead letter is still open; return how
-    many entries went. Looks at ``TRIM_PAGES * TRIM_PAGE`` entries at most."""
+    """Trim ``stream`` below its oldest entry whose dead letter the table still holds;
+    return how many entries went. Looks at ``TRIM_PAGES * TRIM_PAGE`` entries at most."""
     boundary: tuple[int, int] | None = None
     start = "-"
     for _ in range(TRIM_PAGES):
@@ -111,10 +112,10 @@ async def trim_dead_stream(redis: RedisClient, pool: AsyncConnectionPool[Any], s
             break
         letters = [(entry_id, _letter_of(fields)) for entry_id, fields in page]
         async with pool.connection() as conn:
-            still_open = await db_prune.open_letters(conn, [k for _, k in letters if k])
-        first_open = next((i for i, k in letters if k in still_open), None)
-        if first_open is not None:
-            boundary = parse_id(first_open)
+            held = await db_prune.held_letters(conn, [k for _, k in letters if k])
+        first_held = next((i for i, k in letters if k in held), None)
+        if first_held is not None:
+            boundary = parse_id(first_held)
             break
         boundary = next_id(parse_id(page[-1][0]))
         start = f"({_text(page[-1][0])}"

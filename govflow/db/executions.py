@@ -188,6 +188,15 @@ async def finish(
     return [(row[0], row[1]) for row in await cur.fetchall()]
 
 
+async def queue_replayed(conn: AsyncConnection[Any], execution_id: str) -> None:
+    """Show a ``dead_lettered`` execution ``queued`` again: its dead letter is replayed."""
+    await conn.execute(
+        "UPDATE workflow_executions SET status = 'queued', updated_at = now()"
+        " WHERE id = %s AND status = 'dead_lettered'",
+        (execution_id,),
+    )
+
+
 async def set_failed(
     conn: AsyncConnection[Any], execution_id: str, status: Status, error: str
 ) -> None:

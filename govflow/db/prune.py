@@ -73,18 +73,17 @@ async def count(conn: AsyncConnection[Any], older_than_s: float) -> tuple[Counte
     return executions, int(row[0]) if row else 0
 
 
-async def open_letters(
+async def held_letters(
     conn: AsyncConnection[Any], entries: Sequence[tuple[str, str]]
 ) -> set[tuple[str, str]]:
-    """Which of the (stream, message id) pairs name a dead letter still open."""
+    """Which of the (stream, message id) pairs name a dead letter the table still holds."""
     if not entries:
         return set()
     streams, ids = zip(*entries, strict=True)
     cur = await conn.execute(
         "SELECT d.stream, d.message_id FROM dead_letters d"
         " JOIN unnest(%s::text[], %s::text[]) AS t(stream, message_id)"
-        " ON d.stream = t.stream AND d.message_id = t.message_id"
-        " WHERE d.replayed_at IS NULL AND d.purged_at IS NULL",
+        " ON d.stream = t.stream AND d.message_id = t.message_id",
         (list(streams), list(ids)),
     )
     return {(str(s), str(m)) for s, m in await cur.fetchall()}

@@ -12,8 +12,9 @@ between the XADD and the COMMIT leaves the letter open with its entry already ad
 a later replay adds it again; that is harmless, because the pipeline runs each (event,
 workflow) once and skips each completed step, so the second copy changes nothing.
 
-The action workers run a command whose execution is ``dead_lettered`` again only when
-its entry carries ``replay_of``; the steps already completed are skipped
+A command's letter moves its ``dead_lettered`` execution back to ``queued`` in the same
+transaction, so Postgres, the record, says the work is unfinished until it runs; the
+steps already completed are skipped
 (govflow/consumers/actions.py). A dry run reads the same state to say what would run
 (govflow/operations/replay_plan.py). The commands are in govflow/cli/dlq.py.
 """
@@ -32,7 +33,7 @@ from redis.typing import EncodableT, FieldT
 
 from govflow.consumers.seal import SEAL_FIELD, Seal
 from govflow.consumers.streams import ATTEMPT_FIELD, REPLAY_FIELD, RedisClient, load_seal
-from govflow.db import dead_letters
+from govflow.db import dead_letters, executions
 from govflow.db.dead_letters import DeadLetter, Selection
 from govflow.operations.replay_plan import ReplayPlan, plan
 from govflow.schemas.keys import Keys
@@ -149,6 +150,10 @@ async def replay(
             if rate:  # paced here, once there is a letter, so the last one waits for none
                 await anyio.sleep(max(0.0, next_at - anyio.current_time()))
                 next_at = anyio.current_time() + 1 / rate
+            if letter.execution_id is not None:
+                # Postgres says it has work to do again: should Redis lose the entry added
+                # below, the reconciler emits the command once the execution is overdue.
+                await executions.queue_replayed(conn, letter.execution_id)
             # Between this XADD and the COMMIT a crash replays the letter twice: harmless,
             # see the module docstring.
             added = await redis.xadd(letter.stream, replay_fields(letter, seal))
