@@ -93,14 +93,14 @@ async def waiting(
     async with running_worker(settings):
         await publish(redis, Keys(settings.prefix), events)
         await wait_for(
-            lambda: scalar(pool, "SELECT count(*) FROM workflow_executions WHERE status = 'waiting'"),
+            lambda: scalar(
+                pool, "SELECT count(*) FROM workflow_executions WHERE status = 'waiting'"
+            ),
             lambda found: found == executions,
             within=30,
             what=f"{executions} executions waiting",
         )
-        yield [
-            row[0] for row in await fetch(pool, "SELECT id::text FROM workflow_executions")
-        ]
+        yield [row[0] for row in await fetch(pool, "SELECT id::text FROM workflow_executions")]
 
 
 async def approval_id(pool: AsyncConnectionPool[Any]) -> str:
@@ -372,8 +372,10 @@ BAD_DEFINITIONS = {
         "action 1: on_expired needs a due time (due_in)",
     ),
     "nested-wait": (
-        "actions: [{create_approval: {approvers: [a], wait: true, on_rejected:"
-        " [{create_task: {title: t, wait: true}}]}}]",
+        (
+            "actions: [{create_approval: {approvers: [a], wait: true, on_rejected:"
+            " [{create_task: {title: t, wait: true}}]}}]"
+        ),
         "action 2 (in a branch of action 1): a branch's steps cannot wait or branch again",
     ),
     "too-many-required": (
@@ -388,9 +390,9 @@ async def test_apply_refuses_waits_that_cannot_work(
 ) -> None:
     files = []
     for name, (actions, _) in BAD_DEFINITIONS.items():
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(f"name: {name}\nentity: policy\ntrigger: create\n{actions}\n")
-        files.append(str(path))
+        file = tmp_path / f"{name}.yaml"
+        file.write_text(f"name: {name}\nentity: policy\ntrigger: create\n{actions}\n")
+        files.append(str(file))
 
     result = await govflow(
         govflow_env(redis_server_url, database_url, prefix), "workflows", "apply", *files
@@ -404,7 +406,7 @@ async def test_apply_refuses_waits_that_cannot_work(
         assert reason in line, line
 
 
-def test_a_branch_step_is_numbered_after_every_action() -> None:
+def test_branch_steps_are_numbered_after_the_actions_by_outcome() -> None:
     wf = Workflow(
         name="numbers",
         entity="policy",
@@ -419,3 +421,18 @@ def test_a_branch_step_is_numbered_after_every_action() -> None:
     specs = {s.number: (s.action, s.branch_of) for s in wf.specs()}
     assert specs == {1: ("create_approval", None), 2: ("assign", None), 3: ("assign", 1),
                      4: ("notify", 1)}  # fmt: skip
+
+
+async def test_an_id_in_another_spelling_of_its_uuid_is_the_same_approval_or_task(
+    make_settings: Callable[..., Settings], pool: AsyncConnectionPool[Any], redis: Redis
+) -> None:
+    settings = make_settings(deadline_interval=3600)
+    await apply(pool, approval(required=1))
+    async with (
+        waiting(settings, pool, redis, TASK, n=1, executions=2),
+        Decisions.connect(settings) as gf,
+    ):
+        decided = await gf.decide(f"urn:uuid:{await approval_id(pool)}", by="bob", approve=True)
+        assert decided.status == "approved"
+        done = await gf.complete_task((await task_id(pool)).upper(), by="owner")
+        assert done.status == "done"
