@@ -17,14 +17,16 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from govflow.consumers.deadlines import Deadlines
 from govflow.db.decisions import RefusedError
 from govflow.operations.decisions import Decisions
 from govflow.schemas.events import new_event
 from govflow.schemas.keys import Keys
 from govflow.schemas.settings import Settings
 from govflow.schemas.workflows import Workflow
-from tests.faults.servers import free_port
+from tests.faults.servers import free_port, redis_server, scratch_dir
 from tests.ops_helpers import govflow, govflow_env
 from tests.pipeline_helpers import (
     apply,
@@ -323,6 +325,37 @@ async def test_a_resume_redis_never_got_is_put_back_by_the_reconciler(
         assert await redis.xlen(keys.commands()) == before + 1
     assert await assignees(pool) == [(3, "approved-branch")]
     assert set(await steps(pool)) == {1, 2, 3}
+
+
+async def test_deadlines_fired_while_redis_is_away_resume_at_the_next_tick(
+    make_settings: Callable[..., Settings], pool: AsyncConnectionPool[Any]
+) -> None:
+    with scratch_dir("gf-redis-") as folder, redis_server(folder) as server:
+        settings = make_settings(redis_url=server.url, deadline_interval=3600)
+        keys = Keys(settings.prefix)
+        async with Redis.from_url(server.url) as redis:
+            async with waiting(settings, pool, redis, TASK):
+                pass  # stopped: this test fires the deadline itself
+            service = Deadlines(redis, pool, keys)
+            await wait_for(
+                lambda: scalar(pool, "SELECT due_at <= now() FROM tasks"),
+                bool,
+                within=10,
+                what="the due time to pass",
+            )
+            server.kill()
+            with pytest.raises(RedisConnectionError):
+                await service.fire()
+            assert await scalar(pool, "SELECT status FROM tasks") == "expired"
+            assert await scalar(pool, "SELECT status FROM workflow_executions") == "queued"
+            server.start()
+            before = await redis.xlen(keys.commands())
+            # Nothing more is due; the execution it could not resume goes out now.
+            assert await service.fire() == 0
+            assert await redis.xlen(keys.commands()) == before + 1
+            async with running_worker(settings):
+                assert await finished(pool) == "completed"
+    assert await assignees(pool) == [(3, "overdue-desk")]
 
 
 async def test_lag_counts_waiting_executions_and_deadlines_due(
