@@ -29,6 +29,7 @@ from tests.faults.harness import (
     record,
     settle,
     some_ready,
+    wait_in_hand,
     wait_started,
 )
 from tests.faults.servers import RedisServer
@@ -60,17 +61,22 @@ def deadline_workers(redis_url: str, database_url: str, logs: Path) -> Workers:
                    GOVFLOW_RECONCILE_AFTER=RECONCILE_AFTER)  # fmt: skip
 
 
-async def publish_while_killing(workers: Workers, producer: Producer, events: list[Event]) -> None:
-    """Publish over a few seconds while workers are SIGKILLed and started again."""
+async def publish_while_killing(
+    workers: Workers, producer: Producer, redis_url: str, events: list[Event]
+) -> int:
+    """Publish over a few seconds while workers are SIGKILLed and started again; return how
+    many kills caught their worker with entries in hand (an event, a command, a resume)."""
+    in_work = kills = 0
     async with anyio.create_task_group() as tg:
         tg.start_soon(producer.run, events)
-        kills = 0
         while kills < KILLS or len(producer.accepted) < len(events):
             slot = random.choice(await some_ready(workers))
+            in_work += await wait_in_hand(redis_url, workers.procs[slot].pid, 1.0)
             workers.kill(slot)
             workers.start(slot)
             kills += 1
-            await anyio.sleep(jitter(0.3, 0.9))
+            await anyio.sleep(jitter(0.1, 0.6))
+    return in_work
 
 
 def put_back(logs: Path) -> str:
@@ -111,7 +117,7 @@ async def test_deadlines_fire_once_through_sigkills_and_a_time_with_no_worker(
         for slot in range(WORKERS):
             workers.start(slot)
         await wait_started(workers)
-        await publish_while_killing(workers, producer, events)
+        in_work = await publish_while_killing(workers, producer, fault_redis.url, events)
         # Every worker dies, and deadlines pass with no one to fire them.
         await some_open(db)
         for slot in list(workers.procs):
@@ -128,7 +134,8 @@ async def test_deadlines_fire_once_through_sigkills_and_a_time_with_no_worker(
     finally:
         workers.stop_all()
     faults = (
-        f"{workers.killed} SIGKILLs of 3 workers while deadlines of 2-5 s fell due, then every"
+        f"{workers.killed} SIGKILLs of 3 workers ({in_work} with entries in hand) while"
+        f" deadlines of 2-5 s fell due, then every"
         f" worker killed while {in_blackout} deadlines passed; {put_back(logs)}"
     )
     record("deadlines, worker SIGKILL", len(events), faults, report, started)
@@ -152,7 +159,7 @@ async def test_deadlines_fire_once_through_a_redis_sigkill(
         for slot in range(WORKERS):
             workers.start(slot)
         await wait_started(workers)
-        await publish_while_killing(workers, producer, events)
+        in_work = await publish_while_killing(workers, producer, fault_redis.url, events)
         # Redis dies while deadlines fall due: the workers expire them in Postgres and
         # cannot emit the commands that resume their executions.
         await some_open(db)
@@ -169,7 +176,8 @@ async def test_deadlines_fire_once_through_a_redis_sigkill(
     finally:
         workers.stop_all()
     faults = (
-        f"{workers.killed} SIGKILLs of 3 workers, then Redis SIGKILLed and down"
+        f"{workers.killed} SIGKILLs of 3 workers ({in_work} with entries in hand), then Redis"
+        f" SIGKILLed and down"
         f" {LONGEST_DUE_S / 2:g} s (AOF) while {in_outage} deadlines fell due;"
         f" {put_back(logs)}"
     )
