@@ -1,39 +1,38 @@
 """The approvals scenario: executions waiting for a person, resumed by decisions.
 
 A backlog of ``assessment.created`` events runs ``bench-approvals`` up to its waiting
-approval; once every execution waits, each approval gets its decision, ``CONCURRENCY``
-decisions in flight at a time, and the workers run the ``on_approved`` branch and the
-step after it. Measured, from Postgres as the other scenarios are:
+approval; once every execution waits, each approval gets its decision through the HTTP
+API (``POST /approvals/{id}/decisions`` on a ``govflow serve`` process, ``CONCURRENCY``
+requests in flight), and the workers run the ``on_approved`` branch and the step after
+it. Measured, from Postgres as the other scenarios are:
 
 - resume throughput: executions completed per second, from the first decision's commit
   to the last completion's commit;
 - resume latency: from a decision's commit (the approval row's commit timestamp, or its
   ``decided_at`` on a server without them) to its execution's completion commit.
-
-The decisions go through the one operation every surface calls (``Decisions.decide``).
-The HTTP route ``POST /approvals/{id}/decisions`` is the surface this scenario means;
-``_decide`` is the one place to switch once it is served.
 """
 
 from __future__ import annotations
 
+import secrets
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import psycopg
 from psycopg import sql
-from redis.asyncio import Redis
 
 from benchmarks import gf, workload
-from govflow.db.pool import open_pool
+from benchmarks.servers import free_port
 from govflow.db.workflows import apply_workflow
-from govflow.operations.decisions import Decisions
 from govflow.schemas.codec import decode_workflow
 from govflow.schemas.events import Event, new_event
-from govflow.schemas.keys import Keys
 
 WORKFLOW = """
 name: bench-approvals
@@ -48,7 +47,8 @@ actions:
 """
 APPROVER = "reviewer"
 CONCURRENCY = 16  # decisions in flight, as many callers of the API would make them
-VIA = "python"  # what carried the decisions (summary.json says so)
+VIA = "http"  # what carried the decisions (summary.json says so)
+SERVE_TIMEOUT = 60.0  # for ``govflow serve`` to answer
 
 
 def setup(database_url: str) -> None:
@@ -70,31 +70,71 @@ def events(run: str, n: int) -> list[Event]:
     ]  # fmt: skip
 
 
-async def _decide(gf_api: Decisions, approval_id: str) -> None:
-    """One decision (the line to make ``POST /approvals/{id}/decisions`` once it is served)."""
-    await gf_api.decide(approval_id, by=APPROVER, approve=True)
+def serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start ``govflow serve`` with a token that may decide; return it, its URL and token.
+
+    Raises:
+        WorkerDiedError: the server exited before it answered.
+        StalledError: it did not answer within ``SERVE_TIMEOUT``.
+    """
+    token, port = secrets.token_hex(16), free_port()
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "govflow.cli", "serve", "--port", str(port)],
+            cwd=gf.ROOT, env={**env, "GOVFLOW_API_TOKENS": f"{token}:decide"},
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVE_TIMEOUT
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return proc, url, token
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise workload.WorkerDiedError(f"govflow serve exited {proc.returncode}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise workload.StalledError("govflow serve did not answer")
+        time.sleep(0.2)
 
 
-async def _decide_all(redis_url: str, database_url: str, prefix: str, ids: list[str]) -> float:
-    """Decide every approval of ``ids``, ``CONCURRENCY`` at a time; return the seconds taken."""
-    pool = await open_pool(database_url, max_size=CONCURRENCY)
-    redis = Redis.from_url(redis_url)
+def stop_serving(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server and wait for it."""
+    proc.send_signal(signal.SIGTERM)
     try:
-        api = Decisions(pool, redis, Keys(prefix))
+        proc.wait(timeout=gf.STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def _decide_all(url: str, token: str, ids: list[str]) -> float:
+    """Approve every approval of ``ids``, ``CONCURRENCY`` at a time; return the seconds.
+
+    Raises:
+        RuntimeError: a decision was not accepted (201).
+    """
+    headers = {"Authorization": f"Bearer {token}"}
+    limits = httpx.Limits(max_connections=CONCURRENCY)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as c:
         todo = iter(ids)
 
         async def caller() -> None:
             for approval_id in todo:  # the callers share one iterator: each id once
-                await _decide(api, approval_id)
+                answer = await c.post(
+                    f"/approvals/{approval_id}/decisions",
+                    json={"decision": "approve", "by": APPROVER},
+                )
+                if answer.status_code != 201:
+                    raise RuntimeError(f"decision refused: {answer.status_code} {answer.text}")
 
         started = time.perf_counter()
         async with anyio.create_task_group() as tg:
             for _ in range(CONCURRENCY):
                 tg.start_soon(caller)
         return time.perf_counter() - started
-    finally:
-        await redis.aclose()
-        await pool.close()
 
 
 def _approvals(database_url: str, like: str) -> list[str]:
@@ -145,28 +185,34 @@ def run_once(
     run: str,
     n: int,
     start_workers: Callable[[], list[subprocess.Popen[bytes]]],
+    log: Path,
     *,
     commit_ts: bool,
 ) -> dict[str, Any]:
     """``n`` executions brought to wait, then resumed by decisions; the run's figures.
 
-    ``start_workers`` starts the worker processes for ``prefix`` and returns them.
+    ``start_workers`` starts the worker processes for ``prefix`` and returns them; the
+    API server's log goes to ``log``.
     """
     workload.reset(database_url, "public")
     like = f"{run}-%"
     gf.publish(redis_url, prefix, events(run, n))
     procs = start_workers()
+    server: subprocess.Popen[bytes] | None = None
 
     def alive() -> bool:
-        return all(p.poll() is None for p in procs)
+        return all(p.poll() is None for p in [*procs, *([server] if server else [])])
 
     try:
+        server, url, token = serve(gf.env(redis_url, database_url, prefix), log)
         workload.wait_completed(database_url, "public", n, like=like, alive=alive,
                                 status="waiting")  # fmt: skip
         ids = _approvals(database_url, like)
-        decide_s = anyio.run(_decide_all, redis_url, database_url, prefix, ids)
+        decide_s = anyio.run(_decide_all, url, token, ids)
         workload.wait_completed(database_url, "public", n, like=like, alive=alive)
     finally:
+        if server is not None:
+            stop_serving(server)
         gf.stop(procs)
         gf.cleanup(redis_url, prefix)
     return {

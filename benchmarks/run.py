@@ -229,6 +229,7 @@ class Bench:
             lambda: gf.start(
                 self.opts.processes, env, self.logs / f"govflow-{run}", self.opts.concurrency
             ),
+            self.logs / f"govflow-{run}-serve.log",
             commit_ts=self.commit_ts,
         )
 
