@@ -2,7 +2,9 @@
 
 README.md, "Workflows that wait for people". Every approval here needs both approvers
 (``required: all``) within 3 s; each approver decides at a random instant around the due
-time, while the deadline service of two ``govflow run`` workers sweeps every 0.1 s.
+time (through ``Decisions``; for some approvals bob runs ``govflow approvals approve``
+or ``reject``), while the deadline service of two ``govflow run`` workers sweeps every
+0.1 s.
 Each approval must end in one outcome, given once (the record of updates in
 ``tests/faults/waits.py``); the decisions recorded must be exactly those accepted, all
 made before the due time; an expired approval holds no rejection and too few approvals
@@ -28,6 +30,7 @@ from govflow.operations.decisions import Decisions
 from govflow.schemas.events import new_event
 from govflow.schemas.keys import Keys
 from tests.faults.harness import (
+    GOVFLOW,
     PREFIX,
     Producer,
     Workers,
@@ -60,19 +63,24 @@ actions:
   - create_task: {title: "Publish {data.title}"}
 """
 # Each decision lands this far from its approval's due time (seconds).
-EARLIEST, LATEST = -0.6, 0.2
+EARLIEST, LATEST = -1.0, 0.2
 REJECT_EVERY = 5  # bob rejects every fifth approval
+BY_CLI_EVERY = 50  # and decides every fiftieth through the command line
+CLI_START_S = 1.0  # about how long ``govflow approvals`` takes to start, here
 
 
 class Deciders:
     """Decide every approval as it appears, each approver at a random instant near its
     due time, through ``Decisions``; remember what each call was told."""
 
-    def __init__(self, decisions: Decisions, database_url: str) -> None:
+    def __init__(self, decisions: Decisions, database_url: str, env: dict[str, str]) -> None:
         self.decisions = decisions
         self.database_url = database_url
+        self.env = env  # of a ``govflow`` command against the scenario's servers
         self.accepted: set[tuple[str, str, str]] = set()  # (approval, by, decision)
-        self.refused: Counter[tuple[int, str]] = Counter()  # (status, why)
+        self.refused: Counter[str] = Counter()  # why: expired, or decided already
+        self.statuses: Counter[int] = Counter()  # of the refusals through Decisions
+        self.by_cli = 0
         self.seen: set[str] = set()
 
     async def run(self, total: int) -> None:
@@ -90,10 +98,15 @@ class Deciders:
                     if approval_id in self.seen:
                         continue
                     self.seen.add(approval_id)
-                    reject = int(entity_id.rsplit("-", 1)[1]) % REJECT_EVERY == 0
+                    number = int(entity_id.rsplit("-", 1)[1])
+                    reject = number % REJECT_EVERY == 0
                     for by, approve in (("alice", True), ("bob", not reject)):
                         delay = float(due_in) + random.uniform(EARLIEST, LATEST)
-                        tg.start_soon(self.decide, approval_id, by, approve, delay)
+                        if by == "bob" and number % BY_CLI_EVERY == 0:
+                            tg.start_soon(self.decide_by_cli, approval_id, approve,
+                                          delay - CLI_START_S)  # fmt: skip
+                        else:
+                            tg.start_soon(self.decide, approval_id, by, approve, delay)
                 await anyio.sleep(0.05)
 
     async def decide(self, approval_id: str, by: str, approve: bool, delay: float) -> None:
@@ -101,10 +114,28 @@ class Deciders:
         try:
             await self.decisions.decide(approval_id, by=by, approve=approve)
         except RefusedError as refused:
-            why = "expired" if "expired" in refused.reason else "decided"
-            self.refused[(refused.status, why)] += 1
+            self.statuses[refused.status] += 1
+            self.refused["expired" if "expired" in refused.reason else "decided"] += 1
         else:
             self.accepted.add((approval_id, by, "approve" if approve else "reject"))
+
+    async def decide_by_cli(self, approval_id: str, approve: bool, delay: float) -> None:
+        """bob decides with ``govflow approvals approve|reject``: exit 0, or 1 and why."""
+        await anyio.sleep(max(0.0, delay))
+        verb = "approve" if approve else "reject"
+        done = await anyio.run_process(
+            [str(GOVFLOW), "approvals", verb, approval_id, "--by", "bob"],
+            env=self.env,
+            check=False,
+        )
+        said = done.stderr.decode()
+        self.by_cli += 1
+        if done.returncode == 0:
+            self.accepted.add((approval_id, "bob", verb))
+        else:
+            assert done.returncode == 1, said
+            assert said.count("\n") == 1, said  # one line that says why
+            self.refused["expired" if "expired" in said else "decided"] += 1
 
 
 async def decision_problems(database_url: str, accepted: set[tuple[str, str, str]]) -> list[str]:
@@ -164,7 +195,7 @@ async def test_decisions_racing_the_expiry_end_each_approval_once(
             workers.start(slot)
         await wait_started(workers)
         async with pool, Redis.from_url(fault_redis.url) as redis:
-            deciders = Deciders(Decisions(pool, redis, Keys(PREFIX)), db)
+            deciders = Deciders(Decisions(pool, redis, Keys(PREFIX)), db, workers.env)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(producer.run, events)
                 tg.start_soon(deciders.run, EVENTS)
@@ -175,13 +206,12 @@ async def test_decisions_racing_the_expiry_end_each_approval_once(
     outcomes = await outcome_problems(db)
     decided = await decision_problems(db, deciders.accepted)
     ended = await _outcomes(db)
-    refused = ", ".join(
-        f"{n} {status} ({why})" for (status, why), n in sorted(deciders.refused.items())
-    )
     faults = (
-        f"{2 * EVENTS} decisions through Decisions at random instants from"
-        f" {EARLIEST:+g} to {LATEST:+g} s of each due time, against 2 workers expiring every 0.1 s:"
-        f" {', '.join(f'{n} {s}' for s, n in sorted(ended.items()))}; refused {refused}"
+        f"{2 * EVENTS} decisions ({deciders.by_cli} by `govflow approvals`, the rest through"
+        f" Decisions) at random instants from {EARLIEST:+g} to {LATEST:+g} s of each due time,"
+        f" against 2 workers expiring every 0.1 s:"
+        f" {', '.join(f'{n} {s}' for s, n in sorted(ended.items()))}; refused"
+        f" {deciders.refused['expired']} as expired, {deciders.refused['decided']} as decided"
     )
     record("decision versus expiry", EVENTS, faults, report, started)
     assert report.ok, f"{report.summary()}\n{workers.tail()}"
@@ -189,9 +219,10 @@ async def test_decisions_racing_the_expiry_end_each_approval_once(
     assert decided == [], decided[:20]
     # Both sides won some races: otherwise nothing raced.
     assert ended["expired"], ended
-    assert ended["approved"], ended
-    assert ended["rejected"], ended
-    assert deciders.refused[(409, "expired")], deciders.refused
+    assert ended["approved"] + ended["rejected"], ended
+    assert deciders.refused["expired"], deciders.refused
+    assert set(deciders.statuses) == {409}, deciders.statuses
+    assert deciders.by_cli == EVENTS // BY_CLI_EVERY
 
 
 async def _outcomes(database_url: str) -> Counter[str]:
