@@ -188,7 +188,7 @@ async def test_decisions_racing_the_expiry_end_each_approval_once(
     wants = {e.id: frozenset({"race"}) for e in events}
     workers = Workers(fault_redis.url, db, logs, log_level="info",
                       GOVFLOW_DEADLINE_INTERVAL="0.1")  # fmt: skip
-    producer = Producer(fault_redis.url, Keys(PREFIX), chunk=30, pause=0.2)
+    producer = Producer(fault_redis.url, Keys(PREFIX), chunk=20, pause=0.4)
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(db, min_size=8, max_size=8, open=False)
     try:
         for slot in range(2):
