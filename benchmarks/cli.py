@@ -19,7 +19,7 @@ def parse(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="govflow and its peers, side by side: drain, steady, scaling, publish,"
-        " cluster.",
+        " cluster; and govflow's approvals resumed by decisions.",
     )
     p.add_argument("--events", type=int, default=20_000, help="govflow's drain backlog")
     p.add_argument("--peer-events", type=int, help="the peers' drain backlog (default 1000)")
@@ -32,6 +32,7 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument("--cluster", default="1,3", help="govflow worker processes on the cluster")
     p.add_argument("--partitions", type=int, default=8, help="partitions on the cluster")
     p.add_argument("--concurrency", type=int, default=2, help="govflow consumers per group")
+    p.add_argument("--approvals", type=int, default=10_000, help="executions waiting, then decided")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--out", type=Path, default=Options.out)
@@ -55,6 +56,7 @@ def parse(argv: list[str] | None) -> Options:
         cluster=[int(x) for x in a.cluster.split(",") if x],
         partitions=a.partitions,
         concurrency=a.concurrency,
+        approvals=a.approvals,
         systems=[s for s in a.systems.split(",") if s],
         scenarios=[s for s in a.scenarios.split(",") if s],
         out=a.out,
@@ -67,6 +69,7 @@ def parse(argv: list[str] | None) -> Options:
         opts.rate, opts.duration, opts.peer_duration = 100.0, 2.0, 2.0
         # One worker process and a token warm-up: each process start costs seconds.
         opts.processes, opts.scaling, opts.warmup = 1, [1], 5
+        opts.approvals = min(opts.approvals, opts.events)
     unknown = set(opts.systems) - set(SYSTEMS) or set(opts.scenarios) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown system or scenario: {', '.join(sorted(unknown))}")
@@ -98,11 +101,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "scaling": bench.scale,
             "cluster": bench.scale_on_cluster,
             "steady": bench.steady,
+            "approvals": bench.resume_approvals,
         }
         if "publish" in opts.scenarios and "drain" not in opts.scenarios:
             steps["drain"] = bench.drain  # publish is measured on the drain's backlog
             opts.scenarios.append("drain")
-        for name in ("drain", "steady", "scaling", "cluster"):
+        for name in ("drain", "steady", "scaling", "cluster", "approvals"):
             if name in opts.scenarios:
                 steps[name]()
         bench.load.append(os.getloadavg()[0])

@@ -104,9 +104,25 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
                  "runs": len(runs)}
         for p, runs in sorted(bench.cluster.items())
     }  # fmt: skip
+    approvals = (
+        {
+            "govflow": {
+                **_stats(bench.approvals, "resume_per_s"),
+                **_stats(bench.approvals, "resume_p50_ms"),
+                **_stats(bench.approvals, "resume_p99_ms"),
+                **_stats(bench.approvals, "decide_per_s"),
+                "waiting": bench.approvals[0]["waiting"],
+                "via": bench.approvals[0]["via"],
+                "runs": len(bench.approvals),
+            }
+        }
+        if bench.approvals
+        else {}
+    )
     return {
         "drain": drain,
         "steady": steady,
+        "approvals": approvals,
         "scaling": {
             "govflow": {p: d["events_per_s"] for p, d in scaling_detail.items()},
             "detail": {"govflow": scaling_detail},
@@ -228,6 +244,13 @@ def write(summary: dict[str, Any], out: Path, console: Console | None = None) ->
             f"govflow drains {d['govflow']['events_per_s']:,.0f} events/s,"
             f" {d['ratio']}x the best peer ({d['best_peer']['name']},"
             f" {d['best_peer']['events_per_s']:,.0f} events/s)"
+        )
+    if a := summary["approvals"].get("govflow"):
+        console.print(
+            f"approvals: {a['waiting']:,} waiting executions resumed at"
+            f" {_range(a, 'resume_per_s')}/s, latency p50 {_range(a, 'resume_p50_ms', ',.1f')}"
+            f" ms, p99 {_range(a, 'resume_p99_ms', ',.1f')} ms (decisions through {a['via']},"
+            f" {_range(a, 'decide_per_s')}/s)"
         )
     for run in summary["discarded_runs"]:
         console.print(

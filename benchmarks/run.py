@@ -8,6 +8,8 @@
   and by 3 worker processes (started first; the backlog goes in once their leases settle).
 - publish: how fast the drain's backlog went in (``publish_many`` for govflow, each
   peer's own enqueue call: ``addBulk`` for BullMQ, one call per job for the others).
+- approvals: govflow alone (no peer waits for a person): executions waiting on an
+  approval, resumed by decisions; resume throughput and latency (``benchmarks.approvals``).
 """
 
 from __future__ import annotations
@@ -25,15 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cpu, gf, peers, profile, workload
+from benchmarks import approvals, cpu, gf, peers, profile, workload
 from benchmarks.cluster import REDIS_CLI, REDIS_SERVER, running_cluster
 from benchmarks.servers import Servers, free_port
 from govflow.schemas.keys import Keys
 
 SYSTEMS = ("govflow", "celery", "dramatiq", "taskiq", "bullmq")
-SCENARIOS = ("drain", "steady", "scaling", "publish", "cluster")
+SCENARIOS = ("drain", "steady", "scaling", "publish", "cluster", "approvals")
 # Each scenario's share of the time budget (``Bench._rounds``).
-BUDGET_SHARES = {"drain": 0.45, "steady": 0.15, "scaling": 0.2, "cluster": 0.2}
+BUDGET_SHARES = {"drain": 0.4, "steady": 0.15, "scaling": 0.2, "cluster": 0.15, "approvals": 0.1}
 RETRIES = 3  # runs of a system discarded in a row, because a worker died, before giving up
 
 
@@ -59,6 +61,7 @@ class Options:
     prefix: str = "gfb"
     profile: bool = False
     warmup: int = 200  # events run through before a steady load, so that nothing starts cold
+    approvals: int = 10_000  # executions waiting, then resumed by decisions
     budget: float = 570.0  # seconds; runs after a scenario's first stop when its share is spent
 
 
@@ -74,6 +77,7 @@ class Bench:
         self.results: dict[str, dict[str, list[Run]]] = {s: {} for s in SCENARIOS}
         self.scaling: dict[int, list[Run]] = {}
         self.cluster: dict[int, list[Run]] = {}  # runs on the Redis Cluster, by processes
+        self.approvals: list[Run] = []  # govflow's runs of the approvals scenario
         self.commit_ts = workload.commit_timestamps(found.database_url)
         self.tag = f"{opts.prefix}-{secrets.token_hex(3)}"
         self.load = [os.getloadavg()[0]]  # others' work on the machine skews the figures
@@ -211,6 +215,23 @@ class Bench:
             "peak_rss_mb": max(peaks) / 1024 if peaks else None,
             "cores": self._cores(before, after, worker_cpu, wall),
         }
+
+    def govflow_approvals(self, run: str) -> Run:
+        """``approvals`` executions brought to wait, then resumed by decisions."""
+        db, prefix = self.servers.database_url, f"{self.tag}-{run}"
+        env = gf.env(self.servers.redis_url, db, prefix)
+        return approvals.run_once(
+            self.servers.redis_url,
+            db,
+            prefix,
+            run,
+            self.opts.approvals,
+            lambda: gf.start(
+                self.opts.processes, env, self.logs / f"govflow-{run}", self.opts.concurrency
+            ),
+            self.logs / f"govflow-{run}-serve.log",
+            commit_ts=self.commit_ts,
+        )
 
     # -- the peers ---------------------------------------------------------------------
 
@@ -408,6 +429,20 @@ class Bench:
                     f" {result['events_per_s']:8.0f} events/s (peak RSS"
                     f" {result['peak_rss_mb']:.0f} MiB)"
                 )
+
+    def resume_approvals(self) -> None:
+        """govflow's approvals scenario (the peers have nothing that waits for a person)."""
+        if "govflow" not in self.opts.systems:
+            return
+        approvals.setup(self.servers.database_url)
+        for r in self._rounds("approvals"):
+            result = self._attempt("govflow", f"a{r}", self.govflow_approvals)
+            self.approvals.append(result)
+            self.say(
+                f"approvals govflow run {r + 1}: {result['resume_per_s']:8.0f} resumed/s,"
+                f" p50 {result['resume_p50_ms']:7.1f} ms, p99 {result['resume_p99_ms']:8.1f} ms"
+                f" ({result['waiting']} waiting, decided at {result['decide_per_s']:.0f}/s)"
+            )
 
     def scale_on_cluster(self) -> None:
         """govflow on a Redis Cluster (3 primaries, 3 replicas) with 1 and 3 workers."""

@@ -104,14 +104,14 @@ def reset(database_url: str, schema: str) -> None:
             pass  # a configured server where we are not superuser: runs are noisier
 
 
-def completed(database_url: str, schema: str, like: str = "%") -> int:
-    """How many executions of events whose id is ``like`` are completed."""
+def completed(database_url: str, schema: str, like: str = "%", status: str = "completed") -> int:
+    """How many executions of events whose id is ``like`` are ``status`` (completed)."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         row = conn.execute(
-            sql.SQL(
-                "SELECT count(*) FROM {} WHERE status = 'completed' AND event_id LIKE %s"
-            ).format(sql.Identifier(schema, "workflow_executions")),
-            (like,),
+            sql.SQL("SELECT count(*) FROM {} WHERE status = %s AND event_id LIKE %s").format(
+                sql.Identifier(schema, "workflow_executions")
+            ),
+            (status, like),
         ).fetchone()
         return int(row[0]) if row else 0
 
@@ -124,8 +124,9 @@ def wait_completed(
     like: str = "%",
     alive: Any = None,
     timeout: float = 900.0,
+    status: str = "completed",
 ) -> None:
-    """Poll until ``expected`` executions are completed.
+    """Poll until ``expected`` executions are ``status`` (completed).
 
     Raises:
         WorkerDiedError: ``alive()`` said a worker died.
@@ -134,16 +135,16 @@ def wait_completed(
     deadline = time.monotonic() + timeout
     last, last_change = -1, time.monotonic()
     while True:
-        done = completed(database_url, schema, like)
+        done = completed(database_url, schema, like, status)
         now = time.monotonic()
         if done >= expected:
             return
         if done != last:
             last, last_change = done, now
         if alive is not None and not alive():
-            raise WorkerDiedError(f"a worker exited with {done} of {expected} executions done")
+            raise WorkerDiedError(f"a worker exited with {done} of {expected} executions {status}")
         if now - last_change > STALL_S or now > deadline:
-            raise StalledError(f"stalled at {done} of {expected} completed executions")
+            raise StalledError(f"stalled at {done} of {expected} executions {status}")
         time.sleep(0.2)
 
 

@@ -1,9 +1,9 @@
 """The benchmark harness on a tiny input, so that it cannot rot (the benchmark is no test).
 
-It runs govflow's drain, scaling, steady and publish scenarios against the test servers,
-the cluster scenario on a Redis Cluster of its own (1 and 3 workers over 8 partitions),
-plus BullMQ when ``benchmarks/.peers`` already has it (nothing is installed here), and
-checks that ``summary.json`` holds the keys that tools read.
+It runs govflow's drain, scaling, steady, publish and approvals scenarios against the
+test servers, the cluster scenario on a Redis Cluster of its own (1 and 3 workers over 8
+partitions), plus BullMQ when ``benchmarks/.peers`` already has it (nothing is installed
+here), and checks that ``summary.json`` holds the keys that tools read.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ KEYS = [
     "cluster.govflow",
     "cluster.partitions",
     "publish.govflow.events_per_s",
+    "approvals.govflow.resume_per_s",
+    "approvals.govflow.resume_p50_ms",
+    "approvals.govflow.resume_p99_ms",
     "machine.cores",
     "versions.govflow",
 ]
@@ -69,6 +72,10 @@ def test_harness_writes_summary(
     assert summary["steady"]["govflow"]["events"] == 200
     assert 0 < summary["steady"]["govflow"]["p50_ms"] <= summary["steady"]["govflow"]["p99_ms"]
     assert summary["publish"]["govflow"]["events_per_s"] > 0
+    approvals = summary["approvals"]["govflow"]
+    assert approvals["waiting"] == 200
+    assert approvals["resume_per_s"] > 0
+    assert 0 < approvals["resume_p50_ms"] <= approvals["resume_p99_ms"]
     cluster = summary["cluster"]["detail"]["govflow"]
     assert set(cluster) == {"1", "3"}
     assert all(d["events_per_s"] > 0 and d["balanced_s"] > 0 for d in cluster.values())

@@ -6,7 +6,9 @@ however many deadlines are open, ``SKIP LOCKED`` so that workers share the work)
 emits the commands of the executions that waited on them. A deadline is durable because
 it is a row: it fires after restarts, with every worker killed in between, at the first
 tick of whichever worker comes up. A decision racing the expiry locks the same row: the
-first to commit decides the outcome, the other finds it decided.
+first to commit decides the outcome, the other finds it decided. An execution whose command
+cannot be emitted (Redis away) is queued in Postgres: the service emits it with its next
+tick's, and the reconciler puts it back should the worker die first.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class Deadlines:
         self._batch = batch
         self._backoff = Backoff()
         self._stopped = anyio.Event()
+        # Executions this service queued and could not put on the commands stream yet
+        # (Redis away): emitted with the next tick's, rather than left to the reconciler.
+        self._unresumed: list[str] = []
 
     def stop(self) -> None:
         """Stop after the tick in hand."""
@@ -69,7 +74,12 @@ class Deadlines:
         return 0.0 if fired >= self._batch else None  # a full batch: more may be due
 
     async def fire(self) -> int:
-        """Expire what is due now and resume the executions that waited; return how many."""
+        """Expire what is due now and resume the executions that waited; return how many.
+
+        Raises:
+            Exception: Postgres or Redis failed; what was expired stays expired, and its
+                executions are resumed by the next call.
+        """
         async with self._pool.connection() as conn, conn.transaction():
             ended = await decisions.expire_due(conn, self._batch)
         now = datetime.now(UTC)
@@ -80,7 +90,7 @@ class Deadlines:
             )
         if ended:
             log.info("deadlines.fired", count=len(ended))
-        await resume(
-            self._redis, self._pool, self._keys, [e.execution_id for e in ended if e.resumes]
-        )
+        self._unresumed += [e.execution_id for e in ended if e.resumes]
+        await resume(self._redis, self._pool, self._keys, self._unresumed)
+        self._unresumed = []
         return len(ended)

@@ -153,20 +153,22 @@ async def decide(
     """Record ``by``'s decision on an approval; return it if the approval got its outcome.
 
     Run in a transaction. An approval past its due time is expired here, as the deadline
-    service would, and the decision refused: the deadline came first.
+    service would, and the decision refused: the deadline came first. The id may be any
+    spelling of the uuid that Python reads (upper case, braces, ``urn:uuid:``).
 
     Raises:
         RefusedError: no such approval (404), already decided or expired, or a second decision
             by the same person (409), ``by`` is not one of its approvers (422).
     """
+    given, approval_id = approval_id, _uuid_or_none(approval_id) or _NO_ID
     cur = await conn.execute(
         "SELECT status, approvers, required, coalesce(due_at <= now(), false)"
         " FROM approvals WHERE id = %s FOR UPDATE",
-        (_uuid_or_none(approval_id),),
+        (approval_id,),
     )
     row = await cur.fetchone()
     if row is None:
-        raise RefusedError(404, f"no approval {approval_id}")
+        raise RefusedError(404, f"no approval {given}")
     status, approvers, required, overdue = row
     if status == "pending" and overdue:
         expired = await _end(conn, "approval", approval_id, "expired")
@@ -197,18 +199,19 @@ async def decide(
 
 
 async def complete_task(conn: AsyncConnection[Any], task_id: str, *, by: str) -> Ended:
-    """Mark a task ``done`` by ``by``. Run in a transaction.
+    """Mark a task ``done`` by ``by``. Run in a transaction; the id is read as ``decide``'s.
 
     Raises:
         RefusedError: no such task (404), already done or expired (409).
     """
+    given, task_id = task_id, _uuid_or_none(task_id) or _NO_ID
     cur = await conn.execute(
-        "SELECT status, coalesce(due_at <= now(), false) FROM tasks WHERE id::text = %s FOR UPDATE",
+        "SELECT status, coalesce(due_at <= now(), false) FROM tasks WHERE id = %s FOR UPDATE",
         (task_id,),
     )
     row = await cur.fetchone()
     if row is None:
-        raise RefusedError(404, f"no task {task_id}")
+        raise RefusedError(404, f"no task {given}")
     status, overdue = row
     if status == "open" and overdue:
         expired = await _end(conn, "task", task_id, "expired")

@@ -4,8 +4,10 @@ A step of ``create_approval`` or ``create_task`` may say ``wait: true``: the exe
 then waits after that step until the approval or task has an outcome, and runs the
 branch for it (``on_approved``, ``on_rejected``, ``on_expired``). Every step has a
 number, stable for a definition version: the ``actions`` are 1..N in order, and the
-steps of their branches follow, N+1 onwards, in the order they are written. The number
-keys the step's row and its effect, so a step of a branch runs once like any other.
+steps of their branches follow, N+1 onwards: each action's ``on_approved`` steps, then
+``on_rejected``, then ``on_expired`` (not the order the keys are written in, which a
+definition stored as jsonb does not keep). The number keys the step's row and its
+effect, so a step of a branch runs once like any other.
 """
 
 from __future__ import annotations

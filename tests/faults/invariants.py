@@ -8,6 +8,9 @@ events Redis accepted and the workflows each one must run:
 - every execution is terminal: completed, or dead-lettered only where the test expects;
 - every completed step's effect exists exactly once, in its action's table, and no effect
   exists without its completed step (effect and status commit together);
+- a completed execution ran exactly the steps on its path: where a step waits for a person,
+  the branch of the approval's or task's outcome, then the remaining actions only after
+  ``approved`` or ``done``; none of its waits is still undecided;
 - no entry is pending in either group, none is left undelivered, nothing is in a retry set;
 - the open dead letters are exactly what the test expects, each with a reason, and the
   dead-letter stream holds one entry per letter (a replayed or purged letter keeps its
@@ -42,6 +45,9 @@ EFFECT_TABLE = {
     "change_status": "status_changes",
 }
 GROUPS = (("events", "triggers"), ("commands", "actions"))
+# A waiting step's branches in the order their steps are numbered, and the outcome of each.
+BRANCHES = (("on_approved", "approved"), ("on_rejected", "rejected"), ("on_expired", "expired"))
+GO_ON = frozenset({"approved", "done"})  # outcomes after which the remaining actions run
 MAX_LISTED = 20  # problems of one kind listed one by one; the rest are counted
 
 
@@ -67,7 +73,9 @@ class Report(msgspec.Struct, kw_only=True):
     duplicated: int = 0
     executions: int = 0
     effects: int = 0
-    redelivered: int = 0  # executions delivered more than once (attempts > 1)
+    # Executions delivered more than once (attempts > 1), beyond the deliveries that
+    # resume them after a wait.
+    redelivered: int = 0
     webhook_redeliveries: int = 0  # deliveries beyond the first of one Idempotency-Key
 
     @property
@@ -142,7 +150,12 @@ async def _check_executions(
     """Executions against the events; return {execution id: (event, workflow, status)}."""
     rows = await _rows(
         conn,
-        "SELECT id::text, event_id, workflow_name, status, attempts FROM workflow_executions",
+        # A wait that got its outcome resumes its execution: one more delivery, by design.
+        "SELECT id::text, event_id, workflow_name, status, attempts"
+        " - (SELECT count(*) FROM approvals a WHERE a.execution_id = e.id AND a.wait"
+        " AND a.status <> 'pending') - (SELECT count(*) FROM tasks t"
+        " WHERE t.execution_id = e.id AND t.wait AND t.status <> 'open')"
+        " FROM workflow_executions e",
     )
     report.executions = len(rows)
     report.redelivered = sum(1 for row in rows if row[4] > 1)
@@ -182,18 +195,18 @@ async def _check_effects(
     found: _Problems,
     report: Report,
 ) -> None:
-    """Each completed step has its one effect row; no effect row lacks its completed step."""
+    """Each step on an execution's path is done, with its one effect row; nothing else is."""
     definitions = {
-        (name, version): [next(iter(action)) for action in actions]
+        (name, version): Steps(actions)
         for name, version, actions in await _rows(
             conn, "SELECT name, version, definition -> 'actions' FROM workflows"
         )
     }
-    steps_of: dict[str, list[str]] = {}
+    steps_of: dict[str, Steps] = {}
     for exec_id, name, version in await _rows(
         conn, "SELECT id::text, workflow_name, workflow_version FROM workflow_executions"
     ):
-        steps_of[exec_id] = definitions.get((name, version), [])
+        steps_of[exec_id] = definitions.get((name, version), Steps([]))
     completed = {
         (exec_id, step): action
         for exec_id, step, action in await _rows(
@@ -202,6 +215,13 @@ async def _check_effects(
             " WHERE status = 'completed'",
         )
     }
+    outcomes: dict[str, dict[int, str]] = {}
+    for exec_id, step, status in await _rows(
+        conn,
+        "SELECT execution_id::text, step, status FROM approvals WHERE wait UNION ALL"
+        " SELECT execution_id::text, step, status FROM tasks WHERE wait",
+    ):
+        outcomes.setdefault(exec_id, {})[step] = status
     effects: Counter[tuple[str, str, int]] = Counter()
     for table in sorted(set(EFFECT_TABLE.values())):
         for exec_id, step in await _rows(conn, f"SELECT execution_id::text, step FROM {table}"):
@@ -210,13 +230,23 @@ async def _check_effects(
 
     should: set[tuple[str, str, int]] = set()
     for exec_id, (_, _, status) in executions.items():
-        for step, action in enumerate(steps_of.get(exec_id, []), start=1):
-            effect_table = EFFECT_TABLE.get(action)
-            done = (exec_id, step) in completed
-            if status == "completed" and not done:
-                found.add("completed executions with a step not done", f"{exec_id} step {step}")
+        steps = steps_of.get(exec_id, Steps([]))
+        if status == "completed":
+            path, undecided = steps.path(outcomes.get(exec_id, {}))
+            for step in undecided:
+                found.add("completed executions still waiting", f"{exec_id} step {step}")
                 report.lost += 1
-            if done and effect_table is not None:
+            for step in path:
+                if (exec_id, step) not in completed:
+                    found.add("completed executions with a step not done", f"{exec_id} step {step}")
+                    report.lost += 1
+            for step in sorted(steps.action.keys() - path):
+                if (exec_id, step) in completed:
+                    found.add("steps done off the execution's path", f"{exec_id} step {step}")
+                    report.duplicated += 1
+        for step, action in steps.action.items():
+            effect_table = EFFECT_TABLE.get(action)
+            if (exec_id, step) in completed and effect_table is not None:
                 should.add((effect_table, exec_id, step))
     for key, n in effects.items():
         if n > 1:
@@ -233,6 +263,47 @@ async def _check_effects(
     ):
         found.add("chained events written twice", f"{event_id} x{n}")
         report.duplicated += n - 1
+
+
+class Steps:
+    """A definition's steps as README.md numbers them, and the path an execution takes.
+
+    The actions are steps 1..N; the steps of their branches follow, N+1 onwards: for each
+    action in order, its ``on_approved``, then ``on_rejected``, then ``on_expired`` steps.
+    After a step that waits, the branch of its outcome runs; after ``approved`` or
+    ``done`` the remaining actions run too, after any other outcome nothing more.
+    """
+
+    def __init__(self, actions: list[dict[str, dict[str, Any]]]) -> None:
+        self.action: dict[int, str] = {}
+        self.main: list[tuple[int, bool]] = []  # (step, whether it waits)
+        self.branches: dict[tuple[int, str], list[int]] = {}
+        for number, raw in enumerate(actions, start=1):
+            ((name, params),) = raw.items()
+            self.action[number] = name
+            self.main.append((number, bool(params.get("wait"))))
+        for owner, raw in enumerate(actions, start=1):
+            ((_, params),) = raw.items()
+            for key, outcome in BRANCHES:
+                for step in params.get(key, []):
+                    number = len(self.action) + 1
+                    self.action[number] = next(iter(step))
+                    self.branches.setdefault((owner, outcome), []).append(number)
+
+    def path(self, outcomes: Mapping[int, str]) -> tuple[set[int], list[int]]:
+        """The steps a finished execution ran, and the waits it finished without an outcome."""
+        path: set[int] = set()
+        for step, waits in self.main:
+            path.add(step)
+            if not waits:
+                continue
+            outcome = outcomes.get(step)
+            if outcome is None or outcome in ("pending", "open"):
+                return path, [step]
+            path.update(self.branches.get((step, outcome), []))
+            if outcome not in GO_ON:
+                break
+        return path, []
 
 
 async def _check_dead_letters(

@@ -32,6 +32,7 @@ from tests.faults.harness import (
 )
 from tests.faults.invariants import Report
 from tests.faults.servers import RedisServer
+from tests.faults.waits import DEADLINE_WORKFLOWS, deadline_events
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -177,3 +178,48 @@ async def test_each_broken_invariant_is_reported(
     }, report.summary()
     assert report.lost >= 2
     assert report.duplicated >= 2
+
+
+async def test_a_wrong_path_after_a_wait_is_reported(
+    fault_redis: RedisServer, fault_database_url: str
+) -> None:
+    await apply_workflows(fault_database_url, DEADLINE_WORKFLOWS)
+    events, wants = deadline_events(6, "path")
+    expected = expected_of([e.id for e in events], wants)
+    async with in_process_worker(fault_redis.url, fault_database_url, deadline_interval=0.2):
+        await publish(fault_redis.url, events)
+        report = await settle(fault_redis.url, fault_database_url, expected, within=60)
+    assert report.ok, report.summary()
+
+    async with await psycopg.AsyncConnection.connect(fault_database_url, autocommit=True) as db:
+        cur = await db.execute(
+            "SELECT id, entity_id FROM workflow_executions WHERE workflow_name = %s ORDER BY id",
+            ("approve-within-2s",),
+        )
+        (expired, entity), (short, _) = await cur.fetchall()
+        # The branch of an outcome that did not happen ran (on_approved is step 3) ...
+        await db.execute(
+            "INSERT INTO execution_steps (execution_id, step, action, status)"
+            " VALUES (%s, 3, 'assign', 'completed')",
+            (expired,),
+        )
+        await db.execute(
+            "INSERT INTO assignments (execution_id, step, entity_id, assignee)"
+            " VALUES (%s, 3, %s, 'publisher')",
+            (expired, entity),
+        )
+        # ... the branch of the one that did (steps 4 and 5) stopped short ...
+        await db.execute(
+            "DELETE FROM execution_steps WHERE execution_id = %s AND step = 5", (short,)
+        )
+        await db.execute("DELETE FROM tasks WHERE execution_id = %s AND step = 5", (short,))
+        # ... and a task is open again under its completed execution.
+        await db.execute("UPDATE tasks SET status = 'open' WHERE wait AND step = 1")
+
+    report = await run_check(fault_redis.url, fault_database_url, expected)
+    kinds = {p.split(" x", 1)[0] for p in report.problems}
+    assert kinds == {
+        "steps done off the execution's path",
+        "completed executions with a step not done",
+        "completed executions still waiting",
+    }, report.summary()
