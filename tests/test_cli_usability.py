@@ -113,7 +113,7 @@ def test_validate_applies_nothing_and_needs_no_server(tmp_path: Path) -> None:
             f"govflow: {typo}: workflow typo, action 1 (create_task), parameter title:"
             " {dta.title}: 'dta' is not a field of the event (did you mean 'data'? fields: id,"
             " type, tenant, entity_id, occurred_at, actor, data, changes, schema_version,"
-            " depth, causation_id, root_id)"
+            " depth, causation_id, root_id, traceparent, tracestate)"
         ),
         (
             f"govflow: {typo}: workflow typo, action 2 (notify), parameter webhook:"

@@ -469,3 +469,37 @@ async def test_an_id_in_another_spelling_of_its_uuid_is_the_same_approval_or_tas
         assert decided.status == "approved"
         done = await gf.complete_task((await task_id(pool)).upper(), by="owner")
         assert done.status == "done"
+
+
+async def test_a_decision_while_a_delivery_is_in_flight_still_resumes_the_execution(
+    settings: Settings, pool: AsyncConnectionPool[Any], redis: Redis
+) -> None:
+    """A waiting execution redelivered (its worker died after the commit, before the ack)
+    shows ``running`` when the decision lands: the decision emits its command all the
+    same, rather than leave it to the reconciler."""
+    keys = Keys(settings.prefix)
+    async with waiting(settings, pool, redis, approval(required=1)):
+        pass  # the worker stops; the execution waits
+    status = "SELECT status FROM workflow_executions"
+    await fetch(pool, "UPDATE workflow_executions SET status = 'running' RETURNING 1")
+    commands = await redis.xlen(keys.commands())
+    async with Decisions.connect(settings) as gf:
+        await gf.decide(await approval_id(pool), by="alice", approve=True)
+    assert await redis.xlen(keys.commands()) == commands + 1
+    assert await scalar(pool, status) == "running"  # left to the delivery in flight
+    async with running_worker(settings):
+        assert await finished(pool) == "completed"
+    assert await assignees(pool) == [(3, "approved-branch")]
+
+
+async def test_the_approvals_of_a_cancelled_execution_take_no_decision(
+    settings: Settings, pool: AsyncConnectionPool[Any], redis: Redis
+) -> None:
+    async with waiting(settings, pool, redis, approval()), Decisions.connect(settings) as gf:
+        aid = await approval_id(pool)
+        await fetch(pool, "UPDATE workflow_executions SET status = 'cancelled' RETURNING 1")
+        with pytest.raises(RefusedError) as refused:
+            await gf.decide(aid, by="alice", approve=True)
+    assert refused.value.status == 409
+    assert "cancelled" in refused.value.reason
+    assert await fetch(pool, "SELECT count(*) FROM approval_decisions") == [(0,)]

@@ -199,9 +199,9 @@ async def wait(done: Callable[[], bool], what: str, show: Callable[[], Any]) -> 
 @pytest.mark.parametrize(
     ("role", "sql"),
     [
-        ("worker", "DELETE FROM workflow_executions"),
+        ("worker", "DELETE FROM workflows"),
         ("worker", "UPDATE workflows SET enabled = false"),
-        ("worker", "DELETE FROM dead_letters"),
+        ("worker", "DELETE FROM approval_decisions"),
         ("worker", "TRUNCATE tasks"),
         ("worker", "CREATE TABLE intruder (id int)"),
         ("worker", "DROP TABLE tasks"),
@@ -209,7 +209,9 @@ async def wait(done: Callable[[], bool], what: str, show: Callable[[], Any]) -> 
         ("reader", "UPDATE workflow_executions SET status = 'completed'"),
         ("operator", "DELETE FROM dead_letters"),
         ("operator", "UPDATE dead_letters SET error = 'rewritten'"),
-        ("operator", "UPDATE workflow_executions SET status = 'completed'"),
+        ("operator", "UPDATE workflow_executions SET workflow_name = 'rewritten'"),
+        ("operator", "DELETE FROM workflow_executions"),
+        ("operator", "UPDATE approval_decisions SET decision = 'approve'"),
         ("producer", "SELECT * FROM outbox"),
         ("producer", "SELECT * FROM workflow_executions"),
         ("producer", "UPDATE outbox SET published_at = now()"),

@@ -100,7 +100,7 @@ def test_a_sentence_names_the_file_workflow_action_and_parameter() -> None:
         (
             f"{where} message: {{dta.title}}: 'dta' is not a field of the event (did you mean"
             " 'data'? fields: id, type, tenant, entity_id, occurred_at, actor, data, changes,"
-            " schema_version, depth, causation_id, root_id)"
+            " schema_version, depth, causation_id, root_id, traceparent, tracestate)"
         ),
     ]
 

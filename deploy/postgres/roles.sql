@@ -3,9 +3,12 @@
 --
 --   govflow_migrator  owns the schema: `govflow migrate` runs as it
 --   govflow_worker    `govflow run` (triggers, actions, relay): reads definitions, writes
---                     executions, steps, effects, dead letters; publishes the outbox
---   govflow_operator  `govflow dlq`, the dashboard: reads everything, marks dead letters
---                     replayed or purged
+--                     executions, steps, effects, dead letters; publishes the outbox;
+--                     expires approvals and tasks at their due time; prunes what the
+--                     retention allows
+--   govflow_operator  `govflow dlq`, `executions cancel|retry`, `approvals`, `tasks`, the
+--                     API and dashboard: reads everything, marks dead letters replayed or
+--                     purged, moves an execution's status, records decisions
 --   govflow_reader    reporting: reads everything, writes nothing
 --   govflow_producer  services that use the transactional outbox: INSERT into outbox
 --
@@ -59,8 +62,9 @@ BEGIN
             ('workflow_generation', 'SELECT',                         'govflow_worker'),
             ('workflow_executions', 'SELECT, INSERT, UPDATE',         'govflow_worker'),
             ('execution_steps',     'SELECT, INSERT, UPDATE',         'govflow_worker'),
-            ('approvals',           'SELECT, INSERT',                 'govflow_worker'),
-            ('tasks',               'SELECT, INSERT',                 'govflow_worker'),
+            -- the deadline service expires approvals and tasks past their due time
+            ('approvals',           'SELECT, INSERT, UPDATE',         'govflow_worker'),
+            ('tasks',               'SELECT, INSERT, UPDATE',         'govflow_worker'),
             ('assignments',         'SELECT, INSERT',                 'govflow_worker'),
             ('notifications',       'SELECT, INSERT',                 'govflow_worker'),
             ('status_changes',      'SELECT, INSERT',                 'govflow_worker'),
@@ -74,6 +78,11 @@ BEGIN
             ('webhook_keys',        'SELECT',                         'govflow_worker'),
             -- the relay publishes the outbox, marks its rows and deletes old ones
             ('outbox',              'SELECT, INSERT, UPDATE, DELETE', 'govflow_worker'),
+            -- with GOVFLOW_EXECUTION_RETENTION set, finished executions (their steps,
+            -- effects and interventions cascade) and closed dead letters are pruned
+            ('workflow_executions', 'DELETE',                         'govflow_worker'),
+            ('dead_letters',        'DELETE',                         'govflow_worker'),
+            ('execution_interventions', 'SELECT',                     'govflow_worker'),
             -- govflow_reader and govflow_operator: everything, read-only
             ('workflows',           'SELECT', 'govflow_reader, govflow_operator'),
             ('workflow_generation', 'SELECT', 'govflow_reader, govflow_operator'),
@@ -90,10 +99,21 @@ BEGIN
             ('outbox',              'SELECT', 'govflow_reader, govflow_operator'),
             ('schema_migrations',   'SELECT', 'govflow_reader, govflow_operator'),
             ('deployment',          'SELECT', 'govflow_reader, govflow_operator'),
+            ('approval_decisions',  'SELECT', 'govflow_reader, govflow_operator'),
+            ('execution_interventions', 'SELECT', 'govflow_reader, govflow_operator'),
             -- govflow_operator: a replay or a purge is recorded on its dead letter
             ('dead_letters',
              'UPDATE (replayed_at, replayed_by, replay_reason, replay_count, purged_at, purged_by)',
              'govflow_operator'),
+            -- a replay or a retry queues its execution again; a cancel fences it off;
+            -- a decision resumes the execution that waited (each recorded)
+            ('workflow_executions', 'UPDATE (status, updated_at, epoch, finished_at)',
+             'govflow_operator'),
+            ('execution_interventions', 'INSERT', 'govflow_operator'),
+            ('approvals',           'UPDATE (status, decided_at)', 'govflow_operator'),
+            ('tasks',               'UPDATE (status, completed_by, completed_at)',
+             'govflow_operator'),
+            ('approval_decisions',  'INSERT', 'govflow_operator'),
             -- govflow_producer: the outbox, insert only (and the new row's id, which
             -- db.outbox.enqueue returns: INSERT ... RETURNING id reads that column)
             ('outbox',              'INSERT, SELECT (id)', 'govflow_producer')
@@ -111,6 +131,9 @@ BEGIN
     -- The bigserial ids of the rows the worker and the producers insert.
     IF to_regclass('public.dead_letters_id_seq') IS NOT NULL THEN
         GRANT USAGE ON SEQUENCE public.dead_letters_id_seq TO govflow_worker;
+    END IF;
+    IF to_regclass('public.execution_interventions_id_seq') IS NOT NULL THEN
+        GRANT USAGE ON SEQUENCE public.execution_interventions_id_seq TO govflow_operator;
     END IF;
     IF to_regclass('public.outbox_id_seq') IS NOT NULL THEN
         GRANT USAGE ON SEQUENCE public.outbox_id_seq TO govflow_worker, govflow_producer;

@@ -81,7 +81,7 @@ class Ended(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     execution_id: str
     status: str
-    resumes: bool  # the execution waited on it and was moved to ``queued``
+    resumes: bool  # the execution waited on it, is not finished, and gets its command again
     created_at: datetime
 
 
@@ -120,9 +120,14 @@ async def set_waiting(conn: AsyncConnection[Any], waits: Sequence[tuple[str, int
     )
 
 
-_QUEUE_WAITING = (
-    "UPDATE workflow_executions SET status = 'queued', updated_at = now()"
-    " WHERE id = %s AND status = 'waiting'"
+# A waiting execution is queued. One that is not finished but not waiting either (a
+# delivery of it in flight: redelivered after a crash, say) is resumed too: the resume's
+# delivery fences that one off, or finds the outcome it recorded (``set_waiting``).
+_RESUMABLE = "status IN ('waiting', 'queued', 'running', 'retrying')"
+_RESUME = (
+    "UPDATE workflow_executions SET updated_at = now(),"
+    " status = CASE status WHEN 'waiting' THEN 'queued' ELSE status END"
+    f" WHERE id = %s AND {_RESUMABLE}"
 )
 
 
@@ -162,14 +167,17 @@ async def decide(
     """
     given, approval_id = approval_id, _uuid_or_none(approval_id) or _NO_ID
     cur = await conn.execute(
-        "SELECT status, approvers, required, coalesce(due_at <= now(), false)"
-        " FROM approvals WHERE id = %s FOR UPDATE",
+        "SELECT a.status, a.approvers, a.required, coalesce(a.due_at <= now(), false),"
+        " e.status = 'cancelled' FROM approvals a JOIN workflow_executions e"
+        " ON e.id = a.execution_id WHERE a.id = %s FOR UPDATE OF a",
         (approval_id,),
     )
     row = await cur.fetchone()
     if row is None:
         raise RefusedError(404, f"no approval {given}")
-    status, approvers, required, overdue = row
+    status, approvers, required, overdue, cancelled = row
+    if cancelled and status == "pending":
+        raise RefusedError(409, f"approval {given}: its execution was cancelled")
     if status == "pending" and overdue:
         expired = await _end(conn, "approval", approval_id, "expired")
         raise RefusedError(409, f"approval {approval_id} expired at its due time", expired)
@@ -206,13 +214,17 @@ async def complete_task(conn: AsyncConnection[Any], task_id: str, *, by: str) ->
     """
     given, task_id = task_id, _uuid_or_none(task_id) or _NO_ID
     cur = await conn.execute(
-        "SELECT status, coalesce(due_at <= now(), false) FROM tasks WHERE id = %s FOR UPDATE",
+        "SELECT t.status, coalesce(t.due_at <= now(), false), e.status = 'cancelled'"
+        " FROM tasks t JOIN workflow_executions e ON e.id = t.execution_id"
+        " WHERE t.id = %s FOR UPDATE OF t",
         (task_id,),
     )
     row = await cur.fetchone()
     if row is None:
         raise RefusedError(404, f"no task {given}")
-    status, overdue = row
+    status, overdue, cancelled = row
+    if cancelled and status == "open":
+        raise RefusedError(409, f"task {given}: its execution was cancelled")
     if status == "open" and overdue:
         expired = await _end(conn, "task", task_id, "expired")
         raise RefusedError(409, f"task {task_id} expired at its due time", expired)
@@ -243,7 +255,7 @@ async def _end(
     execution_id, wait, created_at = row
     resumes = False
     if wait:
-        cur = await conn.execute(_QUEUE_WAITING, (execution_id,))
+        cur = await conn.execute(_RESUME.encode(), (execution_id,))
         resumes = cur.rowcount > 0
     return Ended(
         kind=kind,
@@ -260,14 +272,19 @@ WITH due AS (SELECT id FROM {table} WHERE status = '{open}' AND due_at <= now()
              ORDER BY due_at LIMIT %s FOR UPDATE SKIP LOCKED),
 ended AS (UPDATE {table} x SET status = 'expired', {stamp} = now() FROM due WHERE x.id = due.id
           RETURNING x.id, x.execution_id, x.wait, x.created_at),
-queued AS (UPDATE workflow_executions e SET status = 'queued', updated_at = now() FROM ended
-           WHERE e.id = ended.execution_id AND ended.wait AND e.status = 'waiting' RETURNING e.id)
+queued AS (UPDATE workflow_executions e SET updated_at = now(),
+           status = CASE e.status WHEN 'waiting' THEN 'queued' ELSE e.status END FROM ended
+           WHERE e.id = ended.execution_id AND ended.wait AND e.{resumable} RETURNING e.id)
 SELECT ended.id::text, ended.execution_id::text, ended.wait AND queued.id IS NOT NULL,
        ended.created_at
 FROM ended LEFT JOIN queued ON queued.id = ended.execution_id
 """
-_EXPIRE_APPROVALS = _EXPIRE.format(table="approvals", open="pending", stamp="decided_at")
-_EXPIRE_TASKS = _EXPIRE.format(table="tasks", open="open", stamp="completed_at")
+_EXPIRE_APPROVALS = _EXPIRE.format(
+    table="approvals", open="pending", stamp="decided_at", resumable=_RESUMABLE
+)
+_EXPIRE_TASKS = _EXPIRE.format(
+    table="tasks", open="open", stamp="completed_at", resumable=_RESUMABLE
+)
 
 
 async def expire_due(conn: AsyncConnection[Any], limit: int) -> list[Ended]:
