@@ -95,11 +95,12 @@ class Heartbeat:
 
     async def run(self) -> None:
         """Beat until stopped; a beat that fails is logged, and the next one tries again."""
-        await run_every(self._every_s, self._beat, self._stopped)
+        await run_every(self._every_s, self.beat, self._stopped)
         with anyio.move_on_after(LAST_BEAT_TIMEOUT_S, shield=True):
-            await self._beat(stopping=True)
+            await self.beat(stopping=True)
 
-    async def _beat(self, *, stopping: bool = False) -> None:
+    async def beat(self, *, stopping: bool = False) -> None:
+        """Write the heartbeat now (the worker does, once its consumers are built)."""
         try:
             await self._write(stopping=stopping)
         except REDIS_FAILED as e:

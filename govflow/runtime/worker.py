@@ -154,7 +154,7 @@ class Worker:
             async with anyio.create_task_group() as beating:
                 beating.start_soon(heartbeat.run)
                 try:
-                    await self._run_with(redis, task_status)
+                    await self._run_with(redis, heartbeat, task_status)
                 finally:
                     heartbeat.stop()
         finally:
@@ -162,7 +162,9 @@ class Worker:
                 await redis.aclose()
             log.info("worker.stopped")
 
-    async def _run_with(self, redis: RedisClient, task_status: TaskStatus[None]) -> None:
+    async def _run_with(
+        self, redis: RedisClient, heartbeat: Heartbeat, task_status: TaskStatus[None]
+    ) -> None:
         """Open the pool, start every service, and stop them on ``stop()``."""
         pool = await self._open_pool()
         if pool is None:
@@ -180,6 +182,7 @@ class Worker:
                     async with anyio.create_task_group() as tg:
                         for service in self._services:
                             tg.start_soon(service.run)
+                        tg.start_soon(heartbeat.beat)  # say what runs now, not at the next beat
                         log.info(
                             "worker.started",
                             worker=self.id,
