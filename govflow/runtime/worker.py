@@ -363,7 +363,12 @@ async def run_workers(
     at_once: list[int] = []
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         if metrics_port is not None:
-            start_http_server(metrics_port, addr=metrics_host)
+            try:
+                start_http_server(metrics_port, addr=metrics_host)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot serve metrics on {metrics_host}:{metrics_port}: {e.strerror or e}"
+                ) from e
         async with anyio.create_task_group() as tg:
 
             async def stop_on_signals() -> None:
