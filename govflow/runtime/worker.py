@@ -151,12 +151,17 @@ class Worker:
                 progress=self.progress, every_s=self.settings.heartbeat_interval,
                 stall_after_s=self.settings.stall_after,
             )  # fmt: skip
+            error: Exception | None = None
             async with anyio.create_task_group() as beating:
                 beating.start_soon(heartbeat.run)
                 try:
                     await self._run_with(redis, heartbeat, task_status)
+                except Exception as e:  # noqa: BLE001 - raised below, unwrapped by the task group
+                    error = e
                 finally:
                     heartbeat.stop()
+            if error is not None:
+                raise error
         finally:
             with anyio.CancelScope(shield=True):
                 await redis.aclose()
