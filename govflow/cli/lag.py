@@ -119,7 +119,7 @@ def render_workers(workers: list[WorkerStatus]) -> RenderableType:
     for w in workers:
         table.add_row(
             Text(w.id),
-            Text(",".join(w.roles)),
+            Text(", ".join(w.roles)),
             Text(w.state, style=STATE_STYLE[w.state]),
             format_age(w.heartbeat_age_s),
             format_age(w.progress_age_s),

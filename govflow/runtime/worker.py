@@ -4,7 +4,8 @@ With one partition (the default): one ``GroupConsumer`` per (role, concurrency s
 sharing one Redis client, one Postgres pool and one webhook client; plus the retry mover,
 the janitor, the reconciler and the retention sweep (with the ``triggers`` or ``actions``
 role), the deadline service (with the ``actions`` role) and, with the ``relay`` role, the
-outbox relay.
+outbox relay. From the moment Redis answers until every service has returned, the worker
+writes its heartbeat (``runtime.heartbeat``).
 
 With ``GOVFLOW_PARTITIONS`` above 1, partitions are leased (``consumers.partitions``): per
 role, the worker holds a fair share of the partitions, one consumer on each, and
