@@ -82,6 +82,11 @@ def _groups(report: LagReport) -> Iterator[Metric]:
             " pending.",
             labels=_GROUP,
         ),
+        "paused": GaugeMetricFamily(
+            "govflow_group_paused",
+            "1 while an operator paused the group (govflow pause): its lag grows meanwhile.",
+            labels=_GROUP,
+        ),
     }  # fmt: skip
     streams: set[str] = set()
     for g in report.groups:
@@ -95,6 +100,7 @@ def _groups(report: LagReport) -> Iterator[Metric]:
         families["oldest_pending"].add_metric(labels, g.oldest_pending_age_s or 0.0)
         families["oldest_undelivered"].add_metric(labels, g.oldest_undelivered_age_s or 0.0)
         families["parked"].add_metric(labels, g.parked)
+        families["paused"].add_metric(labels, 1 if g.paused else 0)
     yield length
     yield from families.values()
 
