@@ -108,6 +108,7 @@ async def test_the_heartbeat_says_what_a_worker_runs_and_lag_shows_its_consumers
     assert [w.state for w in report.workers] == ["stopped"]
 
 
+@pytest.mark.slow
 async def test_check_passes_while_the_worker_runs_and_fails_when_it_freezes_or_dies(
     fast_beats: Settings, redis: Redis, pool: AsyncConnectionPool[Any], tmp_path: Path
 ) -> None:
@@ -173,6 +174,7 @@ actions:
 """
 
 
+@pytest.mark.slow
 async def test_check_fails_for_a_worker_whose_consumers_stall(
     make_settings: Callable[..., Settings], redis: Redis, pool: AsyncConnectionPool[Any]
 ) -> None:
