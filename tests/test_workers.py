@@ -181,7 +181,7 @@ async def test_check_fails_for_a_worker_whose_consumers_stall(
     """A batch stuck on a receiver that never answers: the loop turns, nothing progresses."""
     settings = make_settings(
         heartbeat_interval=BEAT_S,
-        stall_after=1.0,
+        stall_after=3.0,  # an idle consumer polls every second: never stalled
         webhook_secret="s3cret",
         webhook_timeout=60.0,
         step_timeout=60.0,
