@@ -382,7 +382,7 @@ async def test_lag_is_what_govflow_lag_reports(
 async def test_workers_are_listed_by_their_heartbeats(
     api: Api, make_settings: Callable[..., Settings]
 ) -> None:
-    settings = make_settings(heartbeat_interval=0.2)
+    settings = make_settings(heartbeat_interval=0.5)
     async with running_worker(settings, roles=frozenset({"actions"}), concurrency=1) as worker:
         response = await wait_for(
             lambda: api.client.get("/workers", headers=bearer("reader")),

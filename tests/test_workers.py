@@ -1,8 +1,8 @@
 """Worker health: heartbeats in Redis, `govflow check` as a liveness probe, and `lag` by liveness.
 
 Workers run for real (in this process, or as `govflow run` subprocesses that a test can
-freeze with SIGSTOP and kill with SIGKILL); the heartbeat interval is cut to 0.2 s so a
-worker goes stale within a second. `govflow check` runs as a pod's probe would: a
+freeze with SIGSTOP and kill with SIGKILL); the heartbeat interval is cut to 0.5 s so a
+worker goes stale within 2 s. `govflow check` runs as a pod's probe would: a
 subprocess on the same host, reading Redis.
 """
 
@@ -39,7 +39,7 @@ from tests.webhook_server import Reply, serve
 
 pytestmark = pytest.mark.anyio
 
-BEAT_S = 0.2  # the heartbeat interval of these tests' workers: stale after 0.8 s
+BEAT_S = 0.5  # the heartbeat interval of these tests' workers: stale after 2 s
 
 
 @pytest.fixture
