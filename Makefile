@@ -10,6 +10,8 @@ export UV_FROZEN := 1
 endif
 
 sources = govflow tests benchmarks deploy/measure_capacity.py
+# Where `make run`'s worker serves its Prometheus /metrics: `make run METRICS_PORT=9200`.
+METRICS_PORT ?= 9100
 examples = $(wildcard deploy/examples/*.yaml deploy/examples/*.yml deploy/examples/*.json)
 
 .PHONY: all uv install run test lint format bench clean
@@ -35,11 +37,13 @@ endif
 	@echo "  govflow publish policy.created --entity-id P1 --data '{\"title\":\"Access control\",\"owner\":\"user-17\"}'"
 	@echo "  govflow lag --watch            # streams, groups, pending, dead letters"
 	@echo "  govflow executions list        # what ran, step by step"
-	@echo "  govflow serve                  # dashboard, HTTP API and /metrics"
+	@echo "  govflow serve                  # dashboard, HTTP API and the deployment's /metrics"
+	@echo "  govflow check                  # exit 0 while this worker beats and makes progress"
+	@echo "The worker's own metrics: http://127.0.0.1:$(METRICS_PORT)/metrics (make run METRICS_PORT=...)."
 	@echo "Ctrl-C finishes the work in hand and stops (a second Ctrl-C: at once)."
 	@echo
 	@# 130: stopped at once by a second Ctrl-C, as asked.
-	uv run govflow run --role all || [ $$? -eq 130 ]
+	uv run govflow run --role all --metrics-port $(METRICS_PORT) || [ $$? -eq 130 ]
 
 test: install
 	uv run pytest

@@ -207,8 +207,14 @@ async def test_the_worker_runs_the_pipeline_and_the_operator_reads_and_replays(
             admin.close()
 
     with structlog.testing.capture_logs() as logs:
-        async with worker_as(acl_redis.url("worker"), database_url):
+        async with worker_as(acl_redis.url("worker"), database_url) as worker:
             await wait_for(settled, "20 executions completed and 1 dead-lettered")
+            # The liveness probe runs in the worker's pod, with the worker's user.
+            probe = await anyio.to_thread.run_sync(
+                lambda: govflow("check", GOVFLOW_REDIS_URL=acl_redis.url("worker"))
+            )
+            assert probe.returncode == 0, probe.stderr
+            assert f"worker {worker.id} is live" in probe.stdout
     # Not one command any script or loop sent was refused on the way.
     refusals = [entry for entry in logs if "NOPERM" in json.dumps(entry, default=str)]
     assert refusals == []
@@ -223,6 +229,7 @@ async def test_the_worker_runs_the_pipeline_and_the_operator_reads_and_replays(
         (KEYS.commands(), "actions"),
     }
     assert shown["dead_letters"] == 1
+    assert [(w["id"], w["state"]) for w in shown["workers"]] == [(worker.id, "stopped")]
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as db:
         cur = await db.execute("SELECT id FROM dead_letters")
         ((letter,),) = await cur.fetchall()

@@ -47,7 +47,7 @@ from tests.api_helpers import (
     serving,
 )
 from tests.decision_helpers import seed_approval, seed_task
-from tests.pipeline_helpers import apply, wait_for
+from tests.pipeline_helpers import apply, running_worker, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -379,6 +379,31 @@ async def test_lag_is_what_govflow_lag_reports(
     assert (await api.client.get("/lag", headers=bearer("operator"))).status_code == 403
 
 
+async def test_workers_are_listed_by_their_heartbeats(
+    api: Api, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(heartbeat_interval=0.5)
+    async with running_worker(settings, roles=frozenset({"actions"}), concurrency=1) as worker:
+        response = await wait_for(
+            lambda: api.client.get("/workers", headers=bearer("reader")),
+            lambda r: r.status_code != 200 or any(w["consumers"] for w in r.json()["workers"]),
+            within=10,
+            what="a heartbeat naming the worker's consumer",
+        )
+        assert response.status_code == 200, response.text
+        (shown,) = response.json()["workers"]
+        assert (shown["id"], shown["state"], shown["live"]) == (worker.id, "live", True)
+        assert (shown["host"], shown["pid"]) == (socket.gethostname(), os.getpid())
+        assert shown["roles"] == ["actions"]
+        assert [c["group"] for c in shown["consumers"]] == ["actions"]
+    (gone,) = (await api.client.get("/workers", headers=bearer("reader"))).json()["workers"]
+    assert (gone["state"], gone["live"]) == ("stopped", False)
+    assert gone["stopped_at"] is not None
+
+    assert (await api.client.get("/workers")).status_code == 401
+    assert (await api.client.get("/workers", headers=bearer("operator"))).status_code == 403
+
+
 async def test_stats_count_by_status_and_completions_per_bucket(
     api: Api, pool: AsyncConnectionPool[Any]
 ) -> None:
@@ -490,7 +515,11 @@ async def test_metrics_read_the_lag_afresh_on_each_scrape(api: Api, redis: Redis
     await publisher.publish(_event("POL-3"))
     text = await scrape()
     assert f"{series} 3.0" in text.splitlines()
-    assert "# TYPE govflow_entries_total counter" in text
+    assert "govflow_lag_fresh 1.0" in text.splitlines()
+    assert 'govflow_db_pool_max{pool="api"} 8.0' in text.splitlines()
+    assert "# TYPE govflow_build_info gauge" in text
+    # The workers' counters live in the workers: shown here, they would only ever be 0.
+    assert "govflow_entries_total" not in text
 
 
 async def test_healthz_is_200_when_both_servers_answer(api: Api) -> None:
@@ -535,7 +564,11 @@ async def test_an_unreachable_server_gives_503_never_500(
                 assert reading.status_code == 200
             lagging = await client.get("/lag", headers=bearer("admin"))
             assert lagging.status_code == 503
-            assert (await client.get("/metrics")).status_code == 200
+            workers = await client.get("/workers", headers=bearer("admin"))
+            assert workers.status_code == (200 if down == "postgres" else 503)  # Redis only
+            scraped = await client.get("/metrics")
+            assert scraped.status_code == 200
+            assert "govflow_lag_fresh 0.0" in scraped.text.splitlines()
             await client.get("/executions", headers={"Authorization": "Bearer leaked-guess"})
     # No token, configured or guessed, reaches a log line.
     logged = repr(logs) + caplog.text
@@ -614,6 +647,7 @@ async def test_the_openapi_document_validates(api: Api) -> None:
         "/entities/{entity_type}/{entity_id}/timeline",
         "/lag",
         "/stats",
+        "/workers",
         "/dead-letters",
         "/dead-letters/{dead_letter_id}/replay",
         "/executions/{execution_id}/cancel",

@@ -165,7 +165,7 @@ async def test_the_dashboard_shows_the_database_and_replays_a_dead_letter(
             )
         )
         async with (
-            running_worker(settings, concurrency=1),
+            running_worker(settings, concurrency=1) as worker,
             serving(create_app(settings)) as url,
             async_playwright() as playwright,
         ):
@@ -213,6 +213,22 @@ async def test_the_dashboard_shows_the_database_and_replays_a_dead_letter(
                     shown_pending = await row.get_by_test_id("pending-value").text_content()
                     assert shown_pending == str(group.pending)
                 assert await text_of(page, "lag-dead-letters") == "1"
+
+                # The worker, by its heartbeat: live, with its two consumers.
+                shown_worker = page.locator(
+                    f'[data-testid="worker-row"][data-worker="{worker.id}"]'
+                )
+                await wait_for(
+                    lambda: shown_worker.get_attribute("data-state"),
+                    lambda state: state == "live",
+                    within=20,
+                    what="the worker shown live",
+                )
+                assert await page.get_by_test_id("worker-row").count() == 1
+                consumers = shown_worker.get_by_test_id("worker-consumers")
+                assert await consumers.text_content() == "2"  # one per group
+                live_consumers = page.get_by_test_id("live-consumers")
+                assert [await live_consumers.nth(n).text_content() for n in (0, 1)] == ["1", "1"]
 
                 executions = page.get_by_test_id("exec-row")
                 assert await executions.count() == 5

@@ -491,6 +491,24 @@ def test_pods_start_with_what_kubernetes_adds_for_services(
             assert Settings.from_env({**links, **env}) == Settings.from_env(env), where
 
 
+def test_every_worker_pod_is_probed_by_govflow_check(manifests: list[dict[str, Any]]) -> None:
+    """The heartbeat is the workers' only health surface: each worker pod's liveness probe."""
+    probed = 0
+    for where, pod in pod_specs(manifests):
+        for container in pod["containers"]:
+            if container["args"][0] != "run":
+                continue
+            probe = container["livenessProbe"]
+            check_command(probe["exec"]["command"])
+            assert probe["exec"]["command"] == ["govflow", "check"], where
+            # Reading Redis from a new process takes a second or so: more than the default.
+            assert probe["timeoutSeconds"] >= 5, where
+            # Slower to fail than a heartbeat to go stale (GOVFLOW_HEARTBEAT_INTERVAL x 4).
+            assert probe["periodSeconds"] * probe["failureThreshold"] >= 60, where
+            probed += 1
+    assert probed == 3  # triggers, actions, relay
+
+
 def test_jobs_restart_as_jobs_must(manifests: list[dict[str, Any]]) -> None:
     jobs = of_kind(manifests, "Job")
     assert "govflow-migrate" in jobs

@@ -18,20 +18,18 @@ import sys
 import time
 from typing import Any
 
-import anyio
 import msgspec
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from govflow.db import dead_letters, outbox
-from govflow.operations.lag import export_gauges, read_lag
-from govflow.runtime.worker import Worker
+from govflow.operations.lag import LagReport, read_lag
+from govflow.operations.lag_metrics import LagCollector
 from govflow.schemas.events import new_event
 from govflow.schemas.keys import Keys
-from govflow.schemas.settings import Settings
-from tests.ops_helpers import govflow, govflow_env, wait_until
+from tests.ops_helpers import govflow, govflow_env
 from tests.test_cli import ROOT
 
 pytestmark = pytest.mark.anyio
@@ -94,7 +92,11 @@ def expected_document(keys: Keys) -> dict[str, Any]:
                 "lag": 3,
                 "lag_valid": True,
                 "pending": 3,
-                "consumers": [{"name": "c1", "pending": 1}, {"name": "c2", "pending": 2}],
+                # No worker runs them: shown while entries are pending for them.
+                "consumers": [
+                    {"name": "c1", "pending": 1, "live": False},
+                    {"name": "c2", "pending": 2, "live": False},
+                ],
                 "held_entities": 0,
                 "parked": 0,
                 "paused": False,
@@ -119,7 +121,7 @@ def expected_document(keys: Keys) -> dict[str, Any]:
                 "lag": 3,
                 "lag_valid": True,
                 "pending": 1,
-                "consumers": [{"name": "a1", "pending": 1}],
+                "consumers": [{"name": "a1", "pending": 1, "live": False}],
                 "held_entities": 0,
                 "parked": 0,
                 "paused": False,
@@ -134,6 +136,7 @@ def expected_document(keys: Keys) -> dict[str, Any]:
         "approvals_pending": 0,
         "tasks_open": 0,
         "paused": [],  # no group paused (govflow pause)
+        "workers": [],  # no worker ran: no heartbeat (tests/test_workers.py)
     }
 
 
@@ -150,6 +153,7 @@ def check_document(doc: dict[str, Any], keys: Keys, elapsed_s: float) -> None:
         "approvals_pending",
         "tasks_open",
         "paused",
+        "workers",
     ]
     fields = [
         "stream",
@@ -285,8 +289,11 @@ async def test_every_partition_is_reported(any_redis: Redis, prefix: str) -> Non
     assert report.retry_scheduled == 1
 
 
-def sample(name: str, **labels: str) -> float | None:
-    return REGISTRY.get_sample_value(name, labels)
+def sampler(report: LagReport | None, *, fresh: bool = True) -> CollectorRegistry:
+    """A registry holding only the collector of ``report``, as one scrape of the API sees it."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LagCollector(report, fresh=fresh))
+    return registry
 
 
 async def test_gauges_follow_the_report(
@@ -294,8 +301,13 @@ async def test_gauges_follow_the_report(
 ) -> None:
     keys = Keys(prefix)
     await make_known_state(redis, pool, keys)
-    export_gauges(await read_lag(redis, pool, keys))
+    registry = sampler(await read_lag(redis, pool, keys))
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
     labels = {"stream": keys.events(), "group": "triggers"}
+    assert sample("govflow_lag_fresh") == 1
     assert sample("govflow_group_lag", **labels) == 3
     assert sample("govflow_group_lag_valid", **labels) == 1
     assert sample("govflow_group_pending", **labels) == 3
@@ -305,29 +317,19 @@ async def test_gauges_follow_the_report(
     assert sample("govflow_retry_scheduled") == 2
     assert sample("govflow_dead_letters_open") == 1
     assert sample("govflow_outbox_waiting") == 2
+    assert sample("govflow_overdue", kind="execution") == 0
+    assert sample("govflow_workers", role="actions", state="live") == 0
 
     await redis.xgroup_destroy(keys.events(), "audit")
-    export_gauges(await read_lag(redis, pool, keys))
+    registry = sampler(await read_lag(redis, pool, keys))
     assert sample("govflow_group_lag", stream=keys.events(), group="audit") is None
 
 
-async def test_the_worker_refreshes_the_gauges(
-    settings: Settings, redis: Redis, prefix: str
-) -> None:
-    keys = Keys(prefix)
-    await redis.xadd(keys.events(), {"event": "not json"})
-    labels = {"stream": keys.commands(), "group": "actions"}
-    worker = Worker(settings, frozenset({"actions"}))
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-
-        async def refreshed() -> bool:
-            return sample("govflow_group_lag", **labels) is not None
-
-        await wait_until(refreshed, "the worker to set the lag gauges")
-        worker.stop()
-    # No triggers role here: the event waits, and the gauge says so.
-    assert sample("govflow_group_lag", stream=keys.events(), group="triggers") == 1
+async def test_without_a_report_only_freshness_is_exported() -> None:
+    """Before the first read that succeeded, there is nothing to repeat: no figure at all."""
+    registry = sampler(None, fresh=False)
+    assert registry.get_sample_value("govflow_lag_fresh") == 0
+    assert registry.get_sample_value("govflow_retry_scheduled") is None
 
 
 @pytest.mark.slow

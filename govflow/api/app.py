@@ -16,6 +16,7 @@ Routes and who may call them (see ``govflow/api/auth.py``):
 ``POST /tasks/{id}/complete``                 decide    200, or 404 / 409
 ``GET /entities/{type}/{id}/timeline``        read      one entity's history, oldest first
 ``GET /lag``, ``GET /stats``                  read      ``govflow lag --json``; dashboard
+``GET /workers``                              read      heartbeats: live, stalled, gone
 ``GET /dead-letters``                         operate   open letters (loopback: no token)
 ``POST /dead-letters/{id}/replay``            operate   202, or 404 / 409
 ``POST /executions/{id}/cancel``              operate   200, or 404 / 409
@@ -58,7 +59,13 @@ from litestar.openapi.spec import (
     SecurityScheme,
 )
 from litestar.params import FromPath, FromQuery, QueryParameter
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    generate_latest,
+)
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from redis import exceptions as redis_errors
 
@@ -83,17 +90,21 @@ from govflow.api.models import (
     Stats,
     TaskPage,
     Timeline,
+    WorkerList,
 )
 from govflow.consumers import pause
 from govflow.consumers.streams import RedisClient
+from govflow.core import metrics as process_metrics
 from govflow.core import tracing
 from govflow.core.connect import connect, unprobed
+from govflow.core.pool_metrics import POOLS
 from govflow.core.unavailable import UNAVAILABLE, is_unavailable
 from govflow.db import dead_letters, decisions, detail, executions, timeline, views
 from govflow.db.dead_letters import Selection
 from govflow.db.interventions import Intervention
-from govflow.operations import dlq, interventions, lag
+from govflow.operations import dlq, interventions, lag, workers
 from govflow.operations.decisions import Decisions, RefusedError
+from govflow.operations.lag_metrics import LagCollector
 from govflow.producers.publish import Publisher
 from govflow.schemas.codec import MAX_ENTRY_BYTES, encode
 from govflow.schemas.errors import ConfigError, InvalidEntryError
@@ -134,6 +145,7 @@ class Resources:
         self._pool: AsyncConnectionPool[Any] | None = None
         self._publisher: Publisher | None = None
         self._decisions: Decisions | None = None
+        self.last_lag: lag.LagReport | None = None  # served again when a scrape cannot read
 
     @property
     def redis(self) -> RedisClient:
@@ -175,9 +187,11 @@ class Resources:
         # Without waiting: Postgres may be down; requests that need it get a 503 meanwhile.
         await self._pool.open(wait=False)
         self._decisions = Decisions(self._pool, self._redis, self.keys)
+        POOLS.watch("api", self._pool)
         try:
             yield
         finally:
+            POOLS.unwatch(self._pool)
             with anyio.CancelScope(shield=True):
                 await self._pool.close()
                 await self._redis.aclose()
@@ -228,6 +242,7 @@ def create_app(settings: Settings) -> Litestar:
             entity_timeline,
             get_lag,
             get_stats,
+            list_workers,
             list_dead_letters,
             replay_dead_letter,
             cancel_execution,
@@ -581,6 +596,14 @@ async def get_stats(gf: Deps) -> Stats:
 
 
 @get(
+    "/workers", opt={"scope": "read"}, security=SECURITY, responses={**_AUTH_ERRORS, **_UNAVAILABLE}
+)
+async def list_workers(gf: Deps) -> WorkerList:
+    """The worker processes by their heartbeats: live, stalled (no progress), stale, stopped."""
+    return WorkerList(workers=await workers.read_workers(gf.redis, gf.keys))
+
+
+@get(
     "/dead-letters",
     # Payloads, so `operate` for a token; with no tokens set, loopback clients read them
     # as they read the rest of the dashboard (replaying still takes a token).
@@ -752,19 +775,34 @@ def _group(group: str) -> str:
 
 @get("/metrics", media_type=METRICS_MEDIA_TYPE)
 async def metrics(gf: Deps) -> bytes:
-    """Prometheus metrics; the lag gauges are read afresh on each scrape.
+    """Prometheus metrics: the deployment's figures, read afresh on each scrape.
 
-    A server that is down keeps the last lag figures, after at most ``LAG_TIMEOUT_S``:
-    a scrape must not time out because Postgres did.
+    Lag, dead letters, overdue work, the outbox backlog and the workers' states
+    (``operations.lag_metrics``), with this process's own: its pool, its version, the
+    process. The workers' counters are on their own ``--metrics-port``. A server that is
+    down keeps the last figures, after at most ``LAG_TIMEOUT_S``: a scrape must not time
+    out because Postgres did.
     """
+    fresh = False
     try:
         with anyio.fail_after(LAG_TIMEOUT_S):
-            lag.export_gauges(
-                await lag.read_lag(gf.redis, gf.pool, gf.keys, overdue_after_s=gf.overdue_after_s)
+            gf.last_lag = await lag.read_lag(
+                gf.redis, gf.pool, gf.keys, overdue_after_s=gf.overdue_after_s
             )
+        fresh = True
     except Exception as e:  # noqa: BLE001 - a scrape still gets the other metrics
         log.warning("metrics.lag_failed", error=short(e))
-    return generate_latest(REGISTRY)
+    scrape = CollectorRegistry(auto_describe=False)
+    for collector in (
+        PROCESS_COLLECTOR,
+        PLATFORM_COLLECTOR,
+        GC_COLLECTOR,
+        process_metrics.BUILD_INFO,
+        POOLS,
+        LagCollector(gf.last_lag, fresh=fresh),
+    ):
+        scrape.register(collector)
+    return generate_latest(scrape)
 
 
 @get("/healthz", responses={503: ResponseSpec(Health, description="A server is unavailable")})

@@ -10,6 +10,7 @@ import msgspec
 
 from govflow.consumers.pause import Pause
 from govflow.db import dead_letters, decisions, timeline, views
+from govflow.operations.workers import WorkerStatus
 from govflow.schemas.events import Change, EventType, NonEmpty
 
 
@@ -49,6 +50,12 @@ class DeadLetterPage(msgspec.Struct, frozen=True, kw_only=True):
     """Dead letters, newest first."""
 
     dead_letters: list[dead_letters.DeadLetter]
+
+
+class WorkerList(msgspec.Struct, frozen=True, kw_only=True):
+    """The workers, live first, then gone ones (listed for 15 minutes after their last beat)."""
+
+    workers: list[WorkerStatus]
 
 
 class ReasonRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

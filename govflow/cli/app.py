@@ -22,6 +22,7 @@ import typer
 from redis import exceptions as redis_errors
 
 from govflow.cli import approvals as approvals_cli
+from govflow.cli import check as check_cli
 from govflow.cli import config as config_cli
 from govflow.cli import dlq as dlq_cli
 from govflow.cli import execution_ops, executions, outcome, pause
@@ -68,6 +69,7 @@ app = typer.Typer(
 )
 app.add_typer(workflows_cli.app, name="workflows", invoke_without_command=True)
 app.command("lag")(lag_cli.lag)
+app.command("check")(check_cli.check)
 app.add_typer(dlq_cli.app, name="dlq")
 app.add_typer(executions.app, name="executions")
 executions.app.command("cancel")(execution_ops.cancel_command)

@@ -17,13 +17,15 @@ from rich.text import Text
 from govflow.cli.context import JsonFlag, console, print_json, run_async
 from govflow.cli.tables import listing_table
 from govflow.operations.lag import LagReport, read_lag
+from govflow.operations.workers import WorkerStatus
 from govflow.runtime.connections import database_pool, redis_client
 from govflow.schemas.errors import ConfigError
 from govflow.schemas.settings import Settings
 
 
 def render(report: LagReport) -> RenderableType:
-    """The report as a table of groups, one of their consumers, and a line of totals."""
+    """The report as a table of groups, one of their consumers, one of the workers, and a
+    line of totals."""
     parked = any(g.held_entities for g in report.groups)
     table = listing_table(
         Column("stream", overflow="fold", ratio=1),
@@ -40,6 +42,7 @@ def render(report: LagReport) -> RenderableType:
         Column("consumer", overflow="fold", ratio=1),
         Column("pending", justify="right", no_wrap=True),
         Column("idle", justify="right", no_wrap=True),
+        Column("worker", no_wrap=True),
     )
     for g in report.groups:
         table.add_row(
@@ -53,7 +56,13 @@ def render(report: LagReport) -> RenderableType:
             *([f"{g.parked} ({g.held_entities})"] if parked else []),
         )
         for c in g.consumers:
-            consumers.add_row(Text(g.group), Text(c.name), str(c.pending), format_age(c.idle_s))
+            consumers.add_row(
+                Text(g.group),
+                Text(c.name),
+                str(c.pending),
+                format_age(c.idle_s),
+                "live" if c.live else Text("gone", style="yellow"),
+            )
     totals = [
         f"retries scheduled: {report.retry_scheduled}",
         f"dead letters: {report.dead_letters}",
@@ -85,10 +94,43 @@ def render(report: LagReport) -> RenderableType:
         parts.extend([Text(""), consumers])
     else:
         parts.append(Text("no consumers", style="dim"))
+    parts.extend([Text(""), render_workers(report.workers)])
     parts.extend([Text(""), Text("   ".join(totals)), Text("   ".join(people))])
     if any(not g.lag_valid for g in report.groups):
         parts.append(Text("~ an estimate: too many entries to count", style="dim"))
     return RenderGroup(*parts)
+
+
+STATE_STYLE = {"live": "green", "stalled": "red", "stale": "red", "stopped": "dim"}
+
+
+def render_workers(workers: list[WorkerStatus]) -> RenderableType:
+    """The workers by their heartbeats: live ones first, then those gone for 15 minutes."""
+    if not workers:
+        return Text("no workers", style="dim")
+    table = listing_table(
+        Column("worker", overflow="fold", ratio=1),
+        Column("roles", overflow="fold"),
+        Column("state", no_wrap=True),
+        Column("heartbeat", justify="right", no_wrap=True),
+        Column("progress", justify="right", no_wrap=True),
+        Column("partitions", overflow="fold"),
+    )
+    for w in workers:
+        table.add_row(
+            Text(w.id),
+            Text(", ".join(w.roles)),
+            Text(w.state, style=STATE_STYLE[w.state]),
+            format_age(w.heartbeat_age_s),
+            format_age(w.progress_age_s),
+            Text(
+                " ".join(
+                    f"{group}:{','.join(map(str, ps)) or '-'}" for group, ps in w.partitions.items()
+                )
+                or "-"
+            ),
+        )
+    return table
 
 
 def format_age(seconds: float | None) -> str:

@@ -165,6 +165,7 @@ class ActionRunner:
         for w in work:
             assert w.outcome is not None  # every execution performed is recorded
             outcomes[w.index] = w.outcome
+            metrics.count_execution(w.command.workflow_name, w.outcome.kind)
         return outcomes
 
     async def _start(
@@ -383,6 +384,11 @@ class ActionRunner:
         metrics.observe_completed(finished, datetime.now(UTC))
 
     async def _call(self, w: Work, step: Step, conn: AsyncConnection[Any] | None) -> Effects:
+        """Run one step, timed and counted by workflow, action and outcome."""
+        with metrics.observe_step(w.command.workflow_name, step.action.name):
+            return await self._run_action(w, step, conn)
+
+    async def _run_action(self, w: Work, step: Step, conn: AsyncConnection[Any] | None) -> Effects:
         """Run one step's action within its time limit; return the rows it queued.
 
         Raises:

@@ -45,6 +45,7 @@ from govflow.consumers.settle import Settler, Verdict
 from govflow.consumers.streams import BLOCK_MS, Entry, Streams
 from govflow.core import metrics
 from govflow.core.backoff import Backoff
+from govflow.core.progress import Progress
 from govflow.core.unavailable import UNAVAILABLE, GaveUpError, is_unavailable, until_available
 from govflow.schemas.errors import GroupMissingError
 from govflow.schemas.keys import GROUP_OF, Keys, Role
@@ -83,6 +84,8 @@ class GroupConsumer:
             attempt counts as failed.
         lease: the partition's lease, when partitions are leased (the partition layer).
         ordering: which entries keep their entity's order (the ordering layer).
+        progress: marked after each batch settled and each read that found nothing new,
+            for the worker's heartbeat.
     """
 
     def __init__(
@@ -100,8 +103,10 @@ class GroupConsumer:
         hold_max_s: float = float("inf"),
         lease: PartitionLease | None = None,
         ordering: Ordering | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self._streams = streams
+        self._progress = progress or Progress()
         self._handler = handler
         self.consumer = consumer
         self.stream = keys.stream(handler.role, partition)
@@ -163,6 +168,8 @@ class GroupConsumer:
             await anyio.sleep(self._backoff.next_delay())
             return []
         self._backoff.reset()
+        if not batch:
+            self._progress.mark()  # idle, and polling as it should
         return batch
 
     async def _process(self, batch: list[Entry]) -> None:
@@ -196,6 +203,7 @@ class GroupConsumer:
             return
         metrics.HANDLER_SECONDS.labels(self.group).observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.labels(self.group).observe(len(batch))
+        self._progress.mark()
 
     async def _verdicts(self, batch: list[Entry]) -> list[Verdict]:
         """Handle the batch: in rounds when some of its entries keep their entity's order."""

@@ -1,11 +1,27 @@
-"""govflow's Prometheus metrics, updated by the workers and served at ``/metrics``."""
+"""govflow's Prometheus metrics of one process: a worker's, served on ``--metrics-port``.
+
+What describes the whole deployment (lag, dead letters, the workers' heartbeats) is read
+once per scrape by ``govflow serve`` instead (``operations.lag_metrics``). docs/monitoring.md
+lists every metric.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
 from datetime import datetime
+from importlib.metadata import version as package_version
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram, Info
+
+from govflow.schemas.errors import PermanentError, RetryLater
+
+# Steps and webhooks: from a database write to a receiver that takes its time-out.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+BUILD_INFO = Info("govflow_build", "The govflow version this process runs.")
+BUILD_INFO.info({"version": package_version("govflow")})
 
 ENTRIES = Counter(
     "govflow_entries_total",
@@ -39,48 +55,35 @@ FENCED = Counter(
     "Writes of a stale delivery refused: another worker had started the execution since.",
 )
 RETRIES_MOVED = Counter("govflow_retries_moved_total", "Retries put back on their stream when due.")
+EXECUTIONS = Counter(
+    "govflow_executions_total",
+    "Deliveries of executions run by the action workers, by workflow and how they ended:"
+    " completed, retrying, dead_lettered or fenced.",
+    ["workflow", "outcome"],
+)
+STEPS = Counter(
+    "govflow_steps_total",
+    "Steps run, by workflow, action and outcome: completed, failed, retry_later or permanent.",
+    ["workflow", "action", "outcome"],
+)
+STEP_SECONDS = Histogram(
+    "govflow_step_duration_seconds",
+    "Time one step's action took, by action, whatever its outcome.",
+    ["action"],
+    buckets=DURATION_BUCKETS,
+)
+WEBHOOK_REQUESTS = Counter(
+    "govflow_webhook_requests_total",
+    "Webhook deliveries by the class of the answer: 2xx, 3xx, 4xx, 5xx, or error when there"
+    " was none to use (a time-out, a connection error, a refused address or redirect).",
+    ["status_class"],
+)
+WEBHOOK_SECONDS = Histogram(
+    "govflow_webhook_duration_seconds",
+    "Time one webhook delivery took, redirects included, whatever its answer.",
+    buckets=DURATION_BUCKETS,
+)
 
-# Set every few seconds from `govflow lag`'s report (govflow/operations/lag.py); they describe Redis and
-# Postgres, not the process, so aggregate them across workers with `max`, not `sum`.
-STREAM_LENGTH = Gauge(
-    "govflow_stream_length", "Entries in the stream: retained history, not backlog.", ["stream"]
-)
-GROUP_LAG = Gauge(
-    "govflow_group_lag",
-    "Entries not yet delivered to the group (an estimate when govflow_group_lag_valid is 0).",
-    ["stream", "group"],
-)
-GROUP_LAG_VALID = Gauge(
-    "govflow_group_lag_valid", "1 when govflow_group_lag is exact, 0 when estimated.",
-    ["stream", "group"],
-)  # fmt: skip
-GROUP_PENDING = Gauge(
-    "govflow_group_pending", "Entries delivered to the group, not yet acknowledged.",
-    ["stream", "group"],
-)  # fmt: skip
-GROUP_OLDEST_PENDING_AGE = Gauge(
-    "govflow_group_oldest_pending_age_seconds",
-    "Age of the group's oldest pending entry, from its id; 0 when none is pending.",
-    ["stream", "group"],
-)
-GROUP_OLDEST_UNDELIVERED_AGE = Gauge(
-    "govflow_group_oldest_undelivered_age_seconds",
-    "Age of the oldest entry not yet delivered to the group, from its id; 0 when none waits.",
-    ["stream", "group"],
-)
-GROUP_PARKED = Gauge(
-    "govflow_group_parked",
-    "Entries waiting behind a held entity (per-entity order), in neither lag nor pending.",
-    ["stream", "group"],
-)
-RETRY_SCHEDULED = Gauge("govflow_retry_scheduled", "Entries waiting in the retry sets.")
-DEAD_LETTERS_OPEN = Gauge("govflow_dead_letters_open", "Dead letters neither replayed nor purged.")
-OVERDUE = Gauge(
-    "govflow_overdue",
-    "Work untouched past GOVFLOW_RECONCILE_AFTER: unfinished executions, and outbox rows"
-    " published but not taken up; the reconciler puts back what Redis no longer carries.",
-    ["kind"],
-)
 RECONCILED = Counter(
     "govflow_reconciled_total",
     "Work Redis no longer carried, put back by the reconciler: commands emitted again"
@@ -88,14 +91,7 @@ RECONCILED = Counter(
     ["kind"],
 )
 
-# Work that waits for people.
-WAITING = Gauge("govflow_executions_waiting", "Executions waiting for a decision or a task.")
-APPROVALS_PENDING = Gauge("govflow_approvals_pending", "Approvals with no outcome yet.")
-TASKS_OPEN = Gauge("govflow_tasks_open", "Tasks neither done nor expired.")
-TIMERS_DUE = Gauge(
-    "govflow_timers_due",
-    "Deadlines of approvals and tasks past due and not yet fired (overdue deadlines).",
-)
+# Work that waits for people (the counts of what waits: operations.lag_metrics).
 DEADLINES_FIRED = Counter(
     "govflow_deadlines_fired_total", "Approvals and tasks expired at their due time.", ["kind"]
 )
@@ -112,3 +108,61 @@ def observe_completed(finished: Sequence[tuple[str, datetime | None]], now: date
     for _, occurred_at in finished:
         if occurred_at is not None:
             END_TO_END_SECONDS.observe(max(0.0, (now - occurred_at).total_seconds()))
+
+
+# What an execution's delivery ended as, by its entry's outcome (``consumers.outcomes``).
+_EXECUTION_OUTCOME = {"ack": "completed", "retry": "retrying", "dead": "dead_lettered"}
+
+
+def count_execution(workflow: str, outcome_kind: str) -> None:
+    """Count one delivery of an execution of ``workflow`` that ended as ``outcome_kind``."""
+    EXECUTIONS.labels(workflow, _EXECUTION_OUTCOME.get(outcome_kind, outcome_kind)).inc()
+
+
+@contextlib.contextmanager
+def observe_step(workflow: str, action: str) -> Iterator[None]:
+    """Time and count one step; its outcome is what the block raised, if anything.
+
+    A step cancelled (the worker stopping at once) is neither timed nor counted.
+    """
+    started = time.perf_counter()
+    try:
+        yield
+    except PermanentError:
+        _step_done(workflow, action, "permanent", started)
+        raise
+    except RetryLater:
+        _step_done(workflow, action, "retry_later", started)
+        raise
+    except Exception:
+        _step_done(workflow, action, "failed", started)
+        raise
+    _step_done(workflow, action, "completed", started)
+
+
+def _step_done(workflow: str, action: str, outcome: str, started: float) -> None:
+    STEP_SECONDS.labels(action).observe(time.perf_counter() - started)
+    STEPS.labels(workflow, action, outcome).inc()
+
+
+class WebhookRequest:
+    """One webhook delivery being timed: set ``status`` once the receiver answered."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+
+
+@contextlib.contextmanager
+def observe_webhook() -> Iterator[WebhookRequest]:
+    """Time one delivery and count it by status class; no status set is an ``error``."""
+    request, started = WebhookRequest(), time.perf_counter()
+    try:
+        yield request
+    finally:
+        WEBHOOK_SECONDS.observe(time.perf_counter() - started)
+        status = request.status
+        # Bounded labels, whatever the receiver sent.
+        if status is not None and 200 <= status < 600:
+            WEBHOOK_REQUESTS.labels(f"{status // 100}xx").inc()
+        else:
+            WEBHOOK_REQUESTS.labels("error").inc()

@@ -1,6 +1,6 @@
 """One shape for govflow's background services: a tick, repeated until a stop event is set.
 
-The janitor, the retry mover, the lag gauges and the relay each keep one ``anyio.Event``,
+The janitor, the retry mover, the heartbeat and the relay each keep one ``anyio.Event``,
 ``_stopped``: ``stop()`` sets it, every wait of theirs ends as soon as it is set, and the
 work in hand is finished, never cancelled (arq's "stop picking up jobs, wait"; psycopg
 _pool's maintenance jobs all start and stop the same way). The worker calls ``stop()``

@@ -17,37 +17,36 @@ exist yet (events published before any worker started) is reported with every en
 lag: govflow creates its groups at the start of the stream, so that is what the group
 will have to deliver.
 
+Consumers are shown by their workers' heartbeats (``operations.workers``): every consumer
+a live worker runs, before its first entry too (Redis lists a consumer only once it was
+delivered one), and a consumer no live worker runs only while entries are pending for
+it, until another consumer claims them. The workers themselves, live and gone, are the
+report's ``workers``.
+
 This module reads Redis replies itself (``XINFO`` is read nowhere on the hot path); the
-Prometheus gauges are set by ``export_gauges``, every few seconds by ``LagGauges`` in
-each worker. The ``govflow lag`` command is in govflow/cli/lag.py.
+Prometheus gauges come from a report read once per scrape of ``govflow serve``
+(``operations.lag_metrics``). The ``govflow lag`` command is in govflow/cli/lag.py.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import msgspec
-import structlog
 from psycopg_pool import AsyncConnectionPool
 from redis import exceptions as redis_errors
 
 from govflow.consumers.pause import Pause, read_pauses
 from govflow.consumers.streams import RedisClient
-from govflow.core import metrics
-from govflow.core.service import run_every
 from govflow.db import dead_letters, decisions, outbox, reconcile
-from govflow.producers import metrics as producer_metrics
+from govflow.operations.workers import WorkerStatus, read_workers
 from govflow.schemas.keys import GROUP_OF, Keys, Role
-
-log = structlog.get_logger(__name__)
 
 # Entries counted per side of a group's last-delivered id before the lag becomes an
 # estimate. Counting runs inside Redis (no payload crosses the network) at roughly a
 # millisecond per thousand entries, and blocks the server meanwhile.
 SCAN_LIMIT = 10_000
 PARKED_LIMIT = 1_000  # held entities whose parked entries are counted, per group and partition
-REFRESH_S = 5.0
 OVERDUE_AFTER_S = 120.0  # the default of GOVFLOW_RECONCILE_AFTER
 
 # KEYS: stream. ARGV: start, end, limit. Returns {how many entries in [start, end], up to
@@ -67,8 +66,12 @@ class ConsumerLag(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
     name: str
     pending: int
-    idle_s: float  # since its last attempted interaction (read, claim, ack)
+    # Since its last attempted interaction (read, claim, ack); for a consumer Redis does
+    # not list yet, since its worker last made progress.
+    idle_s: float
     inactive_s: float | None = None  # since its last successful one; Redis 7.2+ only
+    live: bool  # a live worker's heartbeat names it
+    worker: str | None = None  # that worker's id
 
 
 class GroupLag(msgspec.Struct, frozen=True, kw_only=True):
@@ -116,6 +119,7 @@ class LagReport(msgspec.Struct, frozen=True, kw_only=True):
     approvals_pending: int = 0
     tasks_open: int = 0
     paused: list[Pause] = []  # the groups paused, by whom, since when and why
+    workers: list[WorkerStatus] = []  # live first, then gone (``operations.workers``)
 
 
 async def read_lag(
@@ -138,7 +142,13 @@ async def read_lag(
         overdue_after_s: the reconcile bound: work untouched this long is overdue.
     """
     seconds, micros = await redis.time()
-    reader = _Reader(redis, now_ms=seconds * 1000 + micros // 1000, scan_limit=scan_limit)
+    workers = await read_workers(redis, keys, now_s=seconds + micros / 1_000_000)
+    reader = _Reader(
+        redis,
+        now_ms=seconds * 1000 + micros // 1000,
+        scan_limit=scan_limit,
+        running=_running(workers),
+    )
     behind = await _held_and_parked(redis, keys)
     pauses = await read_pauses(redis, keys)
     groups: list[GroupLag] = []
@@ -181,7 +191,21 @@ async def read_lag(
         overdue=overdue,
         **msgspec.structs.asdict(people),
         paused=sorted(pauses.values(), key=lambda x: x.group),
+        workers=workers,
     )
+
+
+# Per (stream, group), the consumers live workers run: name -> (worker id, progress age).
+Running = dict[tuple[str, str], dict[str, tuple[str, float]]]
+
+
+def _running(workers: list[WorkerStatus]) -> Running:
+    running: Running = {}
+    for w in workers:
+        if w.live:
+            for c in w.consumers:
+                running.setdefault((c.stream, c.group), {})[c.name] = (w.id, w.progress_age_s)
+    return running
 
 
 async def _held_and_parked(
@@ -214,10 +238,13 @@ async def _held_and_parked(
 class _Reader:
     """The per-stream and per-group reads of one report, at one server time."""
 
-    def __init__(self, redis: RedisClient, *, now_ms: int, scan_limit: int) -> None:
+    def __init__(
+        self, redis: RedisClient, *, now_ms: int, scan_limit: int, running: Running
+    ) -> None:
         self._redis = redis
         self._now_ms = now_ms
         self._limit = scan_limit
+        self._running = running
         self._count = redis.register_script(_COUNT_RANGE)
 
     async def stream(self, stream: str, expected_group: str) -> list[GroupLag]:
@@ -253,7 +280,7 @@ class _Reader:
             pending=int(info["pending"]),
             oldest_pending_age_s=self._age(oldest_pending),
             oldest_undelivered_age_s=self._age(first_after),
-            consumers=[_consumer(row) for row in rows],
+            consumers=_consumers(rows, self._running.get((stream, name), {})),
         )
 
     async def _lag(
@@ -322,13 +349,34 @@ def _empty(stream: str, group: str) -> GroupLag:
     )
 
 
-def _consumer(row: dict[str, Any]) -> ConsumerLag:
+def _consumers(
+    rows: list[dict[str, Any]], running: dict[str, tuple[str, float]]
+) -> list[ConsumerLag]:
+    """The consumers live workers run, and those that no live worker runs but that hold
+    pending entries (a claim will take them over), by name."""
+    listed = {_text(row["name"]): row for row in rows}
+    shown = []
+    for name in sorted(listed.keys() | running.keys()):
+        worker, progress_age_s = running.get(name, (None, 0.0))
+        row = listed.get(name)
+        if row is None:  # not delivered anything yet: Redis does not list it
+            shown.append(
+                ConsumerLag(name=name, pending=0, idle_s=progress_age_s, live=True, worker=worker)
+            )
+        elif worker is not None or int(row["pending"]):
+            shown.append(_consumer(row, worker))
+    return shown
+
+
+def _consumer(row: dict[str, Any], worker: str | None) -> ConsumerLag:
     inactive = row.get("inactive")  # Redis 7.2+; -1 for a consumer that never read
     return ConsumerLag(
         name=_text(row["name"]),
         pending=int(row["pending"]),
         idle_s=int(row["idle"]) / 1000,
         inactive_s=int(inactive) / 1000 if inactive is not None and inactive >= 0 else None,
+        live=worker is not None,
+        worker=worker,
     )
 
 
@@ -338,83 +386,3 @@ def _text(value: bytes | str) -> str:
 
 def _name(group: GroupLag) -> str:
     return group.group
-
-
-# Prometheus ---------------------------------------------------------------------------
-
-_exported: set[tuple[str, str]] = set()
-_GROUP_GAUGES = (
-    metrics.GROUP_LAG,
-    metrics.GROUP_LAG_VALID,
-    metrics.GROUP_PENDING,
-    metrics.GROUP_OLDEST_PENDING_AGE,
-    metrics.GROUP_OLDEST_UNDELIVERED_AGE,
-    metrics.GROUP_PARKED,
-)
-
-
-def export_gauges(report: LagReport) -> None:
-    """Set the lag gauges from a report; a group that is gone loses its series."""
-    current = set()
-    for g in report.groups:
-        labels = (g.stream, g.group)
-        current.add(labels)
-        metrics.STREAM_LENGTH.labels(g.stream).set(g.length)
-        metrics.GROUP_LAG.labels(*labels).set(g.lag)
-        metrics.GROUP_LAG_VALID.labels(*labels).set(1 if g.lag_valid else 0)
-        metrics.GROUP_PENDING.labels(*labels).set(g.pending)
-        metrics.GROUP_OLDEST_PENDING_AGE.labels(*labels).set(g.oldest_pending_age_s or 0.0)
-        metrics.GROUP_OLDEST_UNDELIVERED_AGE.labels(*labels).set(g.oldest_undelivered_age_s or 0.0)
-        metrics.GROUP_PARKED.labels(*labels).set(g.parked)
-    for labels in _exported - current:
-        for gauge in _GROUP_GAUGES:
-            gauge.remove(*labels)
-    _exported.clear()
-    _exported.update(current)
-    metrics.RETRY_SCHEDULED.set(report.retry_scheduled)
-    metrics.DEAD_LETTERS_OPEN.set(report.dead_letters)
-    if report.outbox is not None:
-        producer_metrics.OUTBOX_WAITING.set(report.outbox.waiting)
-        producer_metrics.OUTBOX_OLDEST_AGE.set(report.outbox.oldest_age_s or 0.0)
-        metrics.OVERDUE.labels("execution").set(report.overdue)
-        metrics.OVERDUE.labels("outbox").set(report.outbox.overdue)
-        metrics.WAITING.set(report.waiting)
-        metrics.TIMERS_DUE.set(report.timers_due)
-        metrics.APPROVALS_PENDING.set(report.approvals_pending)
-        metrics.TASKS_OPEN.set(report.tasks_open)
-
-
-class LagGauges:
-    """A worker service: refresh the lag gauges every ``every_s`` until stopped."""
-
-    def __init__(
-        self,
-        redis: RedisClient,
-        pool: AsyncConnectionPool[Any] | None,
-        keys: Keys,
-        every_s: float = REFRESH_S,
-        overdue_after_s: float = OVERDUE_AFTER_S,
-    ) -> None:
-        self._redis = redis
-        self._pool = pool
-        self._keys = keys
-        self._every_s = every_s
-        self._overdue_after_s = overdue_after_s
-        self._stopped = anyio.Event()
-
-    def stop(self) -> None:
-        """Stop after the current refresh."""
-        self._stopped.set()
-
-    async def run(self) -> None:
-        """Refresh until stopped; a failed refresh keeps the last values."""
-        await run_every(self._every_s, self._refresh, self._stopped)
-
-    async def _refresh(self) -> None:
-        try:
-            report = await read_lag(
-                self._redis, self._pool, self._keys, overdue_after_s=self._overdue_after_s
-            )
-            export_gauges(report)
-        except Exception as e:  # noqa: BLE001 - metrics must never stop the workers
-            log.warning("lag.refresh_failed", error=f"{type(e).__name__}: {e}")

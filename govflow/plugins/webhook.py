@@ -28,7 +28,7 @@ from urllib.parse import urljoin, urlsplit
 import anyio
 import httpx
 
-from govflow.core import tracing
+from govflow.core import metrics, tracing
 from govflow.plugins.egress import EgressPolicy, PinnedTransport
 from govflow.schemas.errors import PermanentError, RetryLater
 
@@ -98,10 +98,12 @@ async def deliver(
     }
     # A connection, then an answer: each may take its own time-out, the two no more.
     total = (client.timeout.connect or 0.0) + (client.timeout.read or 0.0) or None
-    with anyio.move_on_after(total) as deadline:
-        status, retry_after = await _post(client, url, body, headers, allowed)
-    if deadline.cancelled_caught:
-        raise httpx.ReadTimeout(f"webhook took longer than {total} s in all")
+    with metrics.observe_webhook() as request:
+        with anyio.move_on_after(total) as deadline:
+            status, retry_after = await _post(client, url, body, headers, allowed)
+        if deadline.cancelled_caught:
+            raise httpx.ReadTimeout(f"webhook took longer than {total} s in all")
+        request.status = status
     if status < 300:
         return status
     if 400 <= status < 500 and status not in RETRIED_4XX:

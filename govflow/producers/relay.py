@@ -44,9 +44,8 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from govflow.core.backoff import Backoff
-from govflow.core.service import run_every, wait_stopped
+from govflow.core.service import wait_stopped
 from govflow.core.unavailable import UNAVAILABLE, is_unavailable
-from govflow.db import outbox
 from govflow.producers import metrics
 from govflow.producers.frontier import MAX_WAIT_S as ORDER_WAIT_S
 from govflow.producers.frontier import Frontier
@@ -58,7 +57,6 @@ CHANNEL = "govflow_outbox"  # notified by the outbox table's trigger (0001_init.
 LOCK_KEY = 0x676F76666C6F77  # "govflow" in ASCII; advisory locks are per database
 LOCK_POLL_S = 1.0  # how often a standby tries the lock
 APPLICATION_NAME = "govflow-relay"  # how the relay's sessions show in pg_stat_activity
-METRICS_EVERY_S = 2.0
 DELETE_CHUNK = 10_000
 EVENT_FIELD = "event"
 
@@ -94,8 +92,8 @@ class Relay:
 
     Args:
         redis: the client to publish with (shared with the workers).
-        pool: the workers' pool; the relay opens its own two connections with its
-            connection settings and uses the pool only for the backlog metrics.
+        pool: the workers' pool: the relay opens its own two connections with its
+            connection settings (the backlog is `govflow lag`'s, ``operations.lag``).
         keys: the deployment's key names and partition count.
         batch_size: rows per ``SELECT`` / pipeline / ``UPDATE``.
         poll_s: the longest wait between two looks at the table when no notification
@@ -148,12 +146,10 @@ class Relay:
         if self._stopped.is_set():
             return
         log.info("relay.started", batch_size=self._batch_size, poll_s=self._poll_s)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._report)  # returns on its own once stopping
-            async with anyio.create_task_group() as listening:
-                listening.start_soon(self._listen)
-                await self._serve()
-                listening.cancel_scope.cancel()  # it only waits on its own connection
+        async with anyio.create_task_group() as listening:
+            listening.start_soon(self._listen)
+            await self._serve()
+            listening.cancel_scope.cancel()  # it only waits on its own connection
         self._set_state("stopped")
         log.info("relay.stopped", published=self.published)
 
@@ -310,20 +306,6 @@ class Relay:
                 with anyio.CancelScope(shield=True):
                     await conn.close()
             await anyio.sleep(backoff.next_delay())
-
-    async def _report(self) -> None:
-        """Set the backlog gauges every ``METRICS_EVERY_S``, leader or standby."""
-        await run_every(METRICS_EVERY_S, self._report_backlog, self._stopped)
-
-    async def _report_backlog(self) -> None:
-        try:
-            async with self._pool.connection(timeout=METRICS_EVERY_S) as conn:
-                waiting, oldest_age = await outbox.backlog(conn)
-        except (*UNAVAILABLE, psycopg.Error) as e:
-            log.debug("relay.backlog_failed", error=str(e))
-        else:
-            metrics.OUTBOX_WAITING.set(waiting)
-            metrics.OUTBOX_OLDEST_AGE.set(oldest_age or 0.0)
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         """A connection of the relay's own, to the pool's database, in autocommit."""

@@ -4,7 +4,8 @@ With one partition (the default): one ``GroupConsumer`` per (role, concurrency s
 sharing one Redis client, one Postgres pool and one webhook client; plus the retry mover,
 the janitor, the reconciler and the retention sweep (with the ``triggers`` or ``actions``
 role), the deadline service (with the ``actions`` role) and, with the ``relay`` role, the
-outbox relay.
+outbox relay. From the moment Redis answers until every service has returned, the worker
+writes its heartbeat (``runtime.heartbeat``).
 
 With ``GOVFLOW_PARTITIONS`` above 1, partitions are leased (``consumers.partitions``): per
 role, the worker holds a fair share of the partitions, one consumer on each, and
@@ -16,7 +17,6 @@ needs at least 2 partitions, since one partition's keys carry no hash tag.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
 from collections.abc import Callable, Iterable
@@ -48,18 +48,23 @@ from govflow.core import deployment
 from govflow.core.backoff import Backoff
 from govflow.core.connect import connect
 from govflow.core.health import PostgresHealth
+from govflow.core.pool_metrics import POOLS
+from govflow.core.progress import Progress
 from govflow.core.unavailable import UNAVAILABLE, is_unavailable
 from govflow.db.pool import open_pool
-from govflow.operations.lag import LagGauges
+from govflow.operations import workers
+from govflow.operations.workers import ConsumerRef
 from govflow.plugins import webhook
 from govflow.producers.relay import Relay
+from govflow.runtime.heartbeat import Heartbeat, Holdings, worker_id
 from govflow.schemas.errors import ConfigError
-from govflow.schemas.keys import GROUP_OF
+from govflow.schemas.keys import GROUP_OF, Role
 from govflow.schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-ROLES = frozenset({"triggers", "actions", "relay"})
+ROLES = frozenset(workers.ROLES)
+ROLE_OF: dict[str, Role] = {group: role for role, group in GROUP_OF.items()}
 
 
 class Service(Protocol):
@@ -105,23 +110,15 @@ async def redis_client(url: str) -> RedisClient:
 class Worker:
     """The workers of some roles, with an explicit ``stop()`` (Temporal's shape)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        roles: frozenset[str],
-        concurrency: int = 1,
-        *,
-        lag_gauges: bool = True,
-    ) -> None:
+    def __init__(self, settings: Settings, roles: frozenset[str], concurrency: int = 1) -> None:
         if settings.redis_url is None or settings.database_url is None:
             raise ConfigError("the worker needs both a Redis URL and a database URL")
         self.settings = settings
         self.roles = roles
         self.concurrency = concurrency
-        # The lag gauges read every partition of the deployment every few seconds: only
-        # worth it where something scrapes this process's metrics.
-        self.lag_gauges = lag_gauges
         self.keys = settings.keys()
+        self.id = worker_id()
+        self.progress = Progress()
         self._services: list[Service] = []
         self._stop = anyio.Event()
 
@@ -135,22 +132,50 @@ class Worker:
         return [s for s in self._services if isinstance(s, PartitionLeases)]
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run until ``stop()``; signals readiness once every consumer is started."""
+        """Run until ``stop()``; signals readiness once every consumer is started.
+
+        The heartbeat starts as soon as Redis answers, so a worker waiting for Postgres
+        is seen waiting; it beats until every service has returned, then says it stopped.
+        """
         assert self.settings.redis_url is not None
-        assert self.settings.database_url is not None
         redis = await self._connect(self.settings.redis_url)
         if redis is None:
             return  # stopped before Redis answered
-        if isinstance(redis, RedisCluster) and self.keys.partitions == 1:
-            await redis.aclose()
-            raise ConfigError(
-                "the Redis URL names a Redis Cluster: set GOVFLOW_PARTITIONS >= 2 (one "
-                "partition's keys have no hash tag, so they cannot share a slot)"
-            )
+        try:
+            if isinstance(redis, RedisCluster) and self.keys.partitions == 1:
+                raise ConfigError(
+                    "the Redis URL names a Redis Cluster: set GOVFLOW_PARTITIONS >= 2 (one "
+                    "partition's keys have no hash tag, so they cannot share a slot)"
+                )
+            heartbeat = Heartbeat(
+                redis, self.keys, worker=self.id, roles=self.roles, holdings=self.holdings,
+                progress=self.progress, every_s=self.settings.heartbeat_interval,
+                stall_after_s=self.settings.stall_after,
+            )  # fmt: skip
+            error: Exception | None = None
+            async with anyio.create_task_group() as beating:
+                beating.start_soon(heartbeat.run)
+                try:
+                    await self._run_with(redis, heartbeat, task_status)
+                except Exception as e:  # noqa: BLE001 - raised below, unwrapped by the task group
+                    error = e
+                finally:
+                    heartbeat.stop()
+            if error is not None:
+                raise error
+        finally:
+            with anyio.CancelScope(shield=True):
+                await redis.aclose()
+            log.info("worker.stopped")
+
+    async def _run_with(
+        self, redis: RedisClient, heartbeat: Heartbeat, task_status: TaskStatus[None]
+    ) -> None:
+        """Open the pool, start every service, and stop them on ``stop()``."""
         pool = await self._open_pool()
         if pool is None:
-            await redis.aclose()
             return  # stopped before Postgres answered
+        POOLS.watch("worker", pool)
         try:
             # Settings that must agree across the deployment (core.deployment).
             await deployment.check_worker(redis, pool, self.keys)
@@ -163,8 +188,12 @@ class Worker:
                     async with anyio.create_task_group() as tg:
                         for service in self._services:
                             tg.start_soon(service.run)
+                        tg.start_soon(heartbeat.beat)  # say what runs now, not at the next beat
                         log.info(
-                            "worker.started", roles=sorted(self.roles), concurrency=self.concurrency
+                            "worker.started",
+                            worker=self.id,
+                            roles=sorted(self.roles),
+                            concurrency=self.concurrency,
                         )
                         task_status.started()
                         await self._stop.wait()
@@ -173,10 +202,26 @@ class Worker:
                             service.stop()
                         scope.deadline = anyio.current_time() + self.settings.shutdown_grace
         finally:
+            POOLS.unwatch(pool)
             with anyio.CancelScope(shield=True):
                 await pool.close()
-                await redis.aclose()
-            log.info("worker.stopped")
+
+    def holdings(self) -> Holdings:
+        """The consumers running now, and the partitions leased (for the heartbeat)."""
+        consumers = [
+            ConsumerRef(s.stream, s.group, s.consumer)
+            for s in self._services
+            if isinstance(s, GroupConsumer)
+        ]
+        partitions: dict[str, list[int]] = {}
+        for leases in self.leases:
+            held = sorted(leases.owned())
+            partitions[leases.group] = held
+            role = ROLE_OF[leases.group]
+            consumers += [
+                ConsumerRef(self.keys.stream(role, p), leases.group, self.id) for p in held
+            ]
+        return Holdings(consumers=consumers, partitions=partitions)
 
     async def _open_pool(self) -> AsyncConnectionPool[Any] | None:
         """The Postgres pool, or None when ``stop()`` comes first (Postgres still away)."""
@@ -245,13 +290,12 @@ class Worker:
                     streams=streams, pool=pool, keys=keys, partition=0, handler=h,
                     consumer=f"{name}-{i}", policy=policy, ordering=ordering,
                     batch_size=settings.batch_size, claim_idle_s=settings.claim_idle,
-                    hold_max_s=settings.hold_max,
+                    hold_max_s=settings.hold_max, progress=self.progress,
                 )
                 for h in handlers
                 for i in range(self.concurrency)
             ]  # fmt: skip
         else:
-            worker_id = f"{name}-{secrets.token_hex(3)}"  # a restarted pid is a new worker
             # Postgres out of reach for longer than a lease: give the partitions up.
             health = PostgresHealth(pool, interval=settings.lease_ttl / 3)
             services.append(health)
@@ -259,9 +303,9 @@ class Worker:
             def consumer_of(handler: Handler) -> Callable[[int, PartitionLease], GroupConsumer]:
                 return lambda p, lease: GroupConsumer(
                     streams=streams, pool=pool, keys=keys, partition=p, handler=handler,
-                    consumer=worker_id, policy=policy, ordering=ordering, lease=lease,
+                    consumer=self.id, policy=policy, ordering=ordering, lease=lease,
                     batch_size=settings.batch_size, claim_idle_s=settings.claim_idle,
-                    hold_max_s=settings.hold_max,
+                    hold_max_s=settings.hold_max, progress=self.progress,
                 )  # fmt: skip
 
             leases = [
@@ -269,7 +313,7 @@ class Worker:
                     redis,
                     keys,
                     GROUP_OF[h.role],
-                    worker_id,
+                    self.id,
                     settings.lease_ttl,
                     consumer_of(h),
                     healthy=lambda: health.reached_within(settings.lease_ttl),
@@ -296,8 +340,6 @@ class Worker:
             services.append(Retention(redis, pool, keys, settings.execution_retention_s()))
         if "actions" in self.roles:
             services.append(Deadlines(redis, pool, keys, interval=settings.deadline_interval))
-        if self.lag_gauges:
-            services.append(LagGauges(redis, pool, keys, overdue_after_s=settings.reconcile_after))
         if "relay" in self.roles:
             # Typed for one server; a cluster client has the same commands.
             services.append(Relay(cast("Redis", redis), pool, keys))
@@ -323,11 +365,16 @@ async def run_workers(
     ``REPEAT_WINDOW_S`` after the first, stops at once: the work in hand is left pending
     for another worker to claim, and the status returned is 128 + that signal's number.
     """
-    worker = Worker(settings, roles, concurrency, lag_gauges=metrics_port is not None)
+    worker = Worker(settings, roles, concurrency)
     at_once: list[int] = []
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         if metrics_port is not None:
-            start_http_server(metrics_port, addr=metrics_host)
+            try:
+                start_http_server(metrics_port, addr=metrics_host)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot serve metrics on {metrics_host}:{metrics_port}: {e.strerror or e}"
+                ) from e
         async with anyio.create_task_group() as tg:
 
             async def stop_on_signals() -> None:

@@ -65,3 +65,7 @@ class GroupMissingError(GovflowError):
 
 class PublishError(UnavailableError):
     """An event could not be written to Redis within the publisher's retries."""
+
+
+class UnhealthyError(GovflowError):
+    """No worker to vouch for: its heartbeat is stale, it stopped, or its consumers stalled."""

@@ -76,6 +76,14 @@ class Keys(msgspec.Struct, frozen=True):
         """The sorted set of the workers of a group, scored by their last heartbeat (ms)."""
         return f"{self.prefix}:workers:{group}"
 
+    def heartbeat(self, worker_id: str) -> str:
+        """The hash one worker process writes about itself (``runtime.heartbeat``)."""
+        return f"{self.prefix}:heartbeat:{worker_id}"
+
+    def heartbeats(self) -> str:
+        """The sorted set of every worker that wrote a heartbeat, scored by its last (ms)."""
+        return f"{self.prefix}:heartbeats"
+
     def held(self, group: str, partition: int = 0) -> str:
         """The hash of entities whose order is held, entity id -> the entry in front."""
         return self._key(f"held:{group}", partition)

@@ -60,6 +60,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     execution_retention: str = "off"
     # How often a worker looks for approvals and tasks past their due time.
     deadline_interval: Seconds = 1.0
+    # A worker writes its heartbeat this often (``runtime.heartbeat``); one silent for four
+    # of these is stale.
+    heartbeat_interval: Seconds = 5.0
+    # A worker whose consumers have neither finished a batch nor polled for this long is
+    # stalled, and `govflow check` fails. Above hold_max: a batch held through an outage
+    # is no stall.
+    stall_after: Seconds = 900.0
 
     def __post_init__(self) -> None:
         for url, schemes in (

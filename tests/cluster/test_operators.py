@@ -14,6 +14,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from govflow.consumers.streams import RedisClient
+from govflow.operations.workers import read_workers
 from govflow.producers.publish import Publisher, SyncPublisher
 from govflow.schemas.events import new_event
 from govflow.schemas.settings import Settings
@@ -36,7 +37,7 @@ async def test_publish_lag_and_replay_from_the_command_line(
     cluster_redis: RedisClient,
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    settings = cluster_settings()
+    settings = cluster_settings(heartbeat_interval=0.5)
     keys = settings.keys()
     env = cluster_env(settings)
 
@@ -65,6 +66,21 @@ async def test_publish_lag_and_replay_from_the_command_line(
         assert streams == {keys.stream(role, p) for role in ("events", "commands")
                            for p in keys.all_partitions()}  # fmt: skip
         assert report["dead_letters"] == 1
+
+        # The heartbeat (its hash and the index live on different shards) says which
+        # partitions the one worker leases: all of them, once it took them.
+        every = list(keys.all_partitions())
+        await wait_for(
+            lambda: read_workers(cluster_redis, keys),
+            lambda ws: (
+                [(w.state, w.partitions) for w in ws]
+                == [("live", {"triggers": every, "actions": every})]
+            ),
+            within=60,
+            what="one live worker leasing every partition",
+        )
+        probe = await govflow(env, "check")
+        assert probe.returncode == 0, probe.stderr.decode()
 
     replayed = await govflow(env, "dlq", "replay", "--all", "--json", "--reason", "test")
     assert replayed.returncode == 0, replayed.stderr.decode()
