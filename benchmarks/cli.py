@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import gf, peers, profile, report, workload
+from benchmarks import gf, peers, profile, reference, report, workload
 from benchmarks.run import SCENARIOS, SYSTEMS, Bench, Options
 from benchmarks.servers import servers
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = parse(argv)
     if opts.profile:
         return run_profile(opts)
-    wanted = [s for s in opts.systems if s != "govflow"]
+    wanted = [s for s in opts.systems if s in peers.PEERS]
     if opts.install and wanted:
         peers.install(wanted)
     missing = [s for s in wanted if not peers.PEERS[s].installed()]
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for system in wanted:
             if system not in missing:
                 workload.create_peer_schema(found.database_url, f"bench_{system}")
+        if "reference" in opts.systems:
+            workload.create_peer_schema(found.database_url, reference.SCHEMA)
         steps: dict[str, Callable[[], None]] = {
             "drain": bench.drain,
             "scaling": bench.scale,
@@ -139,6 +141,8 @@ def versions(systems: list[str]) -> dict[str, str]:
     """Each system's version."""
     found = {"govflow": gf.version()}
     for name in systems:
-        if name != "govflow":
+        if name == "reference":
+            found[name] = "bare two hops"
+        elif name != "govflow":
             found[name] = peers.PEERS[name].version()
     return found

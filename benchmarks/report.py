@@ -69,7 +69,9 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
         if system == "govflow":
             drain[system].update(_stats(runs, "peak_rss_mb"))
             drain[system]["batches"] = runs[len(runs) // 2].get("batches", {})
-    peer_rates = {s: d["events_per_s"] for s, d in drain.items() if s != "govflow"}
+    peer_rates = {
+        s: d["events_per_s"] for s, d in drain.items() if s not in ("govflow", "reference")
+    }
     if peer_rates:
         best = max(peer_rates, key=lambda s: peer_rates[s])
         drain["best_peer"] = {"name": best, "events_per_s": peer_rates[best]}
@@ -78,6 +80,10 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
     else:
         drain["best_peer"] = {"name": None, "events_per_s": None}
         drain["ratio"] = None
+    if "govflow" in drain and drain.get("reference", {}).get("events_per_s"):
+        # The runs alternate, so both medians saw the same machine, loaded as it was.
+        ratio = drain["govflow"]["events_per_s"] / drain["reference"]["events_per_s"]
+        drain["govflow"]["reference_ratio"] = round(ratio, 3)
     steady = {
         system: {
             **_stats(runs, "p50_ms"),
@@ -251,6 +257,11 @@ def write(summary: dict[str, Any], out: Path, console: Console | None = None) ->
             f" {_range(a, 'resume_per_s')}/s, latency p50 {_range(a, 'resume_p50_ms', ',.1f')}"
             f" ms, p99 {_range(a, 'resume_p99_ms', ',.1f')} ms (decisions through {a['via']},"
             f" {_range(a, 'decide_per_s')}/s)"
+        )
+    if (share := d.get("govflow", {}).get("reference_ratio")) is not None:
+        console.print(
+            f"govflow drains {100 * share:.0f} % of the reference's rate (the bare two-hop"
+            f" pipeline, {d['reference']['events_per_s']:,.0f} events/s) in the same rounds"
         )
     for run in summary["discarded_runs"]:
         console.print(

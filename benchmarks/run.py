@@ -1,7 +1,9 @@
 """The scenarios: each system in turn, the order rotated every run, at least 3 runs each.
 
 - drain: a backlog published before the workers start; events/s from the first execution
-  row to the commit of the last completion (``workload.measure``).
+  row to the commit of the last completion (``workload.measure``). The reference
+  (``benchmarks.reference``, the bare batched two-hop pipeline) drains the same backlog in
+  the same rounds: the limit govflow's rate is a fraction of.
 - steady: events offered at a fixed rate; latency from publish to the completion's commit.
 - scaling: govflow's drain with 1, 2 and 4 worker processes.
 - cluster: govflow on a 3-primary, 3-replica Redis Cluster over 8 partitions, drained by 1
@@ -27,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import approvals, cpu, gf, peers, profile, workload
+from benchmarks import approvals, cpu, gf, peers, profile, reference, workload
 from benchmarks.cluster import REDIS_CLI, REDIS_SERVER, running_cluster
 from benchmarks.servers import Servers, free_port
 from govflow.schemas.keys import Keys
 
-SYSTEMS = ("govflow", "celery", "dramatiq", "taskiq", "bullmq")
+SYSTEMS = ("govflow", "reference", "celery", "dramatiq", "taskiq", "bullmq")
 SCENARIOS = ("drain", "steady", "scaling", "publish", "cluster", "approvals")
 # Each scenario's share of the time budget (``Bench._rounds``).
 BUDGET_SHARES = {"drain": 0.4, "steady": 0.15, "scaling": 0.2, "cluster": 0.15, "approvals": 0.1}
@@ -233,6 +235,38 @@ class Bench:
             commit_ts=self.commit_ts,
         )
 
+    # -- the reference -----------------------------------------------------------------
+
+    def reference_drain(self, run: str, n: int) -> Run:
+        """Publish govflow's backlog of ``n`` events, then drain it with the bare pipeline."""
+        db, schema, prefix = self.servers.database_url, reference.SCHEMA, f"{self.tag}-{run}"
+        workload.reset(db, schema)
+        published_s = gf.publish(self.servers.redis_url, prefix, gf.events(run, n))
+        env = reference.env(self.servers.redis_url, db, prefix)
+        before, started = self._server_cpu(), time.monotonic()
+        procs = reference.start(
+            self.opts.processes, self.opts.concurrency, env, self.logs / f"reference-{run}"
+        )
+        try:
+            workload.wait_completed(db, schema, n, like=f"{run}-%", alive=lambda: _alive(procs))
+            wall = time.monotonic() - started
+            worker_cpu = cpu.trees_cpu([p.pid for p in procs])
+            after = self._server_cpu()
+            sched = cpu.sched([p.pid for p in procs])
+        finally:
+            peers.stop(procs)
+            gf.cleanup(self.servers.redis_url, prefix)
+        result = workload.measure(db, schema, like=f"{run}-%", commit_ts=self.commit_ts)
+        return {
+            "events": result.events,
+            "events_per_s": result.events_per_s,
+            "seconds": result.seconds,
+            "wall_s": wall,
+            "publish_events_per_s": n / published_s,
+            "cores": self._cores(before, after, worker_cpu, wall),
+            "sched": {**sched, "wall_s": round(wall * self.opts.processes, 2)},
+        }
+
     # -- the peers ---------------------------------------------------------------------
 
     def peer_drain(self, peer: peers.Peer, run: str, n: int) -> Run:
@@ -368,6 +402,12 @@ class Bench:
                         ),
                     )
                     self.scaling.setdefault(self.opts.processes, []).append(result)
+                elif system == "reference":
+                    result = self._attempt(
+                        system,
+                        run,
+                        functools.partial(self.reference_drain, n=self.opts.events),
+                    )
                 else:
                     peer = peers.PEERS[system]
                     result = self._attempt(
@@ -376,7 +416,10 @@ class Bench:
                         functools.partial(self.peer_drain, peer, n=self.opts.peer_events),
                     )
                 self._record("drain", system, result)
-                self._record("publish", system, {"events_per_s": result["publish_events_per_s"]})
+                if system != "reference":  # it publishes with govflow's publisher
+                    self._record(
+                        "publish", system, {"events_per_s": result["publish_events_per_s"]}
+                    )
                 self.say(
                     f"drain   {system:9} run {r + 1}: {result['events_per_s']:8.0f} events/s"
                     f" ({result['events']} in {result['seconds']:.2f} s; cores {result['cores']})"
@@ -387,8 +430,12 @@ class Bench:
 
         A peer whose drain could not keep up with the offered rate is not offered it: its
         latency would only grow with the length of the run, so the table says so instead.
+        The reference is a limit on throughput, measured by its drain only.
         """
         for system in self.opts.systems:
+            if system == "reference":
+                self.skipped[system] = "the reference is measured by its drain only"
+                continue
             drained = [r["events_per_s"] for r in self.results["drain"].get(system, [])]
             if system != "govflow" and drained and statistics.median(drained) < self.opts.rate:
                 self.skipped[system] = (
