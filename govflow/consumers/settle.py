@@ -145,8 +145,12 @@ class Settler:
         replies = await self._until_available(lambda: self._streams.run_in_order(calls))
         if any(r == -1 for r in replies):
             return False
+        # An acknowledgement is logged at debug: at info, the batch's entries are not
+        # looked at one by one (each would build a line only to drop it).
+        logged = {fate for fate, level in _LOG_LEVEL.items() if log.is_enabled_for(level)}
         for verdict in verdicts:
-            self._report(verdict)
+            if verdict.fate in logged:
+                self._report(verdict)
         self._count(verdicts)
         return True
 
