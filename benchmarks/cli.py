@@ -19,7 +19,7 @@ def parse(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="govflow and its peers, side by side: drain, steady, scaling, publish,"
-        " cluster; and govflow's approvals resumed by decisions.",
+        " cluster; and govflow's approvals resumed by decisions and backlogs of growing size.",
     )
     p.add_argument("--events", type=int, default=20_000, help="govflow's drain backlog")
     p.add_argument("--peer-events", type=int, help="the peers' drain backlog (default 1000)")
@@ -31,6 +31,9 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument("--scaling", default="1,2,4", help="govflow worker processes to scale over")
     p.add_argument("--cluster", default="1,3", help="govflow worker processes on the cluster")
     p.add_argument("--partitions", type=int, default=8, help="partitions on the cluster")
+    p.add_argument(
+        "--backlog", default="20000,100000,300000", help="backlog sizes, each on fresh servers"
+    )
     p.add_argument("--concurrency", type=int, default=2, help="govflow consumers per group")
     p.add_argument("--approvals", type=int, default=10_000, help="executions waiting, then decided")
     p.add_argument("--systems", default=",".join(SYSTEMS))
@@ -54,6 +57,7 @@ def parse(argv: list[str] | None) -> Options:
         processes=a.processes,
         scaling=[int(x) for x in a.scaling.split(",") if x],
         cluster=[int(x) for x in a.cluster.split(",") if x],
+        backlog=[int(x) for x in a.backlog.split(",") if x],
         partitions=a.partitions,
         concurrency=a.concurrency,
         approvals=a.approvals,
@@ -70,6 +74,8 @@ def parse(argv: list[str] | None) -> Options:
         # One worker process and a token warm-up: each process start costs seconds.
         opts.processes, opts.scaling, opts.warmup = 1, [1], 5
         opts.approvals = min(opts.approvals, opts.events)
+        if a.backlog == p.get_default("backlog"):
+            opts.backlog = [100, 300]
     unknown = set(opts.systems) - set(SYSTEMS) or set(opts.scenarios) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown system or scenario: {', '.join(sorted(unknown))}")
@@ -104,11 +110,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cluster": bench.scale_on_cluster,
             "steady": bench.steady,
             "approvals": bench.resume_approvals,
+            "backlog": bench.drain_backlogs,
         }
         if "publish" in opts.scenarios and "drain" not in opts.scenarios:
             steps["drain"] = bench.drain  # publish is measured on the drain's backlog
             opts.scenarios.append("drain")
-        for name in ("drain", "steady", "scaling", "cluster", "approvals"):
+        for name in ("drain", "steady", "scaling", "cluster", "approvals", "backlog"):
             if name in opts.scenarios:
                 steps[name]()
         bench.load.append(os.getloadavg()[0])

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmarks import peers
+from benchmarks import backlog, peers
 from benchmarks.run import Bench
 
 
@@ -141,6 +141,11 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
             "events": opts.events,
             "skipped": bench.cluster_skipped,
         },
+        "backlog": {
+            "govflow": {str(n): run for n, run in sorted(bench.backlog.items())},
+            "retention": backlog.RETENTION,
+            "processes": opts.processes,
+        },
         "publish": publish,
         "versions": versions,
         "machine": {**machine(), "load_average_1m": [round(x, 2) for x in bench.load]},
@@ -235,6 +240,29 @@ def cluster_table(summary: dict[str, Any]) -> Table:
     return t
 
 
+def backlog_table(summary: dict[str, Any]) -> Table:
+    """govflow's drain by backlog size, each on fresh servers."""
+    b = summary["backlog"]
+    t = Table(
+        title=escape(
+            f"govflow's drain by backlog size ({b['processes']} worker processes, fresh servers"
+            f" each; Redis MiB when published, drained, and back within {b['retention']:,}"
+            " entries a stream)"
+        )
+    )
+    for column in ("events", "events/s", "Postgres us/event", "peak RSS MiB", "Redis MiB",
+                   "within retention after"):  # fmt: skip
+        t.add_column(column, justify="right")
+    for n, d in b["govflow"].items():
+        mb = d["redis_mb"]
+        after = "-" if d["trimmed_after_s"] is None else f"{d['trimmed_after_s']} s"
+        t.add_row(
+            f"{int(n):,}", f"{d['events_per_s']:,.0f}", str(d["postgres_us_per_event"]),
+            str(d["peak_rss_mb"]), f"{mb['published']} / {mb['drained']} / {mb['trimmed']}", after,
+        )  # fmt: skip
+    return t
+
+
 def write(summary: dict[str, Any], out: Path, console: Console | None = None) -> None:
     """Write summary.json, print the tables, draw bench.png when matplotlib is at hand."""
     console = console or Console(width=160)
@@ -244,6 +272,8 @@ def write(summary: dict[str, Any], out: Path, console: Console | None = None) ->
     console.print(scaling_table(summary))
     if summary["cluster"]["govflow"]:
         console.print(cluster_table(summary))
+    if summary["backlog"]["govflow"]:
+        console.print(backlog_table(summary))
     d = summary["drain"]
     if d.get("ratio") is not None:
         console.print(

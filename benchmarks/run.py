@@ -12,6 +12,9 @@
   peer's own enqueue call: ``addBulk`` for BullMQ, one call per job for the others).
 - approvals: govflow alone (no peer waits for a person): executions waiting on an
   approval, resumed by decisions; resume throughput and latency (``benchmarks.approvals``).
+- backlog: govflow's drain of 20,000, 100,000 and 300,000 events, each on servers of its
+  own (``benchmarks.backlog``): whether the cost of an event stays flat, and whether Redis
+  memory comes back down after the drain.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import approvals, cpu, gf, peers, profile, reference, workload
+from benchmarks import approvals, backlog, cpu, gf, peers, profile, reference, workload
 from benchmarks.cluster import REDIS_CLI, REDIS_SERVER, running_cluster
 from benchmarks.servers import Servers, free_port
 from govflow.schemas.keys import Keys
 
 SYSTEMS = ("govflow", "reference", "celery", "dramatiq", "taskiq", "bullmq")
-SCENARIOS = ("drain", "steady", "scaling", "publish", "cluster", "approvals")
+SCENARIOS = ("drain", "steady", "scaling", "publish", "cluster", "approvals", "backlog")
 # Each scenario's share of the time budget (``Bench._rounds``).
 BUDGET_SHARES = {"drain": 0.4, "steady": 0.15, "scaling": 0.2, "cluster": 0.15, "approvals": 0.1}
 RETRIES = 3  # runs of a system discarded in a row, because a worker died, before giving up
@@ -54,6 +57,7 @@ class Options:
     processes: int = 2
     scaling: list[int] = field(default_factory=lambda: [1, 2, 4])
     cluster: list[int] = field(default_factory=lambda: [1, 3])  # worker processes
+    backlog: list[int] = field(default_factory=lambda: [20_000, 100_000, 300_000])  # events
     partitions: int = 8  # on the cluster
     concurrency: int = 2  # `govflow run`'s default
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
@@ -80,6 +84,7 @@ class Bench:
         self.scaling: dict[int, list[Run]] = {}
         self.cluster: dict[int, list[Run]] = {}  # runs on the Redis Cluster, by processes
         self.approvals: list[Run] = []  # govflow's runs of the approvals scenario
+        self.backlog: dict[int, Run] = {}  # one drain per backlog size, on fresh servers
         self.commit_ts = workload.commit_timestamps(found.database_url)
         self.tag = f"{opts.prefix}-{secrets.token_hex(3)}"
         self.load = [os.getloadavg()[0]]  # others' work on the machine skews the figures
@@ -489,6 +494,30 @@ class Bench:
                 f"approvals govflow run {r + 1}: {result['resume_per_s']:8.0f} resumed/s,"
                 f" p50 {result['resume_p50_ms']:7.1f} ms, p99 {result['resume_p99_ms']:8.1f} ms"
                 f" ({result['waiting']} waiting, decided at {result['decide_per_s']:.0f}/s)"
+            )
+
+    def drain_backlogs(self) -> None:
+        """govflow's drain of each backlog size, once each, on servers of its own.
+
+        One round, outside the time budget: the three sizes take about three minutes.
+        """
+        if "govflow" not in self.opts.systems:
+            return
+        for n in self.opts.backlog:
+            result = self._attempt(
+                "govflow",
+                f"b{n}",
+                functools.partial(
+                    backlog.drain, n=n, processes=self.opts.processes,
+                    concurrency=self.opts.concurrency, logs=self.logs, tag=self.tag,
+                ),
+            )  # fmt: skip
+            self.backlog[n] = result
+            self.say(
+                f"backlog govflow {n:>7,} events: {result['events_per_s']:8.0f} events/s,"
+                f" Postgres {result['postgres_us_per_event']} us/event, Redis"
+                f" {result['redis_mb']} MiB, within retention {result['trimmed_after_s']} s"
+                " after the drain"
             )
 
     def scale_on_cluster(self) -> None:
