@@ -19,13 +19,18 @@ def parse(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="govflow and its peers, side by side: drain, steady, scaling, publish,"
-        " cluster; and govflow's approvals resumed by decisions and backlogs of growing size.",
+        " cluster; and govflow's approvals, growing backlogs and webhooks to a slow receiver.",
     )
     p.add_argument("--events", type=int, default=20_000, help="govflow's drain backlog")
     p.add_argument("--peer-events", type=int, help="the peers' drain backlog (default 1000)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--notify-events", type=int, default=5_000, help="the notify backlog")
     p.add_argument("--rate", type=float, default=1000.0, help="steady load, events/s")
     p.add_argument("--duration", type=float, default=30.0, help="govflow's steady load, s")
+    p.add_argument(
+        "--rates", default="1000,2000,4000", help="rates offered to govflow after its steady load"
+    )
+    p.add_argument("--rate-duration", type=float, default=10.0, help="how long each rate, s")
     p.add_argument("--peer-duration", type=float, default=10.0, help="the peers' steady load, s")
     p.add_argument("--processes", type=int, default=2, help="worker processes per system")
     p.add_argument("--scaling", default="1,2,4", help="govflow worker processes to scale over")
@@ -58,6 +63,9 @@ def parse(argv: list[str] | None) -> Options:
         scaling=[int(x) for x in a.scaling.split(",") if x],
         cluster=[int(x) for x in a.cluster.split(",") if x],
         backlog=[int(x) for x in a.backlog.split(",") if x],
+        notify_events=a.notify_events,
+        rates=[float(x) for x in a.rates.split(",") if x],
+        rate_duration=a.rate_duration,
         partitions=a.partitions,
         concurrency=a.concurrency,
         approvals=a.approvals,
@@ -76,6 +84,10 @@ def parse(argv: list[str] | None) -> Options:
         opts.approvals = min(opts.approvals, opts.events)
         if a.backlog == p.get_default("backlog"):
             opts.backlog = [100, 300]
+        if a.notify_events == p.get_default("notify_events"):
+            opts.notify_events = 100
+        if a.rates == p.get_default("rates"):
+            opts.rates, opts.rate_duration = [100.0, 200.0], 1.0
     unknown = set(opts.systems) - set(SYSTEMS) or set(opts.scenarios) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown system or scenario: {', '.join(sorted(unknown))}")
@@ -111,11 +123,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steady": bench.steady,
             "approvals": bench.resume_approvals,
             "backlog": bench.drain_backlogs,
+            "notify": bench.notify,
         }
         if "publish" in opts.scenarios and "drain" not in opts.scenarios:
             steps["drain"] = bench.drain  # publish is measured on the drain's backlog
             opts.scenarios.append("drain")
-        for name in ("drain", "steady", "scaling", "cluster", "approvals", "backlog"):
+        for name in ("drain", "steady", "scaling", "cluster", "approvals", "backlog", "notify"):
             if name in opts.scenarios:
                 steps[name]()
         bench.load.append(os.getloadavg()[0])

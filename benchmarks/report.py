@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmarks import backlog, peers
+from benchmarks import backlog, notify, peers
 from benchmarks.run import Bench
 
 
@@ -96,6 +96,20 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
         for system, runs in res["steady"].items()
     }
     steady.update({system: {"skipped": why} for system, why in bench.skipped.items()})
+    if gf_runs := res["steady"].get("govflow"):
+        # p99 by offered rate, median over the rounds; the detail keeps p50 and max too.
+        loads: dict[str, list[dict[str, Any]]] = {}
+        for run in gf_runs:
+            for rate, load in run.get("by_rate", {}).items():
+                loads.setdefault(rate, []).append(load)
+        steady["govflow"]["by_rate"] = {
+            r: _stats(ls, "p99_ms")["p99_ms"] for r, ls in loads.items()
+        }
+        steady["govflow"]["by_rate_detail"] = {
+            r: {**_stats(ls, "p50_ms"), **_stats(ls, "p99_ms"), **_stats(ls, "max_ms"),
+                **_stats(ls, "offered_per_s"), "events": ls[0]["events"], "runs": len(ls)}
+            for r, ls in loads.items()
+        }  # fmt: skip
     publish = {system: {**_stats(runs, "events_per_s"), "runs": len(runs)}
                for system, runs in res["publish"].items()}  # fmt: skip
     scaling_detail = {
@@ -145,6 +159,20 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
             "govflow": {str(n): run for n, run in sorted(bench.backlog.items())},
             "retention": backlog.RETENTION,
             "processes": opts.processes,
+        },
+        "notify": {
+            "govflow": {
+                "events": bench.notified[0]["events"] if bench.notified else None,
+                **_stats(bench.notified, "events_per_s"),
+                "cores": bench.notified[len(bench.notified) // 2]["cores"]
+                if bench.notified
+                else {},
+                "runs": len(bench.notified),
+            },
+            "best_peer": {"name": None, "events_per_s": None},  # the peers are not run
+            "receiver_delay_ms": notify.DELAY_MS,
+            "io_concurrency": notify.DEFAULTS.io_concurrency,
+            "webhook_host_concurrency": notify.DEFAULTS.webhook_host_concurrency,
         },
         "publish": publish,
         "versions": versions,

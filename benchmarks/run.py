@@ -5,6 +5,7 @@
   (``benchmarks.reference``, the bare batched two-hop pipeline) drains the same backlog in
   the same rounds: the limit govflow's rate is a fraction of.
 - steady: events offered at a fixed rate; latency from publish to the completion's commit.
+  govflow's workers are then offered 1,000, 2,000 and 4,000 events/s in turn, 10 s each.
 - scaling: govflow's drain with 1, 2 and 4 worker processes.
 - cluster: govflow on a 3-primary, 3-replica Redis Cluster over 8 partitions, drained by 1
   and by 3 worker processes (started first; the backlog goes in once their leases settle).
@@ -15,6 +16,8 @@
 - backlog: govflow's drain of 20,000, 100,000 and 300,000 events, each on servers of its
   own (``benchmarks.backlog``): whether the cost of an event stays flat, and whether Redis
   memory comes back down after the drain.
+- notify: govflow's drain of events that each run a webhook to a receiver answering after
+  50 ms (``benchmarks.notify``).
 """
 
 from __future__ import annotations
@@ -32,15 +35,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import approvals, backlog, cpu, gf, peers, profile, reference, workload
+from benchmarks import (
+    approvals,
+    backlog,
+    cpu,
+    gf,
+    notify,
+    peers,
+    profile,
+    receiver,
+    reference,
+    workload,
+)
 from benchmarks.cluster import REDIS_CLI, REDIS_SERVER, running_cluster
 from benchmarks.servers import Servers, free_port
 from govflow.schemas.keys import Keys
 
 SYSTEMS = ("govflow", "reference", "celery", "dramatiq", "taskiq", "bullmq")
-SCENARIOS = ("drain", "steady", "scaling", "publish", "cluster", "approvals", "backlog")
+SCENARIOS = ("drain", "steady", "scaling", "publish", "cluster", "approvals", "backlog", "notify")
 # Each scenario's share of the time budget (``Bench._rounds``).
-BUDGET_SHARES = {"drain": 0.4, "steady": 0.15, "scaling": 0.2, "cluster": 0.15, "approvals": 0.1}
+BUDGET_SHARES = {
+    "drain": 0.35,
+    "steady": 0.15,
+    "scaling": 0.15,
+    "cluster": 0.15,
+    "approvals": 0.1,
+    "notify": 0.1,
+}
 RETRIES = 3  # runs of a system discarded in a row, because a worker died, before giving up
 
 
@@ -58,6 +79,9 @@ class Options:
     scaling: list[int] = field(default_factory=lambda: [1, 2, 4])
     cluster: list[int] = field(default_factory=lambda: [1, 3])  # worker processes
     backlog: list[int] = field(default_factory=lambda: [20_000, 100_000, 300_000])  # events
+    notify_events: int = 5_000  # the notify scenario's backlog
+    rates: list[float] = field(default_factory=lambda: [1000.0, 2000.0, 4000.0])  # govflow
+    rate_duration: float = 10.0  # seconds each of ``rates`` is offered
     partitions: int = 8  # on the cluster
     concurrency: int = 2  # `govflow run`'s default
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
@@ -85,6 +109,7 @@ class Bench:
         self.cluster: dict[int, list[Run]] = {}  # runs on the Redis Cluster, by processes
         self.approvals: list[Run] = []  # govflow's runs of the approvals scenario
         self.backlog: dict[int, Run] = {}  # one drain per backlog size, on fresh servers
+        self.notified: list[Run] = []  # govflow's notify drains
         self.commit_ts = workload.commit_timestamps(found.database_url)
         self.tag = f"{opts.prefix}-{secrets.token_hex(3)}"
         self.load = [os.getloadavg()[0]]  # others' work on the machine skews the figures
@@ -120,14 +145,22 @@ class Bench:
     # -- govflow -----------------------------------------------------------------------
 
     def govflow_drain(
-        self, run: str, n: int, processes: int, wrap: Callable[[int], list[str]] | None = None
+        self,
+        run: str,
+        n: int,
+        processes: int,
+        wrap: Callable[[int], list[str]] | None = None,
+        *,
+        kind: str = "policy.created",
+        make_env: Callable[[str, str, str], dict[str, str]] = gf.env,
     ) -> Run:
-        """Publish a backlog of ``n`` events, then drain it with ``processes`` workers."""
+        """Publish a backlog of ``n`` events of type ``kind``, then drain it with
+        ``processes`` workers, whose environment ``make_env(redis, db, prefix)`` makes."""
         db, prefix = self.servers.database_url, f"{self.tag}-{run}"
         workload.reset(db, "public")
-        batch = gf.events(run, n)
+        batch = gf.events(run, n, kind=kind)
         published_s = gf.publish(self.servers.redis_url, prefix, batch)
-        env = gf.env(self.servers.redis_url, db, prefix)
+        env = make_env(self.servers.redis_url, db, prefix)
         before, started = self._server_cpu(), time.monotonic()
         ports = [free_port() for _ in range(processes)]
         procs = gf.start(
@@ -163,7 +196,8 @@ class Bench:
         }
 
     def govflow_steady(self, run: str) -> Run:
-        """Offer ``rate`` events/s for ``duration`` s to running workers."""
+        """Offer ``rate`` events/s for ``duration`` s to running workers; then, to the same
+        workers, each rate of ``rates`` for ``rate_duration`` s (``by_rate``)."""
         db, prefix = self.servers.database_url, f"{self.tag}-{run}"
         n = int(self.opts.rate * self.opts.duration)
         workload.reset(db, "public")
@@ -171,6 +205,7 @@ class Bench:
         procs = gf.start(
             self.opts.processes, env, self.logs / f"govflow-{run}", self.opts.concurrency
         )
+        by_rate: dict[str, Run] = {}
         try:
             warm = f"{run}w"
             if self.opts.warmup:
@@ -180,10 +215,17 @@ class Bench:
             )
             sent_s = gf.publish_paced(self.servers.redis_url, prefix, run, n, self.opts.rate)
             workload.wait_completed(db, "public", n, like=f"{run}-%", alive=lambda: _alive(procs))
+            for rate in self.opts.rates:
+                load, m = f"{run}x{rate:g}", int(rate * self.opts.rate_duration)
+                took_s = gf.publish_paced(self.servers.redis_url, prefix, load, m, rate)
+                workload.wait_completed(
+                    db, "public", m, like=f"{load}-%", alive=lambda: _alive(procs)
+                )
+                by_rate[f"{rate:g}"] = self._steady_result(load, m, took_s)
         finally:
             gf.stop(procs)
             gf.cleanup(self.servers.redis_url, prefix)
-        return self._steady_result(run, n, sent_s)
+        return {**self._steady_result(run, n, sent_s), "by_rate": by_rate}
 
     def govflow_cluster(self, run: str, processes: int, cluster_url: str) -> Run:
         """Drain ``events`` spread over the cluster's partitions with ``processes`` workers.
@@ -459,11 +501,12 @@ class Bench:
                     peer = peers.PEERS[system]
                     result = self._attempt(system, run, functools.partial(self.peer_steady, peer))
                 self._record("steady", system, result)
-                self.say(
-                    f"steady  {system:9} run {r + 1}: p50 {result['p50_ms']:7.1f} ms,"
-                    f" p99 {result['p99_ms']:8.1f} ms, max {result['max_ms']:8.1f} ms"
-                    f" at {result['offered_per_s']:.0f}/s offered"
-                )
+                for load in [result, *result.get("by_rate", {}).values()]:
+                    self.say(
+                        f"steady  {system:9} run {r + 1}: p50 {load['p50_ms']:7.1f} ms,"
+                        f" p99 {load['p99_ms']:8.1f} ms, max {load['max_ms']:8.1f} ms"
+                        f" at {load['offered_per_s']:.0f}/s offered"
+                    )
 
     def scale(self) -> None:
         """govflow's drain with 1, 2, 4 worker processes (the drain's own runs reused)."""
@@ -519,6 +562,34 @@ class Bench:
                 f" {result['redis_mb']} MiB, within retention {result['trimmed_after_s']} s"
                 " after the drain"
             )
+
+    def notify(self) -> None:
+        """govflow's drain of events that each run a webhook to a slow receiver."""
+        if "govflow" not in self.opts.systems:
+            return
+        port = free_port()
+        proc = receiver.start(port, notify.DELAY_MS)
+        try:
+            notify.setup(self.servers.database_url, f"http://127.0.0.1:{port}/hook")
+            for r in self._rounds("notify"):
+                result = self._attempt(
+                    "govflow",
+                    f"n{r}",
+                    functools.partial(
+                        self.govflow_drain, n=self.opts.notify_events,
+                        processes=self.opts.processes, kind=notify.EVENT_TYPE,
+                        make_env=notify.env,
+                    ),
+                )  # fmt: skip
+                self.notified.append(result)
+                self.say(
+                    f"notify  govflow   run {r + 1}: {result['events_per_s']:8.0f} events/s"
+                    f" ({result['events']} webhooks answered after {notify.DELAY_MS:.0f} ms;"
+                    f" cores {result['cores']})"
+                )
+        finally:
+            proc.kill()
+            proc.wait()
 
     def scale_on_cluster(self) -> None:
         """govflow on a Redis Cluster (3 primaries, 3 replicas) with 1 and 3 workers."""

@@ -1,10 +1,10 @@
 """The benchmark harness on a tiny input, so that it cannot rot (the benchmark is no test).
 
-It runs govflow's drain, scaling, steady, publish and approvals scenarios and the
-reference's drain against the test servers, the cluster scenario on a Redis Cluster of its
-own (1 and 3 workers over 8 partitions), plus BullMQ when ``benchmarks/.peers`` already has
-it (nothing is installed here), and checks that ``summary.json`` holds the keys that tools
-read.
+It runs govflow's drain, scaling, steady, publish, approvals, backlog and notify scenarios
+and the reference's drain against the test servers, the cluster scenario on a Redis Cluster
+of its own (1 and 3 workers over 8 partitions), plus BullMQ when ``benchmarks/.peers``
+already has it (nothing is installed here), and checks that ``summary.json`` holds the keys
+that tools read.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ KEYS = [
     "drain.reference.events_per_s",
     "drain.govflow.reference_ratio",
     "steady.govflow.p99_ms",
+    "steady.govflow.by_rate",
+    "notify.govflow.events_per_s",
+    "notify.best_peer",
+    "backlog.govflow",
     "scaling.govflow",
     "cluster.govflow",
     "cluster.partitions",
@@ -83,6 +87,16 @@ def test_harness_writes_summary(
     assert summary["drain"]["govflow"]["reference_ratio"] > 0
     assert "reference" not in summary["publish"]
     assert "skipped" in summary["steady"]["reference"]
+    assert set(summary["steady"]["govflow"]["by_rate"]) == {"100", "200"}
+    assert all(p99 > 0 for p99 in summary["steady"]["govflow"]["by_rate"].values())
+    assert summary["notify"]["govflow"]["events"] == 100
+    assert summary["notify"]["govflow"]["events_per_s"] > 0
+    backlogs = summary["backlog"]["govflow"]
+    assert set(backlogs) == {"100", "300"}
+    for n, d in backlogs.items():
+        assert d["events"] == int(n)
+        assert d["events_per_s"] > 0
+        assert d["redis_mb"]["published"] > 0
     cluster = summary["cluster"]["detail"]["govflow"]
     assert set(cluster) == {"1", "3"}
     assert all(d["events_per_s"] > 0 and d["balanced_s"] > 0 for d in cluster.values())
