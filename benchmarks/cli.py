@@ -25,6 +25,9 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument("--peer-events", type=int, help="the peers' drain backlog (default 1000)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--notify-events", type=int, default=5_000, help="the notify backlog")
+    p.add_argument(
+        "--notify-host-concurrency", type=int, help="webhooks in flight to one host, per worker"
+    )
     p.add_argument("--rate", type=float, default=1000.0, help="steady load, events/s")
     p.add_argument("--duration", type=float, default=30.0, help="govflow's steady load, s")
     p.add_argument(
@@ -64,6 +67,7 @@ def parse(argv: list[str] | None) -> Options:
         cluster=[int(x) for x in a.cluster.split(",") if x],
         backlog=[int(x) for x in a.backlog.split(",") if x],
         notify_events=a.notify_events,
+        notify_host_concurrency=a.notify_host_concurrency,
         rates=[float(x) for x in a.rates.split(",") if x],
         rate_duration=a.rate_duration,
         partitions=a.partitions,

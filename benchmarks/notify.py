@@ -6,9 +6,12 @@ govflow runs as the drain runs it, its webhook settings left at their defaults
 (``GOVFLOW_IO_CONCURRENCY`` webhooks in flight per worker, ``GOVFLOW_WEBHOOK_HOST_CONCURRENCY``
 to one host), except that the receiver's address is allowed. A backlog is published, then
 the workers drain it: events/s from the first execution row to the last completion.
+``--notify-host-concurrency`` raises the bound to one host, to see what it costs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import anyio
 import msgspec
@@ -45,6 +48,15 @@ def setup(database_url: str, url: str) -> None:
     anyio.run(_apply, database_url, url)
 
 
-def env(redis_url: str, database_url: str, prefix: str) -> dict[str, str]:
-    """A worker's environment: the drain's, with the receiver's loopback address allowed."""
-    return {**gf.env(redis_url, database_url, prefix), "GOVFLOW_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}
+def env_for(host_concurrency: int | None) -> Callable[[str, str, str], dict[str, str]]:
+    """How a worker's environment is made: the drain's, with the receiver's loopback address
+    allowed, and ``GOVFLOW_WEBHOOK_HOST_CONCURRENCY`` when given (else govflow's default)."""
+
+    def env(redis_url: str, database_url: str, prefix: str) -> dict[str, str]:
+        made = gf.env(redis_url, database_url, prefix)
+        made["GOVFLOW_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
+        if host_concurrency is not None:
+            made["GOVFLOW_WEBHOOK_HOST_CONCURRENCY"] = str(host_concurrency)
+        return made
+
+    return env

@@ -172,7 +172,9 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
             "best_peer": {"name": None, "events_per_s": None},  # the peers are not run
             "receiver_delay_ms": notify.DELAY_MS,
             "io_concurrency": notify.DEFAULTS.io_concurrency,
-            "webhook_host_concurrency": notify.DEFAULTS.webhook_host_concurrency,
+            "webhook_host_concurrency": (
+                opts.notify_host_concurrency or notify.DEFAULTS.webhook_host_concurrency
+            ),
         },
         "publish": publish,
         "versions": versions,

@@ -80,6 +80,7 @@ class Options:
     cluster: list[int] = field(default_factory=lambda: [1, 3])  # worker processes
     backlog: list[int] = field(default_factory=lambda: [20_000, 100_000, 300_000])  # events
     notify_events: int = 5_000  # the notify scenario's backlog
+    notify_host_concurrency: int | None = None  # None: govflow's default
     rates: list[float] = field(default_factory=lambda: [1000.0, 2000.0, 4000.0])  # govflow
     rate_duration: float = 10.0  # seconds each of ``rates`` is offered
     partitions: int = 8  # on the cluster
@@ -578,7 +579,7 @@ class Bench:
                     functools.partial(
                         self.govflow_drain, n=self.opts.notify_events,
                         processes=self.opts.processes, kind=notify.EVENT_TYPE,
-                        make_env=notify.env,
+                        make_env=notify.env_for(self.opts.notify_host_concurrency),
                     ),
                 )  # fmt: skip
                 self.notified.append(result)
