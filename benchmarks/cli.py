@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import gf, peers, profile, report, workload
+from benchmarks import gf, peers, profile, reference, report, workload
 from benchmarks.run import SCENARIOS, SYSTEMS, Bench, Options
 from benchmarks.servers import servers
 
@@ -19,18 +19,29 @@ def parse(argv: list[str] | None) -> Options:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="govflow and its peers, side by side: drain, steady, scaling, publish,"
-        " cluster; and govflow's approvals resumed by decisions.",
+        " cluster; and govflow's approvals, growing backlogs and webhooks to a slow receiver.",
     )
     p.add_argument("--events", type=int, default=20_000, help="govflow's drain backlog")
     p.add_argument("--peer-events", type=int, help="the peers' drain backlog (default 1000)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--notify-events", type=int, default=5_000, help="the notify backlog")
+    p.add_argument(
+        "--notify-host-concurrency", type=int, help="webhooks in flight to one host, per worker"
+    )
     p.add_argument("--rate", type=float, default=1000.0, help="steady load, events/s")
     p.add_argument("--duration", type=float, default=30.0, help="govflow's steady load, s")
+    p.add_argument(
+        "--rates", default="1000,2000,4000", help="rates offered to govflow after its steady load"
+    )
+    p.add_argument("--rate-duration", type=float, default=10.0, help="how long each rate, s")
     p.add_argument("--peer-duration", type=float, default=10.0, help="the peers' steady load, s")
     p.add_argument("--processes", type=int, default=2, help="worker processes per system")
     p.add_argument("--scaling", default="1,2,4", help="govflow worker processes to scale over")
     p.add_argument("--cluster", default="1,3", help="govflow worker processes on the cluster")
     p.add_argument("--partitions", type=int, default=8, help="partitions on the cluster")
+    p.add_argument(
+        "--backlog", default="20000,100000,300000", help="backlog sizes, each on fresh servers"
+    )
     p.add_argument("--concurrency", type=int, default=2, help="govflow consumers per group")
     p.add_argument("--approvals", type=int, default=10_000, help="executions waiting, then decided")
     p.add_argument("--systems", default=",".join(SYSTEMS))
@@ -54,6 +65,11 @@ def parse(argv: list[str] | None) -> Options:
         processes=a.processes,
         scaling=[int(x) for x in a.scaling.split(",") if x],
         cluster=[int(x) for x in a.cluster.split(",") if x],
+        backlog=[int(x) for x in a.backlog.split(",") if x],
+        notify_events=a.notify_events,
+        notify_host_concurrency=a.notify_host_concurrency,
+        rates=[float(x) for x in a.rates.split(",") if x],
+        rate_duration=a.rate_duration,
         partitions=a.partitions,
         concurrency=a.concurrency,
         approvals=a.approvals,
@@ -70,6 +86,12 @@ def parse(argv: list[str] | None) -> Options:
         # One worker process and a token warm-up: each process start costs seconds.
         opts.processes, opts.scaling, opts.warmup = 1, [1], 5
         opts.approvals = min(opts.approvals, opts.events)
+        if a.backlog == p.get_default("backlog"):
+            opts.backlog = [100, 300]
+        if a.notify_events == p.get_default("notify_events"):
+            opts.notify_events = 100
+        if a.rates == p.get_default("rates"):
+            opts.rates, opts.rate_duration = [100.0, 200.0], 1.0
     unknown = set(opts.systems) - set(SYSTEMS) or set(opts.scenarios) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown system or scenario: {', '.join(sorted(unknown))}")
@@ -81,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = parse(argv)
     if opts.profile:
         return run_profile(opts)
-    wanted = [s for s in opts.systems if s != "govflow"]
+    wanted = [s for s in opts.systems if s in peers.PEERS]
     if opts.install and wanted:
         peers.install(wanted)
     missing = [s for s in wanted if not peers.PEERS[s].installed()]
@@ -96,17 +118,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for system in wanted:
             if system not in missing:
                 workload.create_peer_schema(found.database_url, f"bench_{system}")
+        if "reference" in opts.systems:
+            workload.create_peer_schema(found.database_url, reference.SCHEMA)
         steps: dict[str, Callable[[], None]] = {
             "drain": bench.drain,
             "scaling": bench.scale,
             "cluster": bench.scale_on_cluster,
             "steady": bench.steady,
             "approvals": bench.resume_approvals,
+            "backlog": bench.drain_backlogs,
+            "notify": bench.notify,
         }
         if "publish" in opts.scenarios and "drain" not in opts.scenarios:
             steps["drain"] = bench.drain  # publish is measured on the drain's backlog
             opts.scenarios.append("drain")
-        for name in ("drain", "steady", "scaling", "cluster", "approvals"):
+        for name in ("drain", "steady", "scaling", "cluster", "approvals", "backlog", "notify"):
             if name in opts.scenarios:
                 steps[name]()
         bench.load.append(os.getloadavg()[0])
@@ -139,6 +165,8 @@ def versions(systems: list[str]) -> dict[str, str]:
     """Each system's version."""
     found = {"govflow": gf.version()}
     for name in systems:
-        if name != "govflow":
+        if name == "reference":
+            found[name] = "bare two hops"
+        elif name != "govflow":
             found[name] = peers.PEERS[name].version()
     return found

@@ -59,14 +59,14 @@ def setup(database_url: str) -> None:
     anyio.run(_setup, database_url)
 
 
-def events(run: str, n: int, start: int = 0) -> list[Event]:
-    """The events of a run, built (and timestamped) now."""
+def events(run: str, n: int, start: int = 0, kind: str = "policy.created") -> list[Event]:
+    """The events of a run, built (and timestamped) now; ``kind`` is their type."""
     out = []
     for i in range(start, start + n):
         f = event_fields(run, i)
         out.append(
             new_event(
-                "policy.created",
+                kind,
                 f["entity_id"],
                 data={"title": f["title"], "owner": f["owner"], "status": "draft"},
                 id=f["id"],

@@ -24,7 +24,8 @@ def main(src: Path, dst: Path) -> None:
     drain, steady = summary["drain"], summary["steady"]
     systems = [s for s in summary["versions"] if s in drain]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5))
-    colors = ["#2b6cb0" if s == "govflow" else "#a0aec0" for s in systems]
+    palette = {"govflow": "#2b6cb0", "reference": "#2f855a"}  # the limit, in green
+    colors = [palette.get(s, "#a0aec0") for s in systems]
 
     rates = [drain[s]["events_per_s"] for s in systems]
     low = [drain[s]["events_per_s"] - drain[s]["events_per_s_min"] for s in systems]

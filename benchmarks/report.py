@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmarks import peers
+from benchmarks import backlog, notify, peers
 from benchmarks.run import Bench
 
 
@@ -69,7 +69,9 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
         if system == "govflow":
             drain[system].update(_stats(runs, "peak_rss_mb"))
             drain[system]["batches"] = runs[len(runs) // 2].get("batches", {})
-    peer_rates = {s: d["events_per_s"] for s, d in drain.items() if s != "govflow"}
+    peer_rates = {
+        s: d["events_per_s"] for s, d in drain.items() if s not in ("govflow", "reference")
+    }
     if peer_rates:
         best = max(peer_rates, key=lambda s: peer_rates[s])
         drain["best_peer"] = {"name": best, "events_per_s": peer_rates[best]}
@@ -78,6 +80,10 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
     else:
         drain["best_peer"] = {"name": None, "events_per_s": None}
         drain["ratio"] = None
+    if "govflow" in drain and drain.get("reference", {}).get("events_per_s"):
+        # The runs alternate, so both medians saw the same machine, loaded as it was.
+        ratio = drain["govflow"]["events_per_s"] / drain["reference"]["events_per_s"]
+        drain["govflow"]["reference_ratio"] = round(ratio, 3)
     steady = {
         system: {
             **_stats(runs, "p50_ms"),
@@ -90,6 +96,20 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
         for system, runs in res["steady"].items()
     }
     steady.update({system: {"skipped": why} for system, why in bench.skipped.items()})
+    if gf_runs := res["steady"].get("govflow"):
+        # p99 by offered rate, median over the rounds; the detail keeps p50 and max too.
+        loads: dict[str, list[dict[str, Any]]] = {}
+        for run in gf_runs:
+            for rate, load in run.get("by_rate", {}).items():
+                loads.setdefault(rate, []).append(load)
+        steady["govflow"]["by_rate"] = {
+            r: _stats(ls, "p99_ms")["p99_ms"] for r, ls in loads.items()
+        }
+        steady["govflow"]["by_rate_detail"] = {
+            r: {**_stats(ls, "p50_ms"), **_stats(ls, "p99_ms"), **_stats(ls, "max_ms"),
+                **_stats(ls, "offered_per_s"), "events": ls[0]["events"], "runs": len(ls)}
+            for r, ls in loads.items()
+        }  # fmt: skip
     publish = {system: {**_stats(runs, "events_per_s"), "runs": len(runs)}
                for system, runs in res["publish"].items()}  # fmt: skip
     scaling_detail = {
@@ -134,6 +154,27 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
             "partitions": opts.partitions,
             "events": opts.events,
             "skipped": bench.cluster_skipped,
+        },
+        "backlog": {
+            "govflow": {str(n): run for n, run in sorted(bench.backlog.items())},
+            "retention": backlog.RETENTION,
+            "processes": opts.processes,
+        },
+        "notify": {
+            "govflow": {
+                "events": bench.notified[0]["events"] if bench.notified else None,
+                **_stats(bench.notified, "events_per_s"),
+                "cores": bench.notified[len(bench.notified) // 2]["cores"]
+                if bench.notified
+                else {},
+                "runs": len(bench.notified),
+            },
+            "best_peer": {"name": None, "events_per_s": None},  # the peers are not run
+            "receiver_delay_ms": notify.DELAY_MS,
+            "io_concurrency": notify.DEFAULTS.io_concurrency,
+            "webhook_host_concurrency": (
+                opts.notify_host_concurrency or notify.DEFAULTS.webhook_host_concurrency
+            ),
         },
         "publish": publish,
         "versions": versions,
@@ -229,6 +270,29 @@ def cluster_table(summary: dict[str, Any]) -> Table:
     return t
 
 
+def backlog_table(summary: dict[str, Any]) -> Table:
+    """govflow's drain by backlog size, each on fresh servers."""
+    b = summary["backlog"]
+    t = Table(
+        title=escape(
+            f"govflow's drain by backlog size ({b['processes']} worker processes, fresh servers"
+            f" each; Redis MiB when published, drained, and back within {b['retention']:,}"
+            " entries a stream)"
+        )
+    )
+    for column in ("events", "events/s", "Postgres us/event", "peak RSS MiB", "Redis MiB",
+                   "within retention after"):  # fmt: skip
+        t.add_column(column, justify="right")
+    for n, d in b["govflow"].items():
+        mb = d["redis_mb"]
+        after = "-" if d["trimmed_after_s"] is None else f"{d['trimmed_after_s']} s"
+        t.add_row(
+            f"{int(n):,}", f"{d['events_per_s']:,.0f}", str(d["postgres_us_per_event"]),
+            str(d["peak_rss_mb"]), f"{mb['published']} / {mb['drained']} / {mb['trimmed']}", after,
+        )  # fmt: skip
+    return t
+
+
 def write(summary: dict[str, Any], out: Path, console: Console | None = None) -> None:
     """Write summary.json, print the tables, draw bench.png when matplotlib is at hand."""
     console = console or Console(width=160)
@@ -238,6 +302,8 @@ def write(summary: dict[str, Any], out: Path, console: Console | None = None) ->
     console.print(scaling_table(summary))
     if summary["cluster"]["govflow"]:
         console.print(cluster_table(summary))
+    if summary["backlog"]["govflow"]:
+        console.print(backlog_table(summary))
     d = summary["drain"]
     if d.get("ratio") is not None:
         console.print(
@@ -251,6 +317,11 @@ def write(summary: dict[str, Any], out: Path, console: Console | None = None) ->
             f" {_range(a, 'resume_per_s')}/s, latency p50 {_range(a, 'resume_p50_ms', ',.1f')}"
             f" ms, p99 {_range(a, 'resume_p99_ms', ',.1f')} ms (decisions through {a['via']},"
             f" {_range(a, 'decide_per_s')}/s)"
+        )
+    if (share := d.get("govflow", {}).get("reference_ratio")) is not None:
+        console.print(
+            f"govflow drains {100 * share:.0f} % of the reference's rate (the bare two-hop"
+            f" pipeline, {d['reference']['events_per_s']:,.0f} events/s) in the same rounds"
         )
     for run in summary["discarded_runs"]:
         console.print(

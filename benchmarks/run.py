@@ -1,8 +1,12 @@
 """The scenarios: each system in turn, the order rotated every run, at least 3 runs each.
 
 - drain: a backlog published before the workers start; events/s from the first execution
-  row to the commit of the last completion (``workload.measure``).
+  row to the commit of the last completion (``workload.measure``). The reference
+  (``benchmarks.reference``, the bare batched two-hop pipeline) drains the same backlog in
+  the same rounds: the limit govflow's rate is a fraction of.
 - steady: events offered at a fixed rate; latency from publish to the completion's commit.
+  govflow's workers are then offered 2,000 and 4,000 events/s in turn, 10 s each (its p99
+  by offered rate: ``by_rate``, whose 1,000 is the steady run itself).
 - scaling: govflow's drain with 1, 2 and 4 worker processes.
 - cluster: govflow on a 3-primary, 3-replica Redis Cluster over 8 partitions, drained by 1
   and by 3 worker processes (started first; the backlog goes in once their leases settle).
@@ -10,6 +14,11 @@
   peer's own enqueue call: ``addBulk`` for BullMQ, one call per job for the others).
 - approvals: govflow alone (no peer waits for a person): executions waiting on an
   approval, resumed by decisions; resume throughput and latency (``benchmarks.approvals``).
+- backlog: govflow's drain of 20,000, 100,000 and 300,000 events, each on servers of its
+  own (``benchmarks.backlog``): whether the cost of an event stays flat, and whether Redis
+  memory comes back down after the drain.
+- notify: govflow's drain of events that each run a webhook to a receiver answering after
+  50 ms (``benchmarks.notify``).
 """
 
 from __future__ import annotations
@@ -27,15 +36,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import approvals, cpu, gf, peers, profile, workload
+from benchmarks import (
+    approvals,
+    backlog,
+    cpu,
+    gf,
+    notify,
+    peers,
+    profile,
+    receiver,
+    reference,
+    workload,
+)
 from benchmarks.cluster import REDIS_CLI, REDIS_SERVER, running_cluster
 from benchmarks.servers import Servers, free_port
 from govflow.schemas.keys import Keys
 
-SYSTEMS = ("govflow", "celery", "dramatiq", "taskiq", "bullmq")
-SCENARIOS = ("drain", "steady", "scaling", "publish", "cluster", "approvals")
+SYSTEMS = ("govflow", "reference", "celery", "dramatiq", "taskiq", "bullmq")
+SCENARIOS = ("drain", "steady", "scaling", "publish", "cluster", "approvals", "backlog", "notify")
 # Each scenario's share of the time budget (``Bench._rounds``).
-BUDGET_SHARES = {"drain": 0.4, "steady": 0.15, "scaling": 0.2, "cluster": 0.15, "approvals": 0.1}
+BUDGET_SHARES = {
+    "drain": 0.35,
+    "steady": 0.15,
+    "scaling": 0.15,
+    "cluster": 0.15,
+    "approvals": 0.1,
+    "notify": 0.1,
+}
 RETRIES = 3  # runs of a system discarded in a row, because a worker died, before giving up
 
 
@@ -52,6 +79,11 @@ class Options:
     processes: int = 2
     scaling: list[int] = field(default_factory=lambda: [1, 2, 4])
     cluster: list[int] = field(default_factory=lambda: [1, 3])  # worker processes
+    backlog: list[int] = field(default_factory=lambda: [20_000, 100_000, 300_000])  # events
+    notify_events: int = 5_000  # the notify scenario's backlog
+    notify_host_concurrency: int | None = None  # None: govflow's default
+    rates: list[float] = field(default_factory=lambda: [1000.0, 2000.0, 4000.0])  # govflow
+    rate_duration: float = 10.0  # seconds each of ``rates`` is offered
     partitions: int = 8  # on the cluster
     concurrency: int = 2  # `govflow run`'s default
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
@@ -78,6 +110,8 @@ class Bench:
         self.scaling: dict[int, list[Run]] = {}
         self.cluster: dict[int, list[Run]] = {}  # runs on the Redis Cluster, by processes
         self.approvals: list[Run] = []  # govflow's runs of the approvals scenario
+        self.backlog: dict[int, Run] = {}  # one drain per backlog size, on fresh servers
+        self.notified: list[Run] = []  # govflow's notify drains
         self.commit_ts = workload.commit_timestamps(found.database_url)
         self.tag = f"{opts.prefix}-{secrets.token_hex(3)}"
         self.load = [os.getloadavg()[0]]  # others' work on the machine skews the figures
@@ -113,14 +147,22 @@ class Bench:
     # -- govflow -----------------------------------------------------------------------
 
     def govflow_drain(
-        self, run: str, n: int, processes: int, wrap: Callable[[int], list[str]] | None = None
+        self,
+        run: str,
+        n: int,
+        processes: int,
+        wrap: Callable[[int], list[str]] | None = None,
+        *,
+        kind: str = "policy.created",
+        make_env: Callable[[str, str, str], dict[str, str]] = gf.env,
     ) -> Run:
-        """Publish a backlog of ``n`` events, then drain it with ``processes`` workers."""
+        """Publish a backlog of ``n`` events of type ``kind``, then drain it with
+        ``processes`` workers, whose environment ``make_env(redis, db, prefix)`` makes."""
         db, prefix = self.servers.database_url, f"{self.tag}-{run}"
         workload.reset(db, "public")
-        batch = gf.events(run, n)
+        batch = gf.events(run, n, kind=kind)
         published_s = gf.publish(self.servers.redis_url, prefix, batch)
-        env = gf.env(self.servers.redis_url, db, prefix)
+        env = make_env(self.servers.redis_url, db, prefix)
         before, started = self._server_cpu(), time.monotonic()
         ports = [free_port() for _ in range(processes)]
         procs = gf.start(
@@ -156,7 +198,8 @@ class Bench:
         }
 
     def govflow_steady(self, run: str) -> Run:
-        """Offer ``rate`` events/s for ``duration`` s to running workers."""
+        """Offer ``rate`` events/s for ``duration`` s to running workers; then, to the same
+        workers, each other rate of ``rates`` for ``rate_duration`` s (``by_rate``)."""
         db, prefix = self.servers.database_url, f"{self.tag}-{run}"
         n = int(self.opts.rate * self.opts.duration)
         workload.reset(db, "public")
@@ -164,6 +207,7 @@ class Bench:
         procs = gf.start(
             self.opts.processes, env, self.logs / f"govflow-{run}", self.opts.concurrency
         )
+        by_rate: dict[str, Run] = {}
         try:
             warm = f"{run}w"
             if self.opts.warmup:
@@ -173,10 +217,21 @@ class Bench:
             )
             sent_s = gf.publish_paced(self.servers.redis_url, prefix, run, n, self.opts.rate)
             workload.wait_completed(db, "public", n, like=f"{run}-%", alive=lambda: _alive(procs))
+            main = self._steady_result(run, n, sent_s)
+            for rate in self.opts.rates:
+                if rate == self.opts.rate:  # measured already, and for longer
+                    by_rate[f"{rate:g}"] = main
+                    continue
+                load, m = f"{run}x{rate:g}", int(rate * self.opts.rate_duration)
+                took_s = gf.publish_paced(self.servers.redis_url, prefix, load, m, rate)
+                workload.wait_completed(
+                    db, "public", m, like=f"{load}-%", alive=lambda: _alive(procs)
+                )
+                by_rate[f"{rate:g}"] = self._steady_result(load, m, took_s)
         finally:
             gf.stop(procs)
             gf.cleanup(self.servers.redis_url, prefix)
-        return self._steady_result(run, n, sent_s)
+        return {**main, "by_rate": by_rate}
 
     def govflow_cluster(self, run: str, processes: int, cluster_url: str) -> Run:
         """Drain ``events`` spread over the cluster's partitions with ``processes`` workers.
@@ -232,6 +287,38 @@ class Bench:
             self.logs / f"govflow-{run}-serve.log",
             commit_ts=self.commit_ts,
         )
+
+    # -- the reference -----------------------------------------------------------------
+
+    def reference_drain(self, run: str, n: int) -> Run:
+        """Publish govflow's backlog of ``n`` events, then drain it with the bare pipeline."""
+        db, schema, prefix = self.servers.database_url, reference.SCHEMA, f"{self.tag}-{run}"
+        workload.reset(db, schema)
+        published_s = gf.publish(self.servers.redis_url, prefix, gf.events(run, n))
+        env = reference.env(self.servers.redis_url, db, prefix)
+        before, started = self._server_cpu(), time.monotonic()
+        procs = reference.start(
+            self.opts.processes, self.opts.concurrency, env, self.logs / f"reference-{run}"
+        )
+        try:
+            workload.wait_completed(db, schema, n, like=f"{run}-%", alive=lambda: _alive(procs))
+            wall = time.monotonic() - started
+            worker_cpu = cpu.trees_cpu([p.pid for p in procs])
+            after = self._server_cpu()
+            sched = cpu.sched([p.pid for p in procs])
+        finally:
+            peers.stop(procs)
+            gf.cleanup(self.servers.redis_url, prefix)
+        result = workload.measure(db, schema, like=f"{run}-%", commit_ts=self.commit_ts)
+        return {
+            "events": result.events,
+            "events_per_s": result.events_per_s,
+            "seconds": result.seconds,
+            "wall_s": wall,
+            "publish_events_per_s": n / published_s,
+            "cores": self._cores(before, after, worker_cpu, wall),
+            "sched": {**sched, "wall_s": round(wall * self.opts.processes, 2)},
+        }
 
     # -- the peers ---------------------------------------------------------------------
 
@@ -368,6 +455,12 @@ class Bench:
                         ),
                     )
                     self.scaling.setdefault(self.opts.processes, []).append(result)
+                elif system == "reference":
+                    result = self._attempt(
+                        system,
+                        run,
+                        functools.partial(self.reference_drain, n=self.opts.events),
+                    )
                 else:
                     peer = peers.PEERS[system]
                     result = self._attempt(
@@ -376,7 +469,10 @@ class Bench:
                         functools.partial(self.peer_drain, peer, n=self.opts.peer_events),
                     )
                 self._record("drain", system, result)
-                self._record("publish", system, {"events_per_s": result["publish_events_per_s"]})
+                if system != "reference":  # it publishes with govflow's publisher
+                    self._record(
+                        "publish", system, {"events_per_s": result["publish_events_per_s"]}
+                    )
                 self.say(
                     f"drain   {system:9} run {r + 1}: {result['events_per_s']:8.0f} events/s"
                     f" ({result['events']} in {result['seconds']:.2f} s; cores {result['cores']})"
@@ -387,8 +483,12 @@ class Bench:
 
         A peer whose drain could not keep up with the offered rate is not offered it: its
         latency would only grow with the length of the run, so the table says so instead.
+        The reference is a limit on throughput, measured by its drain only.
         """
         for system in self.opts.systems:
+            if system == "reference":
+                self.skipped[system] = "the reference is measured by its drain only"
+                continue
             drained = [r["events_per_s"] for r in self.results["drain"].get(system, [])]
             if system != "govflow" and drained and statistics.median(drained) < self.opts.rate:
                 self.skipped[system] = (
@@ -407,11 +507,14 @@ class Bench:
                     peer = peers.PEERS[system]
                     result = self._attempt(system, run, functools.partial(self.peer_steady, peer))
                 self._record("steady", system, result)
-                self.say(
-                    f"steady  {system:9} run {r + 1}: p50 {result['p50_ms']:7.1f} ms,"
-                    f" p99 {result['p99_ms']:8.1f} ms, max {result['max_ms']:8.1f} ms"
-                    f" at {result['offered_per_s']:.0f}/s offered"
-                )
+                by_rate = result.get("by_rate", {})
+                others = [load for r, load in by_rate.items() if float(r) != self.opts.rate]
+                for load in [result, *others]:
+                    self.say(
+                        f"steady  {system:9} run {r + 1}: p50 {load['p50_ms']:7.1f} ms,"
+                        f" p99 {load['p99_ms']:8.1f} ms, max {load['max_ms']:8.1f} ms"
+                        f" at {load['offered_per_s']:.0f}/s offered"
+                    )
 
     def scale(self) -> None:
         """govflow's drain with 1, 2, 4 worker processes (the drain's own runs reused)."""
@@ -443,6 +546,58 @@ class Bench:
                 f" p50 {result['resume_p50_ms']:7.1f} ms, p99 {result['resume_p99_ms']:8.1f} ms"
                 f" ({result['waiting']} waiting, decided at {result['decide_per_s']:.0f}/s)"
             )
+
+    def drain_backlogs(self) -> None:
+        """govflow's drain of each backlog size, once each, on servers of its own.
+
+        One round, outside the time budget: the three sizes take about three minutes.
+        """
+        if "govflow" not in self.opts.systems:
+            return
+        for n in self.opts.backlog:
+            result = self._attempt(
+                "govflow",
+                f"b{n}",
+                functools.partial(
+                    backlog.drain, n=n, processes=self.opts.processes,
+                    concurrency=self.opts.concurrency, logs=self.logs, tag=self.tag,
+                ),
+            )  # fmt: skip
+            self.backlog[n] = result
+            self.say(
+                f"backlog govflow {n:>7,} events: {result['events_per_s']:8.0f} events/s,"
+                f" Postgres {result['postgres_us_per_event']} us/event, Redis"
+                f" {result['redis_mb']} MiB, within retention {result['trimmed_after_s']} s"
+                " after the drain"
+            )
+
+    def notify(self) -> None:
+        """govflow's drain of events that each run a webhook to a slow receiver."""
+        if "govflow" not in self.opts.systems:
+            return
+        port = free_port()
+        proc = receiver.start(port, notify.DELAY_MS)
+        try:
+            notify.setup(self.servers.database_url, f"http://127.0.0.1:{port}/hook")
+            for r in self._rounds("notify"):
+                result = self._attempt(
+                    "govflow",
+                    f"n{r}",
+                    functools.partial(
+                        self.govflow_drain, n=self.opts.notify_events,
+                        processes=self.opts.processes, kind=notify.EVENT_TYPE,
+                        make_env=notify.env_for(self.opts.notify_host_concurrency),
+                    ),
+                )  # fmt: skip
+                self.notified.append(result)
+                self.say(
+                    f"notify  govflow   run {r + 1}: {result['events_per_s']:8.0f} events/s"
+                    f" ({result['events']} webhooks answered after {notify.DELAY_MS:.0f} ms;"
+                    f" cores {result['cores']})"
+                )
+        finally:
+            proc.kill()
+            proc.wait()
 
     def scale_on_cluster(self) -> None:
         """govflow on a Redis Cluster (3 primaries, 3 replicas) with 1 and 3 workers."""

@@ -1,9 +1,10 @@
 """The benchmark harness on a tiny input, so that it cannot rot (the benchmark is no test).
 
-It runs govflow's drain, scaling, steady, publish and approvals scenarios against the
-test servers, the cluster scenario on a Redis Cluster of its own (1 and 3 workers over 8
-partitions), plus BullMQ when ``benchmarks/.peers`` already has it (nothing is installed
-here), and checks that ``summary.json`` holds the keys that tools read.
+It runs govflow's drain, scaling, steady, publish, approvals, backlog and notify scenarios
+and the reference's drain against the test servers, the cluster scenario on a Redis Cluster
+of its own (1 and 3 workers over 8 partitions), plus BullMQ when ``benchmarks/.peers``
+already has it (nothing is installed here), and checks that ``summary.json`` holds the keys
+that tools read.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ KEYS = [
     "drain.best_peer.name",
     "drain.best_peer.events_per_s",
     "drain.ratio",
+    "drain.reference.events_per_s",
+    "drain.govflow.reference_ratio",
     "steady.govflow.p99_ms",
+    "steady.govflow.by_rate",
+    "notify.govflow.events_per_s",
+    "notify.best_peer",
+    "backlog.govflow",
     "scaling.govflow",
     "cluster.govflow",
     "cluster.partitions",
@@ -56,7 +63,7 @@ def test_harness_writes_summary(
     monkeypatch.setenv("GOVFLOW_BENCH_REDIS_URL", redis_server_url)
     monkeypatch.setenv("GOVFLOW_BENCH_DATABASE_URL", database_url)
     cheap_peer = ["bullmq"] if peers.PEERS["bullmq"].installed() else []
-    systems = ",".join(["govflow", *cheap_peer])
+    systems = ",".join(["govflow", "reference", *cheap_peer])
     argv = ["--events", "200", "--runs", "1", "--quick", "--no-install", "--systems", systems]
     main([*argv, "--out", str(tmp_path), "--prefix", prefix])
 
@@ -76,6 +83,20 @@ def test_harness_writes_summary(
     assert approvals["waiting"] == 200
     assert approvals["resume_per_s"] > 0
     assert 0 < approvals["resume_p50_ms"] <= approvals["resume_p99_ms"]
+    assert summary["drain"]["reference"]["events"] == 200
+    assert summary["drain"]["govflow"]["reference_ratio"] > 0
+    assert "reference" not in summary["publish"]
+    assert "skipped" in summary["steady"]["reference"]
+    assert set(summary["steady"]["govflow"]["by_rate"]) == {"100", "200"}
+    assert all(p99 > 0 for p99 in summary["steady"]["govflow"]["by_rate"].values())
+    assert summary["notify"]["govflow"]["events"] == 100
+    assert summary["notify"]["govflow"]["events_per_s"] > 0
+    backlogs = summary["backlog"]["govflow"]
+    assert set(backlogs) == {"100", "300"}
+    for n, d in backlogs.items():
+        assert d["events"] == int(n)
+        assert d["events_per_s"] > 0
+        assert d["redis_mb"]["published"] > 0
     cluster = summary["cluster"]["detail"]["govflow"]
     assert set(cluster) == {"1", "3"}
     assert all(d["events_per_s"] > 0 and d["balanced_s"] > 0 for d in cluster.values())

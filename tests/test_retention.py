@@ -39,8 +39,8 @@ async def remaining(redis: Redis, stream: str) -> list[str]:
     return [entry_id.decode() for entry_id, _ in entries]
 
 
-def janitor(redis: Redis, keys: Keys, retention: int) -> Janitor:
-    return Janitor(Streams(redis), keys, retention=retention, consumer_gc_s=3600)
+def janitor(redis: Redis, keys: Keys, retention: int, page: int = 5000) -> Janitor:
+    return Janitor(Streams(redis), keys, retention=retention, consumer_gc_s=3600, page=page)
 
 
 async def test_pending_and_undelivered_entries_are_never_trimmed(
@@ -87,12 +87,14 @@ async def test_retention_keeps_the_newest_acknowledged_entries(
     await any_redis.xack(stream, GROUP, *ids[:2], *ids[3:])  # all but 2
     trim = janitor(any_redis, keys, retention=3).trim
 
-    assert await safe_trim_id(any_redis, stream, 3) == parse_id(ids[2])
+    assert await safe_trim_id(any_redis, stream) == parse_id(ids[2])
     assert await trim(stream) == 2  # retention alone would allow 7; entry 2 is pending
     assert await remaining(any_redis, stream) == ids[2:]
 
     await any_redis.xack(stream, GROUP, ids[2])
-    assert await safe_trim_id(any_redis, stream, 3) == parse_id(ids[7])
+    boundary = await safe_trim_id(any_redis, stream)
+    assert boundary is not None
+    assert boundary > parse_id(ids[9])  # all acknowledged
     assert await trim(stream) == 5
     assert await remaining(any_redis, stream) == ids[7:]  # the newest three, kept for inspection
 
@@ -105,7 +107,7 @@ async def test_nothing_is_trimmed_without_a_group_or_below_retention(
     for i in range(5):
         await any_redis.xadd(stream, {"n": str(i)})
     # Published before any worker ran: those entries wait for the group that will come.
-    assert await safe_trim_id(any_redis, stream, 0) is None
+    assert await safe_trim_id(any_redis, stream) is None
     assert await janitor(any_redis, keys, retention=0).trim(stream) == 0
 
     await any_redis.xgroup_create(stream, GROUP, id="0")
@@ -126,3 +128,24 @@ async def test_sweep_trims_every_stream_of_every_partition(any_redis: Redis, pre
     await janitor(any_redis, keys, retention=0).sweep()
     for stream in streams:
         assert await any_redis.xlen(stream) == 1
+
+
+async def test_one_sweep_trims_every_acknowledged_entry_beyond_retention(
+    any_redis: Redis, prefix: str
+) -> None:
+    """However many entries a drain acknowledged since the last sweep, a sweep trims them
+    all (a page per script call), and still stops at the oldest pending one."""
+    keys = Keys(prefix)
+    stream = keys.commands()
+    ids = await fill(any_redis, stream, 30)
+    await deliver(any_redis, stream, 30)
+    await any_redis.xack(stream, GROUP, *ids[:20], *ids[21:])  # 20 pending
+    trim = janitor(any_redis, keys, retention=3, page=4).trim
+
+    assert await trim(stream) == 20  # five pages, up to the pending entry
+    assert await remaining(any_redis, stream) == ids[20:]
+
+    await any_redis.xack(stream, GROUP, ids[20])
+    assert await trim(stream) == 7  # two pages, down to the three kept
+    assert await remaining(any_redis, stream) == ids[27:]
+    assert await trim(stream) == 0

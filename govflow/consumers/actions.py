@@ -134,6 +134,7 @@ class ActionRunner:
         self._hosts = HostSlots(settings.webhook_host_concurrency)
         self._keys: tuple[str, ...] = tuple(settings.webhook_secret.split())
         self._keys_loaded_at = float("-inf")
+        self._specs: dict[tuple[str, int], list[flow.StepSpec]] = {}
 
     async def handle(self, batch: Sequence[Entry]) -> list[Outcome]:
         """Run a batch of commands; return each entry's outcome."""
@@ -227,7 +228,9 @@ class ActionRunner:
         except PermanentError as e:  # the definition is gone
             w.failure = StepFailure(0, "", e)
             return
-        specs = wf.definition.specs()
+        specs = self._specs.get((wf.name, wf.version))
+        if specs is None:  # a version never changes: its steps are numbered once
+            specs = self._specs[(wf.name, wf.version)] = wf.definition.specs()
         path = flow.path(specs, w.done, w.decided)
         w.waits_at = path.waits_at
         for number in path.run:
@@ -257,7 +260,10 @@ class ActionRunner:
         async with anyio.create_task_group() as tg:
             async with send:
                 for w in work:
-                    tg.start_soon(self._perform, w, send.clone())
+                    if any(step.action.io for step in w.steps):
+                        tg.start_soon(self._perform, w, send.clone())
+                    else:  # nothing to perform: ready now, without a task of its own
+                        send.send_nowait(w)
             try:
                 await self._record_as_ready(receive)
             except Exception as e:  # noqa: BLE001 - raised below, unwrapped by the task group

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import structlog
 
+from govflow.consumers import scripts
 from govflow.consumers.streams import RedisClient, Streams
 from govflow.core.service import run_every
 from govflow.core.unavailable import is_unavailable
@@ -24,7 +25,7 @@ from govflow.schemas.keys import Keys
 log = structlog.get_logger(__name__)
 
 EVERY_S = 5.0
-TRIM_STEP = 5_000  # entries one sweep may trim for retention
+TRIM_PAGE = 5_000  # entries one script call may trim: Redis reads each once, then deletes it
 
 
 def parse_id(entry_id: str | bytes) -> tuple[int, int]:
@@ -39,8 +40,8 @@ def next_id(entry_id: tuple[int, int]) -> tuple[int, int]:
     return entry_id[0], entry_id[1] + 1
 
 
-async def safe_trim_id(redis: RedisClient, stream: str, retention: int) -> tuple[int, int] | None:
-    """The id below which every entry is acknowledged by every group and beyond retention.
+async def safe_trim_id(redis: RedisClient, stream: str) -> tuple[int, int] | None:
+    """The id below which every entry is acknowledged by every group.
 
     None when nothing may be trimmed (no group, or no stream).
     """
@@ -54,14 +55,6 @@ async def safe_trim_id(redis: RedisClient, stream: str, retention: int) -> tuple
             summary = await redis.xpending(stream, group["name"])
             if summary["min"] is not None:  # acknowledged since XINFO: none pending now
                 candidates.append(parse_id(summary["min"]))
-    if retention:
-        # Only the entries beyond the kept ones are read (at most TRIM_STEP a sweep), and
-        # the one after them: the first entry kept.
-        excess = await redis.xlen(stream) - retention
-        if excess <= 0:
-            return None
-        oldest: Any = await redis.xrange(stream, count=min(excess, TRIM_STEP) + 1)
-        candidates.append(parse_id(oldest[-1][0]))
     return min(candidates)
 
 
@@ -77,6 +70,7 @@ class Janitor:
         consumer_gc_s: float,
         every_s: float = EVERY_S,
         partitions: Callable[[], Iterable[int]] | None = None,
+        page: int = TRIM_PAGE,
     ) -> None:
         self._streams = streams
         self._redis = streams.redis
@@ -84,6 +78,7 @@ class Janitor:
         self._retention = retention
         self._consumer_gc_ms = int(consumer_gc_s * 1000)
         self._every_s = every_s
+        self._page = page
         # With leased partitions, only the ones this worker holds (others sweep their own).
         self._partitions = partitions or keys.all_partitions
         self._stopped = anyio.Event()
@@ -118,13 +113,26 @@ class Janitor:
                 await self._retire_idle(stream)
 
     async def trim(self, stream: str) -> int:
-        """Trim ``stream`` below its safe boundary; return how many entries went."""
-        boundary = await safe_trim_id(self._redis, stream, self._retention)
+        """Trim ``stream`` below its safe boundary, keeping ``retention`` entries; return
+        how many entries went.
+
+        Every entry beyond retention that every group acknowledged goes, however many: a
+        sweep keeps pace with any drain, so Redis memory comes back down within a sweep.
+        Each script call removes at most ``TRIM_PAGE``, so Redis is never busy long.
+        """
+        boundary = await safe_trim_id(self._redis, stream)
         if boundary is None:
             return 0
-        removed: int = await self._redis.xtrim(
-            stream, minid=f"{boundary[0]}-{boundary[1]}", approximate=False
-        )
+        removed = 0
+        while True:
+            call = scripts.trim_acknowledged(
+                stream=stream, below=f"{boundary[0]}-{boundary[1]}", keep=self._retention,
+                limit=self._page,
+            )  # fmt: skip
+            went: int = await self._streams.run(call)
+            removed += went
+            if went < self._page:
+                break
         if removed:
             log.info("stream.trimmed", stream=stream, removed=removed)
         return removed

@@ -122,7 +122,7 @@ async def trim_dead_stream(redis: RedisClient, pool: AsyncConnectionPool[Any], s
     if boundary is None:
         return 0
     if await redis.xinfo_groups(stream):  # someone reads it: not beyond what they acknowledged
-        safe = await safe_trim_id(redis, stream, 0)
+        safe = await safe_trim_id(redis, stream)
         boundary = min(boundary, safe) if safe is not None else boundary
     removed: int = await redis.xtrim(
         stream, minid=f"{boundary[0]}-{boundary[1]}", approximate=False

@@ -321,6 +321,22 @@ return {undecided, found_exec, found_event, held}
 """
 
 
+# KEYS: stream. ARGV: the boundary (an id: every group acknowledged every entry below it),
+# how many entries to keep, the most to remove. Removes the oldest entries below the
+# boundary while more than that many are kept, at most that many; returns how many went.
+# Only the entries it removes (and the one after them) are read, inside Redis.
+TRIM_ACKNOWLEDGED = """
+local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2])
+if excess <= 0 then return 0 end
+local n = math.min(excess, tonumber(ARGV[3]))
+local below = redis.call('XRANGE', KEYS[1], '-', '(' .. ARGV[1], 'COUNT', n + 1)
+if #below == 0 then return 0 end
+local first_kept = ARGV[1]
+if #below > n then first_kept = below[n + 1][1] end
+return redis.call('XTRIM', KEYS[1], 'MINID', first_kept)
+"""
+
+
 class ScriptCall(msgspec.Struct, frozen=True):
     """One call of a script: its source, then its KEYS and ARGV in the script's order."""
 
@@ -462,6 +478,11 @@ def renew_pending(*, stream: str, group: str, consumer: str, ids: Sequence[str])
 def retire_idle_consumer(*, stream: str, group: str, consumer: str) -> ScriptCall:
     """Delete ``consumer`` from its group if nothing is pending for it."""
     return ScriptCall(RETIRE_IDLE_CONSUMER, [stream], [group, consumer])
+
+
+def trim_acknowledged(*, stream: str, below: str, keep: int, limit: int) -> ScriptCall:
+    """Remove up to ``limit`` of the oldest entries below id ``below``, keeping ``keep``."""
+    return ScriptCall(TRIM_ACKNOWLEDGED, [stream], [below, keep, limit])
 
 
 def renew_lease(*, lease: str, owner: str, ttl_ms: int) -> ScriptCall:

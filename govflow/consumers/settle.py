@@ -13,10 +13,12 @@ changes nothing; and each is fenced on the partition's lease when one is held.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import msgspec
+import prometheus_client
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
@@ -104,6 +106,7 @@ class Settler:
         self._stopping = stopping
         self.stream = keys.stream(role, partition)
         self.group = GROUP_OF[role]
+        self._counters: dict[tuple[str, str], prometheus_client.Counter] = {}  # by (fate, cause)
 
     async def settle(self, verdicts: Sequence[Verdict]) -> bool:
         """Record the dead letters, then hand each entry over, in order; False when fenced.
@@ -142,8 +145,13 @@ class Settler:
         replies = await self._until_available(lambda: self._streams.run_in_order(calls))
         if any(r == -1 for r in replies):
             return False
+        # An acknowledgement is logged at debug: at info, the batch's entries are not
+        # looked at one by one (each would build a line only to drop it).
+        logged = {fate for fate, level in _LOG_LEVEL.items() if log.is_enabled_for(level)}
         for verdict in verdicts:
-            self._report(verdict)
+            if verdict.fate in logged:
+                self._report(verdict)
+        self._count(verdicts)
         return True
 
     def hand_over(self, verdict: Verdict) -> scripts.ScriptCall:
@@ -214,10 +222,19 @@ class Settler:
         async with self._pool.connection() as conn, conn.transaction():
             await dead_letters.record(conn, letters)
 
+    def _count(self, verdicts: Sequence[Verdict]) -> None:
+        """Count the batch's entries by fate and cause: one increment per kind."""
+        kinds = Counter((v.fate, _cause(v.outcome)) for v in verdicts)
+        for kind, n in kinds.items():
+            counter = self._counters.get(kind)
+            if counter is None:  # the labelled child, looked up once per kind
+                counter = self._counters[kind] = metrics.ENTRIES.labels(
+                    self.stream, self.group, *kind
+                )
+            counter.inc(n)
+
     def _report(self, verdict: Verdict) -> None:
         entry, outcome, fate = verdict.entry, verdict.outcome, verdict.fate
-        cause = outcome.cause if outcome is not None else "held"
-        metrics.ENTRIES.labels(self.stream, self.group, fate, cause or "ok").inc()
         log.log(
             _LOG_LEVEL[fate],
             _LOG_EVENT[fate],
@@ -228,6 +245,13 @@ class Settler:
             attempt=entry.attempt,
             reason=(outcome.reason or None) if outcome else None,
         )
+
+
+def _cause(outcome: Outcome | None) -> str:
+    """The ``cause`` label of an entry's count: ``held`` for a parked one."""
+    if outcome is None:
+        return "held"
+    return outcome.cause or "ok"
 
 
 def _letter(entry: Entry, outcome: Outcome) -> dead_letters.NewDeadLetter:

@@ -85,15 +85,19 @@ class Ended(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
 
 
+# Looked up per execution, through the (execution_id, step) keys: a plain filter on the
+# ids, on tables too fresh to have statistics, was planned as a scan of every task. The
+# OFFSET keeps the lateral subquery from being flattened into a join: it runs once per id.
+OUTCOMES = (
+    "SELECT i.id::text, w.step, w.status FROM unnest(%s::uuid[]) AS i(id) CROSS JOIN LATERAL"
+    " (SELECT step, status FROM approvals WHERE execution_id = i.id AND wait"
+    " UNION ALL SELECT step, status FROM tasks WHERE execution_id = i.id AND wait OFFSET 0) AS w"
+)
+
+
 async def outcomes(conn: AsyncConnection[Any], ids: Sequence[str]) -> dict[str, dict[int, str]]:
     """The status of each approval and task a step waits on, by execution and step."""
-    cur = await conn.execute(
-        "SELECT execution_id::text, step, status FROM approvals"
-        " WHERE execution_id = ANY(%(ids)s::uuid[]) AND wait"
-        " UNION ALL SELECT execution_id::text, step, status FROM tasks"
-        " WHERE execution_id = ANY(%(ids)s::uuid[]) AND wait",
-        {"ids": id_array(ids)},
-    )
+    cur = await conn.execute(OUTCOMES, (id_array(ids),))
     found: dict[str, dict[int, str]] = {}
     for execution_id, step, status in await cur.fetchall():
         found.setdefault(execution_id, {})[step] = status

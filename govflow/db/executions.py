@@ -133,15 +133,22 @@ class State(msgspec.Struct, frozen=True):
     done: frozenset[int]
 
 
+# One lookup by primary key per id, for the execution and for its steps. As a join, on
+# tables too fresh to have statistics (a backlog drained after a deploy), this was planned
+# as a hash join over every step row; and a filter on ``id = ANY`` may scan the
+# executions. The LIMIT keeps the lateral subquery from being flattened into a join, so
+# it runs once per id, and the steps' subquery runs once per execution.
+STATES = (
+    "SELECT e.id::text, e.status, e.last_error, ARRAY(SELECT s.step FROM execution_steps s"
+    " WHERE s.execution_id = e.id AND s.status = 'completed')"
+    " FROM unnest(%s::uuid[]) AS i(id) CROSS JOIN LATERAL (SELECT id, status, last_error"
+    " FROM workflow_executions WHERE id = i.id LIMIT 1) AS e"
+)
+
+
 async def states(conn: AsyncConnection[Any], ids: Sequence[str]) -> dict[str, State]:
     """The state of each execution that exists."""
-    cur = await conn.execute(
-        "SELECT e.id::text, e.status, e.last_error,"
-        " coalesce(array_agg(s.step) FILTER (WHERE s.status = 'completed'), '{}')"
-        " FROM workflow_executions e LEFT JOIN execution_steps s ON s.execution_id = e.id"
-        " WHERE e.id = ANY(%s::uuid[]) GROUP BY e.id",
-        (id_array(ids),),
-    )
+    cur = await conn.execute(STATES, (id_array(ids),))
     return {row[0]: State(row[1], row[2], frozenset(row[3])) for row in await cur.fetchall()}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from psycopg import AsyncConnection
 
-from govflow.db.batch import Batched, id_array
+from govflow.db.batch import Batched, id_array, text_array
 from govflow.schemas.codec import decode_event
 from govflow.schemas.commands import RunWorkflow
 from govflow.schemas.errors import InvalidEntryError
@@ -46,8 +46,8 @@ async def record_received(conn: AsyncConnection[Any], rows: Sequence[Received]) 
     # their keys in the same order, so they cannot deadlock.
     unique = sorted({(r.tenant, r.event_id): r for r in rows}.items())
     if unique:
-        columns = list(zip(*(msgspec.structs.astuple(r) for _, r in unique), strict=True))
-        await conn.execute(_RECEIVED, [list(c) for c in columns])
+        columns = zip(*(msgspec.structs.astuple(r) for _, r in unique), strict=True)
+        await conn.execute(_RECEIVED, [text_array(c) for c in columns])
 
 
 class Unfinished(msgspec.Struct, frozen=True):
