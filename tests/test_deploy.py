@@ -268,6 +268,20 @@ def test_compose_applies_workflow_files_that_exist(services: dict[str, dict[str,
         (target,) = [t for t in mounts if file.startswith(t + "/")]
         local = mounts[target] / file.removeprefix(target + "/")
         assert local.is_file(), f"{name} applies {file}, but {local} does not exist"
+    applied = {Path(file).name for file in files}
+    examples = {p.name for p in (DEPLOY / "examples").glob("*.yaml")}
+    assert applied == examples, f"{name} leaves out {sorted(examples - applied)}"
+
+
+def test_compose_workers_are_checked_by_their_heartbeat(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    workers = {
+        n: s for n, s in govflow_services(services).items() if service_argv(s)[1:2] == ["run"]
+    }
+    assert workers
+    for name, svc in workers.items():
+        assert svc.get("healthcheck", {}).get("test") == ["CMD", "govflow", "check"], name
 
 
 def test_compose_settings_are_known_and_valid(services: dict[str, dict[str, Any]]) -> None:

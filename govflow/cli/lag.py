@@ -74,8 +74,10 @@ def render(report: LagReport) -> RenderableType:
         f"tasks open: {report.tasks_open}",
         f"timers due: {report.timers_due}",
     ]
+    # One line per kind of figure, so that none runs past 80 columns.
+    lines = ["   ".join(totals), "   ".join(people)]
     if report.outbox is not None:
-        totals.append(
+        lines.append(
             f"outbox: {report.outbox.waiting} waiting"
             + (
                 f" (oldest {format_age(report.outbox.oldest_age_s)})"
@@ -84,7 +86,7 @@ def render(report: LagReport) -> RenderableType:
             )
             + (f", {report.outbox.overdue} overdue" if report.outbox.overdue else "")
         )
-    totals.extend(
+    lines.extend(
         f"{p.group} paused by {p.by} since {p.since:%Y-%m-%d %H:%M:%S %Z}"
         + (f" ({p.reason})" if p.reason else "")
         for p in report.paused
@@ -95,7 +97,7 @@ def render(report: LagReport) -> RenderableType:
     else:
         parts.append(Text("no consumers", style="dim"))
     parts.extend([Text(""), render_workers(report.workers)])
-    parts.extend([Text(""), Text("   ".join(totals)), Text("   ".join(people))])
+    parts.extend([Text(""), *(Text(line) for line in lines)])
     if any(not g.lag_valid for g in report.groups):
         parts.append(Text("~ an estimate: too many entries to count", style="dim"))
     return RenderGroup(*parts)
