@@ -108,8 +108,9 @@ async def set_waiting(conn: AsyncConnection[Any], waits: Sequence[tuple[str, int
     """Show each (execution, step it waits at) ``waiting``; ``queued`` if already decided.
 
     Run under the executions' fence (``fencing.hold``): a decision that committed while
-    this delivery ran found the execution ``running`` and did not queue it, so it is
-    queued here, and its resume command (or the reconciler) runs it on.
+    this delivery ran found the execution ``running``; it emitted the resume command all
+    the same, and the execution is shown ``queued`` here, so that Postgres says work is
+    left (should that command be lost, the reconciler emits it again).
     """
     if not waits:
         return
