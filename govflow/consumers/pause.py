@@ -110,10 +110,6 @@ class PauseFlag:
             paused = bool(await self._redis.exists(self._key))
         except REDIS_FAILED:
             return self._paused  # the read that follows finds Redis away and backs off
-        except AttributeError:
-            # redis-py's cluster client raises this while a primary fails over (a node
-            # not yet known); the read that follows meets the failover and backs off.
-            return self._paused
         if paused != self._paused:
             log.info("consumer.paused" if paused else "consumer.resumed", group=self._group)
         self._paused = paused

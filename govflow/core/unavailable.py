@@ -63,7 +63,9 @@ UNAVAILABLE = (
     OSError,
 )
 # Whatever Redis (or the cluster client) answers instead of a reply, unavailable or not.
-REDIS_FAILED = (*UNAVAILABLE, redis_errors.RedisError)
+# AttributeError too: while a primary fails over, redis-py's cluster client can use a
+# connection it has half torn down (its writer None) and raise that for a failed call.
+REDIS_FAILED = (*UNAVAILABLE, redis_errors.RedisError, AttributeError)
 
 
 def is_unavailable(error: BaseException) -> bool:
