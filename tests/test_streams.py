@@ -57,3 +57,13 @@ async def test_a_claim_sweep_skips_entries_deleted_while_pending(
         assert [e.id for e in claimed] == [second.decode()]
     pending: Any = await any_redis.xpending_range(stream, GROUP, "-", "+", 10)
     assert [(p["message_id"], p["consumer"]) for p in pending] == [(second, b"me")]
+
+
+async def test_retiring_from_a_group_that_is_gone_retires_no_one(redis: Redis, prefix: str) -> None:
+    """A failover to a replica that never had the stream takes the group with it: a consumer
+    stopping then has no group to leave, and stops all the same."""
+    streams = Streams(redis)
+    stream = f"{prefix}:events"
+    await streams.ensure_group(stream, "triggers")
+    await redis.delete(stream)
+    assert await streams.retire(stream, "triggers", "worker-1") is False
