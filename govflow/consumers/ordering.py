@@ -39,7 +39,15 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from govflow.consumers.definitions import Definitions
 from govflow.consumers.outcomes import FENCED, Outcome
 from govflow.consumers.settle import Verdict
-from govflow.consumers.streams import HOLD_FIELD, Entry, Hold, Streams, command_of, event_of
+from govflow.consumers.streams import (
+    HOLD_FIELD,
+    Entry,
+    Hold,
+    Streams,
+    command_of,
+    event_of,
+    read_at,
+)
 from govflow.schemas.errors import InvalidEntryError
 from govflow.schemas.keys import GROUP_OF, Keys, Role
 
@@ -68,7 +76,7 @@ class Ordering:
 
     async def holds(self, role: Role, batch: Sequence[Entry]) -> list[Hold | None]:
         """For each entry, the entity whose order it keeps and its token, or None."""
-        workflows = await self._definitions.enabled()
+        workflows = await self._definitions.enabled(since=read_at(batch))
         ordered = [wf.definition for wf in workflows if wf.definition.ordering == "entity"]
         if not ordered and not any(HOLD_FIELD in e.fields for e in batch):
             return [None] * len(batch)

@@ -10,6 +10,7 @@ NOSCRIPT: after a restart or a failover, whose new primary has an empty script c
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -64,6 +65,9 @@ class Entry(msgspec.Struct, frozen=True):
     id: str
     fields: dict[bytes, bytes]
     attempt: int = 1  # which delivery of this message this is, across retries
+    # When this worker read it (monotonic): what was committed before it was published is
+    # visible to any read of Postgres begun after this.
+    read_at: float = msgspec.field(default_factory=time.monotonic)
 
     def field(self, name: bytes) -> bytes | None:
         """A field's value, or None."""
@@ -86,6 +90,11 @@ class Entry(msgspec.Struct, frozen=True):
             for k, v in self.kept_fields().items()
             if k not in (ATTEMPT_FIELD, HOLD_FIELD, SEAL_FIELD)
         }
+
+
+def read_at(batch: Sequence[Entry]) -> float:
+    """When the last of a batch's entries was read (monotonic), or now for none."""
+    return max((entry.read_at for entry in batch), default=time.monotonic())
 
 
 def event_of(entry: Entry) -> Event:

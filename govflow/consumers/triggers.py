@@ -21,6 +21,7 @@ from govflow.consumers.streams import (
     Entry,
     RedisClient,
     event_of,
+    read_at,
 )
 from govflow.core.unavailable import is_unavailable
 from govflow.db import chains, executions, reconcile
@@ -107,7 +108,7 @@ class TriggerMatcher:
             outcomes.append(
                 Outcome(kind="ack", event_id=event.id, event_type=event.type, tenant=event.tenant)
             )
-        found = await self._match(events, spans)
+        found = await self._match(events, spans, since=read_at(batch))
         matched = {index for index, _, _ in found.values()}
         for index, event in events.items():
             kept = encode(event).decode() if index in matched else None
@@ -234,11 +235,12 @@ class TriggerMatcher:
             await pipe.execute()
 
     async def _match(
-        self, events: dict[int, Event], spans: traces.Matches
+        self, events: dict[int, Event], spans: traces.Matches, *, since: float
     ) -> dict[str, tuple[int, NewExecution, RunWorkflow]]:
         """Each (event, matching workflow) by execution id, with the event's batch index;
-        its command carries the trace context of the event's match."""
-        workflows = await self._definitions.enabled()
+        its command carries the trace context of the event's match. The definitions are
+        those enabled as of a read begun after the batch was read (``since``)."""
+        workflows = await self._definitions.enabled(since=since)
         found: dict[str, tuple[int, NewExecution, RunWorkflow]] = {}
         for index, event in events.items():
             for wf in workflows:
