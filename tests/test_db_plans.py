@@ -14,9 +14,10 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from govflow.db import fencing
 from govflow.db.batch import id_array
 from govflow.db.decisions import OUTCOMES
-from govflow.db.executions import STATES
+from govflow.db.executions import _NEW_EXECUTIONS, FINISH, STATES
 
 pytestmark = pytest.mark.anyio
 
@@ -79,6 +80,51 @@ async def test_outcomes_look_each_execution_up_by_key(fresh: AsyncConnectionPool
     assert "tasks_execution_id_step_key" in plan
     assert "Seq Scan on tasks" not in plan
     assert "Hash" not in plan
+
+
+# On an empty table Postgres assumes a few pages, where a scan beats ten lookups; a plan
+# cached then (a prepared statement's generic plan) was kept as the table grew, and every
+# batch scanned every execution. The statements that lock and update executions by id
+# must look them up by key from the first batch on.
+SMALL_BATCH = [f"00000000-0000-0000-0000-{i:012d}" for i in range(10)]
+
+
+async def explain(conn: psycopg.AsyncConnection[Any], query: str, params: tuple[Any, ...]) -> str:
+    cur = await conn.execute(f"EXPLAIN {query}".encode(), params)
+    return "\n".join(row[0] for row in await cur.fetchall())
+
+
+@pytest.mark.parametrize(
+    ("name", "query", "params"),
+    [
+        ("lock", fencing.LOCK, (id_array(SMALL_BATCH),)),
+        ("claim", fencing.CLAIM, (id_array(SMALL_BATCH), "{}")),
+        ("hold", fencing.HOLD, (id_array(SMALL_BATCH), "{" + ",".join(["1"] * 10) + "}")),
+        ("finish", FINISH, (id_array(SMALL_BATCH),)),
+    ],
+)
+async def test_executions_are_locked_and_updated_by_key_on_an_empty_table(
+    pool: AsyncConnectionPool, name: str, query: str, params: tuple[Any, ...]
+) -> None:
+    async with pool.connection() as conn:
+        plan = await explain(conn, query, params)
+    assert "workflow_executions_pkey" in plan, f"{name}:\n{plan}"
+    assert "Seq Scan on workflow_executions" not in plan, f"{name}:\n{plan}"
+    assert "Hash" not in plan, f"{name}:\n{plan}"
+
+
+async def test_known_executions_are_found_by_identity_on_an_empty_table(
+    pool: AsyncConnectionPool,
+) -> None:
+    rows = [
+        (uid, "w", 1, f"e{i}", "policy", f"P{i}", "default", "2026-01-01T00:00:00Z")
+        for i, uid in enumerate(SMALL_BATCH)
+    ]
+    async with pool.connection() as conn:
+        plan = await explain(conn, _NEW_EXECUTIONS.statement(), (_NEW_EXECUTIONS.parameter(rows), 60))
+    assert "workflow_executions_tenant_event_id_workflow_name_key" in plan, plan
+    assert "Seq Scan on workflow_executions" not in plan, plan
+    assert "Hash" not in plan, plan
 
 
 async def test_the_pool_compiles_no_query(pool: AsyncConnectionPool) -> None:

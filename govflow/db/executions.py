@@ -10,6 +10,7 @@ import msgspec
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
 
+from govflow.db import fencing
 from govflow.db.batch import Batched, id_array
 
 Status = Literal[
@@ -76,6 +77,8 @@ def columns(execution: ExecutionRow) -> dict[str, Any]:
 
 # A known execution is found by its identity, (tenant, event id, workflow), not by the id
 # derived for it: a row recorded before tenants counted may have an id derived otherwise.
+# One lookup by that unique key per row, whatever the statistics (``db.fencing``): as a
+# join, it was planned as a scan of every unfinished execution, once per batch.
 _NEW_EXECUTIONS = Batched(
     "WITH r AS MATERIALIZED (SELECT * FROM {rows}),"
     " new AS (INSERT INTO workflow_executions (id, workflow_name, workflow_version, event_id,"
@@ -85,8 +88,10 @@ _NEW_EXECUTIONS = Batched(
     " SELECT id::text, id::text, workflow_version, true, 'queued', false FROM new UNION ALL"
     " SELECT r.id::text, e.id::text, e.workflow_version, false, e.status,"
     " coalesce(e.updated_at < now() - make_interval(secs => %s), false)"
-    " FROM workflow_executions e JOIN r ON e.tenant = r.tenant AND e.event_id = r.event_id"
-    " AND e.workflow_name = r.workflow_name WHERE e.status IN ('queued', 'running', 'retrying')",
+    " FROM r CROSS JOIN LATERAL (SELECT id, workflow_version, status, updated_at"
+    " FROM workflow_executions WHERE tenant = r.tenant AND event_id = r.event_id"
+    " AND workflow_name = r.workflow_name LIMIT 1) AS e"
+    " WHERE e.status IN ('queued', 'running', 'retrying')",
     ("id uuid", "workflow_name text", "workflow_version int", "event_id text", "entity_type text",
      "entity_id text", "tenant text", "occurred_at timestamptz"),
 )  # fmt: skip
@@ -182,16 +187,21 @@ async def fail_step(
     )
 
 
+FINISH = (
+    "UPDATE workflow_executions SET status = 'completed', last_error = NULL,"
+    " updated_at = now(), finished_at = now() WHERE " + fencing.ROWS_BY_ID +
+    " RETURNING id::text, event_occurred_at"
+)  # fmt: skip
+
+
 async def finish(
     conn: AsyncConnection[Any], ids: Sequence[str]
 ) -> list[tuple[str, datetime | None]]:
-    """Mark executions completed; return (id, event time) of each for latency metrics."""
-    cur = await conn.execute(
-        "UPDATE workflow_executions SET status = 'completed', last_error = NULL,"
-        " updated_at = now(), finished_at = now() WHERE id = ANY(%s::uuid[])"
-        " RETURNING id::text, event_occurred_at",
-        (id_array(ids),),
-    )
+    """Mark executions completed; return (id, event time) of each for latency metrics.
+
+    Run under the executions' fence (``fencing.hold``), which locked their rows.
+    """
+    cur = await conn.execute(FINISH, (id_array(ids),))
     return [(row[0], row[1]) for row in await cur.fetchall()]
 
 

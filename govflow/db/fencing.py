@@ -28,6 +28,37 @@ from psycopg import AsyncConnection
 
 from govflow.db.batch import id_array
 
+# Executions are locked, and then updated, one lookup by primary key per id, whatever the
+# statistics say: on a table too fresh to have any (a backlog drained after a deploy),
+# ``id = ANY(...)`` or a join on the ids was planned as a scan of every execution, once
+# per batch. The LIMIT keeps each lateral subquery from being flattened into a join; the
+# ids go in sorted, so rows are locked in id order and two transactions never wait on
+# each other in a cycle.
+LOCK = (
+    "SELECT l.id FROM unnest(%s::uuid[]) AS i(id) CROSS JOIN LATERAL"
+    " (SELECT id FROM workflow_executions WHERE id = i.id LIMIT 1 FOR NO KEY UPDATE) AS l"
+)
+# The rows of the ids given, by their physical address, for an UPDATE's WHERE. Only for
+# rows this transaction has locked already: a row another transaction changes meanwhile
+# would move, and the statement's snapshot would not see it at its new address.
+ROWS_BY_ID = (
+    "ctid = ANY(ARRAY(SELECT l.ctid FROM unnest(%s::uuid[]) AS i(id) CROSS JOIN LATERAL"
+    " (SELECT ctid FROM workflow_executions WHERE id = i.id LIMIT 1) AS l))"
+)
+
+CLAIM = (
+    "UPDATE workflow_executions e SET status = 'running', attempts = e.attempts + 1,"
+    " epoch = e.epoch + 1, updated_at = now() WHERE " + ROWS_BY_ID +
+    " AND (e.status NOT IN ('completed', 'dead_lettered', 'cancelled')"
+    " OR (e.status = 'dead_lettered' AND e.id = ANY(%s::uuid[])))"
+    " RETURNING e.id::text, e.epoch"
+)  # fmt: skip
+HOLD = (
+    "SELECT e.id::text FROM unnest(%s::uuid[], %s::bigint[]) AS t(id, epoch)"
+    " CROSS JOIN LATERAL (SELECT id FROM workflow_executions WHERE id = t.id"
+    " AND epoch = t.epoch LIMIT 1 FOR NO KEY UPDATE) AS e"
+)
+
 
 class Fenced(Exception):  # noqa: N818 - a control-flow signal, not an error
     """A transaction held stale tokens: roll it back; ``ids`` are the executions refused."""
@@ -48,17 +79,11 @@ async def claim(
     """
     if not ids:
         return {}
-    cur = await conn.execute(
-        "WITH locked AS (SELECT id FROM workflow_executions WHERE id = ANY(%s::uuid[])"
-        " ORDER BY id FOR NO KEY UPDATE)"
-        " UPDATE workflow_executions e SET status = 'running', attempts = e.attempts + 1,"
-        " epoch = e.epoch + 1, updated_at = now() FROM locked WHERE e.id = locked.id"
-        " AND (e.status NOT IN ('completed', 'dead_lettered', 'cancelled')"
-        " OR (e.status = 'dead_lettered' AND e.id = ANY(%s::uuid[])))"
-        " RETURNING e.id::text, e.epoch",
-        (id_array(ids), id_array(replays)),
-    )
-    return {row[0]: int(row[1]) for row in await cur.fetchall()}
+    ordered = id_array(sorted(ids))
+    async with conn.pipeline():  # one round trip: the update waits on nothing but the lock
+        await conn.execute(LOCK, (ordered,))
+        cur = await conn.execute(CLAIM, (ordered, id_array(replays)))
+        return {row[0]: int(row[1]) for row in await cur.fetchall()}
 
 
 async def hold(conn: AsyncConnection[Any], tokens: Mapping[str, int]) -> set[str]:
@@ -69,14 +94,9 @@ async def hold(conn: AsyncConnection[Any], tokens: Mapping[str, int]) -> set[str
     """
     if not tokens:
         return set()
-    ids = list(tokens)
+    ids = sorted(tokens)
     epochs = "{" + ",".join(str(tokens[i]) for i in ids) + "}"
-    cur = await conn.execute(
-        "SELECT e.id::text FROM workflow_executions e"
-        " JOIN unnest(%s::uuid[], %s::bigint[]) AS t(id, epoch)"
-        " ON e.id = t.id AND e.epoch = t.epoch ORDER BY e.id FOR NO KEY UPDATE OF e",
-        (id_array(ids), epochs),
-    )
+    cur = await conn.execute(HOLD, (id_array(ids), epochs))
     held = {row[0] for row in await cur.fetchall()}
     return set(ids) - held
 
