@@ -7,6 +7,7 @@ that aims a webhook at loopback or a metadata service is dead-lettered, never se
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Iterator
 from typing import Any
@@ -201,3 +202,60 @@ def test_no_spelling_of_loopback_reaches_a_loopback_receiver(
         answer = None  # not sent as spelt (an address httpx refuses; ::1 unanswered)
     assert answer is None or isinstance(answer, PermanentError), (url, answer)
     assert loopback_receiver.count() == 0, url
+
+
+class SlowReceiver:
+    """An HTTP/1.1 keep-alive server on loopback that answers each POST after a pause,
+    counting the connections it accepted and the most requests it held at once."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                await asyncio.sleep(0.2)
+                self.in_flight -= 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_webhooks_to_one_receiver_are_in_flight_together_and_keep_their_connections() -> None:
+    """The client's requests are spread over several small pools; together they carry
+    as many webhooks at once as the worker allows, over connections kept alive."""
+    receiver = SlowReceiver()
+    server = await asyncio.start_server(receiver.serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    allowed = frozenset({"127.0.0.1"})
+
+    async def wave(http: httpx.AsyncClient) -> list[int]:
+        async def one(i: int) -> int:
+            return await webhook.deliver(
+                http, url, b"{}", idempotency_key=f"k{i}", keys=["s"], allowed=allowed
+            )
+
+        return list(await asyncio.gather(*(one(i) for i in range(32))))
+
+    async with server, webhook.client(5.0, allowed, concurrency=32) as http:
+        assert await wave(http) == [200] * 32
+        assert receiver.most_in_flight == 32
+        opened = receiver.connections
+        assert await wave(http) == [200] * 32
+    assert opened == 32
+    assert receiver.connections == opened  # the second wave reused the first's connections

@@ -29,7 +29,7 @@ import anyio
 import httpx
 
 from govflow.core import metrics, tracing
-from govflow.plugins.egress import EgressPolicy, PinnedTransport
+from govflow.plugins.egress import EgressPolicy, ShardedTransport
 from govflow.schemas.errors import PermanentError, RetryLater
 
 SIGNATURE_HEADER = "X-Govflow-Signature"
@@ -196,12 +196,13 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
     return parts.scheme, parts.hostname, parts.port or default
 
 
-def client(timeout: float, allowed: frozenset[str]) -> httpx.AsyncClient:
+def client(timeout: float, allowed: frozenset[str], concurrency: int = 1) -> httpx.AsyncClient:
     """The shared webhook client: separate connect and read time-outs, no automatic
-    redirects, and connections only to the addresses ``allowed`` admits."""
+    redirects, connections only to the addresses ``allowed`` admits, and pools sized for
+    ``concurrency`` requests in flight (``ShardedTransport``)."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
         follow_redirects=False,
         trust_env=False,
-        transport=PinnedTransport(EgressPolicy(allowed)),
+        transport=ShardedTransport(EgressPolicy(allowed), concurrency),
     )

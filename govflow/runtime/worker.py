@@ -181,7 +181,9 @@ class Worker:
             await deployment.check_worker(redis, pool, self.keys)
             seal = await load_seal(redis, self.keys)
             async with webhook.client(
-                self.settings.webhook_timeout, self.settings.allowed_hosts()
+                self.settings.webhook_timeout,
+                self.settings.allowed_hosts(),
+                self.settings.io_concurrency,
             ) as http:
                 self._services = self._build(redis, pool, http, seal)
                 with anyio.CancelScope() as scope:
