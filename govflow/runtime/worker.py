@@ -16,6 +16,7 @@ needs at least 2 partitions, since one partition's keys carry no hash tag.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -186,6 +187,10 @@ class Worker:
                 self.settings.io_concurrency,
             ) as http:
                 self._services = self._build(redis, pool, http, seal)
+                # What start-up made (modules, definitions, clients) lives as long as the
+                # worker: kept out of the collector's full passes, each pass looks at the
+                # work's own objects only (a pass over everything paused the worker 40 ms).
+                gc.freeze()
                 with anyio.CancelScope() as scope:
                     async with anyio.create_task_group() as tg:
                         for service in self._services:
