@@ -68,6 +68,7 @@ from govflow.schemas.errors import (
 )
 from govflow.schemas.keys import Role
 from govflow.schemas.settings import Settings
+from govflow.schemas.workflows import StoredWorkflow
 
 log = structlog.get_logger(__name__)
 
@@ -179,10 +180,12 @@ class ActionRunner:
         """
         ids = [w.command.execution_id for w in work]
         replays = [w.command.execution_id for w in work if w.entry.field(REPLAY_FIELD) is not None]
-        async with conn.transaction():
+        may_wait = [w.command.execution_id for w in work if await self._may_wait(w.command)]
+        # Pipelined: the statements go out together, and each read waits for its own.
+        async with conn.pipeline(), conn.transaction():
             epochs = await fencing.claim(conn, ids, replays=replays)
             states = await executions.states(conn, ids)
-            waits = await decisions.outcomes(conn, ids)
+            waits = await decisions.outcomes(conn, may_wait)
         runnable = []
         for w in work:
             found = _ids(w.command)
@@ -228,9 +231,7 @@ class ActionRunner:
         except PermanentError as e:  # the definition is gone
             w.failure = StepFailure(0, "", e)
             return
-        specs = self._specs.get((wf.name, wf.version))
-        if specs is None:  # a version never changes: its steps are numbered once
-            specs = self._specs[(wf.name, wf.version)] = wf.definition.specs()
+        specs = self._specs_of(wf)
         path = flow.path(specs, w.done, w.decided)
         w.waits_at = path.waits_at
         for number in path.run:
@@ -248,6 +249,22 @@ class ActionRunner:
                 return
             timeout = spec.timeout or self._settings.step_timeout
             w.steps.append(Step(number, action_type, params, timeout))
+
+    def _specs_of(self, wf: StoredWorkflow) -> list[flow.StepSpec]:
+        """A version's steps, numbered once per worker: a version never changes."""
+        specs = self._specs.get((wf.name, wf.version))
+        if specs is None:
+            specs = self._specs[(wf.name, wf.version)] = wf.definition.specs()
+        return specs
+
+    async def _may_wait(self, command: RunWorkflow) -> bool:
+        """Whether the command's workflow has a step that waits for a person, so that its
+        waits' outcomes are read; true when its definition is gone (``_plan`` says so)."""
+        try:
+            wf = await self._definitions.version(command.workflow_name, command.workflow_version)
+        except PermanentError:
+            return True
+        return any(spec.wait for spec in self._specs_of(wf))
 
     async def _perform_and_record(self, work: list[Work]) -> None:
         """Perform every execution's I/O steps; record each execution once it is performed.
@@ -304,7 +321,8 @@ class ActionRunner:
         """Write a group's effects and statuses in one transaction; alone after a refusal."""
         async with self._pool.connection() as conn:
             try:
-                async with conn.transaction():
+                # Pipelined: the effects' rows and statuses go out with the last read.
+                async with conn.pipeline(), conn.transaction():
                     await self._write(conn, group)
             except psycopg.Error as e:
                 if is_unavailable(e):

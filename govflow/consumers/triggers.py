@@ -211,7 +211,8 @@ class TriggerMatcher:
         version their row records."""
         if not found and not taken:
             return
-        async with self._pool.connection() as conn, conn.transaction():
+        # Pipelined: the events taken go out with the commit.
+        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
             queued = await executions.insert_queued(
                 conn, [row for _, row, _ in found.values()], self._stale_after_s
             )

@@ -97,6 +97,8 @@ OUTCOMES = (
 
 async def outcomes(conn: AsyncConnection[Any], ids: Sequence[str]) -> dict[str, dict[int, str]]:
     """The status of each approval and task a step waits on, by execution and step."""
+    if not ids:
+        return {}
     cur = await conn.execute(OUTCOMES, (id_array(ids),))
     found: dict[str, dict[int, str]] = {}
     for execution_id, step, status in await cur.fetchall():
