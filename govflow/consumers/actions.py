@@ -17,6 +17,10 @@ called:
    executions: one that another worker has started since (this worker stalled past its
    claim or its lease) writes nothing, and its entry is left to the worker that owns it.
 
+A batch with nothing to perform outside (every step a database one) skips the second
+move and records in the transaction that started it: one commit, not two, and its
+executions are never seen ``running``.
+
 An execution whose path reaches a step that waits for a person (``wait: true``,
 ``schemas.flow``) records that step and is shown ``waiting``; its entry is acknowledged,
 and a decision or a deadline emits its command again later (``operations.decisions``).
@@ -35,7 +39,7 @@ the batch is held.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -158,12 +162,22 @@ class ActionRunner:
             work.append(Work(index, entry, command))
         if not work:
             return outcomes
-        async with self._pool.connection() as conn:
-            work = await self._start(conn, work, outcomes)
+        # Read before a connection is taken, so that planning needs no second one.
+        may_wait = {w.command.execution_id for w in work if await self._may_wait(w.command)}
+        recorded = False
+        # Pipelined: the statements go out together, and each read waits for its own.
+        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            work = await self._start(conn, work, outcomes, may_wait)
             await self._load_keys(conn)
-        for w in work:
-            await self._plan(w)
-        await self._perform_and_record(work)
+            for w in work:
+                await self._plan(w)
+            if not any(step.action.io for w in work for step in w.steps):
+                # Nothing to perform outside: the batch is recorded in the transaction
+                # that started it, one commit instead of two.
+                await self._record_on(conn, work)
+                recorded = True
+        if not recorded:
+            await self._perform_and_record(work)
         for w in work:
             assert w.outcome is not None  # every execution performed is recorded
             outcomes[w.index] = w.outcome
@@ -171,21 +185,23 @@ class ActionRunner:
         return outcomes
 
     async def _start(
-        self, conn: AsyncConnection[Any], work: list[Work], outcomes: list[Outcome]
+        self,
+        conn: AsyncConnection[Any],
+        work: list[Work],
+        outcomes: list[Outcome],
+        may_wait: Collection[str],
     ) -> list[Work]:
         """Start a delivery of each unfinished execution; return what is left to run.
 
         The claim comes first, so the completed steps read after it are the last word:
-        whoever writes after this claim is fenced off.
+        whoever writes after this claim is fenced off. The outcomes of waits are read for
+        the executions in ``may_wait`` only.
         """
         ids = [w.command.execution_id for w in work]
         replays = [w.command.execution_id for w in work if w.entry.field(REPLAY_FIELD) is not None]
-        may_wait = [w.command.execution_id for w in work if await self._may_wait(w.command)]
-        # Pipelined: the statements go out together, and each read waits for its own.
-        async with conn.pipeline(), conn.transaction():
-            epochs = await fencing.claim(conn, ids, replays=replays)
-            states = await executions.states(conn, ids)
-            waits = await decisions.outcomes(conn, may_wait)
+        epochs = await fencing.claim(conn, ids, replays=replays)
+        states = await executions.states(conn, ids)
+        waits = await decisions.outcomes(conn, [i for i in ids if i in may_wait])
         runnable = []
         for w in work:
             found = _ids(w.command)
@@ -318,21 +334,26 @@ class ActionRunner:
                 await self._record(group)
 
     async def _record(self, group: list[Work]) -> None:
-        """Write a group's effects and statuses in one transaction; alone after a refusal."""
-        async with self._pool.connection() as conn:
-            try:
-                # Pipelined: the effects' rows and statuses go out with the last read.
-                async with conn.pipeline(), conn.transaction():
-                    await self._write(conn, group)
-            except psycopg.Error as e:
-                if is_unavailable(e):
-                    raise
-                # One command's SQL failed and aborted the transaction: write each alone,
-                # so that only the bad one fails. Webhooks already performed are not resent.
-                log.warning("batch.split", size=len(group), exc_info=True)
-                for w in group:
-                    if w.outcome is None or w.outcome.kind != "fenced":  # refused for good
-                        await self._write_alone(conn, w)
+        """Write a group's effects and statuses in a transaction of their own."""
+        # Pipelined: the effects' rows and statuses go out with the last read.
+        async with self._pool.connection() as conn, conn.pipeline():
+            await self._record_on(conn, group)
+
+    async def _record_on(self, conn: AsyncConnection[Any], group: list[Work]) -> None:
+        """Write a group's effects and statuses in one transaction (a savepoint, within
+        the batch's own); each execution alone after a refusal."""
+        try:
+            async with conn.transaction():
+                await self._write(conn, group)
+        except psycopg.Error as e:
+            if is_unavailable(e):
+                raise
+            # One command's SQL failed and aborted the transaction: write each alone,
+            # so that only the bad one fails. Webhooks already performed are not resent.
+            log.warning("batch.split", size=len(group), exc_info=True)
+            for w in group:
+                if w.outcome is None or w.outcome.kind != "fenced":  # refused for good
+                    await self._write_alone(conn, w)
 
     async def _write_alone(self, conn: AsyncConnection[Any], w: Work) -> None:
         try:
