@@ -27,7 +27,7 @@ const SQL = {
   execution: `INSERT INTO ${SCHEMA}.workflow_executions (id, workflow_name, workflow_version,
     event_id, entity_type, entity_id, tenant, event_occurred_at)
     VALUES ($1, 'bench-drain', 1, $2, 'policy', $3, 'default', to_timestamp($4))
-    ON CONFLICT (event_id, workflow_name) DO NOTHING`,
+    ON CONFLICT (tenant, event_id, workflow_name) DO NOTHING`,
   task: `INSERT INTO ${SCHEMA}.tasks (execution_id, step, entity_id, title, assignee)
     VALUES ($1, 1, $2, $3, $4) ON CONFLICT (execution_id, step) DO NOTHING`,
   assignment: `INSERT INTO ${SCHEMA}.assignments (execution_id, step, entity_id, assignee)
@@ -69,6 +69,8 @@ async function worker(concurrency) {
     },
     { connection: connection(), prefix: PREFIX, concurrency },
   );
+  // A job that fails is retried, then dropped: say why, so that a stalled run's log tells.
+  w.on("failed", (job, err) => console.error(`job ${job && job.name} failed: ${err.message}`));
   const stop = async () => {
     await w.close();
     await queue.close();
