@@ -1,8 +1,10 @@
 """The peers: installed into ``benchmarks/.peers/``, run as processes of their own.
 
 Python peers live in their own venv (``uv venv`` + ``uv pip install``), BullMQ in an npm
-folder; neither is a govflow dependency. Each peer runs the job of ``peer_apps/`` with a
-worker configuration a user would pick on a 2-core machine: see ``PEERS``.
+folder; neither is a govflow dependency. Each peer runs the jobs of ``peer_apps/`` with a
+worker configuration a user would pick on a 2-core machine: see ``PEERS``. The notify
+scenario's job waits on a webhook, so its workers run with the concurrency each peer's
+documentation recommends for I/O-bound work (``Peer.io_worker``).
 """
 
 from __future__ import annotations
@@ -29,12 +31,21 @@ PY_PACKAGES = [
     "taskiq",
     "taskiq-redis",
     "psycopg[binary]",
+    # The notify job's HTTP clients, and Celery's pool for I/O-bound tasks.
+    "requests",
+    "aiohttp",
+    "gevent",
     # Not peers: the plot and the profiler, kept out of govflow's dependencies.
     "matplotlib",
     "py-spy",
 ]
 NPM_PACKAGES = ["bullmq", "ioredis", "pg"]
 STOP_TIMEOUT = 20.0
+# Jobs in flight per worker process in the notify scenario: govflow's default bound on
+# webhooks in flight to one host per worker (GOVFLOW_WEBHOOK_HOST_CONCURRENCY).
+IO_SLOTS = 64
+# What the peers' venv must hold besides the peers: checked by ``install``.
+PY_NEEDED = ("matplotlib", "gevent", "requests", "aiohttp")
 
 
 @dataclass(frozen=True)
@@ -43,10 +54,13 @@ class Peer:
 
     name: str
     worker: tuple[str, ...]  # the command of one worker process; {slots} is filled in
-    producer: tuple[str, ...]  # + RUN N RATE
+    producer: tuple[str, ...]  # + RUN N RATE JOB
     slots: int  # jobs in flight per worker process, each with its own connection
     package: str  # whose version to report
     node: bool = False
+    # The worker's command for I/O-bound jobs (notify), where it is not ``worker``'s;
+    # {slots} is then IO_SLOTS.
+    io_worker: tuple[str, ...] = ()
 
     def installed(self) -> bool:
         """Whether this peer's runtime is there."""
@@ -70,14 +84,18 @@ class Peer:
         )  # fmt: skip
         return out.stdout.strip()
 
-    def env(self, redis_url: str, database_url: str, schema: str, queue: str) -> dict[str, str]:
-        """The environment of this peer's processes."""
+    def env(
+        self, redis_url: str, database_url: str, schema: str, queue: str, webhook_url: str = ""
+    ) -> dict[str, str]:
+        """The environment of this peer's processes; ``webhook_url`` is the notify job's."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GOVFLOW_", "VIRTUAL_ENV"))}
         env.update(
             BENCH_REDIS_URL=redis_url,
             BENCH_DATABASE_URL=database_url,
             BENCH_SCHEMA=schema,
             BENCH_QUEUE=queue,
+            BENCH_WEBHOOK_URL=webhook_url,
+            BENCH_IO_SLOTS=str(IO_SLOTS),
             PYTHONPATH=str(ROOT),
             NODE_PATH=str(NODE_DIR / "node_modules"),
             PYTHONUNBUFFERED="1",
@@ -85,12 +103,15 @@ class Peer:
         return env
 
     def start(
-        self, processes: int, env: dict[str, str], log: Path
+        self, processes: int, env: dict[str, str], log: Path, *, io: bool = False
     ) -> list[subprocess.Popen[bytes]]:
-        """Start ``processes`` worker processes."""
+        """Start ``processes`` worker processes; ``io``: configured for I/O-bound jobs."""
+        worker, slots = self.worker, self.slots
+        if io:
+            worker, slots = self.io_worker or self.worker, IO_SLOTS
         procs = []
         for i in range(processes):
-            cmd = [part.format(slots=self.slots, i=i) for part in self.worker]
+            cmd = [part.format(slots=slots, i=i) for part in worker]
             with (log.parent / f"{log.name}-{i}.log").open("wb") as f:
                 procs.append(
                     subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -98,10 +119,13 @@ class Peer:
                 )  # fmt: skip
         return procs
 
-    def produce(self, env: dict[str, str], run: str, n: int, rate: float) -> dict[str, Any]:
-        """Enqueue ``n`` first jobs (at ``rate`` per second, or at once); return the timing."""
+    def produce(
+        self, env: dict[str, str], run: str, n: int, rate: float, job: str = "drain"
+    ) -> dict[str, Any]:
+        """Enqueue ``n`` first jobs of ``job`` (drain or notify), at ``rate`` per second or at
+        once; return the timing."""
         out = subprocess.run(
-            [*self.producer, run, str(n), str(rate)],
+            [*self.producer, run, str(n), str(rate), job],
             cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=900,
         )  # fmt: skip
         if out.returncode != 0:
@@ -116,16 +140,33 @@ def _py(*args: str) -> tuple[str, ...]:
 
 _NODE_APP = str(HERE / "peer_apps" / "bullmq_app.cjs")
 
-# Worker configurations: each peer's own defaults where they suit an I/O-bound job,
-# with 8 jobs in flight per worker process (govflow's `run --concurrency` default).
+
+def _celery(pool: str) -> tuple[str, ...]:
+    return _py("-m", "celery", "-A", "benchmarks.peer_apps.celery_app", "worker",
+               "--pool", pool, "--concurrency", "{slots}", "--loglevel", "WARNING",
+               "--without-gossip", "--without-mingle", "--without-heartbeat",
+               "--hostname", "bench{i}@%h")  # fmt: skip
+
+
+def _taskiq(*options: str) -> tuple[str, ...]:
+    return _py("-m", "taskiq", "worker", "benchmarks.peer_apps.taskiq_app:broker",
+               "--workers", "1", "--log-level", "WARNING", "--no-configure-logging",
+               *options)  # fmt: skip
+
+
+# Worker configurations: each peer's own defaults where they suit the drain's job, with 8
+# jobs in flight per worker process (govflow's `run --concurrency` default). For the notify
+# job, which waits 50 ms on a webhook, each runs IO_SLOTS jobs in flight per process the
+# way its documentation recommends for I/O-bound work: Celery's gevent pool, more
+# Dramatiq threads, taskiq's --max-async-tasks, BullMQ's `concurrency`.
 PEERS: dict[str, Peer] = {
     "celery": Peer(
         "celery",
         # The threads pool: 8 jobs in flight in one process, as the other peers have.
-        worker=_py("-m", "celery", "-A", "benchmarks.peer_apps.celery_app", "worker",
-                   "--pool", "threads", "--concurrency", "{slots}", "--loglevel", "WARNING",
-                   "--without-gossip", "--without-mingle", "--without-heartbeat",
-                   "--hostname", "bench{i}@%h"),
+        worker=_celery("threads"),
+        # Celery's pool for I/O-bound tasks: a greenlet per task (`-P gevent -c 1000` in its
+        # docs); the worker monkey-patches before it imports the app.
+        io_worker=_celery("gevent"),
         producer=_py("-m", "benchmarks.peer_apps.celery_app"),
         slots=8,
         package="celery",
@@ -140,8 +181,9 @@ PEERS: dict[str, Peer] = {
     ),
     "taskiq": Peer(
         "taskiq",
-        worker=_py("-m", "taskiq", "worker", "benchmarks.peer_apps.taskiq_app:broker",
-                   "--workers", "1", "--log-level", "WARNING", "--no-configure-logging"),
+        worker=_taskiq(),
+        # The drain runs taskiq's default (100 tasks, 8 connections between them).
+        io_worker=_taskiq("--max-async-tasks", "{slots}"),
         producer=_py("-m", "benchmarks.peer_apps.taskiq_app"),
         slots=8,
         package="taskiq-redis",
@@ -160,7 +202,8 @@ PEERS: dict[str, Peer] = {
 def install(names: list[str]) -> None:
     """Install what the named peers need (and the plot's and profiler's packages)."""
     wanted = [PEERS[n] for n in names]
-    tools = [VENV / "bin" / "py-spy", VENV / "lib" / "python3.11" / "site-packages" / "matplotlib"]
+    site = VENV / "lib" / "python3.11" / "site-packages"
+    tools = [VENV / "bin" / "py-spy", *(site / name for name in PY_NEEDED)]
     if any(not p.installed() for p in wanted if not p.node) or not all(t.exists() for t in tools):
         PEERS_DIR.mkdir(exist_ok=True)
         if not PY.exists():

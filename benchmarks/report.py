@@ -52,6 +52,48 @@ def machine() -> dict[str, Any]:
     }
 
 
+def best_peer(rates: dict[str, float]) -> tuple[dict[str, Any], float | None]:
+    """The fastest peer of ``rates`` (events/s by system), and govflow's rate over its."""
+    peer_rates = {s: r for s, r in rates.items() if s not in ("govflow", "reference")}
+    if not peer_rates:
+        return {"name": None, "events_per_s": None}, None
+    best = max(peer_rates, key=lambda s: peer_rates[s])
+    ratio = None
+    if "govflow" in rates and peer_rates[best] > 0:
+        ratio = round(rates["govflow"] / peer_rates[best], 2)
+    return {"name": best, "events_per_s": peer_rates[best]}, ratio
+
+
+def notify_summary(bench: Bench) -> dict[str, Any]:
+    """The notify scenario: every system's webhook drain, and govflow beside the best peer."""
+    runs = bench.results["notify"]
+    systems: dict[str, Any] = {
+        system: {
+            "events": found[0]["events"],
+            **_stats(found, "events_per_s"),
+            "cores": found[len(found) // 2]["cores"],
+            "runs": len(found),
+        }
+        for system, found in runs.items()
+    }
+    best, ratio = best_peer({s: d["events_per_s"] for s, d in systems.items()})
+    opts = bench.opts
+    return {
+        # govflow's entry is there even when it was not run, as tools read it.
+        "govflow": {"events": None, "cores": {}, "runs": 0},
+        **systems,
+        "best_peer": best,
+        "ratio": ratio,
+        "receiver_delay_ms": notify.DELAY_MS,
+        "io_concurrency": notify.DEFAULTS.io_concurrency,
+        "webhook_host_concurrency": (
+            opts.notify_host_concurrency or notify.DEFAULTS.webhook_host_concurrency
+        ),
+        # The peers' jobs in flight per worker process (each one's I/O-bound configuration).
+        "peer_in_flight": peers.IO_SLOTS,
+    }
+
+
 def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[str, Any]:
     """Every figure of the run: medians with min and max, per scenario and system."""
     opts, res = bench.opts, bench.results
@@ -69,17 +111,7 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
         if system == "govflow":
             drain[system].update(_stats(runs, "peak_rss_mb"))
             drain[system]["batches"] = runs[len(runs) // 2].get("batches", {})
-    peer_rates = {
-        s: d["events_per_s"] for s, d in drain.items() if s not in ("govflow", "reference")
-    }
-    if peer_rates:
-        best = max(peer_rates, key=lambda s: peer_rates[s])
-        drain["best_peer"] = {"name": best, "events_per_s": peer_rates[best]}
-        if "govflow" in drain and peer_rates[best] > 0:
-            drain["ratio"] = round(drain["govflow"]["events_per_s"] / peer_rates[best], 2)
-    else:
-        drain["best_peer"] = {"name": None, "events_per_s": None}
-        drain["ratio"] = None
+    drain["best_peer"], drain["ratio"] = best_peer({s: d["events_per_s"] for s, d in drain.items()})
     if "govflow" in drain and drain.get("reference", {}).get("events_per_s"):
         # The runs alternate, so both medians saw the same machine, loaded as it was.
         ratio = drain["govflow"]["events_per_s"] / drain["reference"]["events_per_s"]
@@ -160,22 +192,7 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
             "retention": backlog.RETENTION,
             "processes": opts.processes,
         },
-        "notify": {
-            "govflow": {
-                "events": bench.notified[0]["events"] if bench.notified else None,
-                **_stats(bench.notified, "events_per_s"),
-                "cores": bench.notified[len(bench.notified) // 2]["cores"]
-                if bench.notified
-                else {},
-                "runs": len(bench.notified),
-            },
-            "best_peer": {"name": None, "events_per_s": None},  # the peers are not run
-            "receiver_delay_ms": notify.DELAY_MS,
-            "io_concurrency": notify.DEFAULTS.io_concurrency,
-            "webhook_host_concurrency": (
-                opts.notify_host_concurrency or notify.DEFAULTS.webhook_host_concurrency
-            ),
-        },
+        "notify": notify_summary(bench),
         "publish": publish,
         "versions": versions,
         "machine": {**machine(), "load_average_1m": [round(x, 2) for x in bench.load]},
@@ -221,9 +238,11 @@ def table(summary: dict[str, Any]) -> Table:
         caption=f"load average (1 min) at start and end: {load}",
     )
     for column in ("system", "version", "drain events/s", "govflow / it", "publish events/s",
-                   "steady p50 ms", "steady p99 ms", "steady max ms"):  # fmt: skip
+                   "steady p50 ms", "steady p99 ms", "steady max ms",
+                   "notify events/s"):  # fmt: skip
         t.add_column(column, justify="left" if column in ("system", "version") else "right")
     drain, steady, publish = summary["drain"], summary["steady"], summary["publish"]
+    notified = summary["notify"]
     gf_rate = drain.get("govflow", {}).get("events_per_s")
     for system, version in summary["versions"].items():
         d = drain.get(system, {})
@@ -238,6 +257,7 @@ def table(summary: dict[str, Any]) -> Table:
             system, version, _range(d, "events_per_s"),
             "1.0x" if system == "govflow" else ratio,
             _range(publish.get(system, {}), "events_per_s"), *latency,
+            _range(notified.get(system, {}), "events_per_s"),
         )  # fmt: skip
     return t
 
@@ -310,6 +330,13 @@ def write(summary: dict[str, Any], out: Path, console: Console | None = None) ->
             f"govflow drains {d['govflow']['events_per_s']:,.0f} events/s,"
             f" {d['ratio']}x the best peer ({d['best_peer']['name']},"
             f" {d['best_peer']['events_per_s']:,.0f} events/s)"
+        )
+    n = summary["notify"]
+    if n.get("ratio") is not None:
+        console.print(
+            f"govflow runs {n['govflow']['events_per_s']:,.0f} webhooks/s to a receiver answering"
+            f" after {n['receiver_delay_ms']:.0f} ms, {n['ratio']}x the best peer"
+            f" ({n['best_peer']['name']}, {n['best_peer']['events_per_s']:,.0f}/s)"
         )
     if a := summary["approvals"].get("govflow"):
         console.print(

@@ -17,8 +17,9 @@
 - backlog: govflow's drain of 20,000, 100,000 and 300,000 events, each on servers of its
   own (``benchmarks.backlog``): whether the cost of an event stays flat, and whether Redis
   memory comes back down after the drain.
-- notify: govflow's drain of events that each run a webhook to a receiver answering after
-  50 ms (``benchmarks.notify``).
+- notify: every system's drain of events that each run a webhook to a receiver answering
+  after 50 ms (``benchmarks.notify``); the peers' workers run with the concurrency each one
+  recommends for I/O-bound jobs (``peers.Peer.io_worker``).
 """
 
 from __future__ import annotations
@@ -111,7 +112,6 @@ class Bench:
         self.cluster: dict[int, list[Run]] = {}  # runs on the Redis Cluster, by processes
         self.approvals: list[Run] = []  # govflow's runs of the approvals scenario
         self.backlog: dict[int, Run] = {}  # one drain per backlog size, on fresh servers
-        self.notified: list[Run] = []  # govflow's notify drains
         self.commit_ts = workload.commit_timestamps(found.database_url)
         self.tag = f"{opts.prefix}-{secrets.token_hex(3)}"
         self.load = [os.getloadavg()[0]]  # others' work on the machine skews the figures
@@ -322,14 +322,19 @@ class Bench:
 
     # -- the peers ---------------------------------------------------------------------
 
-    def peer_drain(self, peer: peers.Peer, run: str, n: int) -> Run:
-        """Enqueue ``n`` first jobs, then drain them with the peer's worker processes."""
+    def peer_drain(self, peer: peers.Peer, run: str, n: int, webhook_url: str = "") -> Run:
+        """Enqueue ``n`` first jobs, then drain them with the peer's worker processes.
+
+        With ``webhook_url`` the jobs are the notify scenario's, each a webhook to that
+        receiver, and the workers are configured for I/O-bound jobs.
+        """
         db, schema, queue = self.servers.database_url, f"bench_{peer.name}", f"{self.tag}-{run}"
         workload.reset(db, schema)
-        env = peer.env(self.servers.redis_url, db, schema, queue)
-        enqueued = peer.produce(env, run, n, 0)
+        env = peer.env(self.servers.redis_url, db, schema, queue, webhook_url)
+        enqueued = peer.produce(env, run, n, 0, "notify" if webhook_url else "drain")
         before, started = self._server_cpu(), time.monotonic()
-        procs = peer.start(self.opts.processes, env, self.logs / f"{peer.name}-{run}")
+        log = self.logs / f"{peer.name}-{run}"
+        procs = peer.start(self.opts.processes, env, log, io=bool(webhook_url))
         try:
             workload.wait_completed(db, schema, n, like=f"{run}-%", alive=lambda: _alive(procs))
             wall = time.monotonic() - started
@@ -572,32 +577,43 @@ class Bench:
             )
 
     def notify(self) -> None:
-        """govflow's drain of events that each run a webhook to a slow receiver."""
-        if "govflow" not in self.opts.systems:
+        """Every system's drain of events that each run a webhook to a slow receiver."""
+        systems = [s for s in self.opts.systems if s != "reference"]  # it has no webhooks
+        if not systems:
             return
         port = free_port()
+        url = f"http://127.0.0.1:{port}/hook"
         proc = receiver.start(port, notify.DELAY_MS)
         try:
-            notify.setup(self.servers.database_url, f"http://127.0.0.1:{port}/hook")
+            if "govflow" in systems:
+                notify.setup(self.servers.database_url, url)
             for r in self._rounds("notify"):
-                result = self._attempt(
-                    "govflow",
-                    f"n{r}",
-                    functools.partial(
-                        self.govflow_drain, n=self.opts.notify_events,
-                        processes=self.opts.processes, kind=notify.EVENT_TYPE,
-                        make_env=notify.env_for(self.opts.notify_host_concurrency),
-                    ),
-                )  # fmt: skip
-                self.notified.append(result)
-                self.say(
-                    f"notify  govflow   run {r + 1}: {result['events_per_s']:8.0f} events/s"
-                    f" ({result['events']} webhooks answered after {notify.DELAY_MS:.0f} ms;"
-                    f" cores {result['cores']})"
-                )
+                for system in self._rotated(r):
+                    if system == "reference":
+                        continue
+                    result = self._attempt(
+                        system, f"n{r}{system[:2]}", self._notify_run(system, url)
+                    )
+                    self._record("notify", system, result)
+                    self.say(
+                        f"notify  {system:9} run {r + 1}: {result['events_per_s']:8.0f} events/s"
+                        f" ({result['events']} webhooks answered after {notify.DELAY_MS:.0f} ms;"
+                        f" cores {result['cores']})"
+                    )
         finally:
             proc.kill()
             proc.wait()
+
+    def _notify_run(self, system: str, url: str) -> Callable[[str], Run]:
+        """How one run of the notify scenario is measured for ``system``."""
+        if system == "govflow":
+            return functools.partial(
+                self.govflow_drain, n=self.opts.notify_events, processes=self.opts.processes,
+                kind=notify.EVENT_TYPE, make_env=notify.env_for(self.opts.notify_host_concurrency),
+            )  # fmt: skip
+        return functools.partial(
+            self.peer_drain, peers.PEERS[system], n=self.opts.notify_events, webhook_url=url
+        )
 
     def scale_on_cluster(self) -> None:
         """govflow on a Redis Cluster (3 primaries, 3 replicas) with 1 and 3 workers."""

@@ -30,8 +30,9 @@ WORKFLOW = {
         {"assign": {"assignee": "risk-team"}},
     ],
 }
-# The tables a peer's job writes, copied from govflow's schema.
-PEER_TABLES = ("workflow_executions", "tasks", "assignments")
+# The tables a peer's jobs write (the drain's, and the notify scenario's notifications),
+# copied from govflow's schema.
+PEER_TABLES = ("workflow_executions", "tasks", "assignments", "notifications")
 STALL_S = 90.0  # no execution completed for this long: the run has failed
 
 

@@ -2,9 +2,9 @@
 
 It runs govflow's drain, scaling, steady, publish, approvals, backlog and notify scenarios
 and the reference's drain against the test servers, the cluster scenario on a Redis Cluster
-of its own (1 and 3 workers over 8 partitions), plus BullMQ when ``benchmarks/.peers``
-already has it (nothing is installed here), and checks that ``summary.json`` holds the keys
-that tools read.
+of its own (1 and 3 workers over 8 partitions), plus BullMQ's drain, steady and notify runs
+when ``benchmarks/.peers`` already has it (nothing is installed here), and checks that
+``summary.json`` holds the keys that tools read.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ KEYS = [
     "steady.govflow.by_rate",
     "notify.govflow.events_per_s",
     "notify.best_peer",
+    "notify.ratio",
     "backlog.govflow",
     "scaling.govflow",
     "cluster.govflow",
@@ -103,5 +104,10 @@ def test_harness_writes_summary(
     if cheap_peer:
         assert summary["drain"]["best_peer"]["name"] == "bullmq"
         assert summary["drain"]["ratio"] > 0
+        assert summary["notify"]["bullmq"]["events"] == 100
+        assert summary["notify"]["best_peer"]["name"] == "bullmq"
+        assert summary["notify"]["ratio"] > 0
     else:
         assert summary["drain"]["best_peer"]["name"] is None
+        assert summary["notify"]["best_peer"]["name"] is None
+        assert summary["notify"]["ratio"] is None

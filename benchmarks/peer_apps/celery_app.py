@@ -1,7 +1,8 @@
-"""Celery (Redis broker): the job as two tasks, late acknowledgement (at least once).
+"""Celery (Redis broker): each job as two tasks, late acknowledgement (at least once).
 
-Worker: ``celery -A benchmarks.peer_apps.celery_app worker -Q $BENCH_QUEUE``.
-Producer: ``python -m benchmarks.peer_apps.celery_app RUN N RATE``.
+Worker: ``celery -A benchmarks.peer_apps.celery_app worker -Q $BENCH_QUEUE``; for the
+notify job, with ``--pool gevent`` (``peers.PEERS``).
+Producer: ``python -m benchmarks.peer_apps.celery_app RUN N RATE [drain|notify]``.
 """
 
 # mypy: disable-error-code="import-not-found,untyped-decorator"
@@ -13,7 +14,9 @@ import threading
 from typing import Any
 
 import psycopg
+import requests
 from celery import Celery
+from requests.adapters import HTTPAdapter
 
 from benchmarks.peer_apps import common
 
@@ -29,6 +32,12 @@ app.conf.update(
 )
 
 _local = threading.local()
+_connections = common.Connections()  # the notify job's, shared by its greenlets
+# One session (one pool of keep-alive connections) for every greenlet: the gevent pool
+# starts a greenlet per task, so a session per greenlet would connect anew for each, and
+# greenlets switch only on I/O, so sharing one is safe.
+_http = requests.Session()
+_http.mount("http://", HTTPAdapter(pool_maxsize=common.IO_SLOTS))
 
 
 def conn() -> psycopg.Connection[Any]:
@@ -49,10 +58,33 @@ def effects(job: dict[str, Any]) -> None:
     common.effects(conn(), job)
 
 
+@app.task(name="bench.notify_record")
+def notify_record(event: dict[str, Any]) -> None:
+    with _connections.connection() as db:
+        job = common.record(db, event, common.NOTIFY)
+    notify.delay(job)
+
+
+# A failed task is acknowledged all the same (task_acks_on_failure_or_timeout), so a
+# webhook that fails is retried by the task, 3 times, as Dramatiq and BullMQ retry theirs.
+@app.task(name="bench.notify", autoretry_for=(requests.RequestException,), max_retries=3)
+def notify(job: dict[str, Any]) -> None:
+    body, headers = common.webhook(job)
+    answer = _http.post(common.WEBHOOK_URL, data=body, headers=headers, timeout=10)
+    answer.raise_for_status()
+    with _connections.connection() as db:
+        common.notified(db, job, answer.status_code)
+
+
 def send(events: list[dict[str, Any]]) -> None:
     for event in events:
         record.delay(event)
 
 
+def send_notify(events: list[dict[str, Any]]) -> None:
+    for event in events:
+        notify_record.delay(event)
+
+
 if __name__ == "__main__":
-    common.produce_from_argv(send)
+    common.produce_from_argv({"drain": send, "notify": send_notify})

@@ -1,11 +1,12 @@
-"""taskiq with taskiq-redis's stream broker: the job as two async tasks.
+"""taskiq with taskiq-redis's stream broker: each job as two async tasks.
 
 The consumer group starts at ``0``, not taskiq's default ``$``, so a backlog published
 before the workers start is read (NOTES.md, "Running the peers side by side"); the
 producer also creates the group before it publishes.
 
-Worker: ``taskiq worker benchmarks.peer_apps.taskiq_app:broker``.
-Producer: ``python -m benchmarks.peer_apps.taskiq_app RUN N RATE``.
+Worker: ``taskiq worker benchmarks.peer_apps.taskiq_app:broker``; for the notify job,
+with ``--max-async-tasks`` (``peers.PEERS``).
+Producer: ``python -m benchmarks.peer_apps.taskiq_app RUN N RATE [drain|notify]``.
 """
 
 # mypy: disable-error-code="import-not-found,untyped-decorator"
@@ -19,13 +20,14 @@ import time
 import uuid
 from typing import Any
 
+import aiohttp
 import psycopg
 from taskiq import TaskiqEvents, TaskiqState
 from taskiq_redis import RedisStreamBroker
 
 from benchmarks.peer_apps import common
 
-SLOTS = 8  # connections per worker process; tasks beyond that wait for one
+SLOTS = common.DB_CONNECTIONS  # connections per worker process; tasks beyond wait for one
 
 broker = RedisStreamBroker(
     url=common.REDIS_URL,
@@ -35,6 +37,7 @@ broker = RedisStreamBroker(
     consumer_id="0",
 )
 _pool: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
+_http: list[aiohttp.ClientSession] = []  # the worker's one session, made at start-up
 
 
 @broker.on_event(TaskiqEvents.WORKER_STARTUP)
@@ -43,19 +46,25 @@ async def _connect(state: TaskiqState) -> None:
         _pool.put_nowait(
             await psycopg.AsyncConnection.connect(common.DATABASE_URL, autocommit=True)
         )
+    # As many keep-alive connections as tasks in flight (aiohttp's default limit is 100).
+    _http.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=common.IO_SLOTS)))
+
+
+@broker.on_event(TaskiqEvents.WORKER_SHUTDOWN)
+async def _disconnect(state: TaskiqState) -> None:
+    for session in _http:
+        await session.close()
 
 
 @broker.task(task_name="bench.record")
 async def record(event: dict[str, Any]) -> None:
+    row = common.execution_row(event)
     conn = await _pool.get()
     try:
-        exec_id = common.execution_id(event["id"])
-        await conn.execute(
-            common.INSERT_EXECUTION, (exec_id, event["id"], event["entity_id"], event["at"])
-        )
+        await conn.execute(common.INSERT_EXECUTION, row)
     finally:
         _pool.put_nowait(conn)
-    await effects.kiq({"execution_id": exec_id, **event})
+    await effects.kiq({"execution_id": row[0], **event})
 
 
 @broker.task(task_name="bench.effects")
@@ -73,8 +82,39 @@ async def effects(job: dict[str, Any]) -> None:
         _pool.put_nowait(conn)
 
 
-async def produce(run: str, n: int, rate: float) -> float:
+@broker.task(task_name="bench.notify_record")
+async def notify_record(event: dict[str, Any]) -> None:
+    row = common.execution_row(event, common.NOTIFY)
+    conn = await _pool.get()
+    try:
+        await conn.execute(common.INSERT_EXECUTION, row)
+    finally:
+        _pool.put_nowait(conn)
+    await notify.kiq({"execution_id": row[0], **event})
+
+
+@broker.task(task_name="bench.notify")
+async def notify(job: dict[str, Any]) -> None:
+    body, headers = common.webhook(job)
+    async with _http[0].post(common.WEBHOOK_URL, data=body, headers=headers) as answer:
+        await answer.read()
+        answer.raise_for_status()
+    conn = await _pool.get()
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                common.INSERT_NOTIFICATION,
+                (job["execution_id"], common.WEBHOOK_URL, common.message(job),
+                 common.idempotency_key(job), answer.status),
+            )  # fmt: skip
+            await conn.execute(common.FINISH, (job["execution_id"],))
+    finally:
+        _pool.put_nowait(conn)
+
+
+async def produce(run: str, n: int, rate: float, job: str) -> float:
     await broker.startup()  # creates the consumer group at 0 before anything is published
+    first = notify_record if job == "notify" else record
     started = time.perf_counter()
     sent = 0
     while sent < n:
@@ -85,7 +125,7 @@ async def produce(run: str, n: int, rate: float) -> float:
             if due <= sent:
                 await asyncio.sleep(max(0.0, sent / rate - (time.perf_counter() - started)))
                 continue
-        await asyncio.gather(*(record.kiq(common.event(run, i)) for i in range(sent, due)))
+        await asyncio.gather(*(first.kiq(common.event(run, i)) for i in range(sent, due)))
         sent = due
     seconds = time.perf_counter() - started
     await broker.shutdown()
@@ -94,4 +134,5 @@ async def produce(run: str, n: int, rate: float) -> float:
 
 if __name__ == "__main__":
     run, n, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    common.report(n, asyncio.run(produce(run, n, rate)))
+    job = sys.argv[4] if len(sys.argv) > 4 else "drain"
+    common.report(n, asyncio.run(produce(run, n, rate, job)))
