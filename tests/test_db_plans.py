@@ -121,7 +121,9 @@ async def test_known_executions_are_found_by_identity_on_an_empty_table(
         for i, uid in enumerate(SMALL_BATCH)
     ]
     async with pool.connection() as conn:
-        plan = await explain(conn, _NEW_EXECUTIONS.statement(), (_NEW_EXECUTIONS.parameter(rows), 60))
+        plan = await explain(
+            conn, _NEW_EXECUTIONS.statement(), (_NEW_EXECUTIONS.parameter(rows), 60)
+        )
     assert "workflow_executions_tenant_event_id_workflow_name_key" in plan, plan
     assert "Seq Scan on workflow_executions" not in plan, plan
     assert "Hash" not in plan, plan
