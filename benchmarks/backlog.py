@@ -5,7 +5,9 @@ after a deploy: no statistics, no history), unless ``GOVFLOW_BENCH_*`` names ser
 are then reused with truncated tables. Per size: the drain's events/s, the CPU Postgres
 spent per event, the workers' peak RSS, and Redis's memory when the backlog is in, when it
 is drained, and once the janitor has trimmed both streams back to ``GOVFLOW_RETENTION``
-entries (how long that took after the drain is ``trimmed_after_s``).
+entries (how long that took after the drain is ``trimmed_after_s``). One size is also
+drained by 1, 2 and 4 worker processes, each on servers of its own: whether a worker's peak
+RSS stays flat however the backlog is shared out.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def drain(
         )
         return {
             "events": result.events,
+            "processes": processes,
             "events_per_s": result.events_per_s,
             "seconds": result.seconds,
             "wall_s": round(wall, 1),

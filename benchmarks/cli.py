@@ -42,6 +42,14 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument(
         "--backlog", default="20000,100000,300000", help="backlog sizes, each on fresh servers"
     )
+    p.add_argument(
+        "--backlog-processes", default="1,2,4", help="worker processes to drain one backlog with"
+    )
+    p.add_argument(
+        "--backlog-processes-events",
+        type=int,
+        help="that backlog's size (default: the middle of --backlog, the smaller of two)",
+    )
     p.add_argument("--concurrency", type=int, default=2, help="govflow consumers per group")
     p.add_argument("--approvals", type=int, default=10_000, help="executions waiting, then decided")
     p.add_argument("--systems", default=",".join(SYSTEMS))
@@ -66,6 +74,8 @@ def parse(argv: list[str] | None) -> Options:
         scaling=[int(x) for x in a.scaling.split(",") if x],
         cluster=[int(x) for x in a.cluster.split(",") if x],
         backlog=[int(x) for x in a.backlog.split(",") if x],
+        backlog_processes=[int(x) for x in a.backlog_processes.split(",") if x],
+        backlog_processes_events=a.backlog_processes_events,
         notify_events=a.notify_events,
         notify_host_concurrency=a.notify_host_concurrency,
         rates=[float(x) for x in a.rates.split(",") if x],
@@ -88,6 +98,9 @@ def parse(argv: list[str] | None) -> Options:
         opts.approvals = min(opts.approvals, opts.events)
         if a.backlog == p.get_default("backlog"):
             opts.backlog = [100, 300]
+        if a.backlog_processes == p.get_default("backlog_processes"):
+            # One process (the backlog's own run, reused) and one more, started for it.
+            opts.backlog_processes = [1, 2]
         if a.notify_events == p.get_default("notify_events"):
             opts.notify_events = 100
         if a.rates == p.get_default("rates"):

@@ -191,6 +191,8 @@ def summarize(bench: Bench, versions: dict[str, str], elapsed: float) -> dict[st
             "govflow": {str(n): run for n, run in sorted(bench.backlog.items())},
             "retention": backlog.RETENTION,
             "processes": opts.processes,
+            "by_processes": {str(p): run for p, run in sorted(bench.backlog_processes.items())},
+            "by_processes_events": opts.backlog_by_processes() if bench.backlog_processes else None,
         },
         "notify": notify_summary(bench),
         "publish": publish,
@@ -304,11 +306,36 @@ def backlog_table(summary: dict[str, Any]) -> Table:
                    "within retention after"):  # fmt: skip
         t.add_column(column, justify="right")
     for n, d in b["govflow"].items():
-        mb = d["redis_mb"]
-        after = "-" if d["trimmed_after_s"] is None else f"{d['trimmed_after_s']} s"
         t.add_row(
             f"{int(n):,}", f"{d['events_per_s']:,.0f}", str(d["postgres_us_per_event"]),
-            str(d["peak_rss_mb"]), f"{mb['published']} / {mb['drained']} / {mb['trimmed']}", after,
+            str(d["peak_rss_mb"]), *_redis_cells(d),
+        )  # fmt: skip
+    return t
+
+
+def _redis_cells(run: dict[str, Any]) -> tuple[str, str]:
+    """A backlog drain's Redis MiB (published / drained / trimmed) and when it was trimmed."""
+    mb, after = run["redis_mb"], run["trimmed_after_s"]
+    memory = f"{mb['published']} / {mb['drained']} / {mb['trimmed']}"
+    return memory, "-" if after is None else f"{after} s"
+
+
+def backlog_processes_table(summary: dict[str, Any]) -> Table:
+    """govflow's drain of one backlog size by worker processes, each on fresh servers."""
+    b = summary["backlog"]
+    t = Table(
+        title=escape(
+            f"govflow's drain of {b['by_processes_events']:,} events by worker processes (fresh"
+            " servers each; Redis MiB when published, drained, and back within retention)"
+        )
+    )
+    for column in ("processes", "events/s", "Postgres us/event",
+                   "worker us/event, start-up in", "peak RSS MiB / worker", "Redis MiB", "within retention after"):  # fmt: skip
+        t.add_column(column, justify="right")
+    for p, d in b["by_processes"].items():
+        t.add_row(
+            p, f"{d['events_per_s']:,.0f}", str(d["postgres_us_per_event"]),
+            str(d["worker_us_per_event"]), str(d["peak_rss_mb"]), *_redis_cells(d),
         )  # fmt: skip
     return t
 
@@ -324,6 +351,8 @@ def write(summary: dict[str, Any], out: Path, console: Console | None = None) ->
         console.print(cluster_table(summary))
     if summary["backlog"]["govflow"]:
         console.print(backlog_table(summary))
+    if summary["backlog"]["by_processes"]:
+        console.print(backlog_processes_table(summary))
     d = summary["drain"]
     if d.get("ratio") is not None:
         console.print(

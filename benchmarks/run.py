@@ -16,7 +16,8 @@
   approval, resumed by decisions; resume throughput and latency (``benchmarks.approvals``).
 - backlog: govflow's drain of 20,000, 100,000 and 300,000 events, each on servers of its
   own (``benchmarks.backlog``): whether the cost of an event stays flat, and whether Redis
-  memory comes back down after the drain.
+  memory comes back down after the drain; and the 100,000 drained by 1, 2 and 4 worker
+  processes: whether a worker's peak RSS stays flat as the backlog is shared out.
 - notify: every system's drain of events that each run a webhook to a receiver answering
   after 50 ms (``benchmarks.notify``); the peers' workers run with the concurrency each one
   recommends for I/O-bound jobs (``peers.Peer.io_worker``).
@@ -81,6 +82,8 @@ class Options:
     scaling: list[int] = field(default_factory=lambda: [1, 2, 4])
     cluster: list[int] = field(default_factory=lambda: [1, 3])  # worker processes
     backlog: list[int] = field(default_factory=lambda: [20_000, 100_000, 300_000])  # events
+    backlog_processes: list[int] = field(default_factory=lambda: [1, 2, 4])  # worker processes
+    backlog_processes_events: int | None = None  # drained by each; None: the middle size
     notify_events: int = 5_000  # the notify scenario's backlog
     notify_host_concurrency: int | None = None  # None: govflow's default
     rates: list[float] = field(default_factory=lambda: [1000.0, 2000.0, 4000.0])  # govflow
@@ -97,6 +100,17 @@ class Options:
     approvals: int = 10_000  # executions waiting, then resumed by decisions
     budget: float = 570.0  # seconds; runs after a scenario's first stop when its share is spent
 
+    def backlog_by_processes(self) -> int | None:
+        """The backlog size drained with each of ``backlog_processes``; None: no size.
+
+        The middle of ``backlog`` unless set (the smaller of two): large enough to outlast
+        the workers' start-up, small enough that one process drains it in half a minute.
+        """
+        if self.backlog_processes_events is not None:
+            return self.backlog_processes_events
+        sizes = sorted(self.backlog)
+        return sizes[(len(sizes) - 1) // 2] if sizes else None
+
 
 Run = dict[str, Any]
 
@@ -112,6 +126,7 @@ class Bench:
         self.cluster: dict[int, list[Run]] = {}  # runs on the Redis Cluster, by processes
         self.approvals: list[Run] = []  # govflow's runs of the approvals scenario
         self.backlog: dict[int, Run] = {}  # one drain per backlog size, on fresh servers
+        self.backlog_processes: dict[int, Run] = {}  # one size's drain, by worker processes
         self.commit_ts = workload.commit_timestamps(found.database_url)
         self.tag = f"{opts.prefix}-{secrets.token_hex(3)}"
         self.load = [os.getloadavg()[0]]  # others' work on the machine skews the figures
@@ -553,28 +568,43 @@ class Bench:
             )
 
     def drain_backlogs(self) -> None:
-        """govflow's drain of each backlog size, once each, on servers of its own.
+        """govflow's drain of each backlog size, then of one size by each process count.
 
-        One round, outside the time budget: the three sizes take about three minutes.
+        Every drain runs once, on servers of its own, outside the time budget: the three
+        sizes take about three minutes, the 100,000 by 1 and 4 processes about one more.
+        The drain at ``processes`` of a size already drained is not run twice.
         """
         if "govflow" not in self.opts.systems:
             return
         for n in self.opts.backlog:
-            result = self._attempt(
-                "govflow",
-                f"b{n}",
-                functools.partial(
-                    backlog.drain, n=n, processes=self.opts.processes,
-                    concurrency=self.opts.concurrency, logs=self.logs, tag=self.tag,
-                ),
-            )  # fmt: skip
-            self.backlog[n] = result
-            self.say(
-                f"backlog govflow {n:>7,} events: {result['events_per_s']:8.0f} events/s,"
-                f" Postgres {result['postgres_us_per_event']} us/event, Redis"
-                f" {result['redis_mb']} MiB, within retention {result['trimmed_after_s']} s"
-                " after the drain"
-            )
+            self.backlog[n] = self._drain_backlog(f"b{n}", n, self.opts.processes)
+        size = self.opts.backlog_by_processes()
+        if size is None:
+            return
+        for processes in self.opts.backlog_processes:
+            if processes == self.opts.processes and size in self.backlog:
+                self.backlog_processes[processes] = self.backlog[size]
+            else:
+                run = f"b{size}p{processes}"
+                self.backlog_processes[processes] = self._drain_backlog(run, size, processes)
+
+    def _drain_backlog(self, run: str, n: int, processes: int) -> Run:
+        """Drain ``n`` events with ``processes`` workers on servers of their own."""
+        result = self._attempt(
+            "govflow",
+            run,
+            functools.partial(
+                backlog.drain, n=n, processes=processes, concurrency=self.opts.concurrency,
+                logs=self.logs, tag=self.tag,
+            ),
+        )  # fmt: skip
+        self.say(
+            f"backlog govflow {n:>7,} events x{processes}: {result['events_per_s']:8.0f}"
+            f" events/s, Postgres {result['postgres_us_per_event']} us/event, peak RSS"
+            f" {result['peak_rss_mb']} MiB, Redis {result['redis_mb']} MiB, within retention"
+            f" {result['trimmed_after_s']} s after the drain"
+        )
+        return result
 
     def notify(self) -> None:
         """Every system's drain of events that each run a webhook to a slow receiver."""

@@ -1,10 +1,10 @@
 """The benchmark harness on a tiny input, so that it cannot rot (the benchmark is no test).
 
-It runs govflow's drain, scaling, steady, publish, approvals, backlog and notify scenarios
-and the reference's drain against the test servers, the cluster scenario on a Redis Cluster
-of its own (1 and 3 workers over 8 partitions), plus BullMQ's drain, steady and notify runs
-when ``benchmarks/.peers`` already has it (nothing is installed here), and checks that
-``summary.json`` holds the keys that tools read.
+It runs govflow's drain, scaling, steady, publish, approvals, backlog (by size and by worker
+processes) and notify scenarios and the reference's drain against the test servers, the
+cluster scenario on a Redis Cluster of its own (1 and 3 workers over 8 partitions), plus
+BullMQ's drain, steady and notify runs when ``benchmarks/.peers`` already has it (nothing is
+installed here), and checks that ``summary.json`` holds the keys that tools read.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ KEYS = [
     "notify.best_peer",
     "notify.ratio",
     "backlog.govflow",
+    "backlog.by_processes",
     "scaling.govflow",
     "cluster.govflow",
     "cluster.partitions",
@@ -98,6 +99,16 @@ def test_harness_writes_summary(
         assert d["events"] == int(n)
         assert d["events_per_s"] > 0
         assert d["redis_mb"]["published"] > 0
+    # --quick drains the smaller size with 1 process (its own run, reused) and with 2.
+    by_processes = summary["backlog"]["by_processes"]
+    assert summary["backlog"]["by_processes_events"] == 100
+    assert set(by_processes) == {"1", "2"}
+    assert by_processes["1"] == backlogs["100"]
+    for p, d in by_processes.items():
+        assert d["processes"] == int(p)
+        assert d["events"] == 100
+        assert d["events_per_s"] > 0
+        assert d["peak_rss_mb"] > 0
     cluster = summary["cluster"]["detail"]["govflow"]
     assert set(cluster) == {"1", "3"}
     assert all(d["events_per_s"] > 0 and d["balanced_s"] > 0 for d in cluster.values())
