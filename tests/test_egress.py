@@ -259,3 +259,18 @@ async def test_webhooks_to_one_receiver_are_in_flight_together_and_keep_their_co
         assert await wave(http) == [200] * 32
     assert opened == 32
     assert receiver.connections == opened  # the second wave reused the first's connections
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:s3cret@hooks.example.org:70000/in",  # port out of range
+        "http://user:s3cret@hooks.example.org:https/in",  # port not a number
+        "http://[2001:db8::1/in",  # unclosed IPv6 address
+    ],
+)
+def test_a_url_that_cannot_be_read_is_refused_for_good_without_its_password(url: str) -> None:
+    """Retrying could never help, and the reason must not leak the URL's password."""
+    with pytest.raises(PermanentError, match="webhook URL cannot be read") as refused:
+        webhook.check_host(url, frozenset())
+    assert "s3cret" not in str(refused.value)

@@ -54,12 +54,19 @@ def signature(keys: Sequence[str], body: bytes) -> str:
 
 
 def check_host(url: str, allowed: frozenset[str]) -> None:
-    """Refuse a URL that is not http(s), or whose host the operator did not allow.
+    """Refuse a URL that is not http(s), cannot be read, or whose host the operator did
+    not allow.
 
     Raises:
         PermanentError: the URL can never be delivered to.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - read for the error: a port out of range, or not a number
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as e:
+        # The reason names the part at fault, never the URL: it may carry a password.
+        raise PermanentError(f"webhook URL cannot be read: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         # Scheme and host only: the URL may carry a password.
         raise PermanentError(
