@@ -253,7 +253,7 @@ def table(summary: dict[str, Any]) -> Table:
         latency = (
             [_range(s, "p50_ms", ",.1f"), _range(s, "p99_ms", ",.1f"), _range(s, "max_ms", ",.0f")]
             if "skipped" not in s
-            else ["overloaded", "-", "-"]
+            else [_why_not(s["skipped"]), "-", "-"]
         )
         t.add_row(
             system, version, _range(d, "events_per_s"),
@@ -262,6 +262,11 @@ def table(summary: dict[str, Any]) -> Table:
             _range(notified.get(system, {}), "events_per_s"),
         )  # fmt: skip
     return t
+
+
+def _why_not(skipped: str) -> str:
+    """The cell of a steady load not run: overloaded, or not measured at all."""
+    return "overloaded" if skipped.startswith("overloaded") else "not run"
 
 
 def scaling_table(summary: dict[str, Any]) -> Table:
@@ -346,7 +351,8 @@ def write(summary: dict[str, Any], out: Path, console: Console | None = None) ->
     path = out / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     console.print(table(summary))
-    console.print(scaling_table(summary))
+    if summary["scaling"]["detail"]["govflow"]:
+        console.print(scaling_table(summary))
     if summary["cluster"]["govflow"]:
         console.print(cluster_table(summary))
     if summary["backlog"]["govflow"]:
