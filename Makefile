@@ -59,7 +59,7 @@ format: install
 
 # govflow and its peers side by side (benchmarks/README.md): starts its own Redis and
 # Postgres, installs the peers into benchmarks/.peers/, writes benchmarks/out/summary.json
-# and bench.png, prints the table. Under 10 minutes on 2 cores. BENCH_ARGS="--quick" etc.
+# and bench.png, prints the table. About 10 minutes on 2 cores. BENCH_ARGS="--quick" etc.
 bench: install
 	uv run python -m benchmarks $(BENCH_ARGS)
 
