@@ -41,8 +41,8 @@ PY_PACKAGES = [
 ]
 NPM_PACKAGES = ["bullmq", "ioredis", "pg"]
 STOP_TIMEOUT = 20.0
-# Jobs in flight per worker process in the notify scenario: govflow's default bound on
-# webhooks in flight to one host per worker (GOVFLOW_WEBHOOK_HOST_CONCURRENCY).
+# Jobs in flight per worker process in the notify scenario, for the peers as for govflow
+# (its GOVFLOW_WEBHOOK_HOST_CONCURRENCY there).
 IO_SLOTS = 64
 # What the peers' venv must hold besides the peers: checked by ``install``.
 PY_NEEDED = ("matplotlib", "gevent", "requests", "aiohttp")

@@ -86,9 +86,7 @@ def notify_summary(bench: Bench) -> dict[str, Any]:
         "ratio": ratio,
         "receiver_delay_ms": notify.DELAY_MS,
         "io_concurrency": notify.DEFAULTS.io_concurrency,
-        "webhook_host_concurrency": (
-            opts.notify_host_concurrency or notify.DEFAULTS.webhook_host_concurrency
-        ),
+        "webhook_host_concurrency": (opts.notify_host_concurrency or notify.IN_FLIGHT),
         # The peers' jobs in flight per worker process (each one's I/O-bound configuration).
         "peer_in_flight": peers.IO_SLOTS,
     }

@@ -85,7 +85,7 @@ class Options:
     backlog_processes: list[int] = field(default_factory=lambda: [1, 2, 4])  # worker processes
     backlog_processes_events: int | None = None  # drained by each; None: the middle size
     notify_events: int = 5_000  # the notify scenario's backlog
-    notify_host_concurrency: int | None = None  # None: govflow's default
+    notify_host_concurrency: int | None = None  # None: as many as a peer (notify.IN_FLIGHT)
     rates: list[float] = field(default_factory=lambda: [1000.0, 2000.0, 4000.0])  # govflow
     rate_duration: float = 10.0  # seconds each of ``rates`` is offered
     partitions: int = 8  # on the cluster

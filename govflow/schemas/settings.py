@@ -39,10 +39,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     webhook_secret: str = ""
     webhook_timeout: Seconds = 10.0
     webhook_allowed_hosts: str = ""  # space-separated; empty: public addresses only
-    webhook_host_concurrency: Positive = 64  # webhooks in flight to one host, per worker
+    webhook_host_concurrency: Positive = 8  # webhooks in flight to one host, per worker
     webhook_key_grace: Seconds = 86_400.0  # a rotated-out signing key still signs this long
     step_timeout: Seconds = 60.0  # a step's time limit, unless its definition sets one
-    io_concurrency: Positive = 128  # I/O steps (webhooks) in flight per worker
+    io_concurrency: Positive = 64  # I/O steps (webhooks) in flight per worker
     hold_max: Seconds = 600.0  # a batch held for an unavailable server, before it counts
     partitions: Positive = 1
     lease_ttl: Seconds = 10.0  # a partition's lease (partitions > 1); renewed every third
