@@ -15,9 +15,11 @@ Producer: ``python -m benchmarks.peer_apps.taskiq_app RUN N RATE [drain|notify]`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -56,41 +58,43 @@ async def _disconnect(state: TaskiqState) -> None:
         await session.close()
 
 
-@broker.task(task_name="bench.record")
-async def record(event: dict[str, Any]) -> None:
-    row = common.execution_row(event)
+@contextlib.asynccontextmanager
+async def _borrowed() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """One of the worker's connections, for the length of the block."""
     conn = await _pool.get()
     try:
-        await conn.execute(common.INSERT_EXECUTION, row)
+        yield conn
     finally:
         _pool.put_nowait(conn)
-    await effects.kiq({"execution_id": row[0], **event})
+
+
+async def _record_execution(event: dict[str, Any], workflow: str) -> dict[str, Any]:
+    """Task 1's SQL for an event of ``workflow``; return task 2's argument."""
+    row = common.execution_row(event, workflow)
+    async with _borrowed() as conn:
+        await conn.execute(common.INSERT_EXECUTION, row)
+    return {"execution_id": row[0], **event}
+
+
+@broker.task(task_name="bench.record")
+async def record(event: dict[str, Any]) -> None:
+    await effects.kiq(await _record_execution(event, common.DRAIN))
 
 
 @broker.task(task_name="bench.effects")
 async def effects(job: dict[str, Any]) -> None:
-    conn = await _pool.get()
-    try:
-        async with conn.transaction():
-            await conn.execute(
-                common.INSERT_TASK,
-                (job["execution_id"], job["entity_id"], f"Review {job['title']}", job["owner"]),
-            )
-            await conn.execute(common.INSERT_ASSIGNMENT, (job["execution_id"], job["entity_id"]))
-            await conn.execute(common.FINISH, (job["execution_id"],))
-    finally:
-        _pool.put_nowait(conn)
+    async with _borrowed() as conn, conn.transaction():
+        await conn.execute(
+            common.INSERT_TASK,
+            (job["execution_id"], job["entity_id"], f"Review {job['title']}", job["owner"]),
+        )
+        await conn.execute(common.INSERT_ASSIGNMENT, (job["execution_id"], job["entity_id"]))
+        await conn.execute(common.FINISH, (job["execution_id"],))
 
 
 @broker.task(task_name="bench.notify_record")
 async def notify_record(event: dict[str, Any]) -> None:
-    row = common.execution_row(event, common.NOTIFY)
-    conn = await _pool.get()
-    try:
-        await conn.execute(common.INSERT_EXECUTION, row)
-    finally:
-        _pool.put_nowait(conn)
-    await notify.kiq({"execution_id": row[0], **event})
+    await notify.kiq(await _record_execution(event, common.NOTIFY))
 
 
 @broker.task(task_name="bench.notify")
@@ -99,17 +103,13 @@ async def notify(job: dict[str, Any]) -> None:
     async with _http[0].post(common.WEBHOOK_URL, data=body, headers=headers) as answer:
         await answer.read()
         answer.raise_for_status()
-    conn = await _pool.get()
-    try:
-        async with conn.transaction():
-            await conn.execute(
-                common.INSERT_NOTIFICATION,
-                (job["execution_id"], common.WEBHOOK_URL, common.message(job),
-                 common.idempotency_key(job), answer.status),
-            )  # fmt: skip
-            await conn.execute(common.FINISH, (job["execution_id"],))
-    finally:
-        _pool.put_nowait(conn)
+    async with _borrowed() as conn, conn.transaction():
+        await conn.execute(
+            common.INSERT_NOTIFICATION,
+            (job["execution_id"], common.WEBHOOK_URL, common.message(job),
+             common.idempotency_key(job), answer.status),
+        )  # fmt: skip
+        await conn.execute(common.FINISH, (job["execution_id"],))
 
 
 async def produce(run: str, n: int, rate: float, job: str) -> float:
