@@ -311,10 +311,44 @@ class Bench:
         workload.reset(db, schema)
         published_s = gf.publish(self.servers.redis_url, prefix, gf.events(run, n))
         env = reference.env(self.servers.redis_url, db, prefix)
+        log = self.logs / f"reference-{run}"
+        return self._drained(
+            run, n, schema, prefix, published_s,
+            lambda: reference.start(self.opts.processes, self.opts.concurrency, env, log),
+        )  # fmt: skip
+
+    # -- the peers ---------------------------------------------------------------------
+
+    def peer_drain(self, peer: peers.Peer, run: str, n: int, webhook_url: str = "") -> Run:
+        """Enqueue ``n`` first jobs, then drain them with the peer's worker processes.
+
+        With ``webhook_url`` the jobs are the notify scenario's, each a webhook to that
+        receiver, and the workers are configured for I/O-bound jobs.
+        """
+        db, schema, queue = self.servers.database_url, f"bench_{peer.name}", f"{self.tag}-{run}"
+        workload.reset(db, schema)
+        env = peer.env(self.servers.redis_url, db, schema, queue, webhook_url)
+        enqueued = peer.produce(env, run, n, 0, "notify" if webhook_url else "drain")
+        log = self.logs / f"{peer.name}-{run}"
+        return self._drained(
+            run, n, schema, queue, enqueued["seconds"],
+            lambda: peer.start(self.opts.processes, env, log, io=bool(webhook_url)),
+        )  # fmt: skip
+
+    def _drained(
+        self,
+        run: str,
+        n: int,
+        schema: str,
+        prefix: str,
+        published_s: float,
+        start: Callable[[], list[subprocess.Popen[bytes]]],
+    ) -> Run:
+        """Start the workers (``start``) on a published backlog of ``n``, wait until ``schema``
+        shows it completed, stop them and clear the keys under ``prefix``; the figures."""
+        db = self.servers.database_url
         before, started = self._server_cpu(), time.monotonic()
-        procs = reference.start(
-            self.opts.processes, self.opts.concurrency, env, self.logs / f"reference-{run}"
-        )
+        procs = start()
         try:
             workload.wait_completed(db, schema, n, like=f"{run}-%", alive=lambda: _alive(procs))
             wall = time.monotonic() - started
@@ -331,41 +365,6 @@ class Bench:
             "seconds": result.seconds,
             "wall_s": wall,
             "publish_events_per_s": n / published_s,
-            "cores": self._cores(before, after, worker_cpu, wall),
-            "sched": {**sched, "wall_s": round(wall * self.opts.processes, 2)},
-        }
-
-    # -- the peers ---------------------------------------------------------------------
-
-    def peer_drain(self, peer: peers.Peer, run: str, n: int, webhook_url: str = "") -> Run:
-        """Enqueue ``n`` first jobs, then drain them with the peer's worker processes.
-
-        With ``webhook_url`` the jobs are the notify scenario's, each a webhook to that
-        receiver, and the workers are configured for I/O-bound jobs.
-        """
-        db, schema, queue = self.servers.database_url, f"bench_{peer.name}", f"{self.tag}-{run}"
-        workload.reset(db, schema)
-        env = peer.env(self.servers.redis_url, db, schema, queue, webhook_url)
-        enqueued = peer.produce(env, run, n, 0, "notify" if webhook_url else "drain")
-        before, started = self._server_cpu(), time.monotonic()
-        log = self.logs / f"{peer.name}-{run}"
-        procs = peer.start(self.opts.processes, env, log, io=bool(webhook_url))
-        try:
-            workload.wait_completed(db, schema, n, like=f"{run}-%", alive=lambda: _alive(procs))
-            wall = time.monotonic() - started
-            worker_cpu = cpu.trees_cpu([p.pid for p in procs])
-            after = self._server_cpu()
-            sched = cpu.sched([p.pid for p in procs])
-        finally:
-            peers.stop(procs)
-            gf.cleanup(self.servers.redis_url, queue)
-        result = workload.measure(db, schema, like=f"{run}-%", commit_ts=self.commit_ts)
-        return {
-            "events": result.events,
-            "events_per_s": result.events_per_s,
-            "seconds": result.seconds,
-            "wall_s": wall,
-            "publish_events_per_s": n / enqueued["seconds"],
             "cores": self._cores(before, after, worker_cpu, wall),
             "sched": {**sched, "wall_s": round(wall * self.opts.processes, 2)},
         }
