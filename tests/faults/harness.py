@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -235,8 +235,11 @@ async def some_ready(workers: Workers, within: float = 90.0) -> list[int]:
     return ready
 
 
-async def wait_in_hand(redis_url: str, pid: int, within: float, keys: Keys | None = None) -> bool:
-    """Wait until the worker process ``pid`` holds entries (delivered, not acknowledged)."""
+async def holders(
+    redis_url: str, pids: Collection[int], within: float, keys: Keys | None = None
+) -> list[int]:
+    """Wait until some of the worker processes ``pids`` hold entries (delivered, not
+    acknowledged); return those that do, or none once ``within`` seconds passed."""
     redis = Redis.from_url(redis_url, socket_timeout=5)
     keys = keys or Keys(PREFIX)
     places = [
@@ -247,16 +250,20 @@ async def wait_in_hand(redis_url: str, pid: int, within: float, keys: Keys | Non
     deadline = time.monotonic() + within
     try:
         while time.monotonic() < deadline:
+            holding: set[int] = set()
             for stream, group in places:
                 try:
                     summary = await redis.xpending(stream, group)
                 except redis_errors.ResponseError:
                     continue  # no group yet
                 for consumer in summary["consumers"]:
-                    if f"-{pid}-" in consumer["name"].decode() and int(consumer["pending"]):
-                        return True
+                    name = consumer["name"].decode()
+                    if int(consumer["pending"]):
+                        holding.update(pid for pid in pids if f"-{pid}-" in name)
+            if holding:
+                return sorted(holding)
             await anyio.sleep(0.01)
-        return False
+        return []
     finally:
         await redis.aclose()
 
@@ -302,17 +309,20 @@ async def kill_one(
     keys: Keys | None = None,
     before_kill: Callable[[int], Awaitable[object]] | None = None,
 ) -> bool:
-    """SIGKILL a started worker, picked at random, and start it again; return whether it
-    held entries. It is killed once it holds some, or ``within`` seconds passed;
+    """SIGKILL a started worker and start it again; return whether it held entries.
+
+    The victim is one of the workers that hold entries, picked at random, as soon as one
+    does; after ``within`` seconds with none, any started worker. (Waiting on a victim
+    picked beforehand missed the work whenever that one held no partition's lease.)
     ``before_kill`` is called with its pid first when it holds some."""
-    slot = random.choice(await some_ready(workers))  # not one still starting up
-    pid = workers.procs[slot].pid
-    busy = await wait_in_hand(redis_url, pid, within, keys)
+    slot_of = {workers.procs[slot].pid: slot for slot in await some_ready(workers)}
+    busy = await holders(redis_url, slot_of, within, keys)
+    pid = random.choice(busy or list(slot_of))
     if busy and before_kill is not None:
         await before_kill(pid)
-    workers.kill(slot)
-    workers.start(slot)
-    return busy
+    workers.kill(slot_of[pid])
+    workers.start(slot_of[pid])
+    return bool(busy)
 
 
 async def kill_at_work(

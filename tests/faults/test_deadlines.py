@@ -10,7 +10,6 @@ every worker killed in between. Every approval and task here waits with a due ti
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -26,10 +25,9 @@ from tests.faults.harness import (
     apply_workflows,
     expected_of,
     jitter,
+    kill_one,
     record,
     settle,
-    some_ready,
-    wait_in_hand,
     wait_started,
 )
 from tests.faults.servers import RedisServer
@@ -70,10 +68,7 @@ async def publish_while_killing(
     async with anyio.create_task_group() as tg:
         tg.start_soon(producer.run, events)
         while kills < KILLS or len(producer.accepted) < len(events):
-            slot = random.choice(await some_ready(workers))
-            in_work += await wait_in_hand(redis_url, workers.procs[slot].pid, 1.0)
-            workers.kill(slot)
-            workers.start(slot)
+            in_work += await kill_one(redis_url, workers, within=1.0)
             kills += 1
             await anyio.sleep(jitter(0.1, 0.6))
     return in_work
