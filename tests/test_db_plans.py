@@ -98,9 +98,14 @@ async def explain(conn: psycopg.AsyncConnection[Any], query: str, params: tuple[
     ("name", "query", "params"),
     [
         ("lock", fencing.LOCK, (id_array(SMALL_BATCH),)),
-        ("claim", fencing.CLAIM, (id_array(SMALL_BATCH), "{}")),
+        ("claim", fencing.CLAIM, (id_array(SMALL_BATCH),)),
         ("hold", fencing.HOLD, (id_array(SMALL_BATCH), "{" + ",".join(["1"] * 10) + "}")),
-        ("finish", FINISH, (id_array(SMALL_BATCH),)),
+        ("finish", FINISH.format(started=""), (id_array(SMALL_BATCH),)),
+        (
+            "finish started",
+            FINISH.format(started=fencing.started_items(True)),
+            (id_array(SMALL_BATCH),),
+        ),
     ],
 )
 async def test_executions_are_locked_and_updated_by_key_on_an_empty_table(

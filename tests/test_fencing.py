@@ -1,8 +1,10 @@
 """Fencing tokens on executions, on two real connections: the newer delivery wins.
 
-Each connection plays one worker: it claims the execution (its delivery's token), then
-writes in a transaction that first holds the token. The older token is refused, and its
-writes never happen; a terminal execution is never claimed again, except by a replay.
+Each connection plays one worker: it locks and claims the execution (its delivery's
+token), then writes in a transaction that first holds the token. The older token is
+refused, and its writes never happen; a terminal execution is never claimed again, except
+by a replay. A delivery that runs whole in the transaction that locked it is started by
+its final write, and fences off an older one all the same.
 """
 
 from __future__ import annotations
@@ -81,14 +83,21 @@ async def status_of(pool: AsyncConnectionPool[Any], exec_id: str) -> tuple[str, 
     return row[0], row[1], row[2]
 
 
+async def start(
+    conn: AsyncConnection[Any], ids: list[str], *, replays: list[str] | None = None
+) -> dict[str, int]:
+    """Start deliveries as a worker about to call the outside world does: lock, claim and
+    commit; their tokens."""
+    async with conn.transaction():
+        return await fencing.claim(conn, await fencing.lock(conn, ids, replays=replays or []))
+
+
 async def claimed_twice(
     stale: AsyncConnection[Any], owner: AsyncConnection[Any], exec_id: str
 ) -> tuple[int, int]:
     """The epochs of two deliveries of one execution: the stalled one's, then the owner's."""
-    async with stale.transaction():
-        old = (await fencing.claim(stale, [exec_id]))[exec_id]
-    async with owner.transaction():
-        new = (await fencing.claim(owner, [exec_id]))[exec_id]
+    old = (await start(stale, [exec_id]))[exec_id]
+    new = (await start(owner, [exec_id]))[exec_id]
     return old, new
 
 
@@ -151,12 +160,10 @@ async def test_a_claim_waits_for_the_holder_then_finds_the_execution_finished(
         await AsyncConnection.connect(database_url) as first,
         await AsyncConnection.connect(database_url) as second,
     ):
-        async with first.transaction():
-            epoch = (await fencing.claim(first, [exec_id]))[exec_id]
+        epoch = (await start(first, [exec_id]))[exec_id]
 
         async def claim_meanwhile() -> None:
-            async with second.transaction():
-                claimed.append(await fencing.claim(second, [exec_id]))
+            claimed.append(await start(second, [exec_id]))
 
         async with anyio.create_task_group() as tg, first.transaction():
             assert await fencing.hold(first, {exec_id: epoch}) == set()
@@ -174,13 +181,41 @@ async def test_a_terminal_execution_is_claimed_again_only_by_a_replay(
 ) -> None:
     exec_id = await queued_execution(pool)
     async with pool.connection() as conn:
-        epoch = (await fencing.claim(conn, [exec_id]))[exec_id]
+        epoch = (await start(conn, [exec_id]))[exec_id]
         await dead_letter(conn, exec_id, epoch)
-        assert await fencing.claim(conn, [exec_id]) == {}
-        replayed = await fencing.claim(conn, [exec_id], replays=[exec_id])
+        assert await start(conn, [exec_id]) == {}
+        replayed = await start(conn, [exec_id], replays=[exec_id])
         assert replayed == {exec_id: epoch + 1}
         await complete(conn, exec_id, epoch + 1)
-        assert await fencing.claim(conn, [exec_id], replays=[exec_id]) == {}
+        assert await start(conn, [exec_id], replays=[exec_id]) == {}
+    assert await status_of(pool, exec_id) == ("completed", 2, 1)
+
+
+async def test_a_delivery_started_by_its_final_write_fences_off_an_older_one(
+    pool: AsyncConnectionPool[Any], database_url: str
+) -> None:
+    exec_id = await queued_execution(pool)
+    async with (
+        await AsyncConnection.connect(database_url) as stale,
+        await AsyncConnection.connect(database_url) as owner,
+    ):
+        old = (await start(stale, [exec_id]))[exec_id]
+        # The owner locks, runs and records in one transaction: no claim, one row update.
+        async with owner.transaction():
+            locked = await fencing.lock(owner, [exec_id])
+            assert locked == {exec_id: old}
+            assert await fencing.hold(owner, locked) == set()
+            await executions.complete_steps(owner, [(exec_id, 1, "create_task")])
+            await executions.finish(owner, [exec_id], started=True)
+            cur = await owner.execute(
+                "SELECT n_tup_upd FROM pg_stat_xact_user_tables"
+                " WHERE relname = 'workflow_executions'"
+            )
+            assert await cur.fetchone() == (1,)
+        with pytest.raises(fencing.Fenced):
+            await dead_letter(stale, exec_id, old)
+        cur = await owner.execute("SELECT epoch FROM workflow_executions WHERE id = %s", (exec_id,))
+        assert await cur.fetchone() == (old + 1,)  # moved on, as a claim would have moved it
     assert await status_of(pool, exec_id) == ("completed", 2, 1)
 
 
@@ -198,8 +233,8 @@ async def test_hold_refuses_only_the_stale_executions_of_a_batch(
                 )
             ],
         )
-        tokens = await fencing.claim(conn, [first, second])
-        await fencing.claim(conn, [second])  # a newer delivery of the second
+        tokens = await start(conn, [first, second])
+        await start(conn, [second])  # a newer delivery of the second
         async with conn.transaction():
             assert await fencing.hold(conn, tokens) == {second}
 

@@ -18,8 +18,9 @@ called:
    claim or its lease) writes nothing, and its entry is left to the worker that owns it.
 
 A batch with nothing to perform outside (every step a database one) skips the second
-move and records in the transaction that started it: one commit, not two, and its
-executions are never seen ``running``.
+move and records in the transaction that locked its executions: one commit, not two; its
+executions are never seen ``running``, and each one's row is written once, by the final
+write that also starts the delivery (``db.fencing``).
 
 An execution whose path reaches a step that waits for a person (``wait: true``,
 ``schemas.flow``) records that step and is shown ``waiting``; its entry is acknowledged,
@@ -110,7 +111,7 @@ class Work(msgspec.Struct):
     steps: list[Step] = []
     failure: StepFailure | None = None  # an I/O step's, or a step that cannot run
     outcome: Outcome | None = None
-    epoch: int = 0  # the delivery's fencing token
+    epoch: int = 0  # the epoch its writes are held to: the token once claimed
     decided: Mapping[int, str] = {}  # the outcome of each step it waits on, by step
     waits_at: int | None = None  # the step it waits at once its steps are done
 
@@ -171,10 +172,15 @@ class ActionRunner:
             await self._load_keys(conn)
             for w in work:
                 await self._plan(w)
-            if not any(step.action.io for w in work for step in w.steps):
+            if any(step.action.io for w in work for step in w.steps):
+                tokens = await fencing.claim(conn, {w.command.execution_id: w.epoch for w in work})
+                for w in work:
+                    w.epoch = tokens[w.command.execution_id]
+            else:
                 # Nothing to perform outside: the batch is recorded in the transaction
-                # that started it, one commit instead of two.
-                await self._record_on(conn, work)
+                # that locked it, one commit instead of two, and each execution's row is
+                # written once.
+                await self._record_on(conn, work, started=True)
                 recorded = True
         if not recorded:
             await self._perform_and_record(work)
@@ -191,15 +197,16 @@ class ActionRunner:
         outcomes: list[Outcome],
         may_wait: Collection[str],
     ) -> list[Work]:
-        """Start a delivery of each unfinished execution; return what is left to run.
+        """Lock each unfinished execution for a delivery; return what is left to run.
 
-        The claim comes first, so the completed steps read after it are the last word:
-        whoever writes after this claim is fenced off. The outcomes of waits are read for
-        the executions in ``may_wait`` only.
+        The lock comes first, so the completed steps read after it are the last word:
+        whoever would write for these executions waits for this transaction, and finds
+        its delivery started. The outcomes of waits are read for the executions in
+        ``may_wait`` only.
         """
         ids = [w.command.execution_id for w in work]
         replays = [w.command.execution_id for w in work if w.entry.field(REPLAY_FIELD) is not None]
-        epochs = await fencing.claim(conn, ids, replays=replays)
+        epochs = await fencing.lock(conn, ids, replays=replays)
         states = await executions.states(conn, ids)
         waits = await decisions.outcomes(conn, [i for i in ids if i in may_wait])
         runnable = []
@@ -215,15 +222,13 @@ class ActionRunner:
                 w.done, w.epoch = state.done, epoch
                 w.decided = waits.get(w.command.execution_id, {})
                 runnable.append(w)
-            elif state.status in ("completed", "cancelled"):  # done already, or cancelled
-                outcomes[w.index] = Outcome(kind="ack", **found)
             elif state.status == "dead_lettered":
                 # Dead-lettered by an earlier delivery that died before handing over.
                 outcomes[w.index] = dead(
                     state.last_error or "dead-lettered", "permanent_error", **found
                 )
-            else:  # changed under the claim: left to whoever changed it
-                outcomes[w.index] = _fenced(w)
+            else:  # completed already, or cancelled: nothing left to run
+                outcomes[w.index] = Outcome(kind="ack", **found)
         return runnable
 
     async def _load_keys(self, conn: AsyncConnection[Any]) -> None:
@@ -339,12 +344,16 @@ class ActionRunner:
         async with self._pool.connection() as conn, conn.pipeline():
             await self._record_on(conn, group)
 
-    async def _record_on(self, conn: AsyncConnection[Any], group: list[Work]) -> None:
+    async def _record_on(
+        self, conn: AsyncConnection[Any], group: list[Work], *, started: bool = False
+    ) -> None:
         """Write a group's effects and statuses in one transaction (a savepoint, within
-        the batch's own); each execution alone after a refusal."""
+        the batch's own); each execution alone after a refusal. ``started``: the group's
+        deliveries were locked in this transaction, not claimed, and the final writes
+        start them (``fencing.STARTED``)."""
         try:
             async with conn.transaction():
-                await self._write(conn, group)
+                await self._write(conn, group, started)
         except psycopg.Error as e:
             if is_unavailable(e):
                 raise
@@ -353,12 +362,12 @@ class ActionRunner:
             log.warning("batch.split", size=len(group), exc_info=True)
             for w in group:
                 if w.outcome is None or w.outcome.kind != "fenced":  # refused for good
-                    await self._write_alone(conn, w)
+                    await self._write_alone(conn, w, started)
 
-    async def _write_alone(self, conn: AsyncConnection[Any], w: Work) -> None:
+    async def _write_alone(self, conn: AsyncConnection[Any], w: Work, started: bool) -> None:
         try:
             async with conn.transaction():
-                await self._write(conn, [w])
+                await self._write(conn, [w], started)
         except psycopg.Error as e:
             if is_unavailable(e):
                 raise
@@ -372,11 +381,11 @@ class ActionRunner:
                     w.outcome = _fenced(w)
                     return
                 await executions.set_failed(
-                    conn, w.command.execution_id, _status(outcome), outcome.reason
+                    conn, w.command.execution_id, _status(outcome), outcome.reason, started=started
                 )
             w.outcome = outcome
 
-    async def _write(self, conn: AsyncConnection[Any], group: list[Work]) -> None:
+    async def _write(self, conn: AsyncConnection[Any], group: list[Work], started: bool) -> None:
         """Run the database steps, then write every effect and status of ``group``.
 
         First, the fence: an execution that another delivery has started since this one
@@ -423,9 +432,11 @@ class ActionRunner:
             reason, execution_id = w.outcome.reason, w.command.execution_id
             if f.step:
                 await executions.fail_step(conn, execution_id, f.step, f.action, reason)
-            await executions.set_failed(conn, execution_id, _status(w.outcome), reason)
-        await decisions.set_waiting(conn, waiting)
-        finished = await executions.finish(conn, completed)
+            await executions.set_failed(
+                conn, execution_id, _status(w.outcome), reason, started=started
+            )
+        await decisions.set_waiting(conn, waiting, started=started)
+        finished = await executions.finish(conn, completed, started=started)
         metrics.observe_completed(finished, datetime.now(UTC))
 
     async def _call(self, w: Work, step: Step, conn: AsyncConnection[Any] | None) -> Effects:

@@ -18,6 +18,7 @@ import msgspec
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
 
+from govflow.db import fencing
 from govflow.db.batch import id_array
 
 Kind = Literal["approval", "task"]
@@ -106,23 +107,26 @@ async def outcomes(conn: AsyncConnection[Any], ids: Sequence[str]) -> dict[str, 
     return found
 
 
-async def set_waiting(conn: AsyncConnection[Any], waits: Sequence[tuple[str, int]]) -> None:
+async def set_waiting(
+    conn: AsyncConnection[Any], waits: Sequence[tuple[str, int]], *, started: bool = False
+) -> None:
     """Show each (execution, step it waits at) ``waiting``; ``queued`` if already decided.
 
     Run under the executions' fence (``fencing.hold``): a decision that committed while
     this delivery ran found the execution ``running``; it emitted the resume command all
     the same, and the execution is shown ``queued`` here, so that Postgres says work is
-    left (should that command be lost, the reconciler emits it again).
+    left (should that command be lost, the reconciler emits it again). ``started``: the
+    deliveries were locked in this transaction and not claimed (``fencing.STARTED``).
     """
     if not waits:
         return
     await conn.execute(
-        "UPDATE workflow_executions e SET updated_at = now(), last_error = NULL,"
+        f"UPDATE workflow_executions e SET updated_at = now(), last_error = NULL{fencing.started_items(started)},"
         " status = CASE WHEN EXISTS (SELECT 1 FROM approvals a WHERE a.execution_id = e.id"
         " AND a.step = w.step AND a.status <> 'pending') OR EXISTS (SELECT 1 FROM tasks t"
         " WHERE t.execution_id = e.id AND t.step = w.step AND t.status <> 'open')"
         " THEN 'queued' ELSE 'waiting' END"
-        " FROM unnest(%s::uuid[], %s::int[]) AS w(id, step) WHERE e.id = w.id",
+        " FROM unnest(%s::uuid[], %s::int[]) AS w(id, step) WHERE e.id = w.id".encode(),
         (id_array([w[0] for w in waits]), [w[1] for w in waits]),
     )
 

@@ -17,7 +17,8 @@ from psycopg import AsyncConnection
 
 from govflow.db import decisions, executions, views, workflows
 from govflow.db.decisions import Approval, Task
-from govflow.db.executions import TERMINAL, ExecutionRow, Step
+from govflow.db.executions import ExecutionRow, Step
+from govflow.db.fencing import TERMINAL
 from govflow.schemas.flow import UNDECIDED, StepSpec
 
 # More approvals or tasks than one execution has steps: every one of them.

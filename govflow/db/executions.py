@@ -12,13 +12,11 @@ from psycopg.rows import class_row
 
 from govflow.db import fencing
 from govflow.db.batch import Batched, id_array
+from govflow.db.fencing import TERMINAL
 
 Status = Literal[
     "queued", "running", "retrying", "waiting", "completed", "dead_lettered", "cancelled"
 ]
-# A terminal execution never changes again, except through a replay or a retry
-# (govflow/operations/interventions.py).
-TERMINAL: frozenset[str] = frozenset({"completed", "dead_lettered", "cancelled"})
 
 
 class NewExecution(msgspec.Struct, frozen=True):
@@ -189,19 +187,22 @@ async def fail_step(
 
 FINISH = (
     "UPDATE workflow_executions SET status = 'completed', last_error = NULL,"
-    " updated_at = now(), finished_at = now() WHERE " + fencing.ROWS_BY_ID +
+    " updated_at = now(), finished_at = now(){started} WHERE " + fencing.ROWS_BY_ID +
     " RETURNING id::text, event_occurred_at"
 )  # fmt: skip
 
 
 async def finish(
-    conn: AsyncConnection[Any], ids: Sequence[str]
+    conn: AsyncConnection[Any], ids: Sequence[str], *, started: bool = False
 ) -> list[tuple[str, datetime | None]]:
     """Mark executions completed; return (id, event time) of each for latency metrics.
 
-    Run under the executions' fence (``fencing.hold``), which locked their rows.
+    Run under the executions' fence (``fencing.hold``), which locked their rows;
+    ``started``: their deliveries were locked in this transaction and not claimed.
     """
-    cur = await conn.execute(FINISH, (id_array(ids),))
+    cur = await conn.execute(
+        FINISH.format(started=fencing.started_items(started)).encode(), (id_array(ids),)
+    )
     return [(row[0], row[1]) for row in await cur.fetchall()]
 
 
@@ -215,13 +216,19 @@ async def queue_replayed(conn: AsyncConnection[Any], execution_id: str) -> None:
 
 
 async def set_failed(
-    conn: AsyncConnection[Any], execution_id: str, status: Status, error: str
+    conn: AsyncConnection[Any],
+    execution_id: str,
+    status: Status,
+    error: str,
+    *,
+    started: bool = False,
 ) -> None:
-    """Record a failed delivery: ``retrying`` or ``dead_lettered``, with the error."""
+    """Record a failed delivery: ``retrying`` or ``dead_lettered``, with the error;
+    ``started`` as for ``finish``."""
     finished = "now()" if status in TERMINAL else "NULL"
     await conn.execute(
         f"UPDATE workflow_executions SET status = %s, last_error = %s, updated_at = now(),"
-        f" finished_at = {finished} WHERE id = %s".encode(),
+        f" finished_at = {finished}{fencing.started_items(started)} WHERE id = %s".encode(),
         (status, error, execution_id),
     )
 

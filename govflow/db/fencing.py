@@ -1,20 +1,30 @@
 """Fencing tokens on executions: only the delivery that started last may write.
 
-A worker starts a delivery with ``claim``, which bumps the execution's ``epoch`` and
-returns it: that epoch is the delivery's token. Before its transaction writes any step,
-effect or status, the worker calls ``hold`` with the tokens it was given: ``hold`` locks
-the rows whose epoch is still the token, and names the others, whose delivery another
-worker has started since. The lock lasts until the commit, so no newer ``claim`` can come
-in between: every write of the transaction is made under the token that ``hold`` checked,
-as if each were ``UPDATE ... WHERE id = ... AND epoch = ...``.
+A worker starts a delivery by locking its executions with ``lock``, which returns each
+one's ``epoch``; the delivery's token is that epoch plus one, and the delivery counts
+itself and writes the token in one of two ways:
+
+- ``claim``, in the transaction that locked, shows the execution ``running``, counts the
+  attempt and bumps the epoch to the token, before the worker commits and calls the
+  outside world;
+- or, when the whole delivery runs in the transaction that locked (nothing to perform
+  outside), its one final write of the execution's status does the same (``STARTED``):
+  one new row version instead of two, so a backlog leaves half the dead rows behind.
+
+Before its transaction writes any step, effect or status, the worker calls ``hold`` with
+the epochs the rows have now (its token after ``claim``, the locked epoch otherwise):
+``hold`` locks the rows whose epoch is still that, and names the others, whose delivery
+another worker has started since. The lock lasts until the commit, so no newer delivery
+can start in between: every write of the transaction is made under the epoch that
+``hold`` checked, as if each were ``UPDATE ... WHERE id = ... AND epoch = ...``.
 
 A worker frozen past ``GOVFLOW_CLAIM_IDLE`` (or past its partition lease) finds on waking
 that the execution was claimed again: ``hold`` refuses it, the caller rolls its
 transaction back and leaves the entry to the worker that owns it now.
 
-A terminal execution (``completed``, ``dead_lettered``, ``cancelled``) is never claimed
+A terminal execution (``completed``, ``dead_lettered``, ``cancelled``) is never started
 again, so it never changes again; the one exception is a replayed dead letter, which
-claims its ``dead_lettered`` execution anew (govflow/operations/dlq.py). A cancel bumps
+starts its ``dead_lettered`` execution anew (govflow/operations/dlq.py). A cancel bumps
 the epoch too (govflow/db/interventions.py), so a delivery in flight when it lands writes
 nothing more.
 """
@@ -35,8 +45,9 @@ from govflow.db.batch import id_array
 # ids go in sorted, so rows are locked in id order and two transactions never wait on
 # each other in a cycle.
 LOCK = (
-    "SELECT l.id FROM unnest(%s::uuid[]) AS i(id) CROSS JOIN LATERAL"
-    " (SELECT id FROM workflow_executions WHERE id = i.id LIMIT 1 FOR NO KEY UPDATE) AS l"
+    "SELECT l.id::text, l.epoch, l.status FROM unnest(%s::uuid[]) AS i(id) CROSS JOIN LATERAL"
+    " (SELECT id, epoch, status FROM workflow_executions WHERE id = i.id LIMIT 1"
+    " FOR NO KEY UPDATE) AS l"
 )
 # The rows of the ids given, by their physical address, for an UPDATE's WHERE. Only for
 # rows this transaction has locked already: a row another transaction changes meanwhile
@@ -45,19 +56,29 @@ ROWS_BY_ID = (
     "ctid = ANY(ARRAY(SELECT l.ctid FROM unnest(%s::uuid[]) AS i(id) CROSS JOIN LATERAL"
     " (SELECT ctid FROM workflow_executions WHERE id = i.id LIMIT 1) AS l))"
 )
+# What a delivery's start writes, in ``claim`` or in the final write of a delivery that
+# runs whole in the transaction that locked its executions.
+STARTED = "attempts = attempts + 1, epoch = epoch + 1"
 
 CLAIM = (
-    "UPDATE workflow_executions e SET status = 'running', attempts = e.attempts + 1,"
-    " epoch = e.epoch + 1, updated_at = now() WHERE " + ROWS_BY_ID +
-    " AND (e.status NOT IN ('completed', 'dead_lettered', 'cancelled')"
-    " OR (e.status = 'dead_lettered' AND e.id = ANY(%s::uuid[])))"
-    " RETURNING e.id::text, e.epoch"
-)  # fmt: skip
+    "UPDATE workflow_executions SET status = 'running', " + STARTED + ", updated_at = now()"
+    " WHERE " + ROWS_BY_ID
+)
 HOLD = (
     "SELECT e.id::text FROM unnest(%s::uuid[], %s::bigint[]) AS t(id, epoch)"
     " CROSS JOIN LATERAL (SELECT id FROM workflow_executions WHERE id = t.id"
     " AND epoch = t.epoch LIMIT 1 FOR NO KEY UPDATE) AS e"
 )
+# An execution that no delivery starts again (a replayed dead letter aside), and that
+# therefore never changes again, except through a replay or a retry
+# (govflow/operations/interventions.py).
+TERMINAL: frozenset[str] = frozenset({"completed", "dead_lettered", "cancelled"})
+
+
+def started_items(started: bool) -> str:
+    """The ``SET`` items a final write adds when its delivery started in its transaction
+    (``lock`` without ``claim``): ``STARTED``, after a comma; nothing otherwise."""
+    return ", " + STARTED if started else ""
 
 
 class Fenced(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -68,22 +89,32 @@ class Fenced(Exception):  # noqa: N818 - a control-flow signal, not an error
         self.ids = frozenset(ids)
 
 
-async def claim(
+async def lock(
     conn: AsyncConnection[Any], ids: Sequence[str], *, replays: Collection[str] = ()
 ) -> dict[str, int]:
-    """Start a delivery of each execution: count it, show it running, bump its epoch.
+    """Lock the executions a delivery may start; return the epoch each has now.
 
-    A terminal execution is left as it is, unless its id is in ``replays`` and it is
-    ``dead_lettered``. Returns the new epoch of each execution claimed. The rows are
-    locked in id order, as ``hold`` locks them, so a claim and a hold never deadlock.
+    A terminal execution is locked but left out, unless its id is in ``replays`` and it
+    is ``dead_lettered``. The rows are locked in id order, as ``hold`` locks them, so two
+    transactions never wait on each other in a cycle. The delivery is started only once
+    ``claim``, or its final write (``STARTED``), bumps the epoch in this transaction.
     """
     if not ids:
         return {}
-    ordered = id_array(sorted(ids))
-    async with conn.pipeline():  # one round trip: the update waits on nothing but the lock
-        await conn.execute(LOCK, (ordered,))
-        cur = await conn.execute(CLAIM, (ordered, id_array(replays)))
-        return {row[0]: int(row[1]) for row in await cur.fetchall()}
+    cur = await conn.execute(LOCK, (id_array(sorted(ids)),))
+    return {
+        id_: int(epoch)
+        for id_, epoch, status in await cur.fetchall()
+        if status not in TERMINAL or (status == "dead_lettered" and id_ in replays)
+    }
+
+
+async def claim(conn: AsyncConnection[Any], locked: Mapping[str, int]) -> dict[str, int]:
+    """Start a delivery of each execution ``lock`` returned (id: epoch): count it, show it
+    running and bump its epoch; return each delivery's token, the locked epoch plus one."""
+    if locked:
+        await conn.execute(CLAIM, (id_array(sorted(locked)),))
+    return {id_: epoch + 1 for id_, epoch in locked.items()}
 
 
 async def hold(conn: AsyncConnection[Any], tokens: Mapping[str, int]) -> set[str]:

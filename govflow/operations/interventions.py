@@ -38,7 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 from govflow.consumers.streams import COMMAND_FIELD, RedisClient
 from govflow.db import interventions
 from govflow.db.dead_letters import Selection
-from govflow.db.executions import TERMINAL
+from govflow.db.fencing import TERMINAL
 from govflow.db.interventions import Intervention, Kind, Locked
 from govflow.operations import dlq
 from govflow.schemas.codec import encode
