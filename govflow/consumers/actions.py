@@ -390,9 +390,12 @@ class ActionRunner:
 
         First, the fence: an execution that another delivery has started since this one
         writes nothing, not even through its database steps. The rows of the others stay
-        locked until the commit, so every write below is made under their tokens.
+        locked until the commit, so every write below is made under their tokens. A group
+        ``started`` in this transaction has held its rows since ``fencing.lock``: nothing
+        can have started since.
         """
-        refused = await fencing.hold(conn, {w.command.execution_id: w.epoch for w in group})
+        tokens = {} if started else {w.command.execution_id: w.epoch for w in group}
+        refused = await fencing.hold(conn, tokens)
         for w in group:
             if w.command.execution_id in refused:
                 w.outcome = _fenced(w)

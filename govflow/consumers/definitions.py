@@ -39,7 +39,7 @@ class Definitions:
             if self._read_at >= since:
                 return self._enabled
             read_at = time.monotonic()
-            async with self._pool.connection() as conn, conn.pipeline():
+            async with self._pool.connection() as conn:
                 await self._reload(conn)
             self._read_at = read_at
         return self._enabled
