@@ -9,6 +9,7 @@ its final write, and fences off an older one all the same.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,6 +52,19 @@ actions:
   - create_task: {title: "Review {data.title}"}
   - notify: {webhook: "URL", message: "{data.title} needs review"}
 """
+
+
+Workers = tuple[AsyncConnection[Any], AsyncConnection[Any]]
+
+
+@pytest.fixture
+async def two_workers(database_url: str) -> AsyncIterator[Workers]:
+    """Two connections of their own, each playing one worker."""
+    async with (
+        await AsyncConnection.connect(database_url) as one,
+        await AsyncConnection.connect(database_url) as other,
+    ):
+        yield one, other
 
 
 async def queued_execution(pool: AsyncConnectionPool[Any]) -> str:
@@ -118,61 +132,52 @@ async def dead_letter(conn: AsyncConnection[Any], exec_id: str, epoch: int) -> N
 
 
 async def test_the_newer_delivery_wins_and_the_older_one_writes_nothing(
-    pool: AsyncConnectionPool[Any], database_url: str
+    pool: AsyncConnectionPool[Any], two_workers: Workers
 ) -> None:
     exec_id = await queued_execution(pool)
-    async with (
-        await AsyncConnection.connect(database_url) as stale,
-        await AsyncConnection.connect(database_url) as owner,
-    ):
-        old, new = await claimed_twice(stale, owner, exec_id)
-        assert new == old + 1
-        await complete(owner, exec_id, new)
-        # The stalled worker wakes up with a failure: its whole transaction is refused.
-        with pytest.raises(fencing.Fenced) as refused:
-            await dead_letter(stale, exec_id, old)
-        assert refused.value.ids == {exec_id}
+    stale, owner = two_workers
+    old, new = await claimed_twice(stale, owner, exec_id)
+    assert new == old + 1
+    await complete(owner, exec_id, new)
+    # The stalled worker wakes up with a failure: its whole transaction is refused.
+    with pytest.raises(fencing.Fenced) as refused:
+        await dead_letter(stale, exec_id, old)
+    assert refused.value.ids == {exec_id}
     assert await status_of(pool, exec_id) == ("completed", 2, 1)
 
 
 async def test_a_stale_token_is_refused_even_before_the_owner_writes(
-    pool: AsyncConnectionPool[Any], database_url: str
+    pool: AsyncConnectionPool[Any], two_workers: Workers
 ) -> None:
     exec_id = await queued_execution(pool)
-    async with (
-        await AsyncConnection.connect(database_url) as stale,
-        await AsyncConnection.connect(database_url) as owner,
-    ):
-        old, new = await claimed_twice(stale, owner, exec_id)
-        with pytest.raises(fencing.Fenced):
-            await complete(stale, exec_id, old)
-        assert await status_of(pool, exec_id) == ("running", 2, 0)
-        await complete(owner, exec_id, new)
+    stale, owner = two_workers
+    old, new = await claimed_twice(stale, owner, exec_id)
+    with pytest.raises(fencing.Fenced):
+        await complete(stale, exec_id, old)
+    assert await status_of(pool, exec_id) == ("running", 2, 0)
+    await complete(owner, exec_id, new)
     assert await status_of(pool, exec_id) == ("completed", 2, 1)
 
 
 async def test_a_claim_waits_for_the_holder_then_finds_the_execution_finished(
-    pool: AsyncConnectionPool[Any], database_url: str
+    pool: AsyncConnectionPool[Any], two_workers: Workers
 ) -> None:
     exec_id = await queued_execution(pool)
     claimed: list[dict[str, int]] = []
-    async with (
-        await AsyncConnection.connect(database_url) as first,
-        await AsyncConnection.connect(database_url) as second,
-    ):
-        epoch = (await start(first, [exec_id]))[exec_id]
+    first, second = two_workers
+    epoch = (await start(first, [exec_id]))[exec_id]
 
-        async def claim_meanwhile() -> None:
-            claimed.append(await start(second, [exec_id]))
+    async def claim_meanwhile() -> None:
+        claimed.append(await start(second, [exec_id]))
 
-        async with anyio.create_task_group() as tg, first.transaction():
-            assert await fencing.hold(first, {exec_id: epoch}) == set()
-            tg.start_soon(claim_meanwhile)
-            await anyio.sleep(0.3)
-            assert claimed == []  # it waits for the holder's commit
-            await executions.complete_steps(first, [(exec_id, 1, "create_task")])
-            await executions.finish(first, [exec_id])
-        assert claimed == [{}]  # completed under the first token: nothing left to claim
+    async with anyio.create_task_group() as tg, first.transaction():
+        assert await fencing.hold(first, {exec_id: epoch}) == set()
+        tg.start_soon(claim_meanwhile)
+        await anyio.sleep(0.3)
+        assert claimed == []  # it waits for the holder's commit
+        await executions.complete_steps(first, [(exec_id, 1, "create_task")])
+        await executions.finish(first, [exec_id])
+    assert claimed == [{}]  # completed under the first token: nothing left to claim
     assert await status_of(pool, exec_id) == ("completed", 1, 1)
 
 
@@ -192,30 +197,26 @@ async def test_a_terminal_execution_is_claimed_again_only_by_a_replay(
 
 
 async def test_a_delivery_started_by_its_final_write_fences_off_an_older_one(
-    pool: AsyncConnectionPool[Any], database_url: str
+    pool: AsyncConnectionPool[Any], two_workers: Workers
 ) -> None:
     exec_id = await queued_execution(pool)
-    async with (
-        await AsyncConnection.connect(database_url) as stale,
-        await AsyncConnection.connect(database_url) as owner,
-    ):
-        old = (await start(stale, [exec_id]))[exec_id]
-        # The owner locks, runs and records in one transaction: no claim, one row update.
-        async with owner.transaction():
-            locked = await fencing.lock(owner, [exec_id])
-            assert locked == {exec_id: old}
-            assert await fencing.hold(owner, locked) == set()
-            await executions.complete_steps(owner, [(exec_id, 1, "create_task")])
-            await executions.finish(owner, [exec_id], started=True)
-            cur = await owner.execute(
-                "SELECT n_tup_upd FROM pg_stat_xact_user_tables"
-                " WHERE relname = 'workflow_executions'"
-            )
-            assert await cur.fetchone() == (1,)
-        with pytest.raises(fencing.Fenced):
-            await dead_letter(stale, exec_id, old)
-        cur = await owner.execute("SELECT epoch FROM workflow_executions WHERE id = %s", (exec_id,))
-        assert await cur.fetchone() == (old + 1,)  # moved on, as a claim would have moved it
+    stale, owner = two_workers
+    old = (await start(stale, [exec_id]))[exec_id]
+    # The owner locks, runs and records in one transaction: no claim, one row update.
+    async with owner.transaction():
+        locked = await fencing.lock(owner, [exec_id])
+        assert locked == {exec_id: old}
+        assert await fencing.hold(owner, locked) == set()
+        await executions.complete_steps(owner, [(exec_id, 1, "create_task")])
+        await executions.finish(owner, [exec_id], started=True)
+        cur = await owner.execute(
+            "SELECT n_tup_upd FROM pg_stat_xact_user_tables WHERE relname = 'workflow_executions'"
+        )
+        assert await cur.fetchone() == (1,)
+    with pytest.raises(fencing.Fenced):
+        await dead_letter(stale, exec_id, old)
+    cur = await owner.execute("SELECT epoch FROM workflow_executions WHERE id = %s", (exec_id,))
+    assert await cur.fetchone() == (old + 1,)  # moved on, as a claim would have moved it
     assert await status_of(pool, exec_id) == ("completed", 2, 1)
 
 
