@@ -31,6 +31,7 @@ from tests.faults.harness import (
     settle,
 )
 from tests.faults.invariants import Report
+from tests.faults.receiver import receiving
 from tests.faults.servers import RedisServer
 from tests.faults.waits import DEADLINE_WORKFLOWS, deadline_events
 
@@ -223,3 +224,18 @@ async def test_a_wrong_path_after_a_wait_is_reported(
         "completed executions with a step not done",
         "completed executions still waiting",
     }, report.summary()
+
+
+async def test_the_receiver_counts_whole_requests_only() -> None:
+    # A worker SIGKILLed between a request's headers and its body sends half a request:
+    # no server acts on it, so neither may the checker's count of deliveries.
+    head = "POST /h HTTP/1.1\r\nHost: x\r\nIdempotency-Key: {key}\r\nContent-Length: 7\r\n\r\n"
+    with receiving() as hooks:
+        for key, body in (("torn", b""), ("torn", b"{}"), ("whole", b'{"a":1}')):
+            stream = await anyio.connect_tcp("127.0.0.1", hooks.port)
+            await stream.send(head.format(key=key).encode() + body)
+            if key == "whole":  # answered once recorded
+                assert b" 200 " in await stream.receive()
+            await stream.aclose()
+        await anyio.sleep(0.2)  # time for a torn request to be (wrongly) recorded
+    assert hooks.deliveries() == {"whole": [b'{"a":1}']}
