@@ -10,6 +10,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from govflow.db import workflows
+from govflow.db.pool import autocommit
 from govflow.schemas.errors import PermanentError
 from govflow.schemas.workflows import StoredWorkflow
 
@@ -39,7 +40,7 @@ class Definitions:
             if self._read_at >= since:
                 return self._enabled
             read_at = time.monotonic()
-            async with self._pool.connection() as conn:
+            async with autocommit(self._pool) as conn:
                 await self._reload(conn)
             self._read_at = read_at
         return self._enabled
@@ -63,7 +64,7 @@ class Definitions:
         """
         key = (name, version)
         if key not in self._versions:
-            async with self._pool.connection() as conn:
+            async with autocommit(self._pool) as conn:
                 found = await workflows.get_version(conn, name, version)
             if found is None:
                 raise PermanentError(f"workflow {name} version {version} does not exist")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 from psycopg import AsyncConnection
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 
@@ -104,3 +107,22 @@ async def open_pool(database_url: str, *, max_size: int = 10) -> AsyncConnection
             await pool.close()
         raise
     return pool
+
+
+@asynccontextmanager
+async def autocommit(pool: AsyncConnectionPool[Any]) -> AsyncIterator[AsyncConnection[Any]]:
+    """A connection of ``pool`` on which each statement commits alone, for reads that need
+    no transaction around them.
+
+    In a transaction, a read costs three round trips to Postgres: the BEGIN psycopg sends
+    before it, the read, and the COMMIT as the connection goes back; alone, one. The
+    workers read the workflows' generation once a batch on each hop.
+    """
+    async with pool.connection() as conn:
+        await conn.set_autocommit(True)
+        try:
+            yield conn
+        finally:
+            # A connection left mid-statement (cancelled) is closed by the pool instead.
+            if conn.info.transaction_status == TransactionStatus.IDLE:
+                await conn.set_autocommit(False)
