@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 # The one field of each entry: the event of an events entry, the command of a commands entry.
 EVENT_FIELD = b"event"
 COMMAND_FIELD = b"command"
+# The most entries one script call appends: Redis runs nothing else while a script runs.
+APPEND_CHUNK = 500
 ATTEMPT_FIELD = b"attempt"
 # The field that marks an entry put back by `govflow dlq replay` (the dead letter's id).
 REPLAY_FIELD = b"replay_of"
@@ -283,6 +285,17 @@ class Streams:
         call = scripts.renew_pending(stream=stream, group=group, consumer=consumer, ids=ids)
         kept: list[bytes] = await self.run(call)
         return {i.decode() for i in kept}
+
+    async def append(self, field: bytes, values: Mapping[str, Sequence[bytes]]) -> None:
+        """Add one entry per value to each stream of ``values``, with the one field
+        ``field``: in one round trip, at most ``APPEND_CHUNK`` entries to a script call."""
+        calls = [
+            scripts.append(stream=stream, field=field, values=chunk[i : i + APPEND_CHUNK])
+            for stream, chunk in values.items()
+            for i in range(0, len(chunk), APPEND_CHUNK)
+        ]
+        if calls:
+            await self.run_in_order(calls)
 
     async def run(self, call: scripts.ScriptCall) -> Any:
         """Run one script call (loading the script if the server has lost it)."""
