@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+import structlog
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -277,3 +278,54 @@ async def test_a_batch_held_past_the_cap_counts_an_attempt(
     assert await redis.xpending(consumer.stream, consumer.group) == {
         "pending": 0, "min": None, "max": None, "consumers": []
     }  # fmt: skip
+
+
+# A batch Postgres refuses part of ------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_an_execution_postgres_refuses_fails_alone_and_the_batch_completes(
+    make_settings: Callable[..., Settings], redis: Redis, pool: AsyncConnectionPool[Any]
+) -> None:
+    # Database steps only: the batch is written whole in the transaction that locked it,
+    # and one refused row undoes it all; then each execution is written alone.
+    settings = make_settings(max_attempts=1)
+    await apply(pool, workflow("split", "assign: {assignee: risk-team}"))
+    async with pool.connection() as conn:
+        await conn.execute(
+            "ALTER TABLE tasks ADD CONSTRAINT no_poison CHECK (title <> 'Review poison')"
+        )
+    titles = ["first", "poison", "last"]
+    events = [
+        new_event("policy.created", f"POL-{t}", data={"title": t, "case": "split"}) for t in titles
+    ]
+    await publish(redis, settings.keys(), events)  # before the worker starts: one batch
+    with structlog.testing.capture_logs() as logs, anyio.fail_after(60):
+        async with running_worker(settings, concurrency=1):
+            await wait_for(
+                lambda: fetch(
+                    pool, "SELECT count(*) FROM workflow_executions WHERE finished_at IS NOT NULL"
+                ),
+                lambda rows: rows == [(3,)],
+                within=30,
+                what="the three executions finished",
+            )
+    rows = await fetch(
+        pool,
+        "SELECT entity_id, status, attempts, last_error FROM workflow_executions ORDER BY entity_id",
+    )
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("POL-first", "completed", 1),
+        ("POL-last", "completed", 1),
+        ("POL-poison", "dead_lettered", 1),
+    ]
+    assert "no_poison" in rows[2][3]
+    # Refused within a batch of others (the commands land together; a batch of 2 is enough).
+    (split,) = [e["size"] for e in logs if e["event"] == "batch.split"]
+    assert split >= 2
+    # The others' steps and rows were written once, the refused one's not at all.
+    assert await fetch(pool, "SELECT count(*) FROM execution_steps") == [(4,)]
+    assert await fetch(pool, "SELECT entity_id FROM tasks ORDER BY entity_id") == [
+        ("POL-first",),
+        ("POL-last",),
+    ]

@@ -20,7 +20,9 @@ called:
 A batch with nothing to perform outside (every step a database one) skips the second
 move and records in the transaction that locked its executions: one commit, not two; its
 executions are never seen ``running``, and each one's row is written once, by the final
-write that also starts the delivery (``db.fencing``).
+write that also starts the delivery (``db.fencing``). It is written whole, without a
+savepoint; should Postgres refuse one execution's SQL, the batch runs again and each
+execution is written alone, so that only that one fails.
 
 An execution whose path reaches a step that waits for a person (``wait: true``,
 ``schemas.flow``) records that step and is shown ``waiting``; its entry is acknowledged,
@@ -144,6 +146,21 @@ class ActionRunner:
 
     async def handle(self, batch: Sequence[Entry]) -> list[Outcome]:
         """Run a batch of commands; return each entry's outcome."""
+        outcomes, work = self._commands(batch)
+        if not work:
+            return outcomes
+        try:
+            await self._run(work, outcomes, whole=True)
+        except _WholeBatchRefusedError:
+            # One command's SQL failed and took the batch's transaction with it: the batch
+            # again, each execution written alone (logged as ``batch.split``), so that only
+            # the bad one fails.
+            outcomes, work = self._commands(batch)
+            await self._run(work, outcomes, whole=False)
+        return outcomes
+
+    def _commands(self, batch: Sequence[Entry]) -> tuple[list[Outcome], list[Work]]:
+        """The work to do, one per execution; the outcome of each entry there is none for."""
         outcomes: list[Outcome] = [ACK] * len(batch)
         work: list[Work] = []
         taken: set[str] = set()
@@ -161,8 +178,16 @@ class ActionRunner:
                 continue
             taken.add(command.execution_id)
             work.append(Work(index, entry, command))
-        if not work:
-            return outcomes
+        return outcomes, work
+
+    async def _run(self, work: list[Work], outcomes: list[Outcome], *, whole: bool) -> None:
+        """Start, perform and record ``work``, setting the outcomes of its entries.
+
+        ``whole``: a batch with nothing to perform outside writes all its executions
+        together, without a savepoint (two statements fewer), and raises
+        ``_WholeBatchRefusedError`` if one of them fails; otherwise each one that fails
+        is written alone.
+        """
         # Read before a connection is taken, so that planning needs no second one.
         may_wait = {w.command.execution_id for w in work if await self._may_wait(w.command)}
         recorded = False
@@ -180,7 +205,10 @@ class ActionRunner:
                 # Nothing to perform outside: the batch is recorded in the transaction
                 # that locked it, one commit instead of two, and each execution's row is
                 # written once.
-                await self._record_on(conn, work, started=True)
+                if whole:
+                    await self._write_whole(conn, work)
+                else:
+                    await self._record_on(conn, work, started=True)
                 recorded = True
         if not recorded:
             await self._perform_and_record(work)
@@ -188,7 +216,6 @@ class ActionRunner:
             assert w.outcome is not None  # every execution performed is recorded
             outcomes[w.index] = w.outcome
             metrics.count_execution(w.command.workflow_name, w.outcome.kind)
-        return outcomes
 
     async def _start(
         self,
@@ -364,6 +391,19 @@ class ActionRunner:
                 if w.outcome is None or w.outcome.kind != "fenced":  # refused for good
                     await self._write_alone(conn, w, started)
 
+    async def _write_whole(self, conn: AsyncConnection[Any], work: list[Work]) -> None:
+        """Write a batch started in this transaction, all of it or nothing.
+
+        Raises:
+            _WholeBatchRefusedError: one execution's SQL failed; the transaction is lost.
+        """
+        try:
+            await self._write(conn, work, True)
+        except psycopg.Error as e:
+            if is_unavailable(e):
+                raise
+            raise _WholeBatchRefusedError from e
+
     async def _write_alone(self, conn: AsyncConnection[Any], w: Work, started: bool) -> None:
         try:
             async with conn.transaction():
@@ -492,6 +532,10 @@ class ActionRunner:
             )
         reason = error.reason if isinstance(error, ActionFailedError) else str(error)
         return self._policy.after_failure(w.entry.attempt, reason, **ids)
+
+
+class _WholeBatchRefusedError(Exception):
+    """A batch written whole was refused: Postgres failed one of its executions' SQL."""
 
 
 def _fenced(w: Work) -> Outcome:
