@@ -160,7 +160,8 @@ class ActionRunner:
         return outcomes
 
     def _commands(self, batch: Sequence[Entry]) -> tuple[list[Outcome], list[Work]]:
-        """The work to do, one per execution; the outcome of each entry there is none for."""
+        """Each entry's outcome, set already where there is nothing to run, and the work:
+        one per execution."""
         outcomes: list[Outcome] = [ACK] * len(batch)
         work: list[Work] = []
         taken: set[str] = set()
@@ -398,7 +399,7 @@ class ActionRunner:
             _WholeBatchRefusedError: one execution's SQL failed; the transaction is lost.
         """
         try:
-            await self._write(conn, work, True)
+            await self._write(conn, work, started=True)
         except psycopg.Error as e:
             if is_unavailable(e):
                 raise

@@ -36,11 +36,11 @@ log = structlog.get_logger(__name__)
 # The one field of each entry: the event of an events entry, the command of a commands entry.
 EVENT_FIELD = b"event"
 COMMAND_FIELD = b"command"
-# The most entries one script call appends: Redis runs nothing else while a script runs.
-APPEND_CHUNK = 500
 ATTEMPT_FIELD = b"attempt"
 # The field that marks an entry put back by `govflow dlq replay` (the dead letter's id).
 REPLAY_FIELD = b"replay_of"
+# The most entries one script call appends: Redis runs nothing else while a script runs.
+APPEND_CHUNK = 500
 # The largest attempt an entry's field may claim: far above any GOVFLOW_MAX_ATTEMPTS, and
 # far below 2**31, the limit of the dead_letters.attempts column.
 MAX_ATTEMPT = 1_000_000

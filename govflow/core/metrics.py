@@ -121,7 +121,7 @@ def count_execution(workflow: str, outcome_kind: str) -> None:
 
 
 # The series of a label set, looked up once: ``labels()`` checks its values and takes a
-# lock on every call, a third of what timing and counting a step costs. Workflows,
+# lock on every call, two thirds of what timing and counting a step cost. Workflows,
 # actions and outcomes are few, so the caches stay small.
 @functools.cache
 def _executions(workflow: str, outcome_kind: str) -> Counter:
