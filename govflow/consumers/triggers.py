@@ -19,7 +19,7 @@ from govflow.consumers.streams import (
     EVENT_FIELD,
     REPLAY_FIELD,
     Entry,
-    Streams,
+    RedisClient,
     event_of,
     read_at,
 )
@@ -63,14 +63,14 @@ class TriggerMatcher:
 
     def __init__(
         self,
-        streams: Streams,
+        redis: RedisClient,
         pool: AsyncConnectionPool[Any],
         keys: Keys,
         definitions: Definitions,
         stale_after_s: float | None = None,
         max_chain_executions: int = 1000,
     ) -> None:
-        self._streams = streams
+        self._redis = redis
         self._stale_after_s = stale_after_s
         self._max_chain = max_chain_executions
         self._pool = pool
@@ -218,7 +218,7 @@ class TriggerMatcher:
             )
             await reconcile.record_received(conn, taken)
             await self._charge_chains(conn, found, queued)
-        emitted: dict[str, list[bytes]] = {}
+        pipe = self._redis.pipeline(transaction=False)
         for execution in queued:
             index, _, command = found[execution.derived]
             if not _emit(execution, index in redelivered):
@@ -231,8 +231,9 @@ class TriggerMatcher:
                     command, workflow_version=execution.workflow_version, execution_id=execution.id
                 )
             stream = self._keys.commands(self._keys.partition_of(command.event.entity_id))
-            emitted.setdefault(stream, []).append(encode(command))
-        await self._streams.append(COMMAND_FIELD, emitted)
+            pipe.xadd(stream, {COMMAND_FIELD: encode(command)})
+        if queued:
+            await pipe.execute()
 
     async def _match(
         self, events: dict[int, Event], spans: traces.Matches, *, since: float

@@ -277,7 +277,7 @@ class Worker:
         if "triggers" in self.roles:
             handlers.append(
                 TriggerMatcher(
-                    streams,
+                    redis,
                     pool,
                     keys,
                     definitions,
