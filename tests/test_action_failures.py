@@ -299,9 +299,17 @@ async def test_an_execution_postgres_refuses_fails_alone_and_the_batch_completes
     events = [
         new_event("policy.created", f"POL-{t}", data={"title": t, "case": "split"}) for t in titles
     ]
-    await publish(redis, settings.keys(), events)  # before the worker starts: one batch
+    await publish(redis, settings.keys(), events)
+    # The three commands are all on the stream before an actions consumer reads: one batch.
+    async with running_worker(settings, roles=frozenset({"triggers"}), concurrency=1):
+        await wait_for(
+            lambda: redis.xlen(settings.keys().commands()),
+            lambda n: n == len(events),
+            within=30,
+            what="the three commands emitted",
+        )
     with structlog.testing.capture_logs() as logs, anyio.fail_after(60):
-        async with running_worker(settings, concurrency=1):
+        async with running_worker(settings, roles=frozenset({"actions"}), concurrency=1):
             await wait_for(
                 lambda: fetch(
                     pool, "SELECT count(*) FROM workflow_executions WHERE finished_at IS NOT NULL"
@@ -320,9 +328,8 @@ async def test_an_execution_postgres_refuses_fails_alone_and_the_batch_completes
         ("POL-poison", "dead_lettered", 1),
     ]
     assert "no_poison" in rows[2][3]
-    # Refused within a batch of others (the commands land together; a batch of 2 is enough).
-    (split,) = [e["size"] for e in logs if e["event"] == "batch.split"]
-    assert split >= 2
+    # Refused within its batch of three: split once, and only there.
+    assert [e["size"] for e in logs if e["event"] == "batch.split"] == [3]
     # The others' steps and rows were written once, the refused one's not at all.
     assert await fetch(pool, "SELECT count(*) FROM execution_steps") == [(4,)]
     assert await fetch(pool, "SELECT entity_id FROM tasks ORDER BY entity_id") == [
