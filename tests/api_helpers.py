@@ -120,7 +120,7 @@ async def seed_execution(
             ],
         )
         if status != "queued":
-            await fencing.claim(conn, await fencing.lock(conn, [execution_id]))
+            await fencing.claim(conn, (await fencing.lock(conn, [execution_id])).epochs)
         actions = ["create_task", "assign", "create_approval"]
         await executions.complete_steps(
             conn, [(execution_id, n, actions[n - 1]) for n in range(1, completed_steps + 1)]

@@ -49,7 +49,7 @@ async def make_data(pool: AsyncConnectionPool[Any], redis: Redis, keys: Keys) ->
                 for n, i in enumerate((*TWINS, SINGLE))
             ],
         )
-        await fencing.claim(conn, await fencing.lock(conn, [SINGLE]))
+        await fencing.claim(conn, (await fencing.lock(conn, [SINGLE])).epochs)
         await executions.complete_steps(conn, [(SINGLE, 1, "create_task")])
         await executions.fail_step(conn, SINGLE, 2, "notify", ERROR)
         await executions.set_failed(conn, SINGLE, "dead_lettered", ERROR)

@@ -45,7 +45,7 @@ async def make_executions(pool: AsyncConnectionPool[Any]) -> tuple[str, str, str
                 for n, i in enumerate((done, dead, queued))
             ],
         )
-        await fencing.claim(conn, await fencing.lock(conn, [done, dead]))
+        await fencing.claim(conn, (await fencing.lock(conn, [done, dead])).epochs)
         await executions.complete_steps(
             conn, [(done, 1, "create_task"), (done, 2, "assign"), (done, 3, "notify")]
         )

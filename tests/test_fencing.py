@@ -103,7 +103,9 @@ async def start(
     """Start deliveries as a worker about to call the outside world does: lock, claim and
     commit; their tokens."""
     async with conn.transaction():
-        return await fencing.claim(conn, await fencing.lock(conn, ids, replays=replays or []))
+        return await fencing.claim(
+            conn, (await fencing.lock(conn, ids, replays=replays or [])).epochs
+        )
 
 
 async def claimed_twice(
@@ -204,7 +206,7 @@ async def test_a_delivery_started_by_its_final_write_fences_off_an_older_one(
     old = (await start(stale, [exec_id]))[exec_id]
     # The owner locks, runs and records in one transaction: no claim, one row update.
     async with owner.transaction():
-        locked = await fencing.lock(owner, [exec_id])
+        locked = (await fencing.lock(owner, [exec_id])).epochs
         assert locked == {exec_id: old}
         assert await fencing.hold(owner, locked) == set()
         await executions.complete_steps(owner, [(exec_id, 1, "create_task")])
@@ -301,3 +303,78 @@ async def test_an_action_worker_overtaken_mid_webhook_writes_nothing_and_says_so
 
 def fenced_total() -> float:
     return REGISTRY.get_sample_value("govflow_executions_fenced_total") or 0.0
+
+
+async def hold_row(conn: AsyncConnection[Any], exec_id: str) -> None:
+    """Lock the execution's row in an open transaction, as a worker frozen mid-write does."""
+    await conn.execute("BEGIN")
+    await conn.execute("SELECT 1 FROM workflow_executions WHERE id = %s FOR UPDATE", (exec_id,))
+
+
+async def test_lock_names_busy_a_row_held_past_its_patience_and_waits_for_one_released(
+    pool: AsyncConnectionPool[Any], two_workers: Workers
+) -> None:
+    exec_id = await queued_execution(pool)
+    holder, worker = two_workers
+    await hold_row(holder, exec_id)
+    started = anyio.current_time()
+    async with worker.transaction():
+        assert await fencing.lock(worker, [exec_id], patience=0.3) == ({}, frozenset({exec_id}))
+    assert anyio.current_time() - started >= 0.3  # it kept trying before giving up
+
+    async def release_soon() -> None:
+        await anyio.sleep(0.2)
+        await holder.execute("COMMIT")
+
+    async with anyio.create_task_group() as tg, worker.transaction():
+        tg.start_soon(release_soon)
+        locked = await fencing.lock(worker, [exec_id], patience=5.0)
+    assert locked == ({exec_id: 0}, frozenset())
+
+
+async def test_an_execution_held_elsewhere_is_retried_without_an_attempt_and_the_batch_goes_on(
+    pool: AsyncConnectionPool[Any], two_workers: Workers
+) -> None:
+    held = await queued_execution(pool)
+    free = execution_id("acme", "ev-2", "review")
+    event = new_event("policy.created", "POL-2", data={"title": "Policy 2"})
+    async with pool.connection() as conn:
+        await executions.insert_queued(
+            conn,
+            [
+                NewExecution(
+                    free, "review", 1, event.id, "policy", "POL-2", "acme", event.occurred_at
+                )
+            ],
+        )
+    entries = [
+        Entry(
+            stream="commands",
+            id=f"{n}-0",
+            fields={
+                COMMAND_FIELD: encode(
+                    RunWorkflow(
+                        execution_id=exec_id,
+                        workflow_name="review",
+                        workflow_version=1,
+                        event=event,
+                    )
+                )
+            },
+        )
+        for n, exec_id in enumerate([held, free], start=1)
+    ]
+    holder, _ = two_workers
+    await hold_row(holder, held)
+    async with webhook.client(5.0, frozenset()) as http:
+        runner = ActionRunner(pool, Definitions(pool), RetryPolicy(), Settings(), http)
+        busy, done = await runner.handle(entries)
+        assert done.kind == "ack"
+        assert (busy.kind, busy.cause, busy.counts) == ("retry", "busy", False)
+        assert busy.execution_id == held
+        assert await status_of(pool, free) == ("completed", 1, 1)
+        assert await status_of(pool, held) == ("queued", 0, 0)  # not started, not counted
+        await holder.execute("COMMIT")
+        [again] = await runner.handle(entries[:1])
+    assert again.kind == "ack"
+    assert await status_of(pool, held) == ("completed", 1, 1)

@@ -8,7 +8,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from govflow.consumers.outcomes import ACK, Outcome, RetryPolicy, dead
+from govflow.consumers.outcomes import ACK, Outcome, RetryPolicy, dead, later
 from govflow.consumers.scripts import Fence
 from govflow.consumers.settle import Settler, Verdict
 from govflow.consumers.streams import ATTEMPT_FIELD, Entry, Streams
@@ -64,6 +64,23 @@ async def test_an_entry_is_acknowledged_retried_or_dead_lettered_once(
     assert await redis.xlen(keys.dead()) == 1
     async with pool.connection() as conn:
         assert await dead_letters.count_open(conn) == 1
+
+
+async def test_a_retry_that_failed_nothing_keeps_its_attempt(
+    redis: Redis, pool: AsyncConnectionPool[Any], prefix: str
+) -> None:
+    keys = Keys(prefix, 1)
+    streams = Streams(redis)
+    [entry] = await delivered(redis, streams, keys.commands(), 1)
+    busy = later("held elsewhere", "busy", 1.0)
+
+    assert await settler_of(streams, pool, keys).settle([Verdict(entry=entry, outcome=busy)])
+
+    retries: Any = await redis.zrange(keys.retry(), 0, -1, withscores=True)
+    [(fields, due_ms)] = retries
+    assert f'"{ATTEMPT_FIELD.decode()}","1"'.encode() in fields
+    now_s, _ = await redis.time()
+    assert now_s < due_ms / 1000 <= now_s + 2  # after the delay it asked for, not a backoff
 
 
 async def test_a_settlement_is_refused_once_another_worker_holds_the_lease(

@@ -57,7 +57,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from govflow.consumers import traces
 from govflow.consumers.definitions import Definitions
-from govflow.consumers.outcomes import ACK, EntryIds, Outcome, RetryPolicy, dead
+from govflow.consumers.outcomes import ACK, EntryIds, Outcome, RetryPolicy, dead, later
 from govflow.consumers.streams import REPLAY_FIELD, Entry, command_of
 from govflow.core import metrics
 from govflow.core.unavailable import is_unavailable
@@ -81,6 +81,8 @@ log = structlog.get_logger(__name__)
 
 # How often a worker re-reads the signing keys, so a rotation reaches every worker.
 KEYS_REFRESH_S = 30.0
+# When an execution held elsewhere (``fencing.lock``'s busy) is tried again.
+BUSY_RETRY_S = 1.0
 # What a step's own code may raise to end the step: a failure, never an outage.
 STEP_ERRORS = (ActionFailedError, PermanentError, RetryLater)
 
@@ -229,12 +231,13 @@ class ActionRunner:
 
         The lock comes first, so the completed steps read after it are the last word:
         whoever would write for these executions waits for this transaction, and finds
-        its delivery started. The outcomes of waits are read for the executions in
-        ``may_wait`` only.
+        its delivery started. One held by another transaction past ``fencing.lock``'s
+        patience is retried later, counting no attempt. The outcomes of waits are read
+        for the executions in ``may_wait`` only.
         """
         ids = [w.command.execution_id for w in work]
         replays = [w.command.execution_id for w in work if w.entry.field(REPLAY_FIELD) is not None]
-        epochs = await fencing.lock(conn, ids, replays=replays)
+        epochs, busy = await fencing.lock(conn, ids, replays=replays)
         states = await executions.states(conn, ids)
         waits = await decisions.outcomes(conn, [i for i in ids if i in may_wait])
         runnable = []
@@ -245,6 +248,12 @@ class ActionRunner:
             if state is None:
                 outcomes[w.index] = dead(
                     "the execution row does not exist", "invalid_entry", **found
+                )
+            elif w.command.execution_id in busy:
+                # Another transaction has held it for a while: a worker frozen mid-write
+                # perhaps. Waiting would stall the whole batch for as long; it comes back.
+                outcomes[w.index] = later(
+                    "the execution is held by another transaction", "busy", BUSY_RETRY_S, **found
                 )
             elif epoch is not None:
                 w.done, w.epoch = state.done, epoch

@@ -15,8 +15,9 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     delivery wrote nothing, and its entry is left alone for the worker that owns it now.
 
     ``cause`` is a short, bounded label for metrics (``invalid_entry``,
-    ``permanent_error``, ``attempts_exhausted``, ``error``); ``reason`` is the sentence
-    an operator reads.
+    ``permanent_error``, ``attempts_exhausted``, ``error``, ``busy``); ``reason`` is the
+    sentence an operator reads. A retry counts an attempt unless ``counts`` is false: an
+    entry that could not start (``busy``) failed nothing.
     """
 
     kind: Literal["ack", "retry", "dead", "fenced"]
@@ -27,6 +28,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     execution_id: str | None = None
     delay: float | None = None  # a retry's delay, when the action asked for one
     tenant: str | None = None
+    counts: bool = True  # whether a retry counts as an attempt
 
 
 ACK = Outcome(kind="ack")
@@ -45,6 +47,11 @@ class EntryIds(TypedDict, total=False):
 def dead(reason: str, cause: str, **ids: Unpack[EntryIds]) -> Outcome:
     """Dead-letter the entry with ``reason``."""
     return Outcome(kind="dead", reason=reason, cause=cause, **ids)
+
+
+def later(reason: str, cause: str, delay: float, **ids: Unpack[EntryIds]) -> Outcome:
+    """Try the entry again after ``delay`` seconds, counting no attempt: it failed nothing."""
+    return Outcome(kind="retry", reason=reason, cause=cause, delay=delay, counts=False, **ids)
 
 
 # Past this many doublings every delay is at its cap anyway (2**64 seconds is far above

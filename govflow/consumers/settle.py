@@ -181,6 +181,7 @@ class Settler:
                 order=order if verdict.front else None,  # only the one in front releases
             )
         if outcome.kind == "retry":
+            attempt = entry.attempt + 1 if outcome.counts else entry.attempt
             return scripts.ack_and_schedule_retry(
                 stream=self.stream,
                 group=self.group,
@@ -190,7 +191,7 @@ class Settler:
                 delay_ms=int(self._policy.retry_delay(outcome, entry.attempt) * 1000),
                 to=self._role,
                 fields=self._streams.sealed(
-                    {**entry.kept_fields(), ATTEMPT_FIELD: str(entry.attempt + 1).encode(), **token}
+                    {**entry.kept_fields(), ATTEMPT_FIELD: str(attempt).encode(), **token}
                 ),
                 order=order,
             )

@@ -1,7 +1,8 @@
 """Fencing tokens on executions: only the delivery that started last may write.
 
 A worker starts a delivery by locking its executions with ``lock``, which returns each
-one's ``epoch``; the delivery's token is that epoch plus one, and the delivery counts
+one's ``epoch`` (or names it busy, held by another transaction: that delivery comes back
+later, ``consumers.actions``); the delivery's token is that epoch plus one, and the delivery counts
 itself and writes the token in one of two ways:
 
 - ``claim``, in the transaction that locked, shows the execution ``running``, counts the
@@ -32,8 +33,9 @@ nothing more.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import anyio
 from psycopg import AsyncConnection
 
 from govflow.db.batch import id_array
@@ -42,13 +44,23 @@ from govflow.db.batch import id_array
 # statistics say: on a table too fresh to have any (a backlog drained after a deploy),
 # ``id = ANY(...)`` or a join on the ids was planned as a scan of every execution, once
 # per batch. The LIMIT keeps each lateral subquery from being flattened into a join; the
-# ids go in sorted, so rows are locked in id order and two transactions never wait on
-# each other in a cycle.
+# ids go in sorted, so rows are locked in id order. A row another transaction holds is
+# passed over (``SKIP LOCKED``) and named busy (the last column): waiting for it would
+# wait as long as its holder, and a worker frozen mid-transaction (a long GC pause, a
+# suspended VM) holds its rows until it wakes.
 LOCK = (
-    "SELECT l.id::text, l.epoch, l.status FROM unnest(%s::uuid[]) AS i(id) CROSS JOIN LATERAL"
-    " (SELECT id, epoch, status FROM workflow_executions WHERE id = i.id LIMIT 1"
-    " FOR NO KEY UPDATE) AS l"
+    "SELECT i.id::text, l.epoch, l.status,"
+    " CASE WHEN l.status IS NULL THEN EXISTS"
+    " (SELECT FROM workflow_executions WHERE id = i.id) ELSE false END"
+    " FROM unnest(%s::uuid[]) AS i(id) LEFT JOIN LATERAL"
+    " (SELECT epoch, status FROM workflow_executions WHERE id = i.id LIMIT 1"
+    " FOR NO KEY UPDATE SKIP LOCKED) AS l ON true"
 )
+# How long ``lock`` keeps trying for rows another transaction holds, and how often. Every
+# transaction that writes an execution is short (a batch's start or record, a decision, a
+# cancel): one still open after this long belongs to a process that is frozen or stuck.
+BUSY_PATIENCE_S = 1.0
+BUSY_POLL_S = 0.05
 # The rows of the ids given, by their physical address, for an UPDATE's WHERE. Only for
 # rows this transaction has locked already: a row another transaction changes meanwhile
 # would move, and the statement's snapshot would not see it at its new address.
@@ -89,24 +101,45 @@ class Fenced(Exception):  # noqa: N818 - a control-flow signal, not an error
         self.ids = frozenset(ids)
 
 
+class Locked(NamedTuple):
+    """What ``lock`` took: the epoch of each execution locked, and the ones held elsewhere."""
+
+    epochs: dict[str, int]
+    busy: frozenset[str]
+
+
 async def lock(
-    conn: AsyncConnection[Any], ids: Sequence[str], *, replays: Collection[str] = ()
-) -> dict[str, int]:
+    conn: AsyncConnection[Any],
+    ids: Sequence[str],
+    *,
+    replays: Collection[str] = (),
+    patience: float = BUSY_PATIENCE_S,
+) -> Locked:
     """Lock the executions a delivery may start; return the epoch each has now.
 
     A terminal execution is locked but left out, unless its id is in ``replays`` and it
-    is ``dead_lettered``. The rows are locked in id order, as ``hold`` locks them, so two
-    transactions never wait on each other in a cycle. The delivery is started only once
+    is ``dead_lettered``. A row another transaction holds is tried again every
+    ``BUSY_POLL_S`` for ``patience`` seconds, then named ``busy``: its delivery should
+    wait and come back, not hold this batch. The delivery is started only once
     ``claim``, or its final write (``STARTED``), bumps the epoch in this transaction.
     """
-    if not ids:
-        return {}
-    cur = await conn.execute(LOCK, (id_array(sorted(ids)),))
-    return {
-        id_: int(epoch)
-        for id_, epoch, status in await cur.fetchall()
-        if status not in TERMINAL or (status == "dead_lettered" and id_ in replays)
-    }
+    epochs: dict[str, int] = {}
+    wanted = sorted(ids)
+    deadline = anyio.current_time() + patience
+    while wanted:
+        cur = await conn.execute(LOCK, (id_array(wanted),))
+        wanted = []
+        for id_, epoch, status, busy in await cur.fetchall():
+            if busy:
+                wanted.append(id_)
+            elif status is not None and (
+                status not in TERMINAL or (status == "dead_lettered" and id_ in replays)
+            ):
+                epochs[id_] = int(epoch)
+        if not wanted or anyio.current_time() >= deadline:
+            break
+        await anyio.sleep(BUSY_POLL_S)
+    return Locked(epochs, frozenset(wanted))
 
 
 async def claim(conn: AsyncConnection[Any], locked: Mapping[str, int]) -> dict[str, int]:
