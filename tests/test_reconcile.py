@@ -226,7 +226,7 @@ async def test_a_republished_event_emits_the_commands_of_its_unfinished_executio
 ) -> None:
     keys = Keys(prefix)
     [command] = await record(pool)  # recorded long ago; its command lost
-    matcher = TriggerMatcher(redis, pool, keys, Definitions(pool), stale_after_s=AFTER_S)
+    matcher = TriggerMatcher(Streams(redis), pool, keys, Definitions(pool), stale_after_s=AFTER_S)
     fields = {b"event": encode(command.event)}
     entry = Entry(keys.events(), await add_entry(redis, keys.events(), fields), fields)
 
@@ -250,7 +250,7 @@ async def test_an_event_that_matches_nothing_counts_as_taken_up(
     pool: AsyncConnectionPool[Any], redis: Redis, prefix: str
 ) -> None:
     keys = Keys(prefix)
-    matcher = TriggerMatcher(redis, pool, keys, Definitions(pool))
+    matcher = TriggerMatcher(Streams(redis), pool, keys, Definitions(pool))
     event = new_event("assessment.created", "AS-1")
     async with pool.connection() as conn:
         await enqueue(conn, event)
@@ -272,7 +272,7 @@ async def test_an_outbox_row_that_is_no_event_counts_as_taken_up_once_dead_lette
     pool: AsyncConnectionPool[Any], redis: Redis, prefix: str, raw: bytes
 ) -> None:
     keys = Keys(prefix)
-    matcher = TriggerMatcher(redis, pool, keys, Definitions(pool))
+    matcher = TriggerMatcher(Streams(redis), pool, keys, Definitions(pool))
     async with pool.connection() as conn:
         await conn.execute(
             "INSERT INTO outbox (event, published_at) VALUES (%s::jsonb, now() - interval '1 hour')",

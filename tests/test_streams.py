@@ -1,4 +1,5 @@
-"""The claim sweep of ``consumers.streams``: idle entries behind many busy ones are reached."""
+"""``consumers.streams``: the claim sweep reaches idle entries behind many busy ones;
+entries appended in bulk land whole and in order."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from govflow.consumers.streams import Streams
+from govflow.consumers.streams import APPEND_CHUNK, Streams
 
 pytestmark = pytest.mark.anyio
 
@@ -67,3 +68,14 @@ async def test_retiring_from_a_group_that_is_gone_retires_no_one(redis: Redis, p
     await streams.ensure_group(stream, "triggers")
     await redis.delete(stream)
     assert await streams.retire(stream, "triggers", "worker-1") is False
+
+
+async def test_entries_appended_in_bulk_land_in_order_on_each_stream(
+    redis: Redis, prefix: str
+) -> None:
+    many = [str(i).encode() for i in range(2 * APPEND_CHUNK + 1)]  # three script calls
+    values = {f"{prefix}:a": many, f"{prefix}:b": [b"x"], f"{prefix}:c": []}
+    await Streams(redis).append(b"command", values)
+    for stream, sent in values.items():
+        entries: Any = await redis.xrange(stream)
+        assert [fields for _, fields in entries] == [{b"command": v} for v in sent]

@@ -321,6 +321,18 @@ return {undecided, found_exec, found_event, held}
 """
 
 
+# KEYS: stream. ARGV: a field name, then one value per entry. Adds an entry per value, each
+# with that one field; returns how many. One call where a pipeline of XADDs cost the
+# client a command to pack and a reply to parse per entry. XADD takes any value, so there
+# is nothing to check first.
+APPEND = """
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[i])
+end
+return #ARGV - 1
+"""
+
+
 # KEYS: stream. ARGV: the boundary (an id: every group acknowledged every entry below it),
 # how many entries to keep, the most to remove. Removes the oldest entries below the
 # boundary while more than that many are kept, at most that many; returns how many went.
@@ -478,6 +490,11 @@ def renew_pending(*, stream: str, group: str, consumer: str, ids: Sequence[str])
 def retire_idle_consumer(*, stream: str, group: str, consumer: str) -> ScriptCall:
     """Delete ``consumer`` from its group if nothing is pending for it."""
     return ScriptCall(RETIRE_IDLE_CONSUMER, [stream], [group, consumer])
+
+
+def append(*, stream: str, field: bytes, values: Sequence[bytes]) -> ScriptCall:
+    """Add one entry to ``stream`` per value, each with the one field ``field``."""
+    return ScriptCall(APPEND, [stream], [field, *values])
 
 
 def trim_acknowledged(*, stream: str, below: str, keep: int, limit: int) -> ScriptCall:

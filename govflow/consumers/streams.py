@@ -39,6 +39,8 @@ COMMAND_FIELD = b"command"
 ATTEMPT_FIELD = b"attempt"
 # The field that marks an entry put back by `govflow dlq replay` (the dead letter's id).
 REPLAY_FIELD = b"replay_of"
+# The most entries one script call appends: Redis runs nothing else while a script runs.
+APPEND_CHUNK = 500
 # The largest attempt an entry's field may claim: far above any GOVFLOW_MAX_ATTEMPTS, and
 # far below 2**31, the limit of the dead_letters.attempts column.
 MAX_ATTEMPT = 1_000_000
@@ -283,6 +285,17 @@ class Streams:
         call = scripts.renew_pending(stream=stream, group=group, consumer=consumer, ids=ids)
         kept: list[bytes] = await self.run(call)
         return {i.decode() for i in kept}
+
+    async def append(self, field: bytes, values: Mapping[str, Sequence[bytes]]) -> None:
+        """Add one entry per value to each stream of ``values``, with the one field
+        ``field``: in one round trip, at most ``APPEND_CHUNK`` entries to a script call."""
+        calls = [
+            scripts.append(stream=stream, field=field, values=chunk[i : i + APPEND_CHUNK])
+            for stream, chunk in values.items()
+            for i in range(0, len(chunk), APPEND_CHUNK)
+        ]
+        if calls:
+            await self.run_in_order(calls)
 
     async def run(self, call: scripts.ScriptCall) -> Any:
         """Run one script call (loading the script if the server has lost it)."""

@@ -19,7 +19,7 @@ from govflow.consumers.streams import (
     EVENT_FIELD,
     REPLAY_FIELD,
     Entry,
-    RedisClient,
+    Streams,
     event_of,
     read_at,
 )
@@ -63,14 +63,14 @@ class TriggerMatcher:
 
     def __init__(
         self,
-        redis: RedisClient,
+        streams: Streams,
         pool: AsyncConnectionPool[Any],
         keys: Keys,
         definitions: Definitions,
         stale_after_s: float | None = None,
         max_chain_executions: int = 1000,
     ) -> None:
-        self._redis = redis
+        self._streams = streams
         self._stale_after_s = stale_after_s
         self._max_chain = max_chain_executions
         self._pool = pool
@@ -218,7 +218,7 @@ class TriggerMatcher:
             )
             await reconcile.record_received(conn, taken)
             await self._charge_chains(conn, found, queued)
-        pipe = self._redis.pipeline(transaction=False)
+        emitted: dict[str, list[bytes]] = {}
         for execution in queued:
             index, _, command = found[execution.derived]
             if not _emit(execution, index in redelivered):
@@ -231,9 +231,8 @@ class TriggerMatcher:
                     command, workflow_version=execution.workflow_version, execution_id=execution.id
                 )
             stream = self._keys.commands(self._keys.partition_of(command.event.entity_id))
-            pipe.xadd(stream, {COMMAND_FIELD: encode(command)})
-        if queued:
-            await pipe.execute()
+            emitted.setdefault(stream, []).append(encode(command))
+        await self._streams.append(COMMAND_FIELD, emitted)
 
     async def _match(
         self, events: dict[int, Event], spans: traces.Matches, *, since: float

@@ -277,7 +277,7 @@ class Worker:
         if "triggers" in self.roles:
             handlers.append(
                 TriggerMatcher(
-                    redis,
+                    streams,
                     pool,
                     keys,
                     definitions,
