@@ -44,8 +44,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
+import aiohttp
 import anyio
 import httpx
 import msgspec
@@ -120,6 +121,13 @@ class Work(msgspec.Struct):
     waits_at: int | None = None  # the step it waits at once its steps are done
 
 
+class Clients(NamedTuple):
+    """The worker's HTTP clients, shared by every step it runs."""
+
+    http: httpx.AsyncClient  # for plug-ins (``StepContext.http``)
+    webhooks: aiohttp.ClientSession  # for signed webhooks (``plugins.webhook``)
+
+
 class ActionRunner:
     """The handler of the ``actions`` group."""
 
@@ -131,13 +139,13 @@ class ActionRunner:
         definitions: Definitions,
         policy: RetryPolicy,
         settings: Settings,
-        http: httpx.AsyncClient,
+        clients: Clients,
     ) -> None:
         self._pool = pool
         self._definitions = definitions
         self._policy = policy
         self._settings = settings
-        self._http = http
+        self._clients = clients
         # Loaded here, so that a plug-in that fails to load stops the worker at start.
         self._actions = registry()
         self._io_slots = anyio.CapacityLimiter(settings.io_concurrency)
@@ -511,7 +519,8 @@ class ActionRunner:
             now=datetime.now(UTC),
             transaction=conn,
             effects=Effects(),
-            http=self._http,
+            http=self._clients.http,
+            webhooks=self._clients.webhooks,
             settings=self._settings,
             hosts=self._hosts,
             signing_keys=self._keys,

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Generic, TypeVar, get_type_hints
 
+import aiohttp
 import httpx
 import msgspec
 from psycopg import AsyncConnection
@@ -63,6 +64,8 @@ class StepContext(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         transaction: the batch's open transaction; None for an I/O action, which runs
             before it (``@action(..., io=True)``).
+        http: the worker's httpx client, for a plug-in's requests.
+        webhooks: the session webhooks go out through (``plugins.webhook.deliver``).
         hosts: one slot per request in flight to a host, shared by the worker.
         signing_keys: the webhook signing keys, the newest first.
     """
@@ -73,6 +76,7 @@ class StepContext(msgspec.Struct, frozen=True, kw_only=True):
     transaction: AsyncConnection[Any] | None
     effects: Effects
     http: httpx.AsyncClient
+    webhooks: aiohttp.ClientSession
     settings: Settings
     hosts: HostSlots
     signing_keys: tuple[str, ...] = ()

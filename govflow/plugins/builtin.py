@@ -194,7 +194,7 @@ async def notify(ctx: StepContext, p: Notify) -> None:
     )
     async with ctx.hosts.slot(url):
         status = await webhook.deliver(
-            ctx.http,
+            ctx.webhooks,
             url,
             body,
             idempotency_key=ctx.idempotency_key,

@@ -8,7 +8,8 @@ A non-empty list also confines webhooks to the hosts and networks it names.
 
 The check is made on the address connected to, not on the name: the host is resolved
 once, every address it resolves to is checked, and the connection goes to a checked
-address (``PinnedBackend``). A name that resolves to a public address when checked and to
+address (``PinnedResolver`` for the webhook session, ``PinnedBackend`` for the httpx
+client plug-ins get). A name that resolves to a public address when checked and to
 127.0.0.1 when connected (DNS rebinding) therefore never reaches 127.0.0.1. The Host
 header and TLS's server name stay the URL's host.
 """
@@ -23,9 +24,11 @@ import ssl
 import typing
 from collections.abc import Iterable
 
+import aiohttp
 import anyio
 import httpcore
 import httpx
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from govflow.schemas.errors import PermanentError
 
@@ -83,6 +86,17 @@ class EgressPolicy:
                 " name it in GOVFLOW_WEBHOOK_ALLOWED_HOSTS to allow it"
             )
 
+    def check_literal(self, host: str) -> None:
+        """Check a host written as an address (``127.0.0.1``, ``[::1]``), which is
+        connected to as it is, never resolved; a name is checked once resolved.
+
+        Raises:
+            PermanentError: the address may not be reached.
+        """
+        address = _address(host)
+        if address is not None:
+            self.check_address(host, address)
+
     def _named(self, host: str) -> bool:
         return host.lower().strip("[]").rstrip(".") in self.names
 
@@ -102,6 +116,35 @@ def _address(host: str) -> IPAddress | None:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None
+
+
+class PinnedResolver(AbstractResolver):
+    """aiohttp's resolver, returning only addresses the policy allows.
+
+    aiohttp connects to the addresses its resolver returns, with the URL's host as TLS's
+    server name, so the connection is pinned to the checked addresses. A host written as
+    an address is not resolved: ``check_literal`` checks it before the request.
+    """
+
+    def __init__(self, policy: EgressPolicy) -> None:
+        self._policy = policy
+        self._resolver: AbstractResolver | None = None
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """Resolve ``host`` once; refuse it unless every address it resolves to is allowed."""
+        if self._resolver is None:  # made in the event loop it will run in
+            self._resolver = aiohttp.ThreadedResolver()
+        found = await self._resolver.resolve(host, port, family)
+        for result in found:
+            self._policy.check_address(host, ipaddress.ip_address(result["host"]))
+        return found
+
+    async def close(self) -> None:
+        """Release the wrapped resolver."""
+        if self._resolver is not None:
+            await self._resolver.close()
 
 
 class PinnedBackend(httpcore.AsyncNetworkBackend):
@@ -206,3 +249,15 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         """Close every pool."""
         for shard in self._shards:
             await shard.aclose()
+
+
+def http_client(timeout: float, allowed: frozenset[str], concurrency: int = 1) -> httpx.AsyncClient:
+    """The httpx client plug-ins get (``StepContext.http``): separate connect and read
+    time-outs, no automatic redirects, connections only to the addresses ``allowed``
+    admits, and pools sized for ``concurrency`` requests in flight (``ShardedTransport``)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+        follow_redirects=False,
+        trust_env=False,
+        transport=ShardedTransport(EgressPolicy(allowed), concurrency),
+    )

@@ -14,6 +14,11 @@ rotated key is still valid). 408, 425, 429 and 5xx answers are retried, after th
 receiver's ``Retry-After`` when it sends one; any other 4xx is permanent. With the
 ``otel`` extra, each request is a client span and sends its W3C ``traceparent`` header
 (``core.tracing``).
+
+Webhooks go out through aiohttp, not the httpx client plug-ins get (``StepContext.http``):
+its HTTP parser is compiled, and a delivery costs a worker about a tenth of the CPU it
+cost through httpx and httpcore, whose pure-Python HTTP/1.1 and pool were most of a
+worker's time when every event sent a webhook (benchmarks/README.md, "Round six").
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
+import aiohttp
 import anyio
 import httpx
 
 from govflow.core import metrics, tracing
-from govflow.plugins.egress import EgressPolicy, ShardedTransport
+from govflow.plugins.egress import EgressPolicy, PinnedResolver
 from govflow.schemas.errors import PermanentError, RetryLater
 
 SIGNATURE_HEADER = "X-Govflow-Signature"
@@ -37,10 +43,20 @@ MAX_REDIRECTS = 3
 MAX_BODY_READ = 64 * 1024
 # Answers that another try may get past: a time-out, "too early", "too many requests".
 RETRIED_4XX = frozenset({408, 425, 429})
+# Answers followed to their Location (within the origin); any other 3xx is retried.
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class WebhookRetryError(RuntimeError):
     """The receiver answered with a status worth another try (408, 425, 429, 5xx, 3xx)."""
+
+
+class WebhookTimeoutError(TimeoutError):
+    """The receiver did not take the connection, or did not answer, in time (retried)."""
+
+
+class WebhookUnreachableError(ConnectionError):
+    """No connection to the receiver, or it broke before the answer (retried)."""
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -72,11 +88,13 @@ def check_host(url: str, allowed: frozenset[str]) -> None:
         raise PermanentError(
             f"webhook URL ({parts.scheme or 'no scheme'}://{parts.hostname or ''}) is not http(s)"
         )
-    EgressPolicy(allowed).check_host(parts.hostname)
+    policy = EgressPolicy(allowed)
+    policy.check_host(parts.hostname)
+    policy.check_literal(parts.hostname)  # an address in the URL is connected to unresolved
 
 
 async def deliver(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     url: str,
     body: bytes,
     *,
@@ -94,7 +112,8 @@ async def deliver(
             URL, or no signing key.
         RetryLater: a retried status with a ``Retry-After`` the receiver asked for.
         WebhookRetryError: a retried status without one.
-        httpx.HTTPError: a time-out or a connection error (retried).
+        WebhookTimeoutError: no connection or no answer in time (retried).
+        WebhookUnreachableError: no connection, or a broken one (retried).
     """
     if not any(keys):  # a signature under an empty key would prove nothing
         raise PermanentError("no webhook signing key: run `govflow migrate`")
@@ -104,12 +123,19 @@ async def deliver(
         SIGNATURE_HEADER: signature(keys, body),
     }
     # A connection, then an answer: each may take its own time-out, the two no more.
-    total = (client.timeout.connect or 0.0) + (client.timeout.read or 0.0) or None
+    total = (client.timeout.sock_connect or 0.0) + (client.timeout.sock_read or 0.0) or None
     with metrics.observe_webhook() as request:
         with anyio.move_on_after(total) as deadline:
-            status, retry_after = await _post(client, url, body, headers, allowed)
+            try:
+                status, retry_after = await _post(client, url, body, headers, allowed)
+            except aiohttp.InvalidURL as e:
+                raise PermanentError(f"webhook URL cannot be read: {_what(e)}") from None
+            except aiohttp.ServerTimeoutError as e:  # connecting, or one read, took too long
+                raise WebhookTimeoutError(f"webhook timed out ({_what(e)})") from None
+            except aiohttp.ClientError as e:
+                raise WebhookUnreachableError(f"webhook unreachable ({_what(e)})") from None
         if deadline.cancelled_caught:
-            raise httpx.ReadTimeout(f"webhook took longer than {total} s in all")
+            raise WebhookTimeoutError(f"webhook timed out (longer than {total:g} s in all)")
         request.status = status
     if status < 300:
         return status
@@ -138,7 +164,7 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
 
 
 async def _post(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     url: str,
     body: bytes,
     headers: dict[str, str],
@@ -148,11 +174,10 @@ async def _post(
     origin = _origin(url)
     for _ in range(MAX_REDIRECTS + 1):
         check_host(url, allowed)
-        answer = await _request(client, url, body, headers)
-        status, retry_after = answer.status_code, answer.headers.get("retry-after")
-        if not answer.is_redirect:
+        status, retry_after, location = await _request(client, url, body, headers)
+        if location is None:
             return status, retry_after
-        target = urljoin(url, answer.headers.get("location", ""))
+        target = urljoin(url, location)
         if _origin(target) != origin:
             where = urlsplit(target)
             raise PermanentError(
@@ -163,10 +188,14 @@ async def _post(
 
 
 async def _request(
-    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
-) -> httpx.Response:
+    client: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, str | None, str | None]:
     """One POST, a client span whose context its ``traceparent`` header carries; the
-    answer with its body skimmed (``_skim``)."""
+    answer's status, its Retry-After, and where it redirects (None if it does not).
+
+    Of the body at most ``MAX_BODY_READ`` is read, so the connection serves the next
+    delivery; a longer one is dropped with its connection: only the status matters.
+    """
     _, host, port = _origin(url)  # not the path nor the query: they may hold a secret
     attributes: dict[str, str | int] = {
         "http.request.method": "POST",
@@ -175,25 +204,22 @@ async def _request(
     }
     with tracing.span("POST", kind="client", attributes=attributes) as span:
         traced = tracing.with_context(headers)
-        async with client.stream("POST", url, content=body, headers=traced) as response:
-            await _skim(response)
+        async with client.post(url, data=body, headers=traced, allow_redirects=False) as response:
+            status = response.status
+            skimmed = await response.content.read(MAX_BODY_READ)
+            if len(skimmed) == MAX_BODY_READ:
+                response.close()
         if span is not None:
-            span.set_attribute("http.response.status_code", response.status_code)
-            if response.status_code >= 400:
-                tracing.fail(span, f"webhook answered {response.status_code}")
-    return response
+            span.set_attribute("http.response.status_code", status)
+            if status >= 400:
+                tracing.fail(span, f"webhook answered {status}")
+    location = response.headers.get("location") if status in REDIRECTS else None
+    return status, response.headers.get("retry-after"), location
 
 
-async def _skim(response: httpx.Response) -> None:
-    """Read a short body, so the connection serves the next delivery; leave a long one.
-
-    Only the status matters: a body past ``MAX_BODY_READ`` is dropped with its connection.
-    """
-    read = 0
-    async for chunk in response.aiter_raw():
-        read += len(chunk)
-        if read >= MAX_BODY_READ:
-            return
+def _what(error: aiohttp.ClientError) -> str:
+    """What went wrong, without the URL (it may hold a secret): the error's kind."""
+    return type(error).__name__
 
 
 def _origin(url: str) -> tuple[str, str | None, int | None]:
@@ -203,13 +229,15 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
     return parts.scheme, parts.hostname, parts.port or default
 
 
-def client(timeout: float, allowed: frozenset[str], concurrency: int = 1) -> httpx.AsyncClient:
-    """The shared webhook client: separate connect and read time-outs, no automatic
-    redirects, connections only to the addresses ``allowed`` admits, and pools sized for
-    ``concurrency`` requests in flight (``ShardedTransport``)."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-        follow_redirects=False,
+def client(timeout: float, allowed: frozenset[str], concurrency: int = 1) -> aiohttp.ClientSession:
+    """The worker's webhook session (enter it with ``async with``): separate connect and
+    read time-outs, no automatic redirects, no proxies from the environment, connections
+    only to the addresses ``allowed`` admits, and ``concurrency`` of them kept alive."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=concurrency, resolver=PinnedResolver(EgressPolicy(allowed))
+        ),
+        timeout=aiohttp.ClientTimeout(sock_connect=min(timeout, 5.0), sock_read=timeout),
+        auto_decompress=False,
         trust_env=False,
-        transport=ShardedTransport(EgressPolicy(allowed), concurrency),
     )

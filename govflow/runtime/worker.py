@@ -1,10 +1,10 @@
 """``govflow run``: every role's workers in one process, stopped gracefully.
 
 With one partition (the default): one ``GroupConsumer`` per (role, concurrency slot), all
-sharing one Redis client, one Postgres pool and one webhook client; plus the retry mover,
-the janitor, the reconciler and the retention sweep (with the ``triggers`` or ``actions``
-role), the deadline service (with the ``actions`` role) and, with the ``relay`` role, the
-outbox relay. From the moment Redis answers until every service has returned, the worker
+sharing one Redis client, one Postgres pool and the HTTP clients (``Clients``); plus the
+retry mover, the janitor, the reconciler and the retention sweep (with the ``triggers`` or
+``actions`` role), the deadline service (with the ``actions`` role) and, with the ``relay``
+role, the outbox relay. From the moment Redis answers until every service has returned, the worker
 writes its heartbeat (``runtime.heartbeat``).
 
 With ``GOVFLOW_PARTITIONS`` above 1, partitions are leased (``consumers.partitions``): per
@@ -31,7 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from govflow.consumers.actions import ActionRunner
+from govflow.consumers.actions import ActionRunner, Clients
 from govflow.consumers.deadlines import Deadlines
 from govflow.consumers.definitions import Definitions
 from govflow.consumers.janitor import Janitor
@@ -55,7 +55,7 @@ from govflow.core.unavailable import UNAVAILABLE, is_unavailable
 from govflow.db.pool import open_pool
 from govflow.operations import workers
 from govflow.operations.workers import ConsumerRef
-from govflow.plugins import webhook
+from govflow.plugins import egress, webhook
 from govflow.producers.relay import Relay
 from govflow.runtime.heartbeat import Heartbeat, Holdings, worker_id
 from govflow.schemas.errors import ConfigError
@@ -181,12 +181,13 @@ class Worker:
             # Settings that must agree across the deployment (core.deployment).
             await deployment.check_worker(redis, pool, self.keys)
             seal = await load_seal(redis, self.keys)
-            async with webhook.client(
-                self.settings.webhook_timeout,
-                self.settings.allowed_hosts(),
-                self.settings.io_concurrency,
-            ) as http:
-                self._services = self._build(redis, pool, http, seal)
+            timeout, allowed = self.settings.webhook_timeout, self.settings.allowed_hosts()
+            concurrency = self.settings.io_concurrency
+            async with (
+                egress.http_client(timeout, allowed, concurrency) as http,
+                webhook.client(timeout, allowed, concurrency) as webhooks,
+            ):
+                self._services = self._build(redis, pool, Clients(http, webhooks), seal)
                 # What start-up made (modules, definitions, clients) lives as long as the
                 # worker: kept out of the collector's full passes, each pass looks at the
                 # work's own objects only (a pass over everything paused the worker 40 ms).
@@ -268,7 +269,9 @@ class Worker:
                     await self._stop.wait()
         return None
 
-    def _build(self, redis: RedisClient, pool: Any, http: Any, seal: Seal | None) -> list[Service]:
+    def _build(
+        self, redis: RedisClient, pool: Any, clients: Clients, seal: Seal | None
+    ) -> list[Service]:
         settings, keys = self.settings, self.keys
         streams = Streams(redis, seal)
         definitions = Definitions(pool)
@@ -286,7 +289,7 @@ class Worker:
                 )
             )
         if "actions" in self.roles:
-            handlers.append(ActionRunner(pool, definitions, policy, settings, http))
+            handlers.append(ActionRunner(pool, definitions, policy, settings, clients))
         ordering = Ordering(definitions, streams, keys)
         name = f"{socket.gethostname()}-{os.getpid()}"
         services: list[Service] = []
