@@ -10,11 +10,14 @@ that names a host the list leaves out.
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -134,6 +137,40 @@ def redirecting(location: str) -> Iterator[int]:
         httpd.server_close()
 
 
+@contextmanager
+def self_signed_receiver(tmp_path: Path) -> Iterator[tuple[int, list[str]]]:
+    """An HTTPS server on loopback whose certificate nobody signed; the paths it served."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    served: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            served.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd.server_address[1], served
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 async def timed(call: Any) -> tuple[BaseException | None, float]:
     started = time.monotonic()
     try:
@@ -179,6 +216,14 @@ async def test_a_body_that_never_ends_is_not_waited_for() -> None:
         error, took = await timed(deliver(f"http://127.0.0.1:{port}/hook"))
     assert error is None
     assert took < TIMEOUT
+
+
+async def test_a_receiver_whose_certificate_nobody_signed_is_not_sent_to(tmp_path: Path) -> None:
+    with self_signed_receiver(tmp_path) as (port, served):
+        error, _ = await timed(deliver(f"https://127.0.0.1:{port}/hook"))
+    assert isinstance(error, webhook.WebhookUnreachableError), error
+    assert "Certificate" in str(error)  # retried: the receiver may fix its certificate
+    assert served == []
 
 
 async def test_a_redirect_to_another_port_of_the_same_host_is_refused() -> None:

@@ -240,7 +240,11 @@ def client(timeout: float, allowed: frozenset[str], concurrency: int = 1) -> aio
     only to the addresses ``allowed`` admits, and ``concurrency`` of them kept alive."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
-            limit=concurrency, resolver=PinnedResolver(EgressPolicy(allowed))
+            limit=concurrency,
+            resolver=PinnedResolver(EgressPolicy(allowed)),
+            # The certificates httpx trusts (certifi's), as webhooks trusted before aiohttp
+            # and as plug-ins' requests still do, not whatever the image's system holds.
+            ssl=httpx.create_ssl_context(trust_env=False),
         ),
         timeout=aiohttp.ClientTimeout(sock_connect=min(timeout, 5.0), sock_read=timeout),
         auto_decompress=False,
