@@ -52,10 +52,8 @@ async def record(pool: AsyncConnectionPool[Any], n: int = 1) -> list[RunWorkflow
                 exec_id, "review", 1, event.id, "policy", event.entity_id, event.tenant,
                 event.occurred_at,
             )  # fmt: skip
-            await executions.insert_queued(conn, [row])
-            await reconcile.record_received(
-                conn, [reconcile.Received(event.tenant, event.id, encode(event).decode())]
-            )
+            taken = reconcile.Received(event.tenant, event.id, encode(event).decode())
+            await executions.insert_queued(conn, [row], None, [taken])  # in one statement
             commands.append(
                 RunWorkflow(
                     execution_id=exec_id, workflow_name="review", workflow_version=1, event=event
@@ -195,7 +193,8 @@ async def test_a_published_outbox_row_whose_event_was_lost_is_published_again(
         for event in (lost, taken):
             await enqueue(conn, event)
         await conn.execute("UPDATE outbox SET published_at = now() - interval '1 hour'")
-        await reconcile.record_received(conn, [reconcile.Received(taken.tenant, taken.id)])
+        # Taken up by the matcher, matching no workflow: no execution, the event recorded.
+        await executions.insert_queued(conn, [], None, [reconcile.Received(taken.tenant, taken.id)])
 
     report = await read_lag(redis, pool, keys, overdue_after_s=AFTER_S)
     assert report.outbox is not None

@@ -24,8 +24,9 @@ from govflow.consumers.streams import (
     read_at,
 )
 from govflow.core.unavailable import is_unavailable
-from govflow.db import chains, executions, reconcile
+from govflow.db import chains, executions
 from govflow.db.executions import NewExecution, Queued
+from govflow.db.pool import autocommit
 from govflow.db.reconcile import Received
 from govflow.schemas.codec import decode_identity, encode
 from govflow.schemas.commands import RunWorkflow, execution_id
@@ -50,7 +51,7 @@ class TriggerMatcher:
     The execution row commits before its command is emitted. A crash in between leaves
     the row ``queued``; the redelivered event finds it so and emits the command again.
 
-    Every event taken is recorded in ``received_events`` in the same transaction (kept
+    Every event taken is recorded in ``received_events`` by the same statement (kept
     whole when it matched a workflow), so the reconciler knows an outbox row was taken up
     and can emit again a command Redis lost. An event published again finds its
     executions: those unfinished and untouched for ``stale_after_s`` get their command
@@ -211,13 +212,15 @@ class TriggerMatcher:
         version their row records."""
         if not found and not taken:
             return
-        # Pipelined: the events taken go out with the commit.
-        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-            queued = await executions.insert_queued(
-                conn, [row for _, row, _ in found.values()], self._stale_after_s
-            )
-            await reconcile.record_received(conn, taken)
-            await self._charge_chains(conn, found, queued)
+        rows = [row for _, row, _ in found.values()]
+        if any(command.event.depth > 0 for _, _, command in found.values()):
+            # Chained events are charged to their roots in the same transaction.
+            async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+                queued = await executions.insert_queued(conn, rows, self._stale_after_s, taken)
+                await self._charge_chains(conn, found, queued)
+        else:  # one statement, which commits alone: no transaction to open and close
+            async with autocommit(self._pool) as conn:
+                queued = await executions.insert_queued(conn, rows, self._stale_after_s, taken)
         emitted: dict[str, list[bytes]] = {}
         for execution in queued:
             index, _, command = found[execution.derived]

@@ -10,7 +10,7 @@ import msgspec
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
 
-from govflow.db import fencing
+from govflow.db import fencing, reconcile
 from govflow.db.batch import Batched, id_array
 from govflow.db.fencing import TERMINAL
 
@@ -110,21 +110,33 @@ class Queued(msgspec.Struct, frozen=True):
 
 
 async def insert_queued(
-    conn: AsyncConnection[Any], rows: Sequence[NewExecution], stale_after_s: float | None = None
+    conn: AsyncConnection[Any],
+    rows: Sequence[NewExecution],
+    stale_after_s: float | None = None,
+    taken: Sequence[reconcile.Received] = (),
 ) -> list[Queued]:
     """Record executions (a known one is left alone); return those new or still unfinished.
 
     An execution found still queued may have lost its command to a crash between this
     commit and the emit; one found unfinished and untouched for ``stale_after_s`` (unless
-    ``None``) may have lost it to Redis. The caller emits those again. The version is the row's: a
-    definition applied in between does not change what runs.
+    ``None``) may have lost it to Redis. The caller emits those again. The version is the
+    row's: a definition applied in between does not change what runs.
+
+    ``taken``: the events the batch took up, recorded in ``received_events`` by the same
+    statement (``reconcile.RECEIVED``), so that it commits alone where no transaction is
+    open.
     """
+    received = reconcile.received_parameters(taken)
     if not rows:
+        if received:
+            await conn.execute(reconcile.RECEIVED, received)
         return []
-    cur = await conn.execute(
-        _NEW_EXECUTIONS.statement().encode(),
-        (_NEW_EXECUTIONS.parameter([msgspec.structs.astuple(r) for r in rows]), stale_after_s),
-    )
+    sql = _NEW_EXECUTIONS.statement()
+    parameters = [_NEW_EXECUTIONS.parameter([msgspec.structs.astuple(r) for r in rows])]
+    if received:
+        sql = f"WITH taken AS ({reconcile.RECEIVED}), {sql.removeprefix('WITH ')}"
+        parameters = received + parameters
+    cur = await conn.execute(sql.encode(), [*parameters, stale_after_s])
     return [Queued(*row) for row in await cur.fetchall()]
 
 

@@ -22,9 +22,10 @@ from govflow.schemas.errors import InvalidEntryError
 
 UNFINISHED = ("queued", "running", "retrying")
 
+# The events the matcher took up, recorded with their executions (``executions.insert_queued``).
 # Arrays, not a Batched JSON document: an event's JSON may hold "\u0000", which a jsonb
 # parameter refuses.
-_RECEIVED = (
+RECEIVED = (
     "INSERT INTO received_events (tenant, event_id, event)"
     " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])"
     " ON CONFLICT (tenant, event_id) DO UPDATE SET event = excluded.event"
@@ -40,14 +41,15 @@ class Received(msgspec.Struct, frozen=True):
     event: str | None = None  # kept only when an execution may need it
 
 
-async def record_received(conn: AsyncConnection[Any], rows: Sequence[Received]) -> None:
-    """Record events as taken up, in the transaction of their executions."""
+def received_parameters(rows: Sequence[Received]) -> list[str]:
+    """``RECEIVED``'s three arrays for ``rows``, events taken up; empty when there are none."""
     # One row per key per statement, in key order: two batches that share events lock
     # their keys in the same order, so they cannot deadlock.
     unique = sorted({(r.tenant, r.event_id): r for r in rows}.items())
-    if unique:
-        columns = zip(*(msgspec.structs.astuple(r) for _, r in unique), strict=True)
-        await conn.execute(_RECEIVED, [text_array(c) for c in columns])
+    if not unique:
+        return []
+    columns = zip(*(msgspec.structs.astuple(r) for _, r in unique), strict=True)
+    return [text_array(c) for c in columns]
 
 
 class Unfinished(msgspec.Struct, frozen=True):
