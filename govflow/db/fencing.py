@@ -2,8 +2,8 @@
 
 A worker starts a delivery by locking its executions with ``lock``, which returns each
 one's ``epoch`` (or names it busy, held by another transaction: that delivery comes back
-later, ``consumers.actions``); the delivery's token is that epoch plus one, and the delivery counts
-itself and writes the token in one of two ways:
+later, ``consumers.actions``); the delivery's token is that epoch plus one, and the
+delivery counts itself and writes the token in one of two ways:
 
 - ``claim``, in the transaction that locked, shows the execution ``running``, counts the
   attempt and bumps the epoch to the token, before the worker commits and calls the

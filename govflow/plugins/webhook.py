@@ -16,7 +16,7 @@ receiver's ``Retry-After`` when it sends one; any other 4xx is permanent. With t
 (``core.tracing``).
 
 Webhooks go out through aiohttp, not the httpx client plug-ins get (``StepContext.http``):
-its HTTP parser is compiled, and a delivery costs a worker about a tenth of the CPU it
+its HTTP parser is compiled, and a delivery costs a worker about an eighth of the CPU it
 cost through httpx and httpcore, whose pure-Python HTTP/1.1 and pool were most of a
 worker's time when every event sent a webhook (benchmarks/README.md, "Round six").
 """
