@@ -58,15 +58,18 @@ class EgressPolicy:
     def check_host(self, host: str) -> None:
         """Refuse a host the list does not name (when it is set); before any connection.
 
+        A host written as an address (``127.0.0.1``, ``[::1]``) is checked as an address
+        here (``check_address``): aiohttp connects to it as it is, never resolving it. A
+        name is checked again once resolved.
+
         Raises:
-            PermanentError: the host is off the list.
+            PermanentError: the host is off the list, or its address may not be reached.
         """
-        if not self.confined or self._named(host):
-            return
         address = _address(host)
-        if address is not None and self._listed(address):
-            return
-        raise PermanentError(f"webhook host {host} is not in GOVFLOW_WEBHOOK_ALLOWED_HOSTS")
+        if address is not None:
+            self.check_address(host, address)
+        elif self.confined and not self._named(host):
+            raise PermanentError(f"webhook host {host} is not in GOVFLOW_WEBHOOK_ALLOWED_HOSTS")
 
     def check_address(self, host: str, address: IPAddress) -> None:
         """Refuse an address that is not public, unless the list names its host or network.
@@ -85,17 +88,6 @@ class EgressPolicy:
                 f"webhook host {host} resolves to {address}, which is not a public address;"
                 " name it in GOVFLOW_WEBHOOK_ALLOWED_HOSTS to allow it"
             )
-
-    def check_literal(self, host: str) -> None:
-        """Check a host written as an address (``127.0.0.1``, ``[::1]``), which is
-        connected to as it is, never resolved; a name is checked once resolved.
-
-        Raises:
-            PermanentError: the address may not be reached.
-        """
-        address = _address(host)
-        if address is not None:
-            self.check_address(host, address)
 
     def _named(self, host: str) -> bool:
         return host.lower().strip("[]").rstrip(".") in self.names
@@ -123,7 +115,7 @@ class PinnedResolver(AbstractResolver):
 
     aiohttp connects to the addresses its resolver returns, with the URL's host as TLS's
     server name, so the connection is pinned to the checked addresses. A host written as
-    an address is not resolved: ``check_literal`` checks it before the request.
+    an address is not resolved: ``EgressPolicy.check_host`` checks it before the request.
     """
 
     def __init__(self, policy: EgressPolicy) -> None:
