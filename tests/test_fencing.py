@@ -10,7 +10,6 @@ its final write, and fences off an older one all the same.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,14 +21,13 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from structlog.testing import capture_logs
 
-from govflow.consumers.actions import ActionRunner, Clients
+from govflow.consumers.actions import ActionRunner, open_clients
 from govflow.consumers.definitions import Definitions
 from govflow.consumers.outcomes import RetryPolicy
 from govflow.consumers.streams import COMMAND_FIELD, Entry
 from govflow.db import executions, fencing
 from govflow.db.executions import NewExecution
 from govflow.db.workflows import apply_workflow
-from govflow.plugins import egress, webhook
 from govflow.schemas.codec import decode_workflow, encode
 from govflow.schemas.commands import RunWorkflow, execution_id
 from govflow.schemas.events import new_event
@@ -56,16 +54,6 @@ actions:
 
 
 Workers = tuple[AsyncConnection[Any], AsyncConnection[Any]]
-
-
-@asynccontextmanager
-async def clients(allowed: frozenset[str]) -> AsyncIterator[Clients]:
-    """An action worker's HTTP clients, as a worker makes them."""
-    async with (
-        egress.http_client(5.0, allowed) as http,
-        webhook.client(5.0, allowed) as webhooks,
-    ):
-        yield Clients(http, webhooks)
 
 
 @pytest.fixture
@@ -286,7 +274,7 @@ async def test_an_action_worker_overtaken_mid_webhook_writes_nothing_and_says_so
         )
         entry = Entry(stream="commands", id="1-0", fields={COMMAND_FIELD: encode(command)})
         before = fenced_total()
-        async with clients(frozenset({"127.0.0.1"})) as both:
+        async with open_clients(5.0, frozenset({"127.0.0.1"})) as both:
             runner = ActionRunner(
                 pool,
                 Definitions(pool),
@@ -377,7 +365,7 @@ async def test_an_execution_held_elsewhere_is_retried_without_an_attempt_and_the
     ]
     holder, _ = two_workers
     await hold_row(holder, held)
-    async with clients(frozenset()) as both:
+    async with open_clients(5.0, frozenset()) as both:
         runner = ActionRunner(pool, Definitions(pool), RetryPolicy(), Settings(), both)
         busy, done = await runner.handle(entries)
         assert done.kind == "ack"

@@ -43,7 +43,7 @@ the batch is held.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -64,7 +64,7 @@ from govflow.consumers.streams import REPLAY_FIELD, Entry, command_of
 from govflow.core import metrics
 from govflow.core.unavailable import is_unavailable
 from govflow.db import decisions, executions, fencing, webhook_keys
-from govflow.plugins import ActionType, Effects, StepContext
+from govflow.plugins import ActionType, Effects, StepContext, egress, webhook
 from govflow.plugins.hosts import HostSlots
 from govflow.plugins.registry import registry
 from govflow.schemas import flow
@@ -129,6 +129,19 @@ class Clients(NamedTuple):
 
     http: httpx.AsyncClient  # for plug-ins (``StepContext.http``)
     webhooks: aiohttp.ClientSession  # for signed webhooks (``plugins.webhook``)
+
+
+@contextlib.asynccontextmanager
+async def open_clients(
+    request_timeout: float, allowed: frozenset[str], concurrency: int = 1
+) -> AsyncIterator[Clients]:
+    """The worker's HTTP clients, open while the block runs: each connects only where
+    ``allowed`` admits, with ``concurrency`` requests in flight."""
+    async with (
+        egress.http_client(request_timeout, allowed, concurrency) as http,
+        webhook.client(request_timeout, allowed, concurrency) as webhooks,
+    ):
+        yield Clients(http, webhooks)
 
 
 class ActionRunner:

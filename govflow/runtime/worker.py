@@ -4,8 +4,8 @@ With one partition (the default): one ``GroupConsumer`` per (role, concurrency s
 sharing one Redis client, one Postgres pool and the HTTP clients (``Clients``); plus the
 retry mover, the janitor, the reconciler and the retention sweep (with the ``triggers`` or
 ``actions`` role), the deadline service (with the ``actions`` role) and, with the ``relay``
-role, the outbox relay. From the moment Redis answers until every service has returned, the worker
-writes its heartbeat (``runtime.heartbeat``).
+role, the outbox relay. From the moment Redis answers until every service has returned,
+the worker writes its heartbeat (``runtime.heartbeat``).
 
 With ``GOVFLOW_PARTITIONS`` above 1, partitions are leased (``consumers.partitions``): per
 role, the worker holds a fair share of the partitions, one consumer on each, and
@@ -31,7 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from govflow.consumers.actions import ActionRunner, Clients
+from govflow.consumers.actions import ActionRunner, Clients, open_clients
 from govflow.consumers.deadlines import Deadlines
 from govflow.consumers.definitions import Definitions
 from govflow.consumers.janitor import Janitor
@@ -55,7 +55,6 @@ from govflow.core.unavailable import UNAVAILABLE, is_unavailable
 from govflow.db.pool import open_pool
 from govflow.operations import workers
 from govflow.operations.workers import ConsumerRef
-from govflow.plugins import egress, webhook
 from govflow.producers.relay import Relay
 from govflow.runtime.heartbeat import Heartbeat, Holdings, worker_id
 from govflow.schemas.errors import ConfigError
@@ -181,13 +180,12 @@ class Worker:
             # Settings that must agree across the deployment (core.deployment).
             await deployment.check_worker(redis, pool, self.keys)
             seal = await load_seal(redis, self.keys)
-            timeout, allowed = self.settings.webhook_timeout, self.settings.allowed_hosts()
-            concurrency = self.settings.io_concurrency
-            async with (
-                egress.http_client(timeout, allowed, concurrency) as http,
-                webhook.client(timeout, allowed, concurrency) as webhooks,
-            ):
-                self._services = self._build(redis, pool, Clients(http, webhooks), seal)
+            async with open_clients(
+                self.settings.webhook_timeout,
+                self.settings.allowed_hosts(),
+                self.settings.io_concurrency,
+            ) as clients:
+                self._services = self._build(redis, pool, clients, seal)
                 # What start-up made (modules, definitions, clients) lives as long as the
                 # worker: kept out of the collector's full passes, each pass looks at the
                 # work's own objects only (a pass over everything paused the worker 40 ms).
