@@ -89,7 +89,7 @@ _NEW_EXECUTIONS = Batched(
     " FROM r CROSS JOIN LATERAL (SELECT id, workflow_version, status, updated_at"
     " FROM workflow_executions WHERE tenant = r.tenant AND event_id = r.event_id"
     " AND workflow_name = r.workflow_name LIMIT 1) AS e"
-    " WHERE e.status IN ('queued', 'running', 'retrying')",
+    " WHERE r.id NOT IN (SELECT id FROM new) AND e.status IN ('queued', 'running', 'retrying')",
     ("id uuid", "workflow_name text", "workflow_version int", "event_id text", "entity_type text",
      "entity_id text", "tenant text", "occurred_at timestamptz"),
 )  # fmt: skip
