@@ -62,7 +62,8 @@ class Traced(Protocol):
     def tracestate(self) -> Any: ...
 
 
-_NO_SPAN: AbstractContextManager[None] = contextlib.nullcontext()
+# What ``span`` gives when govflow makes no spans.
+NO_SPAN: AbstractContextManager[None] = contextlib.nullcontext()
 _on = INSTALLED
 if INSTALLED:
     _W3C = TraceContextTextMapPropagator()
@@ -84,6 +85,11 @@ def use(provider: TracerProvider | None) -> None:
     _on = True
 
 
+def on() -> bool:
+    """Whether govflow makes spans: a caller skips building a span's attributes if not."""
+    return _on
+
+
 def span(
     name: str,
     *,
@@ -98,7 +104,7 @@ def span(
     the current span.
     """
     if not _on:
-        return _NO_SPAN
+        return NO_SPAN
     context, links = _parent(parent)
     return _tracer.start_as_current_span(
         name, context=context, kind=_KINDS[kind], attributes=attributes, links=links
