@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from govflow.schemas.codec import decode_workflow
@@ -74,6 +75,20 @@ def test_the_check_and_render_agree_on_what_a_field_is() -> None:
         "tenant",
         "data.none",
     ]
+
+
+def test_a_field_renders_as_the_events_json_holds_it() -> None:
+    from govflow.plugins._api import render
+
+    event = new_event(
+        "policy.created", "POL-1", data={"n": 3, "d": {"e": [1, 2]}, "none": None}, actor=None
+    )
+    as_json = msgspec.json.decode(msgspec.json.encode(event))
+    assert render("{occurred_at}", event) == as_json["occurred_at"]  # ISO 8601, as sent
+    assert render("{data.n}/{data.d.e}/{data.d}", event) == "3/[1, 2]/{'e': [1, 2]}"
+    # Missing, null, a field left out of the JSON, a property that is no field: nothing.
+    assert render("[{data.none}{actor}{traceparent}{entity}{data.n.x}{nope}]", event) == "[]"
+    assert render("no fields", event) == "no fields"
 
 
 @pytest.mark.parametrize(

@@ -183,11 +183,28 @@ _FIELD = re.compile(r"\{([A-Za-z_][\w.]*)\}")
 
 
 def render(template: str, event: Event) -> str:
-    """Replace each ``{dotted.path}`` with that value of the event; a missing one with ''."""
-    source = msgspec.to_builtins(event)
+    """Replace each ``{dotted.path}`` with that value of the event; a missing one with ''.
+
+    A value reads as in the event's JSON (a time in ISO 8601); only the field a path
+    starts at is converted, not the whole event, once per field each render.
+    """
+    if "{" not in template:
+        return template
+    fields: dict[str, Any] = {}
 
     def value_of(match: re.Match[str]) -> str:
-        value = lookup(source, match.group(1))
+        name, _, rest = match.group(1).partition(".")
+        if name not in fields:
+            fields[name] = _field(event, name)
+        value = fields[name] if not rest else lookup(fields[name], rest)
         return "" if value is MISSING or value is None else str(value)
 
     return _FIELD.sub(value_of, template)
+
+
+def _field(event: Event, name: str) -> Any:
+    """A field of the event as its JSON holds it; MISSING if it has none by that name."""
+    if name not in Event.__struct_fields__:
+        return MISSING
+    value = getattr(event, name)
+    return MISSING if value is msgspec.UNSET else msgspec.to_builtins(value)
