@@ -133,31 +133,36 @@ def _step_series(workflow: str, action: str, outcome: str) -> tuple[Histogram, C
     return STEP_SECONDS.labels(action), STEPS.labels(workflow, action, outcome)
 
 
-@contextlib.contextmanager
-def observe_step(workflow: str, action: str) -> Iterator[None]:
+class observe_step:  # noqa: N801 - used as a function: ``with observe_step(...)``
     """Time and count one step; its outcome is what the block raised, if anything.
 
-    A step cancelled (the worker stopping at once) is neither timed nor counted.
+    A step cancelled (the worker stopping at once) is neither timed nor counted. A class,
+    not a generator: it wraps every step, and costs half as much so.
     """
-    started = time.perf_counter()
-    try:
-        yield
-    except PermanentError:
-        _step_done(workflow, action, "permanent", started)
-        raise
-    except RetryLater:
-        _step_done(workflow, action, "retry_later", started)
-        raise
-    except Exception:
-        _step_done(workflow, action, "failed", started)
-        raise
-    _step_done(workflow, action, "completed", started)
 
+    __slots__ = ("_action", "_started", "_workflow")
 
-def _step_done(workflow: str, action: str, outcome: str, started: float) -> None:
-    seconds, count = _step_series(workflow, action, outcome)
-    seconds.observe(time.perf_counter() - started)
-    count.inc()
+    def __init__(self, workflow: str, action: str) -> None:
+        self._workflow, self._action = workflow, action
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            outcome = "completed"
+        elif issubclass(kind, PermanentError):
+            outcome = "permanent"
+        elif issubclass(kind, RetryLater):
+            outcome = "retry_later"
+        elif issubclass(kind, Exception):
+            outcome = "failed"
+        else:
+            return
+        seconds, count = _step_series(self._workflow, self._action, outcome)
+        seconds.observe(time.perf_counter() - self._started)
+        count.inc()
 
 
 class WebhookRequest:
