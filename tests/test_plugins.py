@@ -175,6 +175,41 @@ def test_the_decorator_takes_the_parameters_from_the_annotation() -> None:
     assert govflow.action is action
 
 
+async def queues_a_row(ctx: StepContext, params: Ping) -> None:
+    ctx.effects.add("INSERT INTO pings (host) VALUES (%s)", (ctx.render(params.host),))
+
+
+async def awaits(ctx: StepContext, params: Ping) -> None:
+    await ctx.conn.execute("SELECT 1")
+
+
+async def enters_async(ctx: StepContext, params: Ping) -> None:
+    async with ctx.conn.transaction():
+        pass
+
+
+async def iterates_async(ctx: StepContext, params: Ping) -> None:
+    async for _ in ctx.conn.notifies():
+        break
+
+
+@pytest.mark.parametrize(
+    ("run", "suspends"),
+    [(queues_a_row, False), (awaits, True), (enters_async, True), (iterates_async, True)],
+)
+def test_the_decorator_tells_an_action_that_may_suspend_from_one_that_never_does(
+    run: Any, suspends: bool
+) -> None:
+    # One that never awaits runs to its end once started: the worker sets it no time limit.
+    assert action("f")(run).suspends is suspends
+
+
+def test_of_the_builtins_only_notify_may_suspend() -> None:
+    actions = [a for a in vars(builtin).values() if isinstance(a, ActionType)]
+    assert len(actions) == 5
+    assert {a.name for a in actions if a.suspends} == {"notify"}
+
+
 def not_async(ctx: StepContext, params: Ping) -> None: ...
 
 

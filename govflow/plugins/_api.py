@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dis
 import inspect
 import re
 from collections.abc import Awaitable, Callable
@@ -117,12 +118,16 @@ class ActionType(msgspec.Struct, Generic[P], frozen=True):
     it runs before the batch's transaction, concurrently with the batch's other I/O steps,
     and its queued rows are written in the transaction afterwards. Any other action runs
     inside the transaction, with ``ctx.conn``.
+
+    ``suspends``: whether ``run``'s code awaits anything (``@action`` reads it from the
+    code). One that does not runs to its end once started: no time limit could stop it.
     """
 
     name: str
     params: type[P]
     run: Callable[[StepContext, P], Awaitable[None]]
     io: bool = False
+    suspends: bool = True
 
     async def __call__(self, ctx: StepContext, params: P) -> None:
         """Run the action, as the decorated function would (for a plug-in's own tests)."""
@@ -156,9 +161,16 @@ def action(
     """
 
     def declare(run: Callable[[StepContext, P], Awaitable[None]]) -> ActionType[P]:
-        return ActionType(name, _params_of(name, run), run, io)
+        return ActionType(name, _params_of(name, run), run, io, _suspends(run))
 
     return declare
+
+
+def _suspends(run: Callable[..., Any]) -> bool:
+    """Whether ``run``'s own code awaits anything: ``await``, ``async for`` and ``async
+    with`` each compile to a ``YIELD_VALUE``. Without a code object, assume it does."""
+    code = getattr(run, "__code__", None)
+    return code is None or any(i.opname == "YIELD_VALUE" for i in dis.get_instructions(code))
 
 
 def _params_of(name: str, run: Callable[..., Any]) -> type[Any]:
