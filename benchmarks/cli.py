@@ -161,14 +161,16 @@ def run_profile(opts: Options) -> dict[str, Any]:
     opts.out.mkdir(parents=True, exist_ok=True)
     for old in opts.out.glob("profile-*.raw"):
         old.unlink()
-    with servers() as found:
+    with servers(preload=[profile.STATEMENTS]) as found:
         bench = Bench(opts, found)
         gf.setup(found.database_url)
+        unwatched = profile.watch_statements(found.database_url)
         result = bench.govflow_drain(
             "prof", opts.events, opts.processes, wrap=profile.wrap(opts.out)
         )
+        postgres = unwatched or profile.statements(found.database_url, opts.events)
     bench.say(f"profiled drain: {result['events_per_s']:.0f} events/s, cores {result['cores']}")
-    text = profile.summarize(sorted(opts.out.glob("profile-*.raw")))
+    text = profile.summarize(sorted(opts.out.glob("profile-*.raw"))) + "\n" + postgres
     (opts.out / "profile.txt").write_text(text)
     print(text)
     return result

@@ -2,7 +2,10 @@
 
 py-spy (installed in the peers' venv) samples each worker process while it drains the
 backlog, idle time excluded, and this module sums the samples by function (self and
-inclusive) and by library, into ``out/profile.txt``. Findings belong in README.md.
+inclusive) and by library, into ``out/profile.txt``. The Postgres side goes there too:
+each statement's time within Postgres over the drain, from ``pg_stat_statements`` (loaded
+into the Postgres the benchmark starts; triggers, such as foreign-key checks, count in the
+statement that fired them). Findings belong in README.md.
 """
 
 from __future__ import annotations
@@ -12,10 +15,18 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
+
 from benchmarks import peers
 
 PY_SPY = peers.VENV / "bin" / "py-spy"
 RATE = 200  # samples per second
+STATEMENTS = "pg_stat_statements"  # the library Postgres must preload
+_STATEMENTS_SQL = (
+    "SELECT total_exec_time, calls, rows, regexp_replace(query, '\\s+', ' ', 'g')"
+    " FROM pg_stat_statements WHERE query NOT LIKE '%%pg_stat_statements%%'"
+    " ORDER BY total_exec_time DESC LIMIT %s"
+)
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]*)(?::\d+)?\)$")
 
 
@@ -100,4 +111,30 @@ def summarize(raws: list[Path], top: int = 25) -> str:
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
     lines += ["", "inclusive time by function:"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(2 * top)]
+    return "\n".join(lines) + "\n"
+
+
+def watch_statements(database_url: str) -> str | None:
+    """Start counting Postgres statements afresh; the reason when it cannot."""
+    try:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f"CREATE EXTENSION IF NOT EXISTS {STATEMENTS}")
+            conn.execute(f"SELECT {STATEMENTS}_reset()")
+    except psycopg.Error as e:
+        return f"{STATEMENTS} is not available ({str(e).strip()})"
+    return None
+
+
+def statements(database_url: str, events: int, top: int = 12) -> str:
+    """The statements that took most time within Postgres, per event of the drain."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute(_STATEMENTS_SQL, (top,)).fetchall()
+    total = sum(row[0] for row in rows)
+    lines = [f"time within Postgres by statement (top {top}), per event of {events}:"]
+    for ms, calls, affected, query in rows:
+        per_event = 1000 * ms / events
+        lines.append(
+            f"  {per_event:6.1f} us {100 * ms / total:5.1f}%  {calls:>6} calls"
+            f" {affected:>8} rows  {query[:110]}"
+        )
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +124,7 @@ def _redis(folder: Path) -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def _postgres(folder: Path) -> Iterator[tuple[str, int]]:
+def _postgres(folder: Path, preload: Sequence[str]) -> Iterator[tuple[str, int]]:
     bin_dir, run_as = _postgres_bin(), _run_as()
     data = folder / "pg"
     data.mkdir()
@@ -141,6 +141,8 @@ def _postgres(folder: Path) -> Iterator[tuple[str, int]]:
     options = [f"-c port={port}", "-c listen_addresses=127.0.0.1",
                f"-c unix_socket_directories={data}"]  # fmt: skip
     options += [f"-c {k}={v}" for k, v in PG_SETTINGS.items()]
+    if preload:
+        options.append(f"-c shared_preload_libraries={','.join(preload)}")
     pg_ctl = [*run_as, str(bin_dir / "pg_ctl"), "-D", str(data)]
     subprocess.run(
         [*pg_ctl, "-o", " ".join(options), "-l", str(data / "postgres.log"), "-w",
@@ -180,8 +182,9 @@ def _versions(found: Servers) -> None:
 
 
 @contextlib.contextmanager
-def servers() -> Iterator[Servers]:
-    """Yield the servers to run against: configured ones, or ones started here."""
+def servers(preload: Sequence[str] = ()) -> Iterator[Servers]:
+    """Yield the servers to run against: configured ones, or ones started here (with the
+    ``preload`` libraries in a Postgres started here)."""
     redis_url = os.environ.get("GOVFLOW_BENCH_REDIS_URL")
     database_url = os.environ.get("GOVFLOW_BENCH_DATABASE_URL")
     folder = Path(tempfile.mkdtemp(prefix="gfbench-", dir="/tmp"))
@@ -191,7 +194,7 @@ def servers() -> Iterator[Servers]:
             if not redis_url:
                 redis_url, pids["redis"] = stack.enter_context(_redis(folder))
             if not database_url:
-                database_url, pids["postgres"] = stack.enter_context(_postgres(folder))
+                database_url, pids["postgres"] = stack.enter_context(_postgres(folder, preload))
             found = Servers(
                 redis_url=redis_url,
                 database_url=database_url,
