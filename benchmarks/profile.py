@@ -130,10 +130,8 @@ def statements(database_url: str, events: int, top: int = 12) -> str:
     with psycopg.connect(database_url, autocommit=True) as conn:
         rows = conn.execute(_STATEMENTS_SQL, (top,)).fetchall()
     total = sum(row[0] for row in rows)
-    lines = [
-        f"time within Postgres by statement (top {top}), per event of {events}; wall clock,"
-        " so a backend's waits for a core count too:"
-    ]
+    head = f"time within Postgres by statement (top {top}), per event of {events}"
+    lines = [f"{head}; wall clock, so a backend's waits for a core count too:"]
     for ms, calls, affected, query in rows:
         per_event = 1000 * ms / events
         lines.append(

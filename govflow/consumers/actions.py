@@ -215,8 +215,10 @@ class ActionRunner:
         ``_WholeBatchRefusedError`` if one of them fails; otherwise each one that fails
         is written alone.
         """
-        # Read before a connection is taken, so that planning needs no second one.
-        may_wait = {w.command.execution_id for w in work if await self._may_wait(w.command)}
+        # Read before a connection is taken, so that planning needs no second one; once
+        # for each workflow version of the batch.
+        waiting = {v for v in {_version(w) for w in work} if await self._may_wait(*v)}
+        may_wait = {w.command.execution_id for w in work if _version(w) in waiting}
         recorded = False
         # Pipelined: the statements go out together, and each read waits for its own.
         async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
@@ -339,11 +341,11 @@ class ActionRunner:
             specs = self._specs[(wf.name, wf.version)] = wf.definition.specs()
         return specs
 
-    async def _may_wait(self, command: RunWorkflow) -> bool:
-        """Whether the command's workflow has a step that waits for a person, so that its
-        waits' outcomes are read; true when its definition is gone (``_plan`` says so)."""
+    async def _may_wait(self, name: str, version: int) -> bool:
+        """Whether a workflow version has a step that waits for a person, so that its
+        executions' waits are read; true when the definition is gone (``_plan`` says so)."""
         try:
-            wf = await self._definitions.version(command.workflow_name, command.workflow_version)
+            wf = await self._definitions.version(name, version)
         except PermanentError:
             return True
         return any(spec.wait for spec in self._specs_of(wf))
@@ -604,6 +606,11 @@ def _fenced(w: Work) -> Outcome:
         reason="another delivery started this execution since: this one writes nothing",
     )
     return Outcome(kind="fenced", **_ids(w.command))
+
+
+def _version(w: Work) -> tuple[str, int]:
+    """The workflow version ``w`` runs: its name and number."""
+    return w.command.workflow_name, w.command.workflow_version
 
 
 def _ids(command: RunWorkflow) -> EntryIds:
