@@ -116,10 +116,25 @@ async def claimed_twice(
     return old, new
 
 
+class Fenced(Exception):  # noqa: N818 - what a worker's write is told, not an error
+    """A transaction held stale tokens; ``ids`` are the executions refused."""
+
+    def __init__(self, ids: set[str]) -> None:
+        super().__init__(f"{len(ids)} execution(s) started by a newer delivery")
+        self.ids = frozenset(ids)
+
+
+async def check(conn: AsyncConnection[Any], tokens: dict[str, int]) -> None:
+    """``fencing.hold`` the tokens, or raise ``Fenced`` naming the executions refused."""
+    refused = await fencing.hold(conn, tokens)
+    if refused:
+        raise Fenced(refused)
+
+
 async def complete(conn: AsyncConnection[Any], exec_id: str, epoch: int) -> None:
     """What a worker writes when its delivery's step succeeded: all of it, under its token."""
     async with conn.transaction():
-        await fencing.check(conn, {exec_id: epoch})
+        await check(conn, {exec_id: epoch})
         await executions.complete_steps(conn, [(exec_id, 1, "create_task")])
         await executions.finish(conn, [exec_id])
 
@@ -127,7 +142,7 @@ async def complete(conn: AsyncConnection[Any], exec_id: str, epoch: int) -> None
 async def dead_letter(conn: AsyncConnection[Any], exec_id: str, epoch: int) -> None:
     """What a worker writes when its delivery failed for good, under its token."""
     async with conn.transaction():
-        await fencing.check(conn, {exec_id: epoch})
+        await check(conn, {exec_id: epoch})
         await executions.fail_step(conn, exec_id, 1, "create_task", "410 Gone")
         await executions.set_failed(conn, exec_id, "dead_lettered", "410 Gone")
 
@@ -141,7 +156,7 @@ async def test_the_newer_delivery_wins_and_the_older_one_writes_nothing(
     assert new == old + 1
     await complete(owner, exec_id, new)
     # The stalled worker wakes up with a failure: its whole transaction is refused.
-    with pytest.raises(fencing.Fenced) as refused:
+    with pytest.raises(Fenced) as refused:
         await dead_letter(stale, exec_id, old)
     assert refused.value.ids == {exec_id}
     assert await status_of(pool, exec_id) == ("completed", 2, 1)
@@ -153,7 +168,7 @@ async def test_a_stale_token_is_refused_even_before_the_owner_writes(
     exec_id = await queued_execution(pool)
     stale, owner = two_workers
     old, new = await claimed_twice(stale, owner, exec_id)
-    with pytest.raises(fencing.Fenced):
+    with pytest.raises(Fenced):
         await complete(stale, exec_id, old)
     assert await status_of(pool, exec_id) == ("running", 2, 0)
     await complete(owner, exec_id, new)
@@ -214,7 +229,7 @@ async def test_a_delivery_started_by_its_final_write_fences_off_an_older_one(
             "SELECT n_tup_upd FROM pg_stat_xact_user_tables WHERE relname = 'workflow_executions'"
         )
         assert await cur.fetchone() == (1,)
-    with pytest.raises(fencing.Fenced):
+    with pytest.raises(Fenced):
         await dead_letter(stale, exec_id, old)
     cur = await owner.execute("SELECT epoch FROM workflow_executions WHERE id = %s", (exec_id,))
     assert await cur.fetchone() == (old + 1,)  # moved on, as a claim would have moved it

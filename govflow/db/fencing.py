@@ -93,14 +93,6 @@ def started_items(started: bool) -> str:
     return ", " + STARTED if started else ""
 
 
-class Fenced(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """A transaction held stale tokens: roll it back; ``ids`` are the executions refused."""
-
-    def __init__(self, ids: Collection[str]) -> None:
-        super().__init__(f"{len(ids)} execution(s) started by a newer delivery")
-        self.ids = frozenset(ids)
-
-
 class Locked(NamedTuple):
     """What ``lock`` took: the epoch of each execution locked, and the ones held elsewhere."""
 
@@ -163,10 +155,3 @@ async def hold(conn: AsyncConnection[Any], tokens: Mapping[str, int]) -> set[str
     cur = await conn.execute(HOLD, (id_array(ids), epochs))
     held = {row[0] for row in await cur.fetchall()}
     return set(ids) - held
-
-
-async def check(conn: AsyncConnection[Any], tokens: Mapping[str, int]) -> None:
-    """``hold`` the tokens, or raise ``Fenced`` naming the executions refused."""
-    refused = await hold(conn, tokens)
-    if refused:
-        raise Fenced(refused)
