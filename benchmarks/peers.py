@@ -206,8 +206,9 @@ def install(names: list[str]) -> None:
     tools = [VENV / "bin" / "py-spy", *(site / name for name in PY_NEEDED)]
     if any(not p.installed() for p in wanted if not p.node) or not all(t.exists() for t in tools):
         PEERS_DIR.mkdir(exist_ok=True)
-        if not PY.exists():
-            subprocess.run(["uv", "venv", "-q", "--python", "3.11", str(VENV)], check=True)
+        if not PY.exists():  # a folder left half-made (an interrupted install) is kept
+            venv = ["uv", "venv", "-q", "--allow-existing", "--python", "3.11", str(VENV)]
+            subprocess.run(venv, check=True)
         subprocess.run(
             ["uv", "pip", "install", "-q", "--python", str(PY), *PY_PACKAGES], check=True
         )
