@@ -23,7 +23,8 @@ PY_SPY = peers.VENV / "bin" / "py-spy"
 RATE = 200  # samples per second
 STATEMENTS = "pg_stat_statements"  # the library Postgres must preload
 _STATEMENTS_SQL = (
-    "SELECT total_exec_time, calls, rows, regexp_replace(query, '\\s+', ' ', 'g')"
+    "SELECT total_exec_time, calls, rows, wal_bytes, wal_fpi,"
+    " regexp_replace(query, '\\s+', ' ', 'g')"
     " FROM pg_stat_statements WHERE query NOT LIKE '%%pg_stat_statements%%'"
     " ORDER BY total_exec_time DESC LIMIT %s"
 )
@@ -131,11 +132,12 @@ def statements(database_url: str, events: int, top: int = 12) -> str:
         rows = conn.execute(_STATEMENTS_SQL, (top,)).fetchall()
     total = sum(row[0] for row in rows)
     head = f"time within Postgres by statement (top {top}), per event of {events}"
-    lines = [f"{head}; wall clock, so a backend's waits for a core count too:"]
-    for ms, calls, affected, query in rows:
-        per_event = 1000 * ms / events
+    wal = "the WAL it wrote an event, and the full-page images in it"
+    lines = [f"{head}; wall clock, so a backend's waits for a core count too; {wal}:"]
+    for ms, calls, affected, wal, images, query in rows:
         lines.append(
-            f"  {per_event:6.1f} us {100 * ms / total:5.1f}%  {calls:>6} calls"
-            f" {affected:>8} rows  {query[:110]}"
+            f"  {1000 * ms / events:6.1f} us {100 * ms / total:5.1f}%"
+            f" {int(wal) / events:7.0f} B WAL {images / events:5.2f} FPI"
+            f"  {calls:>6} calls {affected:>8} rows  {query[:100]}"
         )
     return "\n".join(lines) + "\n"
