@@ -132,12 +132,12 @@ def statements(database_url: str, events: int, top: int = 12) -> str:
         rows = conn.execute(_STATEMENTS_SQL, (top,)).fetchall()
     total = sum(row[0] for row in rows)
     head = f"time within Postgres by statement (top {top}), per event of {events}"
-    wal = "the WAL it wrote an event, and the full-page images in it"
-    lines = [f"{head}; wall clock, so a backend's waits for a core count too; {wal}:"]
-    for ms, calls, affected, wal, images, query in rows:
+    columns = "the WAL it wrote an event, and the full-page images in it"
+    lines = [f"{head}; wall clock, so a backend's waits for a core count too; {columns}:"]
+    for ms, calls, affected, wal_bytes, images, query in rows:
         lines.append(
             f"  {1000 * ms / events:6.1f} us {100 * ms / total:5.1f}%"
-            f" {int(wal) / events:7.0f} B WAL {images / events:5.2f} FPI"
+            f" {int(wal_bytes) / events:7.0f} B WAL {images / events:5.2f} FPI"
             f"  {calls:>6} calls {affected:>8} rows  {query[:100]}"
         )
     return "\n".join(lines) + "\n"

@@ -144,7 +144,7 @@ def wait_completed(
     """Poll until ``expected`` executions are ``status`` (completed), on one connection.
 
     The figures come from the rows' commit times (``measure``), not from when this saw
-    them, so the poll's pace changes none.
+    them, so the poll's pace changes none of them.
 
     Raises:
         WorkerDiedError: ``alive()`` said a worker died.
