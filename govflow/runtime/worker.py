@@ -20,8 +20,8 @@ import gc
 import os
 import signal
 import socket
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol, cast
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol, TypeVar, cast
 
 import anyio
 import structlog
@@ -57,11 +57,12 @@ from govflow.operations import workers
 from govflow.operations.workers import ConsumerRef
 from govflow.producers.relay import Relay
 from govflow.runtime.heartbeat import Heartbeat, Holdings, worker_id
-from govflow.schemas.errors import ConfigError
+from govflow.schemas.errors import ConfigError, UnavailableError
 from govflow.schemas.keys import GROUP_OF, Role
 from govflow.schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 ROLES = frozenset(workers.ROLES)
 ROLE_OF: dict[str, Role] = {group: role for role, group in GROUP_OF.items()}
@@ -137,8 +138,9 @@ class Worker:
         The heartbeat starts as soon as Redis answers, so a worker waiting for Postgres
         is seen waiting; it beats until every service has returned, then says it stopped.
         """
-        assert self.settings.redis_url is not None
-        redis = await self._connect(self.settings.redis_url)
+        url = self.settings.redis_url
+        assert url is not None
+        redis = await self._while_away("connect to Redis", lambda: redis_client(url))
         if redis is None:
             return  # stopped before Redis answered
         try:
@@ -172,14 +174,17 @@ class Worker:
         self, redis: RedisClient, heartbeat: Heartbeat, task_status: TaskStatus[None]
     ) -> None:
         """Open the pool, start every service, and stop them on ``stop()``."""
-        pool = await self._open_pool()
+        url = self.settings.database_url
+        assert url is not None
+        size = self._pool_size()
+        pool = await self._while_away("open the pool", lambda: open_pool(url, max_size=size))
         if pool is None:
             return  # stopped before Postgres answered
         POOLS.watch("worker", pool)
         try:
-            # Settings that must agree across the deployment (core.deployment).
-            await deployment.check_worker(redis, pool, self.keys)
-            seal = await load_seal(redis, self.keys)
+            seal = await self._while_away("check the deployment", lambda: self._check(redis, pool))
+            if seal is None:
+                return  # stopped while a server was away
             async with open_clients(
                 self.settings.webhook_timeout,
                 self.settings.allowed_hosts(),
@@ -229,9 +234,14 @@ class Worker:
             ]
         return Holdings(consumers=consumers, partitions=partitions)
 
-    async def _open_pool(self) -> AsyncConnectionPool[Any] | None:
-        """The Postgres pool, or None when ``stop()`` comes first (Postgres still away)."""
-        assert self.settings.database_url is not None
+    async def _while_away(self, step: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """``call()``, tried again after a back-off while a server is unavailable.
+
+        Start-up waits for the servers however long they are away, and whichever goes away
+        at whatever point of it (a Redis restarted between the connection and the checks);
+        None when ``stop()`` comes first.
+        """
+        backoff = Backoff()
         async with anyio.create_task_group() as tg:
 
             async def cancel_on_stop() -> None:
@@ -239,9 +249,17 @@ class Worker:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(cancel_on_stop)
-            pool = await open_pool(self.settings.database_url, max_size=self._pool_size())
-            tg.cancel_scope.cancel()
-            return pool
+            while True:
+                try:
+                    result = await call()
+                except UNAVAILABLE as e:
+                    if not is_unavailable(e):
+                        raise
+                    log.warning("worker.waiting", step=step, error=str(e))
+                    await anyio.sleep(backoff.next_delay())
+                else:
+                    tg.cancel_scope.cancel()
+                    return result
         return None
 
     def _pool_size(self) -> int:
@@ -253,19 +271,17 @@ class Worker:
         consumers_per_role = self.concurrency if self.keys.partitions == 1 else self.keys.partitions
         return 2 * consumers_per_role + 4
 
-    async def _connect(self, url: str) -> RedisClient | None:
-        """Connect (asking whether it is a cluster), waiting for Redis while it is away."""
-        backoff = Backoff()
-        while not self._stop.is_set():
-            try:
-                return await redis_client(url)
-            except UNAVAILABLE as e:
-                if not is_unavailable(e):
-                    raise
-                log.warning("redis.unavailable", error=str(e))
-                with anyio.move_on_after(backoff.next_delay()):
-                    await self._stop.wait()
-        return None
+    async def _check(self, redis: RedisClient, pool: AsyncConnectionPool[Any]) -> Seal:
+        """Settings that must agree across the deployment (``core.deployment``), and its seal.
+
+        Raises:
+            UnavailableError: Redis lost the seal as it was made (restarted without its data).
+        """
+        await deployment.check_worker(redis, pool, self.keys)
+        seal = await load_seal(redis, self.keys)
+        if seal is None:
+            raise UnavailableError("Redis lost the deployment's seal as it was made")
+        return seal
 
     def _build(
         self, redis: RedisClient, pool: Any, clients: Clients, seal: Seal | None

@@ -197,9 +197,13 @@ class Workers:
             terminate(self.procs.pop(slot))
 
     def tail(self, lines: int = 30) -> str:
-        """The last lines of every worker log, for a failure message."""
+        """The last lines of every worker log, for a failure message.
+
+        The logs of workers that exited by themselves come last, so the cut keeps them.
+        """
+        exited = {self.log_of[slot] for slot, proc in self.procs.items() if proc.poll() is not None}
         out = []
-        for log in sorted(self.logs.glob("worker-*.log")):
+        for log in sorted(self.logs.glob("worker-*.log"), key=lambda p: (p in exited, p.name)):
             text = log.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"--- {log.name}\n" + "\n".join(text))
         return "\n".join(out)[-8000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
+from govflow.core import deployment
 from govflow.db import executions
 from govflow.schemas.keys import Keys
 from tests.faults.harness import (
@@ -216,4 +218,43 @@ async def test_redis_lost_between_an_execution_and_its_command_loses_nothing(
             expected_of([e.id for e in events], wants),
             within=60,
         )
+    assert report.ok, report.summary()
+
+
+async def test_redis_lost_during_the_workers_start_up_delays_it_and_loses_nothing(
+    fault_redis: RedisServer, fault_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis dies after the worker connected, before its start-up checks ran.
+
+    A worker restarted beside a Redis restart meets this window; it must wait for Redis as
+    it does before connecting, not exit.
+    """
+    await apply_workflows(fault_database_url)
+    events, wants = make_events(50, "start-up")
+    real = deployment.check_worker
+    checks = 0
+    # Redis back a second after it died, while the worker waits for it.
+    comeback = threading.Timer(1.0, fault_redis.start)
+
+    async def lose_redis_then_check(*args: Any) -> None:
+        nonlocal checks
+        checks += 1
+        if checks == 1:
+            await anyio.to_thread.run_sync(fault_redis.kill)
+            comeback.start()
+        await real(*args)
+
+    monkeypatch.setattr(deployment, "check_worker", lose_redis_then_check)
+    try:
+        async with in_process_worker(fault_redis.url, fault_database_url):
+            assert checks >= 2, "the check did not run again once Redis was back"
+            await Producer(fault_redis.url, Keys(PREFIX), chunk=50, pause=0).run(events)
+            report = await settle(
+                fault_redis.url,
+                fault_database_url,
+                expected_of([e.id for e in events], wants),
+                within=60,
+            )
+    finally:
+        await anyio.to_thread.run_sync(comeback.join)
     assert report.ok, report.summary()
