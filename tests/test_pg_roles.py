@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
+from govflow.db import prune
 from govflow.db.outbox import enqueue_sync
 from govflow.producers.publish import Publisher
 from govflow.runtime.worker import Worker
@@ -227,3 +228,13 @@ def test_what_each_role_may_do(roles: Roles) -> None:
     assert not refused(roles, "operator", "UPDATE dead_letters SET purged_by = 'x' WHERE false")
     assert not refused(roles, "producer", "INSERT INTO outbox (event) SELECT '{}' WHERE false")
     assert not refused(roles, "worker", "SELECT count(*) FROM workflows")
+
+
+def test_the_worker_may_prune_executions_with_their_rows(roles: Roles) -> None:
+    """Retention deletes an execution's steps and effects itself: no cascade does it."""
+
+    async def prune_as_worker() -> None:
+        async with await psycopg.AsyncConnection.connect(roles.url("worker")) as conn:
+            await prune.delete_executions(conn, older_than_s=0.0)
+
+    anyio.run(prune_as_worker)

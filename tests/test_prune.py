@@ -14,6 +14,7 @@ from govflow.consumers import retention
 from govflow.consumers.retention import Retention, prune, trim_dead_stream
 from govflow.db import dead_letters, interventions
 from govflow.db.dead_letters import NewDeadLetter
+from govflow.db.prune import EXECUTION_ROWS
 from govflow.schemas.errors import ConfigError
 from govflow.schemas.keys import Keys
 from govflow.schemas.settings import Settings
@@ -39,6 +40,27 @@ async def age(pool: AsyncConnectionPool[Any], exec_id: str, days: int) -> None:
         days,
         exec_id,
     )
+
+
+# A row of each kind of effect: the columns besides (execution_id, step), and their values.
+EFFECT_ROWS = {
+    "approvals": ("entity_id, approvers", "'P1', '[\"ciso\"]'"),
+    "tasks": ("entity_id, title", "'P1', 'Review'"),
+    "assignments": ("entity_id, assignee", "'P1', 'risk-team'"),
+    "notifications": ("webhook, message, idempotency_key", "'https://hooks.example/x', 'm', 'k'"),
+    "status_changes": ("entity_type, entity_id, to_status, event_id", "'policy', 'P1', 'ok', 'e1'"),
+}
+
+
+async def effects_of(pool: AsyncConnectionPool[Any], exec_id: str) -> None:
+    """A row of each kind of effect for an execution."""
+    for step, (table, (columns, values)) in enumerate(EFFECT_ROWS.items(), start=11):
+        await sql(
+            pool,
+            f"INSERT INTO {table} (execution_id, step, {columns})"
+            f" VALUES (%s::uuid, {step}, {values})",
+            exec_id,
+        )
 
 
 async def letter(pool: AsyncConnectionPool[Any], exec_id: str | None, n: int) -> int:
@@ -71,6 +93,7 @@ async def test_prune_takes_only_what_is_finished_old_and_closed(
                 conn, finished, "retry", from_status="cancelled", actor="a", reason=None
             )
         gone.append(finished)
+    await effects_of(pool, gone[0])
     cancelled = await seed_execution(pool)
     await sql(
         pool, "UPDATE workflow_executions SET status = 'cancelled' WHERE id = %s::uuid", cancelled
@@ -111,7 +134,7 @@ async def test_prune_takes_only_what_is_finished_old_and_closed(
 
     left = {row[0] for row in await fetch(pool, "SELECT id::text FROM workflow_executions")}
     assert left == set(kept)
-    for table in ("execution_steps", "execution_interventions"):
+    for table in ("execution_interventions", *EXECUTION_ROWS):
         rows = await fetch(
             pool, f"SELECT count(*) FROM {table} WHERE execution_id::text = ANY(%s)", gone
         )

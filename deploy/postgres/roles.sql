@@ -78,9 +78,15 @@ BEGIN
             ('webhook_keys',        'SELECT',                         'govflow_worker'),
             -- the relay publishes the outbox, marks its rows and deletes old ones
             ('outbox',              'SELECT, INSERT, UPDATE, DELETE', 'govflow_worker'),
-            -- with GOVFLOW_EXECUTION_RETENTION set, finished executions (their steps,
-            -- effects and interventions cascade) and closed dead letters are pruned
+            -- with GOVFLOW_EXECUTION_RETENTION set, finished executions (with their steps
+            -- and effects; their interventions cascade) and closed dead letters are pruned
             ('workflow_executions', 'DELETE',                         'govflow_worker'),
+            ('execution_steps',     'DELETE',                         'govflow_worker'),
+            ('approvals',           'DELETE',                         'govflow_worker'),
+            ('tasks',               'DELETE',                         'govflow_worker'),
+            ('assignments',         'DELETE',                         'govflow_worker'),
+            ('notifications',       'DELETE',                         'govflow_worker'),
+            ('status_changes',      'DELETE',                         'govflow_worker'),
             ('dead_letters',        'DELETE',                         'govflow_worker'),
             ('execution_interventions', 'SELECT',                     'govflow_worker'),
             -- govflow_reader and govflow_operator: everything, read-only

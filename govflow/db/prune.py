@@ -3,7 +3,9 @@
 An execution is *finished* when it is ``completed``, ``cancelled``, or ``dead_lettered``
 with no dead letter that still matters: every dead letter of its is purged, or was
 replayed before the bound (a replay still on its way keeps it). Deleting an execution
-deletes its steps, its effect rows and its interventions with it (``ON DELETE CASCADE``).
+deletes its steps and effect rows in the same statement (the workers write those rows
+without a foreign key, to spare every event the checks), and its interventions and
+approvals' decisions with them (``ON DELETE CASCADE``).
 Nothing ``queued``, ``running``, ``retrying`` or ``waiting`` is ever deleted.
 
 Each call deletes one bounded batch in the caller's transaction, oldest first, through the
@@ -30,10 +32,25 @@ _FINISHED = (
 )
 _CLOSED_LETTER = f"coalesce(purged_at, replayed_at) < {_OLDER}"
 
+# The rows of an execution that the workers write, keyed by ``execution_id``.
+EXECUTION_ROWS = (
+    "execution_steps",
+    "approvals",
+    "tasks",
+    "assignments",
+    "notifications",
+    "status_changes",
+)
 _DELETE_EXECUTIONS = (
     "WITH doomed AS (SELECT e.id FROM workflow_executions e"
-    f" WHERE {_FINISHED} ORDER BY e.finished_at LIMIT %(limit)s FOR UPDATE OF e SKIP LOCKED)"
-    " DELETE FROM workflow_executions e USING doomed WHERE e.id = doomed.id RETURNING e.status"
+    f" WHERE {_FINISHED} ORDER BY e.finished_at LIMIT %(limit)s FOR UPDATE OF e SKIP LOCKED),"
+    " gone AS (DELETE FROM workflow_executions e USING doomed WHERE e.id = doomed.id"
+    " RETURNING e.id, e.status)"
+    + "".join(
+        f", {table}_gone AS (DELETE FROM {table} r USING gone WHERE r.execution_id = gone.id)"
+        for table in EXECUTION_ROWS
+    )
+    + " SELECT status FROM gone"
 )
 _DELETE_LETTERS = (
     "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters"
