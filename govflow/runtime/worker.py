@@ -122,10 +122,12 @@ class Worker:
         self.progress = Progress()
         self._services: list[Service] = []
         self._stop = anyio.Event()
+        self._waiting = anyio.CancelScope()  # start-up's wait for a server, if any
 
     def stop(self) -> None:
         """Stop taking work; what is in hand finishes within the grace period."""
         self._stop.set()
+        self._waiting.cancel()
 
     @property
     def leases(self) -> list[PartitionLeases]:
@@ -239,28 +241,26 @@ class Worker:
 
         Start-up waits for the servers however long they are away, and whichever goes away
         at whatever point of it (a Redis restarted between the connection and the checks);
-        None when ``stop()`` comes first.
+        None when ``stop()`` comes first (it cancels the wait, or the call in flight).
         """
+        if self._stop.is_set():
+            return None
         backoff = Backoff()
-        async with anyio.create_task_group() as tg:
-
-            async def cancel_on_stop() -> None:
-                await self._stop.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(cancel_on_stop)
+        with self._new_wait():
             while True:
                 try:
-                    result = await call()
+                    return await call()
                 except UNAVAILABLE as e:
                     if not is_unavailable(e):
                         raise
                     log.warning("worker.waiting", step=step, error=str(e))
                     await anyio.sleep(backoff.next_delay())
-                else:
-                    tg.cancel_scope.cancel()
-                    return result
         return None
+
+    def _new_wait(self) -> anyio.CancelScope:
+        """A scope for a start-up wait, which ``stop()`` cancels."""
+        self._waiting = anyio.CancelScope()
+        return self._waiting
 
     def _pool_size(self) -> int:
         """A connection for every consumer that may hold one, and a few for the services.
