@@ -35,8 +35,20 @@ class Batched(msgspec.Struct, frozen=True):
         )
 
     def parameter(self, rows: Sequence[Sequence[Any]]) -> str:
-        """The rows as one JSON array of objects."""
-        return ENCODER.encode(list(itertools.starmap(_row_type(self.columns), rows))).decode()
+        """The rows as one JSON array of objects.
+
+        Raises:
+            TypeError: a row whose values do not match the columns one for one.
+        """
+        try:
+            structs = list(itertools.starmap(_row_type(self.columns), rows))
+        except TypeError:
+            lengths = sorted({len(row) for row in rows} - {len(self.columns)})
+            raise TypeError(
+                f"rows of {', '.join(map(str, lengths))} values for the"
+                f" {len(self.columns)} columns ({', '.join(self.columns)})"
+            ) from None
+        return ENCODER.encode(structs).decode()
 
 
 @functools.cache
