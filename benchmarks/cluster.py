@@ -183,14 +183,30 @@ def _wait_answers(node: Node, within: float = 20.0) -> None:
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` loopback ports that are free, each with its bus port (+10000) free too."""
+    """``count`` loopback ports that are free, each with its bus port (+10000) free too.
+
+    Both lie below the kernel's range of ephemeral ports: a bus port within it could be
+    taken by some outgoing connection between this check and the node's start.
+    """
+    highest = _ephemeral_ports()[0] - BUS_OFFSET - 1
+    if highest < 11_000:  # an unusual range: the check below alone
+        highest = 29_999
     ports: list[int] = []
     while len(ports) < count:
-        port = random.randint(20000, 29999)
+        port = random.randint(10_000, highest)
         if port in ports or not all(_free(p) for p in (port, port + BUS_OFFSET)):
             continue
         ports.append(port)
     return ports
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel picks outgoing connections' ports from (Linux's default)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except (OSError, ValueError):
+        return 32768, 60999
+    return int(low), int(high)
 
 
 def _free(port: int) -> bool:
