@@ -64,6 +64,8 @@ class Matches:
 
     def start(self, index: int, event: Event) -> None:
         """Start the span of ``event``: a child of its own trace context, if it has one."""
+        if not tracing.on():  # spare every event its attributes
+            return
         span = tracing.start_span(
             f"match {event.type}",
             kind="consumer",

@@ -199,12 +199,7 @@ async def _request(
     Of the body at most ``MAX_BODY_READ`` is read, so the connection serves the next
     delivery; a longer one is dropped with its connection: only the status matters.
     """
-    _, host, port = _origin(url)  # not the path nor the query: they may hold a secret
-    attributes: dict[str, str | int] = {
-        "http.request.method": "POST",
-        "server.address": host or "",
-        "server.port": port or 0,
-    }
+    attributes = _client_attributes(url) if tracing.on() else None
     with tracing.span("POST", kind="client", attributes=attributes) as span:
         traced = tracing.with_context(headers)
         async with client.post(url, data=body, headers=traced, allow_redirects=False) as response:
@@ -218,6 +213,13 @@ async def _request(
                 tracing.fail(span, f"webhook answered {status}")
     location = response.headers.get("location") if status in REDIRECTS else None
     return status, response.headers.get("retry-after"), location
+
+
+def _client_attributes(url: str) -> dict[str, str | int]:
+    """A delivery's span attributes: its origin, not the path nor the query (they may hold
+    a secret)."""
+    _, host, port = _origin(url)
+    return {"http.request.method": "POST", "server.address": host or "", "server.port": port or 0}
 
 
 def _what(error: aiohttp.ClientError) -> str:
