@@ -8,6 +8,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from govflow.schemas.codec import (
     MAX_ENTRY_BYTES,
@@ -155,6 +157,17 @@ class TestCommands:
         # The id every execution had before tenants counted: uuid5(event id, workflow).
         old = uuid.uuid5(uuid.UUID("6c1f7d4e-3b0a-4f2e-9a51-0c9e7f3d2b18"), "e1\x1fwf")
         assert execution_id("default", "e1", "wf") == str(old)
+
+    @settings(max_examples=300, deadline=None)
+    @given(tenant=st.text(min_size=1), event_id=st.text(min_size=1), workflow=st.text())
+    def test_the_execution_id_is_the_uuid5_of_tenant_event_and_workflow(
+        self, tenant: str, event_id: str, workflow: str
+    ) -> None:
+        namespace = uuid.UUID("6c1f7d4e-3b0a-4f2e-9a51-0c9e7f3d2b18")
+        name = f"{event_id}\x1f{workflow}"
+        if tenant != "default":
+            name = f"{tenant}\x1e{name}"
+        assert execution_id(tenant, event_id, workflow) == str(uuid.uuid5(namespace, name))
 
     @pytest.mark.parametrize(
         ("raw", "expected"),
