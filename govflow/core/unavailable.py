@@ -88,12 +88,13 @@ class GaveUpError(Exception):
 
 
 async def until_available(
-    call: Callable[[], Awaitable[T]], *, stopping: Callable[[], bool], stream: str
+    call: Callable[[], Awaitable[T]], *, stopping: Callable[[], bool], **where: str
 ) -> T:
     """Run ``call`` until it succeeds, backing off while a server is unavailable.
 
     Once ``stopping()`` says so, give up instead: whatever was not handed over stays
     pending, and whoever claims it finds the committed work and finishes the hand-over.
+    ``where`` says in each warning what waits (``stream=...``, ``step=...``).
 
     Raises:
         GaveUpError: a server was unavailable and the caller is stopping.
@@ -105,7 +106,7 @@ async def until_available(
         except UNAVAILABLE as e:
             if not is_unavailable(e):
                 raise
-            log.warning("server.unavailable", stream=stream, error=str(e))
+            log.warning("server.unavailable", **where, error=str(e))
             if stopping():
                 raise GaveUpError(str(e)) from e
             await anyio.sleep(backoff.next_delay())

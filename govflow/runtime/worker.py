@@ -16,6 +16,7 @@ needs at least 2 partitions, since one partition's keys carry no hash tag.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -46,12 +47,11 @@ from govflow.consumers.seal import Seal
 from govflow.consumers.streams import BLOCK_MS, RedisClient, Streams, load_seal
 from govflow.consumers.triggers import TriggerMatcher
 from govflow.core import deployment
-from govflow.core.backoff import Backoff
 from govflow.core.connect import connect
 from govflow.core.health import PostgresHealth
 from govflow.core.pool_metrics import POOLS
 from govflow.core.progress import Progress
-from govflow.core.unavailable import UNAVAILABLE, is_unavailable
+from govflow.core.unavailable import GaveUpError, until_available
 from govflow.db.pool import open_pool
 from govflow.operations import workers
 from govflow.operations.workers import ConsumerRef
@@ -245,22 +245,10 @@ class Worker:
         """
         if self._stop.is_set():
             return None
-        backoff = Backoff()
-        with self._new_wait():
-            while True:
-                try:
-                    return await call()
-                except UNAVAILABLE as e:
-                    if not is_unavailable(e):
-                        raise
-                    log.warning("worker.waiting", step=step, error=str(e))
-                    await anyio.sleep(backoff.next_delay())
-        return None
-
-    def _new_wait(self) -> anyio.CancelScope:
-        """A scope for a start-up wait, which ``stop()`` cancels."""
         self._waiting = anyio.CancelScope()
-        return self._waiting
+        with self._waiting, contextlib.suppress(GaveUpError):
+            return await until_available(call, stopping=self._stop.is_set, step=step)
+        return None
 
     def _pool_size(self) -> int:
         """A connection for every consumer that may hold one, and a few for the services.
