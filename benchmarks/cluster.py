@@ -188,7 +188,7 @@ def free_ports(count: int) -> list[int]:
     Both lie below the kernel's range of ephemeral ports: a bus port within it could be
     taken by some outgoing connection between this check and the node's start.
     """
-    highest = _ephemeral_ports()[0] - BUS_OFFSET - 1
+    highest = _first_ephemeral_port() - BUS_OFFSET - 1
     if highest < 11_000:  # an unusual range: the check below alone
         highest = 29_999
     ports: list[int] = []
@@ -200,13 +200,12 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    """The range the kernel picks outgoing connections' ports from (Linux's default)."""
+def _first_ephemeral_port() -> int:
+    """Where the range the kernel picks outgoing connections' ports from begins."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-    except (OSError, ValueError):
-        return 32768, 60999
-    return int(low), int(high)
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _free(port: int) -> bool:
